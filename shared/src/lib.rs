@@ -1,0 +1,18 @@
+//! Domain types shared by the controller and the agent: ids, the configuration model and its
+//! validation, agent events, controller commands, business-day arithmetic and the reconnect
+//! backoff policy. Nothing here does I/O.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod business_day;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod ids;
+
+pub use error::{ValidationError, ValidationErrors};
+pub use ids::{AgentId, Code, SiteCode, VisitId};
+
+/// The product version, reported by both binaries and in the session Hello.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
