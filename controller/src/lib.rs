@@ -1,1 +1,18 @@
+//! The Meridian controller: configuration, enrollment, the agent gateway and the admin API.
+//! The binaries (`meridian-controller`, `meridianctl`) only parse flags and call into here.
 #![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod config_admin;
+pub mod ctl;
+pub mod error;
+pub mod gateway;
+pub mod metrics;
+pub mod server;
+pub mod settings;
+pub mod store;
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use settings::Settings;

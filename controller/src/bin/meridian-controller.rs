@@ -1,1 +1,53 @@
-fn main() {}
+//! `meridian-controller`: runs the controller, or prints its default configuration.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use meridian_controller::{Settings, server};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "meridian-controller", version, about = "Meridian controller")]
+struct Cli {
+    /// TOML settings file (environment variables MERIDIAN_CONTROLLER_* override it).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (the default).
+    Run,
+    /// Print the default settings as TOML.
+    PrintConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::PrintConfig) = cli.command {
+        print!("{}", toml_defaults()?);
+        return Ok(());
+    }
+    let settings = Settings::load(cli.config.as_deref())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log))
+        .init();
+    tracing::info!(?settings, "starting controller");
+    let shutdown = CancellationToken::new();
+    let listeners = server::Listeners::bind(&settings).await?;
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    server::run(settings, listeners, shutdown).await?;
+    Ok(())
+}
+
+fn toml_defaults() -> anyhow::Result<String> {
+    Ok(toml::to_string_pretty(&Settings::default())?)
+}

@@ -1,0 +1,564 @@
+//! The admin REST API under `/api/v1` (JSON), authenticated with bearer API tokens. Read-only
+//! (`viewer`) tokens may only read. Every error is a typed JSON body (`error::ApiError`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use chrono::Utc;
+use meridian_shared::config::{ConfigSet, Resource, ResourceKey, ResourceKind};
+use meridian_shared::{AgentId, SiteCode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::auth;
+use crate::config_admin::{self, ChangeMode, ChangeReport, ResourceInput};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::store::{AgentRecord, ApiToken, EnrollmentToken, Role, Store};
+
+pub mod error;
+
+use error::{ApiError, ApiResult};
+
+/// A session is shown as connected only while it keeps reporting within this window.
+pub const CONNECTED_WINDOW: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    /// Wakes agent sessions after a configuration commit.
+    pub commands_changed: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token_name: String,
+    pub role: Role,
+}
+
+pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    let api = Router::new()
+        .route("/sites", get(list_sites).post(create_site))
+        .route("/sites/{site}", get(get_site).put(put_site).delete(delete_site))
+        .route("/sites/{site}/{kind}", get(list_site_resources).post(create_site_resource))
+        .route(
+            "/sites/{site}/{kind}/{code}",
+            get(get_site_resource).put(put_site_resource).delete(delete_site_resource),
+        )
+        .route("/staff", get(list_staff).post(create_staff))
+        .route("/staff/{username}", get(get_staff).put(put_staff).delete(delete_staff))
+        .route("/config", get(export_config))
+        .route("/config/revisions", get(list_revisions))
+        .route("/apply", post(apply))
+        .route("/delete", post(delete_many))
+        .route("/enrollment-tokens", get(list_enrollment_tokens).post(create_enrollment_token))
+        .route("/agents", get(list_agents))
+        .route("/agents/{id}", get(get_agent))
+        .route("/agents/{id}/revoke", post(revoke_agent))
+        .route("/api-tokens", get(list_api_tokens).post(create_api_token))
+        .route("/api-tokens/{id}", axum::routing::delete(delete_api_token))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// JSON body extractor whose rejections are typed `ApiError`s.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(v) = Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}
+
+async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(auth::bearer)
+        .map(str::to_owned);
+    let Some(token) = token else {
+        return ApiError::from(Error::Unauthenticated).into_response();
+    };
+    let found = match state.store.api_token_by_hash(&auth::hash_secret(&token)).await {
+        Ok(found) => found,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let Some(found) = found else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown API token")
+            .into_response();
+    };
+    let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
+    if found.role == Role::Viewer && !read_only {
+        return ApiError::from(Error::Forbidden("this token is read-only".into())).into_response();
+    }
+    req.extensions_mut().insert(Caller { token_name: found.name, role: found.role });
+    next.run(req).await
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+// ---------- configuration resources ----------
+
+fn kind_from_segment(segment: &str) -> ApiResult<ResourceKind> {
+    let kind = match segment {
+        "services" => ResourceKind::Service,
+        "queues" => ResourceKind::Queue,
+        "service-points" => ResourceKind::ServicePoint,
+        "work-profiles" => ResourceKind::WorkProfile,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown collection {other:?}: use services, queues, service-points or work-profiles"),
+            ));
+        }
+    };
+    Ok(kind)
+}
+
+fn site_code(s: &str) -> ApiResult<SiteCode> {
+    SiteCode::parse(s).map_err(|e| ApiError::from(Error::from(e)))
+}
+
+/// The public view of a resource: staff password hashes are never returned.
+fn view(res: &Resource) -> Value {
+    let mut v = serde_json::to_value(res).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("password_hash");
+    }
+    v
+}
+
+/// Turns a kind-specific body into a `ResourceInput`, filling `kind` (and `site` / `code` from
+/// the path when absent) and refusing a body that names another object than its path.
+fn input_from_body(
+    kind: ResourceKind,
+    site: Option<&SiteCode>,
+    code: Option<&str>,
+    body: Value,
+) -> ApiResult<ResourceInput> {
+    let Value::Object(mut obj) = body else {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "the body must be a JSON object"));
+    };
+    if let Some(k) = obj.get("kind") {
+        if k != kind.as_str() {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("kind must be {kind}")));
+        }
+    }
+    obj.insert("kind".into(), Value::String(kind.as_str().into()));
+    let code_field = match kind {
+        ResourceKind::StaffUser => "username",
+        _ => "code",
+    };
+    let mut fill = |field: &str, value: &str| -> ApiResult<()> {
+        match obj.get(field) {
+            None => {
+                obj.insert(field.into(), Value::String(value.into()));
+                Ok(())
+            }
+            Some(Value::String(s)) if s == value => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("{field} in the body does not match the path ({value})"),
+            )),
+        }
+    };
+    if let Some(site) = site {
+        fill(if kind == ResourceKind::Site { "code" } else { "site" }, site.as_str())?;
+    }
+    if let Some(code) = code {
+        fill(code_field, code)?;
+    }
+    serde_json::from_value(Value::Object(obj)).map_err(|e| {
+        ApiError::from(Error::from(meridian_shared::ValidationError::new(kind.as_str(), e.to_string())))
+    })
+}
+
+async fn load_set(state: &ApiState) -> ApiResult<(u64, ConfigSet)> {
+    let (rev, resources) = state.store.load_config().await?;
+    Ok((rev, ConfigSet::from_resources(resources)))
+}
+
+fn key(kind: ResourceKind, site: Option<&SiteCode>, code: &str) -> ResourceKey {
+    ResourceKey { kind, site: site.cloned(), code: code.to_owned() }
+}
+
+async fn list_of(state: &ApiState, kind: ResourceKind, site: Option<&SiteCode>) -> ApiResult<Json<Vec<Value>>> {
+    let (_, set) = load_set(state).await?;
+    if let Some(site) = site {
+        if set.site(site).is_none() {
+            return Err(Error::NotFound(format!("site {site}")).into());
+        }
+    }
+    Ok(Json(
+        set.resources
+            .iter()
+            .filter(|(k, _)| k.kind == kind && (site.is_none() || k.site.as_ref() == site))
+            .map(|(_, r)| view(r))
+            .collect(),
+    ))
+}
+
+async fn get_one(state: &ApiState, key: ResourceKey) -> ApiResult<Json<Value>> {
+    let (_, set) = load_set(state).await?;
+    set.get(&key).map(|r| Json(view(r))).ok_or_else(|| Error::NotFound(key.to_string()).into())
+}
+
+async fn write_one(
+    state: &ApiState,
+    caller: &Caller,
+    input: ResourceInput,
+    mode: ChangeMode,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let key = input.key();
+    let report = config_admin::change(state.store.as_ref(), &caller.token_name, vec![input], vec![], mode).await?;
+    notify(state, &report);
+    let (_, set) = load_set(state).await?;
+    let body = set.get(&key).map(view).unwrap_or(Value::Null);
+    let status = if mode == ChangeMode::CreateOnly { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(body)))
+}
+
+async fn delete_one(state: &ApiState, caller: &Caller, key: ResourceKey) -> ApiResult<StatusCode> {
+    let report = config_admin::change(state.store.as_ref(), &caller.token_name, vec![], vec![key], ChangeMode::Upsert).await?;
+    notify(state, &report);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn notify(state: &ApiState, report: &ChangeReport) {
+    if !report.sites_published.is_empty() && !report.dry_run {
+        state.commands_changed.send_modify(|n| *n += 1);
+    }
+}
+
+async fn list_sites(State(s): State<ApiState>) -> ApiResult<Json<Vec<Value>>> {
+    list_of(&s, ResourceKind::Site, None).await
+}
+async fn create_site(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = input_from_body(ResourceKind::Site, None, None, body)?;
+    write_one(&s, &c, input, ChangeMode::CreateOnly).await
+}
+async fn get_site(State(s): State<ApiState>, Path(site): Path<String>) -> ApiResult<Json<Value>> {
+    get_one(&s, key(ResourceKind::Site, None, site_code(&site)?.as_str())).await
+}
+async fn put_site(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path(site): Path<String>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = input_from_body(ResourceKind::Site, Some(&site_code(&site)?), None, body)?;
+    write_one(&s, &c, input, ChangeMode::Upsert).await
+}
+async fn delete_site(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path(site): Path<String>) -> ApiResult<StatusCode> {
+    delete_one(&s, &c, key(ResourceKind::Site, None, site_code(&site)?.as_str())).await
+}
+async fn list_site_resources(State(s): State<ApiState>, Path((site, kind)): Path<(String, String)>) -> ApiResult<Json<Vec<Value>>> {
+    list_of(&s, kind_from_segment(&kind)?, Some(&site_code(&site)?)).await
+}
+async fn create_site_resource(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path((site, kind)): Path<(String, String)>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = input_from_body(kind_from_segment(&kind)?, Some(&site_code(&site)?), None, body)?;
+    write_one(&s, &c, input, ChangeMode::CreateOnly).await
+}
+async fn get_site_resource(State(s): State<ApiState>, Path((site, kind, code)): Path<(String, String, String)>) -> ApiResult<Json<Value>> {
+    get_one(&s, key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code)).await
+}
+async fn put_site_resource(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path((site, kind, code)): Path<(String, String, String)>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = input_from_body(kind_from_segment(&kind)?, Some(&site_code(&site)?), Some(&code), body)?;
+    write_one(&s, &c, input, ChangeMode::Upsert).await
+}
+async fn delete_site_resource(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path((site, kind, code)): Path<(String, String, String)>) -> ApiResult<StatusCode> {
+    delete_one(&s, &c, key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code)).await
+}
+async fn list_staff(State(s): State<ApiState>) -> ApiResult<Json<Vec<Value>>> {
+    list_of(&s, ResourceKind::StaffUser, None).await
+}
+async fn create_staff(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = input_from_body(ResourceKind::StaffUser, None, None, body)?;
+    write_one(&s, &c, input, ChangeMode::CreateOnly).await
+}
+async fn get_staff(State(s): State<ApiState>, Path(username): Path<String>) -> ApiResult<Json<Value>> {
+    get_one(&s, key(ResourceKind::StaffUser, None, &username)).await
+}
+async fn put_staff(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path(username): Path<String>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = input_from_body(ResourceKind::StaffUser, None, Some(&username), body)?;
+    write_one(&s, &c, input, ChangeMode::Upsert).await
+}
+async fn delete_staff(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path(username): Path<String>) -> ApiResult<StatusCode> {
+    delete_one(&s, &c, key(ResourceKind::StaffUser, None, &username)).await
+}
+
+#[derive(Serialize)]
+struct ConfigExport {
+    revision: u64,
+    resources: Vec<Value>,
+}
+
+async fn export_config(State(s): State<ApiState>) -> ApiResult<Json<ConfigExport>> {
+    let (revision, set) = load_set(&s).await?;
+    Ok(Json(ConfigExport { revision, resources: set.resources.values().map(view).collect() }))
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<u32>,
+}
+
+async fn list_revisions(State(s): State<ApiState>, Query(q): Query<Limit>) -> ApiResult<Json<Vec<crate::store::RevisionInfo>>> {
+    Ok(Json(s.store.config_revisions(q.limit.unwrap_or(50).min(1000)).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyRequest {
+    resources: Vec<Value>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Declarative apply: create or update every resource in the request, in one revision.
+async fn apply(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJson(req): ApiJson<ApplyRequest>) -> ApiResult<Json<ChangeReport>> {
+    let mut inputs = Vec::with_capacity(req.resources.len());
+    let mut errs = meridian_shared::ValidationErrors::default();
+    for (i, raw) in req.resources.into_iter().enumerate() {
+        match serde_json::from_value::<ResourceInput>(raw) {
+            Ok(input) => inputs.push(input),
+            Err(e) => errs.push(format!("resources[{i}]"), e.to_string()),
+        }
+    }
+    errs.into_result().map_err(Error::from)?;
+    let mode = if req.dry_run { ChangeMode::DryRun } else { ChangeMode::Upsert };
+    let report = config_admin::change(s.store.as_ref(), &c.token_name, inputs, vec![], mode).await?;
+    notify(&s, &report);
+    Ok(Json(report))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteRequest {
+    resources: Vec<ResourceKey>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn delete_many(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJson(req): ApiJson<DeleteRequest>) -> ApiResult<Json<ChangeReport>> {
+    let mode = if req.dry_run { ChangeMode::DryRun } else { ChangeMode::Upsert };
+    let report = config_admin::change(s.store.as_ref(), &c.token_name, vec![], req.resources, mode).await?;
+    notify(&s, &report);
+    Ok(Json(report))
+}
+
+// ---------- enrollment ----------
+
+/// Default and maximum lifetime of an enrollment token.
+const DEFAULT_ENROLLMENT_TTL: u64 = 24 * 3600;
+const MAX_ENROLLMENT_TTL: u64 = 30 * 24 * 3600;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewEnrollmentToken {
+    site: String,
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct CreatedEnrollmentToken {
+    id: String,
+    site: String,
+    /// Shown once; only its hash is kept.
+    token: String,
+    expires_at: chrono::DateTime<Utc>,
+}
+
+async fn create_enrollment_token(State(s): State<ApiState>, ApiJson(req): ApiJson<NewEnrollmentToken>) -> ApiResult<(StatusCode, Json<CreatedEnrollmentToken>)> {
+    let site = site_code(&req.site)?;
+    let ttl = req.ttl_seconds.unwrap_or(DEFAULT_ENROLLMENT_TTL);
+    if ttl == 0 || ttl > MAX_ENROLLMENT_TTL {
+        return Err(Error::from(meridian_shared::ValidationError::new(
+            "ttl_seconds",
+            format!("must be between 1 and {MAX_ENROLLMENT_TTL}"),
+        ))
+        .into());
+    }
+    let (_, set) = load_set(&s).await?;
+    if set.site(&site).is_none() {
+        return Err(Error::from(meridian_shared::ValidationError::new("site", format!("unknown site {site}"))).into());
+    }
+    let token = auth::new_secret("mrd_enr_");
+    let now = Utc::now();
+    let record = EnrollmentToken {
+        id: uuid::Uuid::new_v4().to_string(),
+        site: site.clone(),
+        token_hash: auth::hash_secret(&token),
+        created_at: now,
+        expires_at: now + chrono::Duration::seconds(ttl as i64),
+        used_at: None,
+        used_by_agent: None,
+    };
+    s.store.insert_enrollment_token(&record).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedEnrollmentToken { id: record.id, site: site.to_string(), token, expires_at: record.expires_at }),
+    ))
+}
+
+async fn list_enrollment_tokens(State(s): State<ApiState>) -> ApiResult<Json<Vec<EnrollmentToken>>> {
+    Ok(Json(s.store.list_enrollment_tokens().await?))
+}
+
+// ---------- agents ----------
+
+/// An agent as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct AgentView {
+    pub id: String,
+    pub site: String,
+    pub hostname: String,
+    pub version: String,
+    pub connected: bool,
+    pub last_seen: Option<chrono::DateTime<Utc>>,
+    /// The configuration revision the agent has applied.
+    pub config_revision: u64,
+    /// The newest revision of its site's configuration.
+    pub site_revision: u64,
+    pub config_current: bool,
+    /// Highest event sequence stored centrally, gapless.
+    pub acked_seq: u64,
+    /// Outbox backlog as last reported by the agent.
+    pub outbox_pending: u64,
+    /// Agent clock minus controller clock, as measured at the last report.
+    pub clock_skew_ms: i64,
+    pub command_seq: u64,
+    pub command_acked_seq: u64,
+    pub command_error: Option<String>,
+    pub store_error: Option<String>,
+    pub enrolled_at: chrono::DateTime<Utc>,
+    pub revoked: bool,
+    pub revoked_at: Option<chrono::DateTime<Utc>>,
+}
+
+impl From<AgentRecord> for AgentView {
+    fn from(a: AgentRecord) -> Self {
+        let fresh = a.last_seen.is_some_and(|t| {
+            Utc::now().signed_duration_since(t).to_std().map(|d| d < CONNECTED_WINDOW).unwrap_or(true)
+        });
+        AgentView {
+            id: a.id.to_string(),
+            site: a.site.to_string(),
+            hostname: a.hostname,
+            version: a.version,
+            connected: a.connected && fresh && a.revoked_at.is_none(),
+            last_seen: a.last_seen,
+            config_revision: a.config_revision,
+            site_revision: a.site_revision,
+            config_current: a.config_revision >= a.site_revision,
+            acked_seq: a.acked_seq,
+            outbox_pending: a.outbox_pending,
+            clock_skew_ms: a.clock_skew_ms,
+            command_seq: a.command_seq,
+            command_acked_seq: a.command_acked_seq,
+            command_error: a.command_error,
+            store_error: a.store_error,
+            enrolled_at: a.enrolled_at,
+            revoked: a.revoked_at.is_some(),
+            revoked_at: a.revoked_at,
+        }
+    }
+}
+
+fn agent_id(s: &str) -> ApiResult<AgentId> {
+    s.parse().map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("{s:?} is not an agent id")))
+}
+
+async fn list_agents(State(s): State<ApiState>) -> ApiResult<Json<Vec<AgentView>>> {
+    Ok(Json(s.store.list_agents().await?.into_iter().map(AgentView::from).collect()))
+}
+
+async fn get_agent(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
+    let id = agent_id(&id)?;
+    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    Ok(Json(agent.into()))
+}
+
+async fn revoke_agent(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
+    let id = agent_id(&id)?;
+    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    if agent.revoked_at.is_none() {
+        s.store.revoke_agent(id, Utc::now()).await?;
+        // Sessions re-check their credential when woken.
+        s.commands_changed.send_modify(|n| *n += 1);
+    }
+    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    Ok(Json(agent.into()))
+}
+
+// ---------- API tokens ----------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewApiToken {
+    name: String,
+    role: Role,
+}
+
+#[derive(Serialize)]
+struct CreatedApiToken {
+    #[serde(flatten)]
+    token: ApiToken,
+    /// Shown once; only its hash is kept.
+    secret: String,
+}
+
+async fn list_api_tokens(State(s): State<ApiState>) -> ApiResult<Json<Vec<ApiToken>>> {
+    Ok(Json(s.store.list_api_tokens().await?))
+}
+
+async fn create_api_token(State(s): State<ApiState>, ApiJson(req): ApiJson<NewApiToken>) -> ApiResult<(StatusCode, Json<CreatedApiToken>)> {
+    if req.name.trim().is_empty() || req.name.len() > 100 {
+        return Err(Error::from(meridian_shared::ValidationError::new("name", "1-100 characters")).into());
+    }
+    let (token, secret) = new_api_token(&req.name, req.role);
+    s.store.insert_api_token(&token).await?;
+    Ok((StatusCode::CREATED, Json(CreatedApiToken { token, secret })))
+}
+
+async fn delete_api_token(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    if s.store.delete_api_token(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Error::NotFound(format!("API token {id}")).into())
+    }
+}
+
+/// A new token record and its secret (shown once).
+pub fn new_api_token(name: &str, role: Role) -> (ApiToken, String) {
+    let secret = auth::new_secret("mrd_at_");
+    let token = ApiToken {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: name.to_owned(),
+        role,
+        token_hash: auth::hash_secret(&secret),
+        created_at: Utc::now(),
+    };
+    (token, secret)
+}

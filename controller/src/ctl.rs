@@ -1,0 +1,1 @@
+//! meridianctl (to be filled)

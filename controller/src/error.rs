@@ -1,0 +1,58 @@
+//! The controller's error type. Mapped to HTTP and gRPC responses only at the edges
+//! (`api::error`, `gateway`), each with a stable code and a message that leaks no internals.
+
+use meridian_shared::ValidationErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("invalid input: {0}")]
+    Validation(ValidationErrors),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("enrollment refused: {0}")]
+    Enrollment(EnrollError),
+    #[error("the configuration changed concurrently; retry")]
+    RevisionConflict,
+    #[error("store unavailable: {0}")]
+    Store(#[from] sqlx::Error),
+    #[error("store migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why an enrollment token was refused. The client sees the variant; it learns nothing about
+/// other tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EnrollError {
+    #[error("unknown enrollment token")]
+    Unknown,
+    #[error("enrollment token expired")]
+    Expired,
+    #[error("enrollment token already used")]
+    AlreadyUsed,
+    #[error("the token's site no longer exists")]
+    SiteGone,
+}
+
+impl From<ValidationErrors> for Error {
+    fn from(e: ValidationErrors) -> Self {
+        Error::Validation(e)
+    }
+}
+
+impl From<meridian_shared::ValidationError> for Error {
+    fn from(e: meridian_shared::ValidationError) -> Self {
+        Error::Validation(ValidationErrors(vec![e]))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,443 @@
+//! The agent gateway (gRPC): `Enroll` and the bidirectional `Session`.
+//!
+//! A session: authenticate the credential in the `authorization` metadata → wait for Hello
+//! (which must name the same agent) → Welcome with the central acknowledgement → then, until
+//! either side goes away: store event batches and acknowledge cumulatively after the commit,
+//! stream commands after the agent's cursor (woken on new commands, with a slow poll for
+//! commands committed by other replicas), record command acks and status, ping every
+//! heartbeat and end the session when the agent has been silent for three heartbeats.
+//! A store error ends the session with `UNAVAILABLE`; the agent reconnects and resumes from the
+//! cursors it gets in the next Welcome, so nothing is lost or doubled.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use meridian_proto::agent_gateway_server::AgentGateway;
+use meridian_proto::{
+    AgentFrame, ControllerFrame, EnrollRequest, EnrollResponse, agent_frame, controller_frame,
+};
+use meridian_shared::AgentId;
+use meridian_shared::events::validate_wire_event;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth;
+use crate::config_admin;
+use crate::error::{EnrollError, Error};
+use crate::metrics::Metrics;
+use crate::store::{AgentStatusUpdate, Enrollment, IncomingEvent, IngestError, Store};
+
+/// Largest gRPC message either side accepts.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Most events in one batch.
+pub const MAX_BATCH_EVENTS: usize = 5_000;
+/// Commands sent per wake-up.
+const COMMAND_PAGE: u32 = 100;
+/// Outbound frames buffered per session; when full the session task waits (backpressure from
+/// a slow agent link), it never drops a frame.
+const OUTBOUND_BUFFER: usize = 64;
+
+#[derive(Clone)]
+pub struct Gateway {
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub commands_changed: watch::Receiver<u64>,
+    pub heartbeat: Duration,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<ControllerFrame, Status>> + Send>>;
+
+fn status_from(e: Error) -> Status {
+    match e {
+        Error::Enrollment(e) => Status::permission_denied(e.to_string()),
+        Error::Validation(e) => Status::invalid_argument(e.to_string()),
+        Error::NotFound(m) => Status::not_found(m),
+        Error::Store(e) => {
+            tracing::warn!(error = %e, "store unavailable during RPC");
+            Status::unavailable("the controller's database is unavailable; retry")
+        }
+        Error::RevisionConflict => Status::aborted("configuration changed concurrently; retry"),
+        other => {
+            tracing::error!(error = %other, "internal error during RPC");
+            Status::internal("internal error")
+        }
+    }
+}
+
+fn frame(body: controller_frame::Body) -> ControllerFrame {
+    ControllerFrame { body: Some(body) }
+}
+
+#[tonic::async_trait]
+impl AgentGateway for Gateway {
+    async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let req = request.into_inner();
+        if req.token.len() > 200 || req.hostname.len() > 255 || req.version.len() > 64 {
+            return Err(Status::invalid_argument("enrollment request fields are too long"));
+        }
+        let result = self.enroll_inner(&req).await;
+        match &result {
+            Ok(r) => {
+                self.metrics.enrollments.inc();
+                tracing::info!(agent = %r.agent_id, site = %r.site_code, hostname = %req.hostname, "agent enrolled");
+            }
+            Err(e) => {
+                self.metrics.enrollments_refused.inc();
+                tracing::warn!(error = %e, hostname = %req.hostname, "enrollment refused");
+            }
+        }
+        result.map(Response::new).map_err(status_from)
+    }
+
+    type SessionStream = FrameStream;
+
+    async fn session(&self, request: Request<Streaming<AgentFrame>>) -> Result<Response<Self::SessionStream>, Status> {
+        let credential = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer)
+            .map(str::to_owned)
+            .ok_or_else(|| Status::unauthenticated("missing agent credential"))?;
+        let agent = self
+            .store
+            .agent_by_credential(&auth::hash_secret(&credential))
+            .await
+            .map_err(status_from)?
+            .ok_or_else(|| Status::unauthenticated("unknown agent credential"))?;
+        if agent.revoked_at.is_some() {
+            tracing::warn!(agent = %agent.id, site = %agent.site, "revoked agent refused");
+            return Err(Status::permission_denied("this agent has been revoked; enroll again"));
+        }
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let session = Session {
+            gw: self.clone(),
+            agent: agent.id,
+            credential_hash: agent.credential_hash.clone(),
+            site: agent.site.to_string(),
+            inbound: request.into_inner(),
+            outbound: tx,
+        };
+        self.tasks.spawn(session.run());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Gateway {
+    async fn enroll_inner(&self, req: &EnrollRequest) -> Result<EnrollResponse, Error> {
+        let token_hash = auth::hash_secret(req.token.trim());
+        for _ in 0..5 {
+            let token = self
+                .store
+                .enrollment_token_by_hash(&token_hash)
+                .await?
+                .ok_or(Error::Enrollment(EnrollError::Unknown))?;
+            let (revision, initial_config) = config_admin::current_snapshot(self.store.as_ref(), &token.site)
+                .await?
+                .ok_or(Error::Enrollment(EnrollError::SiteGone))?;
+            let agent_id = AgentId::new();
+            let credential = format!("{agent_id}.{}", auth::new_secret(""));
+            let enrollment = Enrollment {
+                token_hash: token_hash.clone(),
+                agent_id,
+                credential_hash: auth::hash_secret(&credential),
+                hostname: req.hostname.clone(),
+                version: req.version.clone(),
+                expected_revision: revision,
+                initial_config,
+                at: Utc::now(),
+            };
+            match self.store.enroll(enrollment).await {
+                Ok(agent) => {
+                    return Ok(EnrollResponse {
+                        agent_id: agent.id.to_string(),
+                        site_code: agent.site.to_string(),
+                        credential,
+                    });
+                }
+                Err(Error::RevisionConflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::RevisionConflict)
+    }
+}
+
+struct Session {
+    gw: Gateway,
+    agent: AgentId,
+    credential_hash: String,
+    site: String,
+    inbound: Streaming<AgentFrame>,
+    outbound: mpsc::Sender<Result<ControllerFrame, Status>>,
+}
+
+/// Why a session ended.
+enum End {
+    AgentClosed,
+    Silent,
+    Shutdown,
+    Protocol(&'static str, String),
+    Store(Error),
+    Revoked,
+    Transport(Status),
+}
+
+impl Session {
+    async fn run(mut self) {
+        self.gw.metrics.sessions_opened.inc();
+        self.gw.metrics.sessions_active.inc();
+        let span = tracing::info_span!("session", agent = %self.agent, site = %self.site);
+        let end = {
+            let _enter = span.enter();
+            tracing::info!("agent session opened");
+            drop(_enter);
+            tracing::Instrument::instrument(self.serve(), span.clone()).await
+        };
+        let _enter = span.enter();
+        match &end {
+            End::AgentClosed => tracing::info!("agent closed the session"),
+            End::Silent => tracing::warn!("agent silent for three heartbeats; session dropped"),
+            End::Shutdown => tracing::info!("session ended by controller shutdown"),
+            End::Revoked => tracing::warn!("agent revoked; session ended"),
+            End::Protocol(code, msg) => {
+                tracing::warn!(code, message = %msg, "protocol error; session ended");
+                let body = controller_frame::Body::Error(meridian_proto::ProtocolError {
+                    code: (*code).to_owned(),
+                    message: msg.clone(),
+                });
+                let _ = self.outbound.try_send(Ok(frame(body)));
+            }
+            End::Store(e) => {
+                tracing::warn!(error = %e, "store error; session ended");
+                let _ = self.outbound.try_send(Err(Status::unavailable("controller database unavailable")));
+            }
+            End::Transport(s) => tracing::info!(status = %s, "agent stream failed"),
+        }
+        self.gw.metrics.sessions_active.dec();
+        let offline = AgentStatusUpdate { connected: false, last_seen: Some(Utc::now()), ..Default::default() };
+        if let Err(e) = self.gw.store.update_agent_status(self.agent, &offline).await {
+            tracing::warn!(error = %e, "could not record session end");
+        }
+    }
+
+    async fn send(&self, body: controller_frame::Body) -> Result<(), End> {
+        self.outbound.send(Ok(frame(body))).await.map_err(|_| End::AgentClosed)
+    }
+
+    async fn serve(&mut self) -> End {
+        match self.serve_inner().await {
+            Ok(()) => End::AgentClosed,
+            Err(end) => end,
+        }
+    }
+
+    async fn serve_inner(&mut self) -> Result<(), End> {
+        let heartbeat = self.gw.heartbeat;
+        let hello = match tokio::time::timeout(heartbeat * 3, self.inbound.message()).await {
+            Err(_) => return Err(End::Silent),
+            Ok(Err(status)) => return Err(End::Transport(status)),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(AgentFrame { body: Some(agent_frame::Body::Hello(h)) }))) => h,
+            Ok(Ok(Some(_))) => {
+                return Err(End::Protocol("hello_expected", "the first frame must be a Hello".into()));
+            }
+        };
+        if hello.agent_id != self.agent.to_string() || hello.site_code != self.site {
+            return Err(End::Protocol(
+                "identity_mismatch",
+                "Hello names another agent or site than the credential".into(),
+            ));
+        }
+        let now = Utc::now();
+        let agent = self.gw.store.agent(self.agent).await.map_err(End::Store)?.ok_or(End::Revoked)?;
+        let status = AgentStatusUpdate {
+            connected: true,
+            last_seen: Some(now),
+            version: Some(truncate(&hello.version, 64)),
+            config_revision: Some(hello.config_revision),
+            outbox_pending: Some(hello.outbox_high_water.saturating_sub(agent.acked_seq)),
+            clock_skew_ms: Some(skew(hello.agent_time_ms, now)),
+            store_error: None,
+        };
+        self.gw.store.update_agent_status(self.agent, &status).await.map_err(End::Store)?;
+        let mut command_cursor = hello.last_applied_command_seq.min(agent.command_seq);
+        if command_cursor > agent.command_acked_seq {
+            self.gw.store.ack_commands(self.agent, command_cursor, None).await.map_err(End::Store)?;
+        }
+        self.send(controller_frame::Body::Welcome(meridian_proto::Welcome {
+            acked_event_seq: agent.acked_seq,
+            controller_time_ms: now.timestamp_millis(),
+            heartbeat_interval_ms: heartbeat.as_millis() as u32,
+            controller_version: meridian_shared::VERSION.to_owned(),
+        }))
+        .await?;
+
+        let mut wake = self.gw.commands_changed.clone();
+        let mut ping = tokio::time::interval(heartbeat);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(Duration::from_secs(2));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = tokio::time::Instant::now();
+        let mut nonce = 0u64;
+        command_cursor = self.send_commands(command_cursor).await?;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.gw.shutdown.cancelled() => return Err(End::Shutdown),
+                msg = self.inbound.message() => {
+                    last_heard = tokio::time::Instant::now();
+                    match msg {
+                        Err(status) => return Err(End::Transport(status)),
+                        Ok(None) => return Ok(()),
+                        Ok(Some(f)) => self.handle(f).await?,
+                    }
+                }
+                changed = wake.changed() => {
+                    if changed.is_err() {
+                        return Err(End::Shutdown);
+                    }
+                    self.check_still_enrolled().await?;
+                    command_cursor = self.send_commands(command_cursor).await?;
+                }
+                _ = poll.tick() => {
+                    command_cursor = self.send_commands(command_cursor).await?;
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > heartbeat * 3 {
+                        return Err(End::Silent);
+                    }
+                    nonce += 1;
+                    self.send(controller_frame::Body::Ping(meridian_proto::Ping {
+                        nonce,
+                        sent_at_ms: Utc::now().timestamp_millis(),
+                    }))
+                    .await?;
+                }
+            }
+        }
+    }
+
+    async fn check_still_enrolled(&self) -> Result<(), End> {
+        let agent = self.gw.store.agent(self.agent).await.map_err(End::Store)?;
+        match agent {
+            Some(a) if a.revoked_at.is_none() && a.credential_hash == self.credential_hash => Ok(()),
+            _ => Err(End::Revoked),
+        }
+    }
+
+    /// Sends every command after `cursor`; returns the new cursor.
+    async fn send_commands(&self, mut cursor: u64) -> Result<u64, End> {
+        loop {
+            let page = self
+                .gw
+                .store
+                .commands_after(self.agent, cursor, COMMAND_PAGE)
+                .await
+                .map_err(End::Store)?;
+            let full = page.len() == COMMAND_PAGE as usize;
+            for cmd in page {
+                cursor = cmd.seq;
+                self.send(controller_frame::Body::Command(meridian_proto::Command {
+                    seq: cmd.seq,
+                    kind: cmd.kind,
+                    payload: cmd.payload,
+                }))
+                .await?;
+                self.gw.metrics.commands_sent.inc();
+            }
+            if !full {
+                return Ok(cursor);
+            }
+        }
+    }
+
+    async fn handle(&mut self, f: AgentFrame) -> Result<(), End> {
+        match f.body {
+            None => Err(End::Protocol("empty_frame", "frame without a body".into())),
+            Some(agent_frame::Body::Hello(_)) => {
+                Err(End::Protocol("unexpected_hello", "Hello is only valid as the first frame".into()))
+            }
+            Some(agent_frame::Body::Events(batch)) => self.ingest(batch).await,
+            Some(agent_frame::Body::CommandAck(ack)) => {
+                let error = (!ack.error.is_empty()).then(|| truncate(&ack.error, 2000));
+                if let Some(e) = &error {
+                    tracing::warn!(up_to = ack.up_to_seq, error = %e, "agent reported a failed command");
+                }
+                self.gw.store.ack_commands(self.agent, ack.up_to_seq, error.as_deref()).await.map_err(End::Store)
+            }
+            Some(agent_frame::Body::Status(s)) => {
+                let now = Utc::now();
+                let update = AgentStatusUpdate {
+                    connected: true,
+                    last_seen: Some(now),
+                    version: None,
+                    config_revision: Some(s.config_revision),
+                    outbox_pending: Some(s.outbox_pending),
+                    clock_skew_ms: Some(skew(s.agent_time_ms, now)),
+                    store_error: Some(truncate(&s.store_error, 2000)),
+                };
+                self.gw.store.update_agent_status(self.agent, &update).await.map_err(End::Store)
+            }
+            Some(agent_frame::Body::Ping(p)) => {
+                self.send(controller_frame::Body::Pong(meridian_proto::Pong { nonce: p.nonce, sent_at_ms: p.sent_at_ms })).await
+            }
+            Some(agent_frame::Body::Pong(_)) => Ok(()),
+        }
+    }
+
+    async fn ingest(&mut self, batch: meridian_proto::EventBatch) -> Result<(), End> {
+        if batch.events.len() > MAX_BATCH_EVENTS {
+            self.gw.metrics.event_batches_refused.inc();
+            return Err(End::Protocol("batch_too_large", format!("at most {MAX_BATCH_EVENTS} events per batch")));
+        }
+        let mut events = Vec::with_capacity(batch.events.len());
+        for e in batch.events {
+            if let Err(err) = validate_wire_event(&e.kind, &e.payload) {
+                self.gw.metrics.event_batches_refused.inc();
+                return Err(End::Protocol("malformed_event", format!("event {}: {err}", e.seq)));
+            }
+            let occurred_at = DateTime::<Utc>::from_timestamp_millis(e.occurred_at_ms).ok_or_else(|| {
+                End::Protocol("malformed_event", format!("event {}: occurred_at out of range", e.seq))
+            })?;
+            let payload = String::from_utf8(e.payload)
+                .map_err(|_| End::Protocol("malformed_event", format!("event {}: payload is not UTF-8", e.seq)))?;
+            events.push(IncomingEvent { seq: e.seq, kind: e.kind, occurred_at, payload });
+        }
+        let n = events.len() as u64;
+        let acked = match self.gw.store.ingest_events(self.agent, &events, Utc::now()).await.map_err(End::Store)? {
+            Ok(acked) => {
+                self.gw.metrics.events_ingested.inc_by(n);
+                acked
+            }
+            Err(IngestError::UnknownAgent) => return Err(End::Revoked),
+            Err(IngestError::NotContiguous(seq)) => {
+                self.gw.metrics.event_batches_refused.inc();
+                return Err(End::Protocol("not_contiguous", format!("batch is not contiguous at {seq}")));
+            }
+            Err(IngestError::Gap { first, acked }) => {
+                // The agent resends from our acknowledgement.
+                self.gw.metrics.event_batches_refused.inc();
+                tracing::warn!(first, acked, "event batch skips sequences; re-acknowledging");
+                acked
+            }
+        };
+        self.send(controller_frame::Body::EventAck(meridian_proto::EventAck { up_to_seq: acked })).await
+    }
+}
+
+fn skew(agent_time_ms: i64, now: DateTime<Utc>) -> i64 {
+    if agent_time_ms == 0 { 0 } else { agent_time_ms.saturating_sub(now.timestamp_millis()) }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}

@@ -1,0 +1,161 @@
+//! Running a controller: open the store, make sure an admin can get in, serve the admin API and
+//! the agent gateway on listeners the caller has bound, until `shutdown` is cancelled.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiState};
+use crate::error::{Error, Result};
+use crate::gateway::{Gateway, MAX_MESSAGE_BYTES};
+use crate::metrics::Metrics;
+use crate::settings::{Settings, redact_url};
+use crate::store::{self, Role, Store};
+
+/// Sessions get this long to finish after shutdown is requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+pub struct Listeners {
+    pub api: TcpListener,
+    pub gateway: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(settings: &Settings) -> std::io::Result<Self> {
+        Ok(Listeners {
+            api: TcpListener::bind(&settings.api_listen).await?,
+            gateway: TcpListener::bind(&settings.gateway_listen).await?,
+        })
+    }
+}
+
+/// Creates the bootstrap admin token when no token exists yet. Returns its secret (shown once)
+/// and writes it to `file` when given.
+pub async fn ensure_bootstrap_token(store: &dyn Store, file: Option<&Path>) -> Result<Option<String>> {
+    if !store.list_api_tokens().await?.is_empty() {
+        return Ok(None);
+    }
+    let (token, secret) = api::new_api_token("bootstrap", Role::Admin);
+    store.insert_api_token(&token).await?;
+    if let Some(file) = file {
+        write_secret_file(file, &secret)?;
+    }
+    Ok(Some(secret))
+}
+
+/// Writes a secret to `file`, readable by its owner only.
+pub fn write_secret_file(file: &Path, secret: &str) -> Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
+    }
+    std::fs::write(file, format!("{secret}\n")).map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+    }
+    Ok(())
+}
+
+/// Serves until `shutdown` is cancelled, then drains sessions for up to `SHUTDOWN_GRACE`.
+pub async fn run(settings: Settings, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
+    let url = settings.database_url();
+    tracing::info!(database = %redact_url(&url), "opening store");
+    let store = store::open(&url).await?;
+    if let Some(secret) = ensure_bootstrap_token(store.as_ref(), settings.bootstrap_token_file.as_deref()).await? {
+        tracing::warn!(token = %secret, "created the bootstrap admin API token; it is shown only once");
+    }
+    serve(settings, store, listeners, shutdown).await
+}
+
+/// Like `run`, with an already opened store.
+pub async fn serve(
+    settings: Settings,
+    store: Arc<dyn Store>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let (commands_tx, commands_rx) = tokio::sync::watch::channel(0u64);
+    let tasks = TaskTracker::new();
+    let gateway_addr = listeners.gateway.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    let api_addr = listeners.api.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+
+    let api_state = ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: Arc::new(commands_tx) };
+    let router = api::router(api_state, settings.max_body_bytes);
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(async move {
+        axum::serve(listeners.api, router)
+            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
+            .await
+    });
+
+    let heartbeat = Duration::from_millis(settings.heartbeat_ms.max(100));
+    let gateway = Gateway {
+        store,
+        metrics,
+        commands_changed: commands_rx,
+        heartbeat,
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    };
+    let service = meridian_proto::agent_gateway_server::AgentGatewayServer::new(gateway)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(heartbeat))
+        .http2_keepalive_timeout(Some(heartbeat * 2))
+        .tcp_nodelay(true);
+    match (&settings.tls_cert, &settings.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &Path| std::fs::read(p).map_err(|e| Error::Internal(format!("{}: {e}", p.display())));
+            let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| Error::Internal(format!("TLS configuration: {e}")))?;
+            tracing::info!(%gateway_addr, "agent gateway listening with TLS");
+        }
+        (None, None) => plaintext_allowed(gateway_addr, settings.dev_mode)?,
+        _ => return Err(Error::BadRequest("tls_cert and tls_key must be set together".into())),
+    }
+    tracing::info!(%api_addr, "admin API listening");
+    let gateway_shutdown = shutdown.clone();
+    let result = builder
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.gateway), async move {
+            gateway_shutdown.cancelled().await
+        })
+        .await;
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+        tracing::warn!("sessions did not finish within the shutdown grace period");
+    }
+    let api_result = api_task.await;
+    result.map_err(|e| Error::Internal(format!("gateway: {e}")))?;
+    match api_result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Internal(format!("admin API: {e}"))),
+        Err(e) => Err(Error::Internal(format!("admin API task: {e}"))),
+    }
+}
+
+fn plaintext_allowed(addr: SocketAddr, dev_mode: bool) -> Result<()> {
+    if addr.ip().is_loopback() {
+        tracing::warn!(%addr, "agent gateway is plaintext: allowed because it listens on loopback only");
+        Ok(())
+    } else if dev_mode {
+        tracing::warn!(%addr, "agent gateway is plaintext on a non-loopback address: allowed in dev mode only");
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "the agent gateway on {addr} needs tls_cert and tls_key (plaintext is allowed only on loopback or in dev mode)"
+        )))
+    }
+}

@@ -1,0 +1,118 @@
+//! Controller settings: defaults < TOML file < environment (`MERIDIAN_CONTROLLER_…`, `__` for
+//! nesting). `meridian-controller print-config` prints the defaults.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// `postgres://…` or `sqlite://…`; empty = SQLite file `controller.db` in `data_dir`.
+    pub database_url: String,
+    pub data_dir: PathBuf,
+    /// Admin REST API, `/metrics` and `/healthz`.
+    pub api_listen: String,
+    /// Agent gateway (gRPC).
+    pub gateway_listen: String,
+    /// PEM certificate chain and key for the gateway; without them the gateway speaks
+    /// plaintext, which is refused unless it listens on loopback or `dev_mode` is set.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub dev_mode: bool,
+    /// Session heartbeat; a peer silent for three heartbeats is dropped.
+    pub heartbeat_ms: u64,
+    pub max_body_bytes: usize,
+    /// Where the bootstrap admin token is written on first start (mode 0600).
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// `tracing` filter, e.g. `info` or `meridian_controller=debug`.
+    pub log: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database_url: String::new(),
+            data_dir: PathBuf::from("data"),
+            api_listen: "127.0.0.1:8080".into(),
+            gateway_listen: "127.0.0.1:8081".into(),
+            tls_cert: None,
+            tls_key: None,
+            dev_mode: false,
+            heartbeat_ms: 5_000,
+            max_body_bytes: 1024 * 1024,
+            bootstrap_token_file: None,
+            log: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::Config::try_from(&Settings::default())?);
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        builder
+            .add_source(config::Environment::with_prefix("MERIDIAN_CONTROLLER").separator("__"))
+            .build()?
+            .try_deserialize()
+    }
+
+    /// The database URL to open (the default SQLite file when unset).
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}/controller.db", self.data_dir.display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+}
+
+/// Hides the password in a database URL.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("data_dir", &self.data_dir)
+            .field("api_listen", &self.api_listen)
+            .field("gateway_listen", &self.gateway_listen)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key.as_ref().map(|_| "***"))
+            .field("dev_mode", &self.dev_mode)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("bootstrap_token_file", &self.bootstrap_token_file)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+        let s = Settings { database_url: "postgres://u:pw@h/db".into(), ..Default::default() };
+        assert!(!format!("{s:?}").contains("pw"));
+    }
+}

@@ -1,0 +1,266 @@
+//! The store conformance suite, written once and run against every backend
+//! (`controller/tests/store_conformance.rs`). A backend is done when it passes all of it.
+
+use chrono::{Duration, TimeZone, Utc};
+use meridian_shared::config::{Resource, ResourceKind, Site};
+use meridian_shared::{AgentId, SiteCode};
+
+use super::*;
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 2, 9, 0, 0).single().expect("valid time")
+}
+
+fn site(code: &str) -> Resource {
+    Resource::Site(Site {
+        code: SiteCode::parse(code).expect("site code"),
+        name: format!("Site {code}"),
+        time_zone: "UTC".into(),
+        business_hours: Default::default(),
+        closed_dates: vec![],
+        tags: vec![],
+    })
+}
+
+fn commit(expected: u64, upserts: Vec<Resource>, publish: &[&str]) -> ConfigCommit {
+    ConfigCommit {
+        expected_revision: expected,
+        actor: "test".into(),
+        summary: format!("{} change(s)", upserts.len()),
+        upserts,
+        deletes: vec![],
+        publish: publish
+            .iter()
+            .map(|s| (SiteCode::parse(s).expect("site"), format!("{{\"rev\":{}}}", expected + 1).into_bytes()))
+            .collect(),
+        at: t0(),
+    }
+}
+
+async fn enroll_agent(store: &dyn Store, site: &str, token: &str) -> AgentRecord {
+    store
+        .insert_enrollment_token(&EnrollmentToken {
+            id: format!("id-{token}"),
+            site: SiteCode::parse(site).expect("site"),
+            token_hash: format!("hash-{token}"),
+            created_at: t0(),
+            expires_at: t0() + Duration::hours(1),
+            used_at: None,
+            used_by_agent: None,
+        })
+        .await
+        .expect("insert token");
+    let (revision, _) = store.load_config().await.expect("load");
+    store
+        .enroll(Enrollment {
+            token_hash: format!("hash-{token}"),
+            agent_id: AgentId::new(),
+            credential_hash: format!("cred-{token}"),
+            hostname: "host".into(),
+            version: "1.0.0".into(),
+            expected_revision: revision,
+            initial_config: b"{\"initial\":true}".to_vec(),
+            at: t0(),
+        })
+        .await
+        .expect("enroll")
+}
+
+fn events(range: std::ops::RangeInclusive<u64>) -> Vec<IncomingEvent> {
+    range
+        .map(|seq| IncomingEvent {
+            seq,
+            kind: "VISIT_CREATED".into(),
+            occurred_at: t0() + Duration::seconds(seq as i64),
+            payload: format!("{{\"n\":{seq}}}"),
+        })
+        .collect()
+}
+
+pub async fn config_commits_are_atomic_and_versioned(store: &dyn Store) {
+    let (rev, resources) = store.load_config().await.expect("load");
+    assert_eq!((rev, resources.len()), (0, 0));
+    let rev = store.commit_config(commit(0, vec![site("SFO"), site("CHI")], &["SFO", "CHI"])).await;
+    assert_eq!(rev.expect("commit"), 1);
+    let stale = store.commit_config(commit(0, vec![site("TYO")], &["TYO"])).await;
+    assert!(matches!(stale, Err(Error::RevisionConflict)), "{stale:?}");
+    let (rev, resources) = store.load_config().await.expect("load");
+    assert_eq!(rev, 1);
+    let codes: Vec<String> = resources.iter().map(|r| r.key().code).collect();
+    assert_eq!(codes, ["CHI", "SFO"]);
+
+    let mut delete = commit(1, vec![], &[]);
+    delete.deletes.push(ResourceKey { kind: ResourceKind::Site, site: None, code: "CHI".into() });
+    assert_eq!(store.commit_config(delete).await.expect("delete"), 2);
+    let (_, resources) = store.load_config().await.expect("load");
+    assert_eq!(resources, vec![site("SFO")]);
+    let revisions = store.config_revisions(10).await.expect("revisions");
+    assert_eq!(revisions.iter().map(|r| r.revision).collect::<Vec<_>>(), [2, 1]);
+}
+
+pub async fn api_tokens_roundtrip(store: &dyn Store) {
+    let token = ApiToken {
+        id: "tok1".into(),
+        name: "bootstrap".into(),
+        role: Role::Admin,
+        token_hash: "h1".into(),
+        created_at: t0(),
+    };
+    store.insert_api_token(&token).await.expect("insert");
+    assert!(store.insert_api_token(&token).await.is_err(), "duplicate hash must fail");
+    assert_eq!(store.api_token_by_hash("h1").await.expect("get"), Some(token.clone()));
+    assert_eq!(store.api_token_by_hash("nope").await.expect("get"), None);
+    assert_eq!(store.list_api_tokens().await.expect("list"), vec![token]);
+    assert!(store.delete_api_token("tok1").await.expect("delete"));
+    assert!(!store.delete_api_token("tok1").await.expect("delete again"));
+}
+
+pub async fn enrollment_is_one_time_and_replaces_hardware(store: &dyn Store) {
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("commit");
+    let first = enroll_agent(store, "SFO", "a").await;
+    assert_eq!(first.site.as_str(), "SFO");
+    assert_eq!(first.command_seq, 1, "initial configuration is the first command");
+    let cmds = store.commands_after(first.id, 0, 10).await.expect("commands");
+    assert_eq!(cmds.len(), 1);
+    assert_eq!(cmds[0].payload, b"{\"initial\":true}");
+
+    let again = Enrollment {
+        token_hash: "hash-a".into(),
+        agent_id: AgentId::new(),
+        credential_hash: "other".into(),
+        hostname: "h".into(),
+        version: "1".into(),
+        expected_revision: 1,
+        initial_config: vec![],
+        at: t0(),
+    };
+    let used = store.enroll(again.clone()).await;
+    assert!(matches!(used, Err(Error::Enrollment(EnrollError::AlreadyUsed))), "{used:?}");
+    let unknown = store.enroll(Enrollment { token_hash: "nope".into(), ..again.clone() }).await;
+    assert!(matches!(unknown, Err(Error::Enrollment(EnrollError::Unknown))), "{unknown:?}");
+
+    store
+        .insert_enrollment_token(&EnrollmentToken {
+            id: "old".into(),
+            site: SiteCode::parse("SFO").expect("site"),
+            token_hash: "hash-old".into(),
+            created_at: t0() - Duration::hours(2),
+            expires_at: t0() - Duration::hours(1),
+            used_at: None,
+            used_by_agent: None,
+        })
+        .await
+        .expect("insert");
+    let expired = store.enroll(Enrollment { token_hash: "hash-old".into(), ..again.clone() }).await;
+    assert!(matches!(expired, Err(Error::Enrollment(EnrollError::Expired))), "{expired:?}");
+    let tokens = store.list_enrollment_tokens().await.expect("tokens");
+    assert!(tokens.iter().find(|t| t.id == "old").expect("old").used_at.is_none(), "refusal changes nothing");
+
+    let second = enroll_agent(store, "SFO", "b").await;
+    let first_now = store.agent(first.id).await.expect("get").expect("exists");
+    assert!(first_now.revoked_at.is_some(), "re-enrolling a site revokes its previous agent");
+    assert!(store.agent(second.id).await.expect("get").expect("exists").revoked_at.is_none());
+    assert_eq!(store.agent_by_credential("cred-b").await.expect("get").map(|a| a.id), Some(second.id));
+    assert_eq!(store.list_agents().await.expect("list").len(), 2);
+}
+
+pub async fn config_commits_enqueue_commands_for_active_agents(store: &dyn Store) {
+    store.commit_config(commit(0, vec![site("SFO"), site("CHI")], &["SFO", "CHI"])).await.expect("c");
+    let sfo = enroll_agent(store, "SFO", "s").await;
+    let chi = enroll_agent(store, "CHI", "c").await;
+    store.commit_config(commit(1, vec![site("SFO")], &["SFO"])).await.expect("c");
+    let sfo_cmds = store.commands_after(sfo.id, 0, 10).await.expect("cmds");
+    assert_eq!(sfo_cmds.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(sfo_cmds[1].payload, b"{\"rev\":2}");
+    assert_eq!(store.commands_after(chi.id, 0, 10).await.expect("cmds").len(), 1);
+    let sfo = store.agent(sfo.id).await.expect("get").expect("exists");
+    assert_eq!((sfo.site_revision, sfo.command_seq), (2, 2));
+    assert_eq!(store.commands_after(sfo.id, 1, 10).await.expect("cmds").len(), 1);
+
+    store.ack_commands(sfo.id, 2, None).await.expect("ack");
+    store.ack_commands(sfo.id, 1, None).await.expect("stale ack");
+    store.ack_commands(sfo.id, 9, None).await.expect("ack beyond head");
+    let sfo = store.agent(sfo.id).await.expect("get").expect("exists");
+    assert_eq!(sfo.command_acked_seq, 2, "acks never move backwards or past the head");
+}
+
+pub async fn ingest_is_idempotent_and_gapless(store: &dyn Store) {
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("c");
+    let agent = enroll_agent(store, "SFO", "x").await;
+    let ingest = |evs: Vec<IncomingEvent>| async move {
+        store.ingest_events(agent.id, &evs, t0()).await.expect("store")
+    };
+    assert_eq!(ingest(events(1..=100)).await, Ok(100));
+    assert_eq!(ingest(events(1..=100)).await, Ok(100), "a resent batch is a no-op");
+    assert_eq!(ingest(events(51..=150)).await, Ok(150), "overlap stores only the new part");
+    assert_eq!(ingest(vec![]).await, Ok(150));
+    assert_eq!(ingest(events(152..=160)).await, Err(IngestError::Gap { first: 152, acked: 150 }));
+    let mut holes = events(151..=155);
+    holes.remove(2);
+    assert_eq!(ingest(holes).await, Err(IngestError::NotContiguous(154)));
+    assert_eq!(store.count_events(agent.id).await.expect("count"), 150);
+    let stored = store.events_after(agent.id, 148, 10).await.expect("after");
+    assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), [149, 150]);
+    assert_eq!(stored[0].payload, serde_json::json!({"n": 149}));
+    assert_eq!(store.agent(agent.id).await.expect("get").expect("exists").acked_seq, 150);
+
+    let stranger = store.ingest_events(AgentId::new(), &events(1..=1), t0()).await.expect("store");
+    assert_eq!(stranger, Err(IngestError::UnknownAgent));
+    assert!(store.revoke_agent(agent.id, t0()).await.expect("revoke"));
+    assert!(!store.revoke_agent(agent.id, t0()).await.expect("revoke again"));
+    let revoked = store.ingest_events(agent.id, &events(151..=151), t0()).await.expect("store");
+    assert_eq!(revoked, Err(IngestError::UnknownAgent));
+    assert_eq!(store.count_events(agent.id).await.expect("count"), 150);
+}
+
+pub async fn agent_status_updates_are_partial(store: &dyn Store) {
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("c");
+    let agent = enroll_agent(store, "SFO", "y").await;
+    let update = AgentStatusUpdate {
+        connected: true,
+        last_seen: Some(t0()),
+        version: Some("2.0.0".into()),
+        config_revision: Some(1),
+        outbox_pending: Some(42),
+        clock_skew_ms: Some(-250),
+        store_error: Some("disk full".into()),
+    };
+    store.update_agent_status(agent.id, &update).await.expect("update");
+    store
+        .update_agent_status(agent.id, &AgentStatusUpdate { connected: false, ..Default::default() })
+        .await
+        .expect("update");
+    let a = store.agent(agent.id).await.expect("get").expect("exists");
+    assert!(!a.connected);
+    assert_eq!(a.version, "2.0.0");
+    assert_eq!((a.config_revision, a.outbox_pending, a.clock_skew_ms), (1, 42, -250));
+    assert_eq!(a.store_error.as_deref(), Some("disk full"));
+    let clear = AgentStatusUpdate { connected: true, store_error: Some(String::new()), ..Default::default() };
+    store.update_agent_status(agent.id, &clear).await.expect("update");
+    assert_eq!(store.agent(agent.id).await.expect("get").expect("exists").store_error, None);
+}
+
+/// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
+/// yields a fresh, empty `Arc<dyn Store>`.
+#[macro_export]
+macro_rules! store_conformance_suite {
+    ($make:expr) => {
+        $crate::store_conformance_suite!(@cases $make;
+            config_commits_are_atomic_and_versioned,
+            api_tokens_roundtrip,
+            enrollment_is_one_time_and_replaces_hardware,
+            config_commits_enqueue_commands_for_active_agents,
+            ingest_is_idempotent_and_gapless,
+            agent_status_updates_are_partial,
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let store: std::sync::Arc<dyn $crate::store::Store> = $make.await;
+                $crate::store::conformance::$case(store.as_ref()).await;
+            }
+        )*
+    };
+}

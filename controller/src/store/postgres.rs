@@ -1,0 +1,70 @@
+//! The PostgreSQL backend (production). Shared SQL lives in `sql_common`; here: connection,
+//! migrations, row locking (`FOR UPDATE`) and the batched event insert.
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+
+use super::IncomingEvent;
+use super::sql_common::{Backend, impl_store};
+use crate::error::Result;
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl Backend for PgStore {
+    type Db = Postgres;
+}
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("../migrations/controller-postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn tx(&self) -> Result<Transaction<'static, Postgres>> {
+        Ok(self.pool.begin().await?)
+    }
+
+    async fn insert_events(
+        tx: &mut Transaction<'static, Postgres>,
+        agent_id: &str,
+        site: &str,
+        events: &[&IncomingEvent],
+        received_at: DateTime<Utc>,
+    ) -> Result<()> {
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq as i64).collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
+        let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO events (agent_id, seq, site, kind, occurred_at, received_at, payload) \
+             SELECT $1, t.seq, $2, t.kind, t.occurred_at, $3, t.payload::jsonb \
+             FROM UNNEST($4::bigint[], $5::text[], $6::timestamptz[], $7::text[]) \
+               AS t(seq, kind, occurred_at, payload) \
+             ON CONFLICT (agent_id, seq) DO NOTHING",
+        )
+        .bind(agent_id)
+        .bind(site)
+        .bind(received_at)
+        .bind(&seqs)
+        .bind(&kinds)
+        .bind(&times)
+        .bind(&payloads)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+impl_store!(PgStore, backend = "postgres", lock = " FOR UPDATE");

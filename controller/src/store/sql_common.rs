@@ -1,0 +1,692 @@
+//! The SQL both backends share, written once. `impl_store!` expands to the whole `Store`
+//! implementation for a backend type; the backend supplies only what truly differs:
+//! `tx()` (how a write transaction starts and locks), the `FOR UPDATE` suffix, and
+//! `insert_events` (PostgreSQL inserts a batch with one `UNNEST`, SQLite row by row).
+
+use chrono::{DateTime, Utc};
+use meridian_shared::{AgentId, SiteCode};
+
+use super::{AgentRecord, ApiToken, CommandRecord, EnrollmentToken, Role, StoredEvent};
+use crate::error::{Error, Result};
+
+/// The agent columns (with the site's newest revision) for `concat!`-built queries.
+macro_rules! agent_select {
+    () => {
+        "SELECT a.id, a.site, a.hostname, a.credential_hash, \
+         a.enrolled_at, a.revoked_at, a.version, a.connected, a.last_seen, a.config_revision, \
+         a.acked_seq, a.command_seq, a.command_acked_seq, a.command_error, a.outbox_pending, \
+         a.clock_skew_ms, a.store_error, COALESCE(sr.revision, 0) AS site_revision \
+         FROM agents a LEFT JOIN site_revisions sr ON sr.site = a.site"
+    };
+}
+pub(crate) use agent_select;
+
+#[derive(sqlx::FromRow)]
+pub(super) struct AgentRow {
+    id: String,
+    site: String,
+    hostname: String,
+    credential_hash: String,
+    enrolled_at: DateTime<Utc>,
+    revoked_at: Option<DateTime<Utc>>,
+    version: String,
+    connected: bool,
+    last_seen: Option<DateTime<Utc>>,
+    config_revision: i64,
+    acked_seq: i64,
+    command_seq: i64,
+    command_acked_seq: i64,
+    command_error: Option<String>,
+    outbox_pending: i64,
+    clock_skew_ms: i64,
+    store_error: Option<String>,
+    site_revision: i64,
+}
+
+impl TryFrom<AgentRow> for AgentRecord {
+    type Error = Error;
+    fn try_from(r: AgentRow) -> Result<Self> {
+        Ok(AgentRecord {
+            id: r.id.parse().map_err(|_| corrupt("agents.id", &r.id))?,
+            site: SiteCode::parse(&r.site).map_err(|_| corrupt("agents.site", &r.site))?,
+            hostname: r.hostname,
+            credential_hash: r.credential_hash,
+            enrolled_at: r.enrolled_at,
+            revoked_at: r.revoked_at,
+            version: r.version,
+            connected: r.connected,
+            last_seen: r.last_seen,
+            config_revision: r.config_revision as u64,
+            acked_seq: r.acked_seq as u64,
+            command_seq: r.command_seq as u64,
+            command_acked_seq: r.command_acked_seq as u64,
+            command_error: r.command_error,
+            outbox_pending: r.outbox_pending as u64,
+            clock_skew_ms: r.clock_skew_ms,
+            store_error: r.store_error,
+            site_revision: r.site_revision as u64,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ApiTokenRow {
+    id: String,
+    name: String,
+    role: String,
+    token_hash: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<ApiTokenRow> for ApiToken {
+    type Error = Error;
+    fn try_from(r: ApiTokenRow) -> Result<Self> {
+        Ok(ApiToken {
+            role: Role::parse(&r.role).ok_or_else(|| corrupt("api_tokens.role", &r.role))?,
+            id: r.id,
+            name: r.name,
+            token_hash: r.token_hash,
+            created_at: r.created_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct EnrollmentTokenRow {
+    id: String,
+    site: String,
+    token_hash: String,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    used_at: Option<DateTime<Utc>>,
+    used_by_agent: Option<String>,
+}
+
+impl TryFrom<EnrollmentTokenRow> for EnrollmentToken {
+    type Error = Error;
+    fn try_from(r: EnrollmentTokenRow) -> Result<Self> {
+        Ok(EnrollmentToken {
+            site: SiteCode::parse(&r.site).map_err(|_| corrupt("enrollment_tokens.site", &r.site))?,
+            id: r.id,
+            token_hash: r.token_hash,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            used_at: r.used_at,
+            used_by_agent: r.used_by_agent,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct EventRow {
+    agent_id: String,
+    seq: i64,
+    site: String,
+    kind: String,
+    occurred_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    payload: String,
+}
+
+impl TryFrom<EventRow> for StoredEvent {
+    type Error = Error;
+    fn try_from(r: EventRow) -> Result<Self> {
+        Ok(StoredEvent {
+            payload: serde_json::from_str(&r.payload)
+                .map_err(|_| corrupt("events.payload", &r.payload))?,
+            agent_id: r.agent_id,
+            seq: r.seq as u64,
+            site: r.site,
+            kind: r.kind,
+            occurred_at: r.occurred_at,
+            received_at: r.received_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct CommandRow {
+    seq: i64,
+    kind: String,
+    payload: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<CommandRow> for CommandRecord {
+    fn from(r: CommandRow) -> Self {
+        CommandRecord {
+            seq: r.seq as u64,
+            kind: r.kind,
+            payload: r.payload.into_bytes(),
+            created_at: r.created_at,
+        }
+    }
+}
+
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::Internal(format!("corrupt value in {what}: {:?}", value.chars().take(40).collect::<String>()))
+}
+
+pub(super) fn agent_key(id: AgentId) -> String {
+    id.to_string()
+}
+
+/// Expands to `#[async_trait] impl Store for $ty`, with the SQL shared by both backends.
+macro_rules! impl_store {
+    ($ty:ty, backend = $backend:literal, lock = $lock:literal) => {
+        impl $ty {
+            /// Appends a command to an agent's log inside `tx`; returns its sequence.
+            async fn enqueue_command(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                agent_id: &str,
+                kind: &str,
+                payload: &[u8],
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<u64> {
+                let seq: i64 = sqlx::query_scalar(
+                    "UPDATE agents SET command_seq = command_seq + 1 WHERE id = $1 RETURNING command_seq",
+                )
+                .bind(agent_id)
+                .fetch_one(&mut **tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO agent_commands (agent_id, seq, kind, payload, created_at) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(agent_id)
+                .bind(seq)
+                .bind(kind)
+                .bind(String::from_utf8_lossy(payload).into_owned())
+                .bind(at)
+                .execute(&mut **tx)
+                .await?;
+                Ok(seq as u64)
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $ty {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn load_config(
+                &self,
+            ) -> $crate::error::Result<(u64, Vec<meridian_shared::config::Resource>)> {
+                let mut tx = self.tx().await?;
+                let revision: i64 =
+                    sqlx::query_scalar("SELECT revision FROM config_state WHERE id = 1")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let bodies: Vec<(String,)> = sqlx::query_as(
+                    "SELECT body FROM config_resources ORDER BY kind, site, code",
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                let resources = bodies
+                    .into_iter()
+                    .map(|(b,)| {
+                        serde_json::from_str(&b).map_err(|e| {
+                            $crate::error::Error::Internal(format!("corrupt configuration resource: {e}"))
+                        })
+                    })
+                    .collect::<$crate::error::Result<Vec<_>>>()?;
+                Ok((revision as u64, resources))
+            }
+
+            async fn commit_config(
+                &self,
+                commit: $crate::store::ConfigCommit,
+            ) -> $crate::error::Result<u64> {
+                let mut tx = self.tx().await?;
+                let current: i64 = sqlx::query_scalar(concat!(
+                    "SELECT revision FROM config_state WHERE id = 1",
+                    $lock
+                ))
+                .fetch_one(&mut *tx)
+                .await?;
+                if current as u64 != commit.expected_revision {
+                    return Err($crate::error::Error::RevisionConflict);
+                }
+                let revision = (commit.expected_revision + 1) as i64;
+                for res in &commit.upserts {
+                    let key = res.key();
+                    let body = serde_json::to_string(res)
+                        .map_err(|e| $crate::error::Error::Internal(e.to_string()))?;
+                    sqlx::query(
+                        "INSERT INTO config_resources (kind, site, code, body, updated_revision) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kind, site, code) \
+                         DO UPDATE SET body = excluded.body, updated_revision = excluded.updated_revision",
+                    )
+                    .bind(key.kind.as_str())
+                    .bind(key.site.as_ref().map(|s| s.to_string()).unwrap_or_default())
+                    .bind(&key.code)
+                    .bind(body)
+                    .bind(revision)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for key in &commit.deletes {
+                    sqlx::query("DELETE FROM config_resources WHERE kind = $1 AND site = $2 AND code = $3")
+                        .bind(key.kind.as_str())
+                        .bind(key.site.as_ref().map(|s| s.to_string()).unwrap_or_default())
+                        .bind(&key.code)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("UPDATE config_state SET revision = $1 WHERE id = 1")
+                    .bind(revision)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO config_revisions (revision, created_at, actor, summary) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(revision)
+                .bind(commit.at)
+                .bind(&commit.actor)
+                .bind(&commit.summary)
+                .execute(&mut *tx)
+                .await?;
+                for (site, payload) in &commit.publish {
+                    sqlx::query(
+                        "INSERT INTO site_revisions (site, revision) VALUES ($1, $2) \
+                         ON CONFLICT (site) DO UPDATE SET revision = excluded.revision",
+                    )
+                    .bind(site.as_str())
+                    .bind(revision)
+                    .execute(&mut *tx)
+                    .await?;
+                    let agents: Vec<(String,)> = sqlx::query_as(
+                        "SELECT id FROM agents WHERE site = $1 AND revoked_at IS NULL ORDER BY id",
+                    )
+                    .bind(site.as_str())
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for (agent_id,) in agents {
+                        Self::enqueue_command(
+                            &mut tx,
+                            &agent_id,
+                            meridian_shared::commands::APPLY_CONFIG,
+                            payload,
+                            commit.at,
+                        )
+                        .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(revision as u64)
+            }
+
+            async fn config_revisions(
+                &self,
+                limit: u32,
+            ) -> $crate::error::Result<Vec<$crate::store::RevisionInfo>> {
+                let rows: Vec<(i64, chrono::DateTime<chrono::Utc>, String, String)> = sqlx::query_as(
+                    "SELECT revision, created_at, actor, summary FROM config_revisions ORDER BY revision DESC LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(revision, created_at, actor, summary)| $crate::store::RevisionInfo {
+                        revision: revision as u64,
+                        created_at,
+                        actor,
+                        summary,
+                    })
+                    .collect())
+            }
+
+            async fn insert_api_token(
+                &self,
+                t: &$crate::store::ApiToken,
+            ) -> $crate::error::Result<()> {
+                sqlx::query(
+                    "INSERT INTO api_tokens (id, name, role, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&t.id)
+                .bind(&t.name)
+                .bind(t.role.as_str())
+                .bind(&t.token_hash)
+                .bind(t.created_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn api_token_by_hash(
+                &self,
+                token_hash: &str,
+            ) -> $crate::error::Result<Option<$crate::store::ApiToken>> {
+                let row: Option<$crate::store::sql_common::ApiTokenRow> = sqlx::query_as(
+                    "SELECT id, name, role, token_hash, created_at FROM api_tokens WHERE token_hash = $1",
+                )
+                .bind(token_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn list_api_tokens(&self) -> $crate::error::Result<Vec<$crate::store::ApiToken>> {
+                let rows: Vec<$crate::store::sql_common::ApiTokenRow> = sqlx::query_as(
+                    "SELECT id, name, role, token_hash, created_at FROM api_tokens ORDER BY created_at, id",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn delete_api_token(&self, id: &str) -> $crate::error::Result<bool> {
+                let done = sqlx::query("DELETE FROM api_tokens WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn insert_enrollment_token(
+                &self,
+                t: &$crate::store::EnrollmentToken,
+            ) -> $crate::error::Result<()> {
+                sqlx::query(
+                    "INSERT INTO enrollment_tokens (id, site, token_hash, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&t.id)
+                .bind(t.site.as_str())
+                .bind(&t.token_hash)
+                .bind(t.created_at)
+                .bind(t.expires_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn enrollment_token_by_hash(
+                &self,
+                token_hash: &str,
+            ) -> $crate::error::Result<Option<$crate::store::EnrollmentToken>> {
+                let row: Option<$crate::store::sql_common::EnrollmentTokenRow> = sqlx::query_as(
+                    "SELECT id, site, token_hash, created_at, expires_at, used_at, used_by_agent \
+                     FROM enrollment_tokens WHERE token_hash = $1",
+                )
+                .bind(token_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn list_enrollment_tokens(
+                &self,
+            ) -> $crate::error::Result<Vec<$crate::store::EnrollmentToken>> {
+                let rows: Vec<$crate::store::sql_common::EnrollmentTokenRow> = sqlx::query_as(
+                    "SELECT id, site, token_hash, created_at, expires_at, used_at, used_by_agent \
+                     FROM enrollment_tokens ORDER BY created_at, id",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn enroll(
+                &self,
+                e: $crate::store::Enrollment,
+            ) -> $crate::error::Result<$crate::store::AgentRecord> {
+                use $crate::error::EnrollError;
+                let mut tx = self.tx().await?;
+                let token: Option<$crate::store::sql_common::EnrollmentTokenRow> =
+                    sqlx::query_as(concat!(
+                        "SELECT id, site, token_hash, created_at, expires_at, used_at, used_by_agent \
+                         FROM enrollment_tokens WHERE token_hash = $1",
+                        $lock
+                    ))
+                    .bind(&e.token_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let token: $crate::store::EnrollmentToken = match token {
+                    Some(t) => t.try_into()?,
+                    None => return Err($crate::store::enroll_error(EnrollError::Unknown)),
+                };
+                if token.used_at.is_some() {
+                    return Err($crate::store::enroll_error(EnrollError::AlreadyUsed));
+                }
+                if token.expires_at <= e.at {
+                    return Err($crate::store::enroll_error(EnrollError::Expired));
+                }
+                let current: i64 = sqlx::query_scalar(concat!(
+                    "SELECT revision FROM config_state WHERE id = 1",
+                    $lock
+                ))
+                .fetch_one(&mut *tx)
+                .await?;
+                if current as u64 != e.expected_revision {
+                    return Err($crate::error::Error::RevisionConflict);
+                }
+                let agent_id = $crate::store::sql_common::agent_key(e.agent_id);
+                sqlx::query("UPDATE agents SET revoked_at = $1, connected = FALSE WHERE site = $2 AND revoked_at IS NULL")
+                    .bind(e.at)
+                    .bind(token.site.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO agents (id, site, hostname, credential_hash, enrolled_at, version) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&agent_id)
+                .bind(token.site.as_str())
+                .bind(&e.hostname)
+                .bind(&e.credential_hash)
+                .bind(e.at)
+                .bind(&e.version)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("UPDATE enrollment_tokens SET used_at = $1, used_by_agent = $2 WHERE id = $3")
+                    .bind(e.at)
+                    .bind(&agent_id)
+                    .bind(&token.id)
+                    .execute(&mut *tx)
+                    .await?;
+                Self::enqueue_command(
+                    &mut tx,
+                    &agent_id,
+                    meridian_shared::commands::APPLY_CONFIG,
+                    &e.initial_config,
+                    e.at,
+                )
+                .await?;
+                let row: $crate::store::sql_common::AgentRow = sqlx::query_as(concat!($crate::store::sql_common::agent_select!(), " WHERE a.id = $1"))
+                .bind(&agent_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                row.try_into()
+            }
+
+            async fn agent(
+                &self,
+                id: meridian_shared::AgentId,
+            ) -> $crate::error::Result<Option<$crate::store::AgentRecord>> {
+                let row: Option<$crate::store::sql_common::AgentRow> = sqlx::query_as(concat!($crate::store::sql_common::agent_select!(), " WHERE a.id = $1"))
+                .bind($crate::store::sql_common::agent_key(id))
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn agent_by_credential(
+                &self,
+                credential_hash: &str,
+            ) -> $crate::error::Result<Option<$crate::store::AgentRecord>> {
+                let row: Option<$crate::store::sql_common::AgentRow> = sqlx::query_as(concat!($crate::store::sql_common::agent_select!(), " WHERE a.credential_hash = $1"))
+                .bind(credential_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn list_agents(&self) -> $crate::error::Result<Vec<$crate::store::AgentRecord>> {
+                let rows: Vec<$crate::store::sql_common::AgentRow> = sqlx::query_as(concat!($crate::store::sql_common::agent_select!(), " ORDER BY a.site, a.enrolled_at, a.id"))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn revoke_agent(
+                &self,
+                id: meridian_shared::AgentId,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<bool> {
+                let done = sqlx::query(
+                    "UPDATE agents SET revoked_at = $1, connected = FALSE WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(at)
+                .bind($crate::store::sql_common::agent_key(id))
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn update_agent_status(
+                &self,
+                id: meridian_shared::AgentId,
+                s: &$crate::store::AgentStatusUpdate,
+            ) -> $crate::error::Result<()> {
+                sqlx::query(
+                    "UPDATE agents SET connected = $2, last_seen = COALESCE($3, last_seen), \
+                     version = COALESCE($4, version), config_revision = COALESCE($5, config_revision), \
+                     outbox_pending = COALESCE($6, outbox_pending), clock_skew_ms = COALESCE($7, clock_skew_ms), \
+                     store_error = CASE WHEN $8 IS NULL THEN store_error WHEN $8 = '' THEN NULL ELSE $8 END \
+                     WHERE id = $1",
+                )
+                .bind($crate::store::sql_common::agent_key(id))
+                .bind(s.connected)
+                .bind(s.last_seen)
+                .bind(s.version.as_deref())
+                .bind(s.config_revision.map(|r| r as i64))
+                .bind(s.outbox_pending.map(|r| r as i64))
+                .bind(s.clock_skew_ms)
+                .bind(s.store_error.as_deref())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn ingest_events(
+                &self,
+                agent: meridian_shared::AgentId,
+                events: &[$crate::store::IncomingEvent],
+                received_at: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<Result<u64, $crate::store::IngestError>> {
+                use $crate::store::IngestError;
+                let agent_id = $crate::store::sql_common::agent_key(agent);
+                let mut tx = self.tx().await?;
+                let row: Option<(i64, String, Option<chrono::DateTime<chrono::Utc>>)> =
+                    sqlx::query_as(concat!(
+                        "SELECT acked_seq, site, revoked_at FROM agents WHERE id = $1",
+                        $lock
+                    ))
+                    .bind(&agent_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let (acked, site) = match row {
+                    Some((acked, site, None)) => (acked as u64, site),
+                    _ => return Ok(Err(IngestError::UnknownAgent)),
+                };
+                let Some(first) = events.first() else {
+                    return Ok(Ok(acked));
+                };
+                for (i, ev) in events.iter().enumerate() {
+                    if ev.seq != first.seq + i as u64 {
+                        return Ok(Err(IngestError::NotContiguous(ev.seq)));
+                    }
+                }
+                if first.seq == 0 || first.seq > acked + 1 {
+                    return Ok(Err(IngestError::Gap { first: first.seq, acked }));
+                }
+                let fresh: Vec<&$crate::store::IncomingEvent> =
+                    events.iter().filter(|e| e.seq > acked).collect();
+                let Some(last) = fresh.last() else {
+                    return Ok(Ok(acked));
+                };
+                let new_acked = last.seq;
+                Self::insert_events(&mut tx, &agent_id, &site, &fresh, received_at).await?;
+                sqlx::query("UPDATE agents SET acked_seq = $2 WHERE id = $1")
+                    .bind(&agent_id)
+                    .bind(new_acked as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Ok(new_acked))
+            }
+
+            async fn events_after(
+                &self,
+                agent: meridian_shared::AgentId,
+                after_seq: u64,
+                limit: u32,
+            ) -> $crate::error::Result<Vec<$crate::store::StoredEvent>> {
+                let rows: Vec<$crate::store::sql_common::EventRow> = sqlx::query_as(
+                    "SELECT agent_id, seq, site, kind, occurred_at, received_at, CAST(payload AS TEXT) AS payload \
+                     FROM events WHERE agent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                )
+                .bind($crate::store::sql_common::agent_key(agent))
+                .bind(after_seq as i64)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn count_events(&self, agent: meridian_shared::AgentId) -> $crate::error::Result<u64> {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE agent_id = $1")
+                    .bind($crate::store::sql_common::agent_key(agent))
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(n as u64)
+            }
+
+            async fn commands_after(
+                &self,
+                agent: meridian_shared::AgentId,
+                after_seq: u64,
+                limit: u32,
+            ) -> $crate::error::Result<Vec<$crate::store::CommandRecord>> {
+                let rows: Vec<$crate::store::sql_common::CommandRow> = sqlx::query_as(
+                    "SELECT seq, kind, payload, created_at FROM agent_commands \
+                     WHERE agent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                )
+                .bind($crate::store::sql_common::agent_key(agent))
+                .bind(after_seq as i64)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn ack_commands(
+                &self,
+                agent: meridian_shared::AgentId,
+                up_to_seq: u64,
+                error: Option<&str>,
+            ) -> $crate::error::Result<()> {
+                sqlx::query(
+                    "UPDATE agents SET command_acked_seq = $2, command_error = $3 \
+                     WHERE id = $1 AND command_acked_seq <= $2 AND $2 <= command_seq",
+                )
+                .bind($crate::store::sql_common::agent_key(agent))
+                .bind(up_to_seq as i64)
+                .bind(error)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use impl_store;
+
+/// Names the sqlx database type of a backend, for the shared transaction helpers.
+pub trait Backend {
+    type Db: sqlx::Database;
+}

@@ -1,0 +1,66 @@
+//! The embedded SQLite backend (evaluation and small single-replica installs). Shared SQL lives
+//! in `sql_common`; here: connection (WAL, durable commits), migrations, `BEGIN IMMEDIATE`
+//! write transactions (SQLite has no row locks; one writer at a time) and the event insert.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, Transaction};
+
+use super::IncomingEvent;
+use super::sql_common::{Backend, impl_store};
+use crate::error::Result;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl Backend for SqliteStore {
+    type Db = Sqlite;
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        sqlx::migrate!("../migrations/controller-sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn tx(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    async fn insert_events(
+        tx: &mut Transaction<'static, Sqlite>,
+        agent_id: &str,
+        site: &str,
+        events: &[&IncomingEvent],
+        received_at: DateTime<Utc>,
+    ) -> Result<()> {
+        for e in events {
+            sqlx::query(
+                "INSERT INTO events (agent_id, seq, site, kind, occurred_at, received_at, payload) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (agent_id, seq) DO NOTHING",
+            )
+            .bind(agent_id)
+            .bind(e.seq as i64)
+            .bind(site)
+            .bind(&e.kind)
+            .bind(e.occurred_at)
+            .bind(received_at)
+            .bind(&e.payload)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+impl_store!(SqliteStore, backend = "sqlite", lock = "");

@@ -1,0 +1,45 @@
+//! Helpers for tests of the controller and of the whole system: fresh PostgreSQL databases and
+//! SQLite files. A test that needs PostgreSQL fails loudly when it cannot reach it; `make test`
+//! provisions the server.
+
+use std::path::PathBuf;
+
+use sqlx::Connection;
+
+/// The server tests use: `MERIDIAN_TEST_DATABASE_URL`, else the local cluster on 127.0.0.1.
+pub fn postgres_admin_url() -> String {
+    std::env::var("MERIDIAN_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Creates an empty database `meridian_t_<random>` and returns its URL. Panics with a clear
+/// message when PostgreSQL is unreachable.
+pub async fn fresh_postgres_url() -> String {
+    let admin = postgres_admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is required for this test and is not reachable at {admin}: {e}. \
+             Run the tests with `make test`, which starts or installs it, or set \
+             MERIDIAN_TEST_DATABASE_URL."
+        )
+    });
+    let name = format!("meridian_t_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+    let (base, _) = admin.rsplit_once('/').unwrap_or((admin.as_str(), ""));
+    format!("{base}/{name}")
+}
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+/// A fresh SQLite database URL in a temp dir.
+pub fn fresh_sqlite_url() -> String {
+    format!("sqlite://{}/controller.db", temp_dir("meridian-sqlite").display())
+}
