@@ -1,1 +1,83 @@
+//! The Meridian branch agent: keeps the site's configuration and runtime data in SQLite, serves
+//! the branch LAN (HTTP), and keeps a link to the controller that streams the outbox and applies
+//! commands. Everything the branch does works from the local store, with or without the link.
 #![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_shared::backoff::BackoffPolicy;
+use meridian_shared::clock::{Clock, SystemClock};
+use meridian_shared::config::SiteConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+pub mod branch_api;
+pub mod error;
+pub mod link;
+pub mod settings;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use settings::Settings;
+
+/// State shared by the branch server and the link.
+pub struct Context {
+    pub db: store::Db,
+    /// The applied configuration, swapped atomically when a new revision is applied.
+    pub config: watch::Sender<Option<Arc<SiteConfig>>>,
+    pub link: watch::Sender<link::LinkStatus>,
+    /// Signalled after every commit that appended to the outbox.
+    pub outbox_changed: Notify,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Context {
+    pub async fn open(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Context>> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", settings.data_dir.display())))?;
+        let db = store::Db::open(&settings.data_dir.join("agent.db"))?;
+        let config = db.read(store::queries::site_config).await?;
+        Ok(Arc::new(Context {
+            db,
+            config: watch::Sender::new(config.map(Arc::new)),
+            link: watch::Sender::new(link::LinkStatus::default()),
+            outbox_changed: Notify::new(),
+            clock,
+        }))
+    }
+}
+
+/// Runs an agent until `shutdown`: the branch server on `http`, the link in the background.
+pub async fn run(settings: Settings, http: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let ctx = Context::open(&settings, Arc::new(SystemClock)).await?;
+    run_with(ctx, settings, http, shutdown).await
+}
+
+/// Like `run`, with an already opened context (tests inject a clock).
+pub async fn run_with(ctx: Arc<Context>, settings: Settings, http: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let ca_cert = match &settings.ca_cert {
+        Some(p) => Some(std::fs::read(p).map_err(|e| Error::Internal(format!("ca_cert {}: {e}", p.display())))?),
+        None => None,
+    };
+    let link_settings = link::LinkSettings {
+        controller_url: settings.controller_url.clone(),
+        ca_cert,
+        enrollment_token: settings.enrollment_token.clone(),
+        heartbeat: Duration::from_millis(settings.heartbeat_ms.max(100)),
+        backoff: BackoffPolicy {
+            base: Duration::from_millis(settings.backoff_base_ms.max(1)),
+            cap: Duration::from_millis(settings.backoff_cap_ms.max(settings.backoff_base_ms.max(1))),
+        },
+    };
+    let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, shutdown.clone()));
+    tracing::info!(addr = %http.local_addr().map(|a| a.to_string()).unwrap_or_default(), "branch server listening");
+    let server_shutdown = shutdown.clone();
+    let served = axum::serve(http, branch_api::router(ctx))
+        .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+        .await;
+    shutdown.cancel();
+    let _ = link_task.await;
+    served.map_err(|e| Error::Internal(format!("branch server: {e}")))
+}

@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod business_day;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod error;

@@ -1,0 +1,20 @@
+//! The agent's error type; mapped to HTTP responses in `branch_api` and to log lines in `link`.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("invalid input: {0}")]
+    Validation(String),
+    #[error("this branch has no configuration yet (the agent has not synced with the controller)")]
+    NotConfigured,
+    /// The local database failed (disk full, corruption, I/O). Loud in logs and status.
+    #[error("local store failure: {0}")]
+    Store(#[from] rusqlite::Error),
+    #[error("local store is unavailable: {0}")]
+    StoreGone(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,370 @@
+//! The agent's link to the controller: enroll once, then keep one session open — reconnecting
+//! with capped exponential backoff and full jitter — and over it stream the outbox, apply
+//! commands and report status.
+//!
+//! Cursors: on every (re)connect the Welcome carries the controller's gapless acknowledgement;
+//! the agent resends everything after it (the controller stores idempotently, so resending what
+//! was stored but not acknowledged is harmless). Commands are applied in the agent's own
+//! transaction together with the record of their sequence, so a repeated command is a no-op,
+//! and acknowledged after that commit. A peer that stays silent for three heartbeats (the
+//! controller pings every heartbeat) is declared dead; HTTP/2 keepalive catches a blackholed
+//! TCP connection at the transport level too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use meridian_proto::agent_gateway_client::AgentGatewayClient;
+use meridian_proto::{AgentFrame, ControllerFrame, agent_frame, controller_frame};
+use meridian_shared::backoff::BackoffPolicy;
+use meridian_shared::commands::ControllerCommand;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Context;
+use crate::store::queries::{self, Identity};
+
+/// Events per batch frame.
+const BATCH: u32 = 500;
+/// Events sent but not yet acknowledged, at most.
+const MAX_IN_FLIGHT: u64 = 10_000;
+/// Outbound frames buffered towards the transport; when full the link waits.
+const OUTBOUND_BUFFER: usize = 64;
+/// A session that lived this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// What the branch sees of its link.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStatus {
+    pub connected: bool,
+    /// When `connected` last changed (online since / offline since).
+    pub since: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+pub struct LinkSettings {
+    pub controller_url: String,
+    pub ca_cert: Option<Vec<u8>>,
+    pub enrollment_token: String,
+    pub heartbeat: Duration,
+    pub backoff: BackoffPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot reach the controller: {0}")]
+    Connect(String),
+    #[error("controller refused: {0}")]
+    Refused(String),
+    #[error("session lost: {0}")]
+    Lost(String),
+    #[error("no heartbeat from the controller for {0:?}")]
+    Silent(Duration),
+    #[error("local store: {0}")]
+    Store(#[from] crate::error::Error),
+    #[error("not enrolled and no enrollment token is configured")]
+    NotEnrolled,
+}
+
+/// Runs the link until `shutdown`.
+pub async fn run(ctx: Arc<Context>, settings: LinkSettings, shutdown: CancellationToken) {
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = session(&ctx, &settings, &shutdown) => r,
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let error = match result {
+            Ok(()) => "session closed".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        set_link(&ctx, false, Some(error.clone()));
+        if started.elapsed() >= HEALTHY_AFTER {
+            attempt = 0;
+        }
+        let delay = settings.backoff.delay(attempt, &mut rand::rng());
+        attempt = attempt.saturating_add(1);
+        tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, attempt, "controller link down");
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    set_link(&ctx, false, Some("agent shutting down".into()));
+}
+
+fn set_link(ctx: &Context, connected: bool, error: Option<String>) {
+    ctx.link.send_if_modified(|s| {
+        let changed = s.connected != connected || s.since.is_none();
+        if changed {
+            s.connected = connected;
+            s.since = Some(ctx.clock.now());
+        }
+        let error_changed = s.last_error != error;
+        s.last_error = error;
+        changed || error_changed
+    });
+}
+
+fn endpoint(settings: &LinkSettings, heartbeat: Duration) -> Result<Endpoint, LinkError> {
+    let mut ep = Endpoint::from_shared(settings.controller_url.clone())
+        .map_err(|e| LinkError::Connect(format!("invalid controller_url: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(heartbeat)
+        .keep_alive_timeout(heartbeat * 2)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    if settings.controller_url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        tls = match &settings.ca_cert {
+            Some(pem) => tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            None => tls.with_webpki_roots(),
+        };
+        ep = ep.tls_config(tls).map_err(|e| LinkError::Connect(format!("TLS: {e}")))?;
+    }
+    Ok(ep)
+}
+
+async fn connect(settings: &LinkSettings, heartbeat: Duration) -> Result<AgentGatewayClient<Channel>, LinkError> {
+    let channel = endpoint(settings, heartbeat)?
+        .connect()
+        .await
+        .map_err(|e| LinkError::Connect(format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default())))?;
+    Ok(AgentGatewayClient::new(channel)
+        .max_decoding_message_size(16 * 1024 * 1024)
+        .max_encoding_message_size(16 * 1024 * 1024))
+}
+
+async fn enroll(ctx: &Context, settings: &LinkSettings) -> Result<Identity, LinkError> {
+    if settings.enrollment_token.is_empty() {
+        return Err(LinkError::NotEnrolled);
+    }
+    let mut client = connect(settings, settings.heartbeat).await?;
+    let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let resp = client
+        .enroll(meridian_proto::EnrollRequest {
+            token: settings.enrollment_token.clone(),
+            hostname,
+            version: meridian_shared::VERSION.to_owned(),
+        })
+        .await
+        .map_err(|s| LinkError::Refused(format!("enrollment: {}", s.message())))?
+        .into_inner();
+    let identity = Identity { agent_id: resp.agent_id, site: resp.site_code, credential: resp.credential };
+    let saved = identity.clone();
+    ctx.db.write(move |c| queries::save_identity(c, &saved)).await?;
+    tracing::info!(agent = %identity.agent_id, site = %identity.site, "enrolled with the controller");
+    Ok(identity)
+}
+
+fn frame(body: agent_frame::Body) -> AgentFrame {
+    AgentFrame { body: Some(body) }
+}
+
+struct Cursors {
+    /// Highest event sequence acknowledged by the controller.
+    acked: u64,
+    /// Highest event sequence sent in this session.
+    sent: u64,
+}
+
+async fn session(ctx: &Arc<Context>, settings: &LinkSettings, shutdown: &CancellationToken) -> Result<(), LinkError> {
+    let identity = match ctx.db.read(queries::identity).await? {
+        Some(id) => id,
+        None => enroll(ctx, settings).await?,
+    };
+    let mut client = connect(settings, settings.heartbeat).await?;
+    let (high_water, _) = ctx.db.read(queries::outbox_state).await?;
+    let config_revision = ctx.db.read(queries::config_revision).await?;
+    let last_command = ctx.db.read(queries::last_applied_command).await?;
+    let (out, out_rx) = mpsc::channel::<AgentFrame>(OUTBOUND_BUFFER);
+    out.send(frame(agent_frame::Body::Hello(meridian_proto::Hello {
+        agent_id: identity.agent_id.clone(),
+        site_code: identity.site.clone(),
+        version: meridian_shared::VERSION.to_owned(),
+        config_revision,
+        last_applied_command_seq: last_command,
+        outbox_high_water: high_water,
+        agent_time_ms: ctx.clock.now().timestamp_millis(),
+    })))
+    .await
+    .map_err(|_| LinkError::Lost("outbound closed".into()))?;
+    let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
+    let auth = format!("Bearer {}", identity.credential)
+        .parse()
+        .map_err(|_| LinkError::Refused("stored credential is not a valid header value".into()))?;
+    request.metadata_mut().insert("authorization", auth);
+    let mut inbound = client
+        .session(request)
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => LinkError::Refused(s.message().to_owned()),
+            _ => LinkError::Lost(s.message().to_owned()),
+        })?
+        .into_inner();
+
+    let welcome = match tokio::time::timeout(settings.heartbeat * 3, inbound.message()).await {
+        Err(_) => return Err(LinkError::Silent(settings.heartbeat * 3)),
+        Ok(Err(s)) => return Err(LinkError::Lost(s.message().to_owned())),
+        Ok(Ok(None)) => return Err(LinkError::Lost("closed before Welcome".into())),
+        Ok(Ok(Some(ControllerFrame { body: Some(controller_frame::Body::Welcome(w)) }))) => w,
+        Ok(Ok(Some(ControllerFrame { body: Some(controller_frame::Body::Error(e)) }))) => {
+            return Err(LinkError::Refused(format!("{}: {}", e.code, e.message)));
+        }
+        Ok(Ok(Some(_))) => return Err(LinkError::Lost("expected Welcome".into())),
+    };
+    let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms)).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let acked = welcome.acked_event_seq.min(high_water);
+    ctx.db.write(move |c| queries::ack_outbox(c, acked)).await?;
+    tracing::info!(acked, high_water, config_revision, "session established");
+    set_link(ctx, true, None);
+
+    let mut cursors = Cursors { acked, sent: acked };
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut nonce = 0u64;
+    pump(ctx, &out, &mut cursors).await?;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            msg = inbound.message() => {
+                last_heard = Instant::now();
+                let f = match msg {
+                    Err(s) => return Err(LinkError::Lost(s.message().to_owned())),
+                    Ok(None) => return Err(LinkError::Lost("controller closed the session".into())),
+                    Ok(Some(f)) => f,
+                };
+                handle(ctx, &identity, &out, &mut cursors, f).await?;
+            }
+            _ = ctx.outbox_changed.notified() => pump(ctx, &out, &mut cursors).await?,
+            _ = tick.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    return Err(LinkError::Silent(last_heard.elapsed()));
+                }
+                nonce += 1;
+                let now = ctx.clock.now().timestamp_millis();
+                send(&out, agent_frame::Body::Ping(meridian_proto::Ping { nonce, sent_at_ms: now })).await?;
+                let (high, acked) = ctx.db.read(queries::outbox_state).await?;
+                let revision = ctx.db.read(queries::config_revision).await?;
+                send(&out, agent_frame::Body::Status(meridian_proto::Status {
+                    config_revision: revision,
+                    outbox_pending: high.saturating_sub(acked),
+                    outbox_high_water: high,
+                    agent_time_ms: now,
+                    store_error: ctx.db.health().unwrap_or_default(),
+                })).await?;
+                pump(ctx, &out, &mut cursors).await?;
+            }
+        }
+    }
+}
+
+async fn send(out: &mpsc::Sender<AgentFrame>, body: agent_frame::Body) -> Result<(), LinkError> {
+    out.send(frame(body)).await.map_err(|_| LinkError::Lost("outbound stream closed".into()))
+}
+
+/// Sends outbox events after the sent cursor while the in-flight window allows.
+async fn pump(ctx: &Context, out: &mpsc::Sender<AgentFrame>, c: &mut Cursors) -> Result<(), LinkError> {
+    while c.sent < c.acked + MAX_IN_FLIGHT {
+        let after = c.sent;
+        let batch = ctx.db.read(move |conn| queries::outbox_after(conn, after, BATCH)).await?;
+        let Some(last) = batch.last() else { break };
+        c.sent = last.seq;
+        let events = batch
+            .into_iter()
+            .map(|e| meridian_proto::Event { seq: e.seq, kind: e.kind, occurred_at_ms: e.occurred_at_ms, payload: e.payload })
+            .collect();
+        send(out, agent_frame::Body::Events(meridian_proto::EventBatch { events })).await?;
+    }
+    Ok(())
+}
+
+async fn handle(
+    ctx: &Arc<Context>,
+    identity: &Identity,
+    out: &mpsc::Sender<AgentFrame>,
+    c: &mut Cursors,
+    f: ControllerFrame,
+) -> Result<(), LinkError> {
+    match f.body {
+        Some(controller_frame::Body::EventAck(ack)) => {
+            let up_to = ack.up_to_seq;
+            if up_to > c.sent {
+                return Err(LinkError::Lost(format!("controller acknowledged {up_to}, beyond what was sent ({})", c.sent)));
+            }
+            if up_to > c.acked {
+                c.acked = up_to;
+                ctx.db.write(move |conn| queries::ack_outbox(conn, up_to)).await?;
+            } else if up_to < c.sent {
+                // A re-acknowledgement below what we sent: resend from there.
+                c.acked = up_to;
+                c.sent = up_to;
+            }
+            pump(ctx, out, c).await
+        }
+        Some(controller_frame::Body::Command(cmd)) => {
+            let error = apply_command(ctx, identity, cmd.seq, &cmd.kind, &cmd.payload).await?;
+            send(out, agent_frame::Body::CommandAck(meridian_proto::CommandAck { up_to_seq: cmd.seq, error: error.unwrap_or_default() })).await
+        }
+        Some(controller_frame::Body::Ping(p)) => {
+            send(out, agent_frame::Body::Pong(meridian_proto::Pong { nonce: p.nonce, sent_at_ms: p.sent_at_ms })).await
+        }
+        Some(controller_frame::Body::Pong(_)) => Ok(()),
+        Some(controller_frame::Body::Error(e)) => Err(LinkError::Refused(format!("{}: {}", e.code, e.message))),
+        Some(controller_frame::Body::Welcome(_)) | None => Err(LinkError::Lost("unexpected frame from the controller".into())),
+    }
+}
+
+/// Applies one command idempotently; returns the error to report, if it was rejected.
+async fn apply_command(ctx: &Arc<Context>, identity: &Identity, seq: u64, kind: &str, payload: &[u8]) -> Result<Option<String>, LinkError> {
+    let decoded = ControllerCommand::decode(kind, payload);
+    let site = identity.site.clone();
+    let kind = kind.to_owned();
+    let now = ctx.clock.now();
+    let (applied, error) = ctx
+        .db
+        .write(move |conn| {
+            if seq <= queries::last_applied_command(conn)? {
+                return Ok((None, None));
+            }
+            let outcome = match decoded {
+                Ok(ControllerCommand::ApplyConfig(snap)) if snap.site.code.as_str() != site => {
+                    Err(format!("configuration for site {} sent to an agent of {site}", snap.site.code))
+                }
+                Ok(ControllerCommand::ApplyConfig(snap)) => {
+                    let applied = queries::apply_config(conn, &snap, now)?;
+                    Ok(applied.then_some(*snap))
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(applied) => {
+                    queries::record_command(conn, seq, &kind, None, now)?;
+                    Ok((applied, None))
+                }
+                Err(e) => {
+                    queries::record_command(conn, seq, &kind, Some(&e), now)?;
+                    Ok((None, Some(e)))
+                }
+            }
+        })
+        .await?;
+    if let Some(snap) = applied {
+        tracing::info!(revision = snap.revision, "applied configuration");
+        ctx.config.send_replace(Some(Arc::new(snap)));
+        ctx.outbox_changed.notify_one();
+    }
+    if let Some(e) = &error {
+        tracing::warn!(seq, error = %e, "rejected a command from the controller");
+    }
+    Ok(error)
+}

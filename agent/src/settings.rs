@@ -1,0 +1,74 @@
+//! Agent settings: defaults < TOML file < environment (`MERIDIAN_AGENT_…`).
+//! `meridian-agent print-config` prints the defaults.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The controller's agent gateway, `https://…` (or `http://…` on loopback / in dev).
+    pub controller_url: String,
+    /// Holds `agent.db` (configuration, runtime data, outbox, cursors).
+    pub data_dir: PathBuf,
+    /// The branch LAN HTTP server (terminals and connector API).
+    pub http_listen: String,
+    /// PEM trust anchor for the controller's TLS certificate; the public web roots otherwise.
+    pub ca_cert: Option<PathBuf>,
+    /// One-time enrollment token, used only while the agent has no credential.
+    pub enrollment_token: String,
+    /// Heartbeat used until the controller's Welcome says otherwise (HTTP/2 keepalive too).
+    pub heartbeat_ms: u64,
+    /// Reconnect backoff: exponential from `backoff_base_ms`, capped at `backoff_cap_ms`, with
+    /// full jitter.
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    pub log: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            controller_url: "http://127.0.0.1:8081".into(),
+            data_dir: PathBuf::from("agent-data"),
+            http_listen: "127.0.0.1:8101".into(),
+            ca_cert: None,
+            enrollment_token: String::new(),
+            heartbeat_ms: 3_000,
+            backoff_base_ms: 200,
+            backoff_cap_ms: 30_000,
+            log: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        builder
+            .add_source(config::Environment::with_prefix("MERIDIAN_AGENT").separator("__"))
+            .build()?
+            .try_deserialize()
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("controller_url", &self.controller_url)
+            .field("data_dir", &self.data_dir)
+            .field("http_listen", &self.http_listen)
+            .field("ca_cert", &self.ca_cert)
+            .field("enrollment_token", &if self.enrollment_token.is_empty() { "" } else { "***" })
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("backoff_base_ms", &self.backoff_base_ms)
+            .field("backoff_cap_ms", &self.backoff_cap_ms)
+            .field("log", &self.log)
+            .finish()
+    }
+}

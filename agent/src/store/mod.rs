@@ -1,0 +1,255 @@
+//! The agent's SQLite store. One connection, owned by a dedicated thread, so SQLite never blocks
+//! an async worker. Writes are group-committed: the thread takes every queued job (up to
+//! `MAX_BATCH`), runs each in its own savepoint inside one `BEGIN IMMEDIATE` transaction, commits
+//! once with `synchronous=FULL`, and only then answers the callers — so a caller never hears
+//! "done" before its change is durable, and one fsync covers many requests under load.
+//!
+//! Invariants: a job's changes (state + its outbox event) commit together or not at all; a job
+//! that fails is rolled back to its savepoint without affecting the others in the batch; a
+//! panic in a job is re-raised in the caller. Store-level failures (disk full, corruption, I/O)
+//! are recorded in `health()` and logged at error level; they clear after the next good commit.
+
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+
+pub mod queries;
+
+/// Jobs per group commit.
+const MAX_BATCH: usize = 256;
+/// Queued jobs; when full, callers wait (backpressure), nothing is dropped.
+const QUEUE: usize = 4096;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/agent/0001_core.sql"))];
+
+type Finish = Box<dyn FnOnce(Option<String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Outcome + Send>;
+
+struct Outcome {
+    ok: bool,
+    store_failure: Option<String>,
+    finish: Finish,
+}
+
+#[derive(Clone)]
+pub struct Db {
+    jobs: mpsc::Sender<Job>,
+    health: Arc<Mutex<Option<String>>>,
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`, applies migrations and starts the
+    /// store thread.
+    pub fn open(path: &Path) -> Result<Db> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        let health = Arc::new(Mutex::new(None));
+        if check != "ok" {
+            tracing::error!(path = %path.display(), result = %check, "agent database failed its integrity check");
+            set_health(&health, Some(format!("integrity check failed: {check}")));
+        }
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let thread_health = health.clone();
+        std::thread::Builder::new()
+            .name("agent-store".into())
+            .spawn(move || store_thread(conn, rx, thread_health))
+            .map_err(|e| Error::Internal(format!("cannot start the store thread: {e}")))?;
+        Ok(Db { jobs: tx, health })
+    }
+
+    /// The last store-level failure, if the store is currently unhealthy.
+    pub fn health(&self) -> Option<String> {
+        self.health.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Runs `f` in a durable transaction (group-committed with other callers).
+    pub async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<std::thread::Result<Result<R>>>();
+        let job: Job = Box::new(move |conn| {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(conn)));
+            let ok = matches!(result, Ok(Ok(_)));
+            let store_failure = match &result {
+                Ok(Err(Error::Store(e))) if is_store_failure(e) => Some(e.to_string()),
+                _ => None,
+            };
+            Outcome {
+                ok,
+                store_failure,
+                finish: Box::new(move |commit_error| {
+                    let reply = match commit_error {
+                        None => result,
+                        Some(e) => Ok(Err(Error::StoreGone(e))),
+                    };
+                    let _ = tx.send(reply);
+                }),
+            }
+        });
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| Error::StoreGone("the store thread has stopped".into()))?;
+        match rx.await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => Err(Error::StoreGone(
+                self.health().unwrap_or_else(|| "the store thread has stopped".into()),
+            )),
+        }
+    }
+
+    /// Runs a read-only `f` (in the same queue; reads see every committed write).
+    pub async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        self.write(f).await
+    }
+}
+
+fn set_health(health: &Mutex<Option<String>>, value: Option<String>) {
+    match health.lock() {
+        Ok(mut h) => *h = value,
+        Err(p) => *p.into_inner() = value,
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (version, sql) in MIGRATIONS {
+        if *version > current {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+            tracing::info!(version, "applied agent store migration");
+        }
+    }
+    Ok(())
+}
+
+fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>, health: Arc<Mutex<Option<String>>>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&conn, &mut batch, &health);
+    }
+}
+
+fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<String>>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        tracing::error!(error = %msg, "agent store cannot begin a transaction");
+        set_health(health, Some(msg.clone()));
+        // Dropping the jobs unrun closes their reply channels: callers get `StoreGone`.
+        batch.clear();
+        return;
+    }
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut failure = None;
+    for job in batch.drain(..) {
+        let outcome = match conn.execute_batch("SAVEPOINT job") {
+            Ok(()) => {
+                let outcome = job(conn);
+                let end = if outcome.ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+                if let Err(e) = conn.execute_batch(end) {
+                    failure = Some(e.to_string());
+                }
+                outcome
+            }
+            Err(e) => {
+                failure = Some(e.to_string());
+                drop(job);
+                continue;
+            }
+        };
+        if let Some(f) = &outcome.store_failure {
+            failure = Some(f.clone());
+        }
+        outcomes.push(outcome);
+    }
+    let commit_error = conn.execute_batch("COMMIT").err().map(|e| e.to_string());
+    if commit_error.is_some() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    match commit_error.as_ref().or(failure.as_ref()) {
+        Some(e) => {
+            tracing::error!(error = %e, "agent store failure: the change was not recorded");
+            set_health(health, Some(e.clone()));
+        }
+        None => set_health(health, None),
+    }
+    for outcome in outcomes {
+        (outcome.finish)(commit_error.clone());
+    }
+}
+
+/// Whether `e` means the store itself is failing (as opposed to a rejected statement).
+pub fn is_store_failure(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(DiskFull | DatabaseCorrupt | NotADatabase | SystemIoFailure | CannotOpen | ReadOnly | OutOfMemory)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db() -> Db {
+        let dir = std::env::temp_dir().join(format!("agent-db-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        Db::open(&dir.join("agent.db")).expect("open")
+    }
+
+    #[tokio::test]
+    async fn failed_job_rolls_back_alone() {
+        let db = temp_db();
+        let set = |k: &'static str| {
+            let db = db.clone();
+            async move {
+                db.write(move |c| {
+                    c.execute("INSERT INTO meta (key, value) VALUES (?1, 'x')", [k])?;
+                    Ok(())
+                })
+                .await
+            }
+        };
+        let (a, b, dup) = tokio::join!(set("a"), set("b"), set("a"));
+        assert!(a.is_ok() && b.is_ok());
+        assert!(matches!(dup, Err(Error::Store(_))), "{dup:?}");
+        let n: i64 = db
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get(0))?))
+            .await
+            .expect("count");
+        assert_eq!(n, 2);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "boom")]
+    async fn panics_reach_the_caller() {
+        let db = temp_db();
+        let _ = db.write(|_| -> Result<()> { panic!("boom") }).await;
+    }
+}

@@ -1,0 +1,251 @@
+//! Statements against the agent store, each taking the connection of a running job so callers
+//! compose them into one transaction (a state change and its outbox event commit together).
+
+use chrono::{DateTime, NaiveDate, Utc};
+use meridian_shared::business_day::{format_ticket, next_ticket_number};
+use meridian_shared::config::SiteConfig;
+use meridian_shared::events::{AgentEvent, VisitCreated};
+use meridian_shared::{Code, VisitId};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+// ---------- identity ----------
+
+/// Who this agent is, once enrolled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub agent_id: String,
+    pub site: String,
+    pub credential: String,
+}
+
+fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+pub fn identity(conn: &Connection) -> Result<Option<Identity>> {
+    let (Some(agent_id), Some(site), Some(credential)) =
+        (meta_get(conn, "agent_id")?, meta_get(conn, "site")?, meta_get(conn, "credential")?)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Identity { agent_id, site, credential }))
+}
+
+pub fn save_identity(conn: &Connection, id: &Identity) -> Result<()> {
+    meta_set(conn, "agent_id", &id.agent_id)?;
+    meta_set(conn, "site", &id.site)?;
+    meta_set(conn, "credential", &id.credential)
+}
+
+// ---------- configuration and commands ----------
+
+pub fn site_config(conn: &Connection) -> Result<Option<SiteConfig>> {
+    let body: Option<String> = conn
+        .query_row("SELECT body FROM site_config WHERE id = 1", [], |r| r.get(0))
+        .optional()?;
+    body.map(|b| {
+        serde_json::from_str(&b).map_err(|e| Error::Internal(format!("stored configuration is unreadable: {e}")))
+    })
+    .transpose()
+}
+
+pub fn config_revision(conn: &Connection) -> Result<u64> {
+    let rev: Option<i64> = conn
+        .query_row("SELECT revision FROM site_config WHERE id = 1", [], |r| r.get(0))
+        .optional()?;
+    Ok(rev.unwrap_or(0) as u64)
+}
+
+/// Replaces the configuration when `snapshot` is newer, recording `CONFIG_APPLIED`. Runtime
+/// data (visits, counters) is untouched. Returns whether it was applied.
+pub fn apply_config(conn: &Connection, snapshot: &SiteConfig, now: DateTime<Utc>) -> Result<bool> {
+    let current = config_revision(conn)?;
+    if snapshot.revision <= current {
+        return Ok(false);
+    }
+    let body = serde_json::to_string(snapshot).map_err(|e| Error::Internal(e.to_string()))?;
+    conn.execute(
+        "INSERT INTO site_config (id, revision, body, applied_at) VALUES (1, ?1, ?2, ?3) \
+         ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, body = excluded.body, applied_at = excluded.applied_at",
+        params![snapshot.revision as i64, body, now.to_rfc3339()],
+    )?;
+    append_event(
+        conn,
+        &AgentEvent::ConfigApplied(meridian_shared::events::ConfigApplied {
+            revision: snapshot.revision,
+            previous_revision: current,
+        }),
+        now,
+    )?;
+    Ok(true)
+}
+
+pub fn last_applied_command(conn: &Connection) -> Result<u64> {
+    let seq: Option<i64> = conn.query_row("SELECT MAX(seq) FROM applied_commands", [], |r| r.get(0))?;
+    Ok(seq.unwrap_or(0) as u64)
+}
+
+pub fn record_command(conn: &Connection, seq: u64, kind: &str, error: Option<&str>, now: DateTime<Utc>) -> Result<()> {
+    conn.execute(
+        "INSERT INTO applied_commands (seq, kind, applied_at, error) VALUES (?1, ?2, ?3, ?4)",
+        params![seq as i64, kind, now.to_rfc3339(), error],
+    )?;
+    Ok(())
+}
+
+// ---------- outbox ----------
+
+/// One event waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    pub seq: u64,
+    pub kind: String,
+    pub occurred_at_ms: i64,
+    pub payload: Vec<u8>,
+}
+
+/// Appends `event` with the next gapless sequence; call inside the job that makes the change.
+pub fn append_event(conn: &Connection, event: &AgentEvent, now: DateTime<Utc>) -> Result<u64> {
+    let seq: i64 = conn.query_row(
+        "UPDATE outbox_state SET next_seq = next_seq + 1 WHERE id = 1 RETURNING next_seq - 1",
+        [],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+        "INSERT INTO outbox (seq, kind, occurred_at_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+        params![seq, event.kind(), now.timestamp_millis(), event.payload()],
+    )?;
+    Ok(seq as u64)
+}
+
+/// `(high_water, acked)`: the last sequence assigned and the last acknowledged centrally.
+pub fn outbox_state(conn: &Connection) -> Result<(u64, u64)> {
+    let (next, acked): (i64, i64) =
+        conn.query_row("SELECT next_seq, acked_seq FROM outbox_state WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    Ok(((next - 1) as u64, acked as u64))
+}
+
+pub fn outbox_after(conn: &Connection, after: u64, limit: u32) -> Result<Vec<OutboxEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, kind, occurred_at_ms, payload FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after as i64, limit], |r| {
+        Ok(OutboxEvent { seq: r.get::<_, i64>(0)? as u64, kind: r.get(1)?, occurred_at_ms: r.get(2)?, payload: r.get(3)? })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// Records a cumulative acknowledgement and prunes what it covers. Never moves backwards and
+/// never past the high-water mark.
+pub fn ack_outbox(conn: &Connection, up_to: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE outbox_state SET acked_seq = ?1 WHERE id = 1 AND acked_seq < ?1 AND ?1 < next_seq",
+        [up_to as i64],
+    )?;
+    conn.execute("DELETE FROM outbox WHERE seq <= (SELECT acked_seq FROM outbox_state WHERE id = 1)", [])?;
+    Ok(())
+}
+
+// ---------- visits ----------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Visit {
+    pub id: String,
+    pub ticket: String,
+    pub service: String,
+    pub queue: String,
+    pub business_day: NaiveDate,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Issues a ticket for `service`: the next number of its queue for the site-local business
+/// day, a waiting visit and its `VISIT_CREATED` event, in the caller's transaction.
+pub fn create_visit(conn: &Connection, config: &SiteConfig, service: &str, now: DateTime<Utc>) -> Result<Visit> {
+    let svc = config.service(service).ok_or_else(|| Error::NotFound(format!("service {service:?}")))?;
+    let queue = config
+        .queue(svc.queue.as_str())
+        .ok_or_else(|| Error::Internal(format!("service {service} points at a missing queue")))?;
+    let tz = config.site.tz().map_err(Error::Internal)?;
+    let day = meridian_shared::business_day::business_day(tz, now);
+    let day_s = day.to_string();
+    let previous: Option<i64> = conn
+        .query_row(
+            "SELECT last_number FROM ticket_counters WHERE queue = ?1 AND business_day = ?2",
+            params![queue.code.as_str(), day_s],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let number = next_ticket_number(previous.map(|n| n as u32), queue.first_number, queue.last_number);
+    conn.execute(
+        "INSERT INTO ticket_counters (queue, business_day, last_number) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (queue, business_day) DO UPDATE SET last_number = excluded.last_number",
+        params![queue.code.as_str(), day_s, number],
+    )?;
+    let visit = Visit {
+        id: VisitId::new().to_string(),
+        ticket: format_ticket(&queue.letter, number),
+        service: svc.code.to_string(),
+        queue: queue.code.to_string(),
+        business_day: day,
+        status: "waiting".into(),
+        created_at: now,
+    };
+    conn.execute(
+        "INSERT INTO visits (id, ticket, service, queue, business_day, status, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![visit.id, visit.ticket, visit.service, visit.queue, day_s, visit.status, now.to_rfc3339()],
+    )?;
+    let event = AgentEvent::VisitCreated(VisitCreated {
+        visit_id: visit.id.parse().map_err(|_| Error::Internal("visit id".into()))?,
+        ticket: visit.ticket.clone(),
+        service: svc.code.clone(),
+        queue: Code::parse(queue.code.as_str()).map_err(|e| Error::Internal(e.to_string()))?,
+        business_day: day,
+        created_at: now,
+    });
+    append_event(conn, &event, now)?;
+    Ok(visit)
+}
+
+pub fn visits_with_status(conn: &Connection, status: &str) -> Result<Vec<Visit>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, ticket, service, queue, business_day, status, created_at FROM visits \
+         WHERE status = ?1 ORDER BY created_at, id",
+    )?;
+    let rows = stmt.query_map([status], |r| {
+        let day: String = r.get(4)?;
+        let created: String = r.get(6)?;
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, day, r.get(5)?, created))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, ticket, service, queue, day, status, created): (String, String, String, String, String, String, String) = row?;
+        out.push(Visit {
+            id,
+            ticket,
+            service,
+            queue,
+            business_day: day.parse().map_err(|_| Error::Internal(format!("bad stored date {day:?}")))?,
+            status,
+            created_at: DateTime::parse_from_rfc3339(&created)
+                .map_err(|_| Error::Internal(format!("bad stored time {created:?}")))?
+                .with_timezone(&Utc),
+        });
+    }
+    Ok(out)
+}
