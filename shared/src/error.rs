@@ -23,6 +23,8 @@ impl fmt::Display for ValidationError {
     }
 }
 
+impl std::error::Error for ValidationError {}
+
 /// Every problem found in one input; never empty when returned as an error.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ValidationErrors(pub Vec<ValidationError>);
