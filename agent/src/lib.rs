@@ -72,7 +72,12 @@ pub async fn run_with(ctx: Arc<Context>, settings: Settings, http: TcpListener, 
         },
     };
     let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, shutdown.clone()));
-    tracing::info!(addr = %http.local_addr().map(|a| a.to_string()).unwrap_or_default(), "branch server listening");
+    let addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%addr, "branch server listening");
+    if let Some(file) = &settings.ready_file {
+        let ready = serde_json::json!({ "http": addr });
+        std::fs::write(file, ready.to_string()).map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+    }
     let server_shutdown = shutdown.clone();
     let served = axum::serve(http, branch_api::router(ctx))
         .with_graceful_shutdown(async move { server_shutdown.cancelled().await })

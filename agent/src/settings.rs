@@ -25,6 +25,8 @@ pub struct Settings {
     /// full jitter.
     pub backoff_base_ms: u64,
     pub backoff_cap_ms: u64,
+    /// When set, the bound branch server address is written here as JSON once listening.
+    pub ready_file: Option<PathBuf>,
     pub log: String,
 }
 
@@ -39,6 +41,7 @@ impl Default for Settings {
             heartbeat_ms: 3_000,
             backoff_base_ms: 200,
             backoff_cap_ms: 30_000,
+            ready_file: None,
             log: "info".into(),
         }
     }
@@ -51,7 +54,7 @@ impl Settings {
             builder = builder.add_source(config::File::from(file).required(true));
         }
         builder
-            .add_source(config::Environment::with_prefix("MERIDIAN_AGENT").separator("__"))
+            .add_source(config::Environment::with_prefix("MERIDIAN_AGENT").prefix_separator("_").separator("__"))
             .build()?
             .try_deserialize()
     }
@@ -68,6 +71,7 @@ impl fmt::Debug for Settings {
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("backoff_base_ms", &self.backoff_base_ms)
             .field("backoff_cap_ms", &self.backoff_cap_ms)
+            .field("ready_file", &self.ready_file)
             .field("log", &self.log)
             .finish()
     }

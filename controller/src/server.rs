@@ -126,6 +126,10 @@ pub async fn serve(
         _ => return Err(Error::BadRequest("tls_cert and tls_key must be set together".into())),
     }
     tracing::info!(%api_addr, "admin API listening");
+    if let Some(file) = &settings.ready_file {
+        let ready = serde_json::json!({"api": api_addr.to_string(), "gateway": gateway_addr.to_string()});
+        std::fs::write(file, ready.to_string()).map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+    }
     let gateway_shutdown = shutdown.clone();
     let result = builder
         .add_service(service)

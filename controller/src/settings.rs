@@ -26,6 +26,9 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Where the bootstrap admin token is written on first start (mode 0600).
     pub bootstrap_token_file: Option<PathBuf>,
+    /// When set, the bound API and gateway addresses are written here as JSON once the
+    /// controller listens (for supervisors and tests that bind port 0).
+    pub ready_file: Option<PathBuf>,
     /// `tracing` filter, e.g. `info` or `meridian_controller=debug`.
     pub log: String,
 }
@@ -43,6 +46,7 @@ impl Default for Settings {
             heartbeat_ms: 5_000,
             max_body_bytes: 1024 * 1024,
             bootstrap_token_file: None,
+            ready_file: None,
             log: "info".into(),
         }
     }
@@ -56,7 +60,7 @@ impl Settings {
             builder = builder.add_source(config::File::from(file).required(true));
         }
         builder
-            .add_source(config::Environment::with_prefix("MERIDIAN_CONTROLLER").separator("__"))
+            .add_source(config::Environment::with_prefix("MERIDIAN_CONTROLLER").prefix_separator("_").separator("__"))
             .build()?
             .try_deserialize()
     }
@@ -98,6 +102,7 @@ impl fmt::Debug for Settings {
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("bootstrap_token_file", &self.bootstrap_token_file)
+            .field("ready_file", &self.ready_file)
             .field("log", &self.log)
             .finish()
     }
