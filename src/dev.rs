@@ -39,7 +39,8 @@ const SITES: [(&str, &str, &str); 3] = [
 pub const DEMO_PASSWORD: &str = "meridian-demo";
 
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
     let settings = meridian_controller::Settings {
         data_dir: args.dir.join("controller"),
         api_listen: format!("127.0.0.1:{}", args.api_port),
@@ -52,10 +53,18 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let token_file = args.dir.join("admin-token");
     let admin_token = admin_token(store.as_ref(), &token_file).await?;
     seed(store.as_ref()).await?;
-    let listeners = server::Listeners::bind(&settings)
-        .await
-        .with_context(|| format!("binding {} and {}", settings.api_listen, settings.gateway_listen))?;
-    let controller = tokio::spawn(server::serve(settings, store.clone(), listeners, shutdown.clone()));
+    let listeners = server::Listeners::bind(&settings).await.with_context(|| {
+        format!(
+            "binding {} and {}",
+            settings.api_listen, settings.gateway_listen
+        )
+    })?;
+    let controller = tokio::spawn(server::serve(
+        settings,
+        store.clone(),
+        listeners,
+        shutdown.clone(),
+    ));
 
     let mut agents = Vec::new();
     let mut urls = Vec::new();
@@ -68,22 +77,44 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
             heartbeat_ms: 3_000,
             ..Default::default()
         };
-        let ctx = meridian_agent::Context::open(&agent_settings, Arc::new(meridian_shared::clock::SystemClock)).await?;
-        let enrolled = ctx.db.read(meridian_agent::store::queries::identity).await?.is_some();
+        let ctx = meridian_agent::Context::open(
+            &agent_settings,
+            Arc::new(meridian_shared::clock::SystemClock),
+        )
+        .await?;
+        let enrolled = ctx
+            .db
+            .read(meridian_agent::store::queries::identity)
+            .await?
+            .is_some();
         let agent_settings = if enrolled {
             agent_settings
         } else {
-            meridian_agent::Settings { enrollment_token: enrollment_token(store.as_ref(), code).await?, ..agent_settings }
+            meridian_agent::Settings {
+                enrollment_token: enrollment_token(store.as_ref(), code).await?,
+                ..agent_settings
+            }
         };
         let http = tokio::net::TcpListener::bind(&agent_settings.http_listen)
             .await
             .with_context(|| format!("binding {}", agent_settings.http_listen))?;
-        agents.push(tokio::spawn(meridian_agent::run_with(ctx, agent_settings, http, shutdown.clone())));
+        agents.push(tokio::spawn(meridian_agent::run_with(
+            ctx,
+            agent_settings,
+            http,
+            shutdown.clone(),
+        )));
         urls.push(format!("  {code} {name:<14} http://127.0.0.1:{port}"));
     }
 
-    println!("\nMeridian dev fleet is up (Ctrl-C stops it; state in {}).", args.dir.display());
-    println!("  controller API     http://127.0.0.1:{}   (agent gateway :{})", args.api_port, args.gateway_port);
+    println!(
+        "\nMeridian dev fleet is up (Ctrl-C stops it; state in {}).",
+        args.dir.display()
+    );
+    println!(
+        "  controller API     http://127.0.0.1:{}   (agent gateway :{})",
+        args.api_port, args.gateway_port
+    );
     for u in &urls {
         println!("{u}");
     }
@@ -105,7 +136,11 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
 async fn admin_token(store: &dyn Store, file: &Path) -> anyhow::Result<String> {
     if let Ok(existing) = std::fs::read_to_string(file) {
         let existing = existing.trim().to_owned();
-        if store.api_token_by_hash(&auth::hash_secret(&existing)).await?.is_some() {
+        if store
+            .api_token_by_hash(&auth::hash_secret(&existing))
+            .await?
+            .is_some()
+        {
             return Ok(existing);
         }
     }
@@ -145,10 +180,20 @@ pub fn demo_resources() -> Vec<serde_json::Value> {
     });
     for (code, name, tz) in SITES {
         out.push(json!({"kind": "site", "code": code, "name": name, "time_zone": tz, "business_hours": hours, "tags": ["demo"]}));
-        for (q, qname, letter) in [("general", "General", "A"), ("accounts", "Accounts", "B"), ("repairs", "Repairs", "C")] {
-            out.push(json!({"kind": "queue", "site": code, "code": q, "name": qname, "letter": letter}));
+        for (q, qname, letter) in [
+            ("general", "General", "A"),
+            ("accounts", "Accounts", "B"),
+            ("repairs", "Repairs", "C"),
+        ] {
+            out.push(
+                json!({"kind": "queue", "site": code, "code": q, "name": qname, "letter": letter}),
+            );
         }
-        for (s, sname, q, kpi) in [("GEN", "General enquiry", "general", 10), ("ACC", "Open an account", "accounts", 15), ("REP", "Repair drop-off", "repairs", 20)] {
+        for (s, sname, q, kpi) in [
+            ("GEN", "General enquiry", "general", 10),
+            ("ACC", "Open an account", "accounts", 15),
+            ("REP", "Repair drop-off", "repairs", 20),
+        ] {
             out.push(json!({"kind": "service", "site": code, "code": s, "name": sname, "queue": q, "kpi_wait_minutes": kpi}));
         }
         out.push(json!({"kind": "work_profile", "site": code, "code": "default", "name": "Default",
@@ -157,7 +202,11 @@ pub fn demo_resources() -> Vec<serde_json::Value> {
             out.push(json!({"kind": "service_point", "site": code, "code": format!("C{n}"), "name": format!("Counter {n}"), "work_profile": "default"}));
         }
     }
-    for (user, name, sites) in [("alice", "Alice Park", vec!["SFO"]), ("bob", "Bob Novak", vec!["CHI"]), ("chiyo", "Chiyo Sato", vec!["TYO", "SFO"])] {
+    for (user, name, sites) in [
+        ("alice", "Alice Park", vec!["SFO"]),
+        ("bob", "Bob Novak", vec!["CHI"]),
+        ("chiyo", "Chiyo Sato", vec!["TYO", "SFO"]),
+    ] {
         out.push(json!({"kind": "staff_user", "username": user, "name": name, "roles": ["staff"], "sites": sites, "password": DEMO_PASSWORD}));
     }
     out

@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 mod dev;
 
 #[derive(Parser)]
-#[command(name = "meridian", version, about = "Meridian: branch operations that never stop")]
+#[command(
+    name = "meridian",
+    version,
+    about = "Meridian: branch operations that never stop"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,9 @@ fn shutdown_on_ctrl_c() -> CancellationToken {
 }
 
 fn init_logs(filter: &str) {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .init();
 }
 
 #[tokio::main]

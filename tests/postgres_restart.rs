@@ -15,10 +15,16 @@ fn restart_postgres() {
             .and_then(|mut d| d.next())
             .and_then(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .expect("no local PostgreSQL cluster under /etc/postgresql; set MERIDIAN_TEST_PG_RESTART");
+            .expect(
+                "no local PostgreSQL cluster under /etc/postgresql; set MERIDIAN_TEST_PG_RESTART",
+            );
         format!("pg_ctlcluster --skip-systemctl-redirect {version} main restart")
     });
-    let status = std::process::Command::new("sh").arg("-c").arg(&cmd).status().expect("run restart command");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .status()
+        .expect("run restart command");
     assert!(status.success(), "`{cmd}` failed: {status}");
 }
 
@@ -32,11 +38,17 @@ async fn postgres_restart_mid_stream_loses_and_doubles_nothing() {
     let token = admin.enrollment_token("SFO").await;
     let proxy = FaultProxy::start(controller.gateway).await;
     let agent = AgentProc::start(&root.join("agent"), proxy.addr, &token).await;
-    let s = agent.wait_status("agent connected", |s| s["connected"] == true && s["config_revision"].as_u64() > Some(0)).await;
+    let s = agent
+        .wait_status("agent connected", |s| {
+            s["connected"] == true && s["config_revision"].as_u64() > Some(0)
+        })
+        .await;
     let agent_id = s["agent_id"].as_str().expect("id").to_owned();
 
     proxy.set(Fault::Cut);
-    agent.wait_status("agent offline", |s| s["connected"] == false).await;
+    agent
+        .wait_status("agent offline", |s| s["connected"] == false)
+        .await;
     agent.issue_tickets("GEN", 5_000).await;
     proxy.set(Fault::Pass);
     wait_for("the stream to start", Duration::from_secs(60), || async {
@@ -47,7 +59,9 @@ async fn postgres_restart_mid_stream_loses_and_doubles_nothing() {
     restart_postgres();
 
     let s = agent
-        .wait_status("agent drains after the database restart", |s| s["connected"] == true && s["outbox_pending"] == 0)
+        .wait_status("agent drains after the database restart", |s| {
+            s["connected"] == true && s["outbox_pending"] == 0
+        })
         .await;
     let high = s["outbox_high_water"].as_i64().expect("high water");
     let c = wait_for("all visits stored", Duration::from_secs(60), || async {
@@ -56,5 +70,9 @@ async fn postgres_restart_mid_stream_loses_and_doubles_nothing() {
     })
     .await;
     assert_eq!(c.4, 5_000, "every visit event exactly once");
-    assert_eq!((c.0, c.3, c.1, c.2), (high, high, 1, high), "gapless, no duplicates");
+    assert_eq!(
+        (c.0, c.3, c.1, c.2),
+        (high, high, 1, high),
+        "gapless, no duplicates"
+    );
 }

@@ -25,7 +25,9 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/visits", get(list_visits).post(create_visit))
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctx)
 }
@@ -40,7 +42,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -55,15 +61,29 @@ impl From<Error> for ApiError {
         let message = e.to_string();
         match e {
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
-            Error::Validation(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message),
-            Error::NotConfigured => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_configured", message),
+            Error::Validation(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+                message,
+            ),
+            Error::NotConfigured => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_configured", message)
+            }
             Error::Store(_) | Error::StoreGone(_) => {
                 tracing::error!(error = %message, "request failed in the local store");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message)
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    message,
+                )
             }
             Error::Internal(_) => {
                 tracing::error!(error = %message, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
             }
         }
     }
@@ -101,7 +121,13 @@ pub struct StatusView {
 async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, ApiError> {
     let (identity, (high, acked), revision) = ctx
         .db
-        .read(|c| Ok((queries::identity(c)?, queries::outbox_state(c)?, queries::config_revision(c)?)))
+        .read(|c| {
+            Ok((
+                queries::identity(c)?,
+                queries::outbox_state(c)?,
+                queries::config_revision(c)?,
+            ))
+        })
         .await?;
     let link = ctx.link.borrow().clone();
     Ok(Json(StatusView {
@@ -132,11 +158,16 @@ async fn create_visit(
 ) -> Result<(StatusCode, Json<Visit>), ApiError> {
     let Json(req) = body?;
     if req.service.is_empty() || req.service.len() > 32 {
-        return Err(Error::Validation("service must be a service code of 1-32 characters".into()).into());
+        return Err(
+            Error::Validation("service must be a service code of 1-32 characters".into()).into(),
+        );
     }
     let config = ctx.config.borrow().clone().ok_or(Error::NotConfigured)?;
     let now = ctx.clock.now();
-    let visit = ctx.db.write(move |c| queries::create_visit(c, &config, &req.service, now)).await?;
+    let visit = ctx
+        .db
+        .write(move |c| queries::create_visit(c, &config, &req.service, now))
+        .await?;
     ctx.outbox_changed.notify_one();
     Ok((StatusCode::CREATED, Json(visit)))
 }
@@ -154,5 +185,9 @@ async fn list_visits(
     if !matches!(status.as_str(), "waiting" | "called" | "serving" | "ended") {
         return Err(Error::Validation(format!("unknown status {status:?}")).into());
     }
-    Ok(Json(ctx.db.read(move |c| queries::visits_with_status(c, &status)).await?))
+    Ok(Json(
+        ctx.db
+            .read(move |c| queries::visits_with_status(c, &status))
+            .await?,
+    ))
 }

@@ -35,8 +35,12 @@ pub struct Context {
 
 impl Context {
     pub async fn open(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Context>> {
-        std::fs::create_dir_all(&settings.data_dir)
-            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", settings.data_dir.display())))?;
+        std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+            Error::Internal(format!(
+                "cannot create {}: {e}",
+                settings.data_dir.display()
+            ))
+        })?;
         let db = store::Db::open(&settings.data_dir.join("agent.db"))?;
         let config = db.read(store::queries::site_config).await?;
         Ok(Arc::new(Context {
@@ -56,9 +60,17 @@ pub async fn run(settings: Settings, http: TcpListener, shutdown: CancellationTo
 }
 
 /// Like `run`, with an already opened context (tests inject a clock).
-pub async fn run_with(ctx: Arc<Context>, settings: Settings, http: TcpListener, shutdown: CancellationToken) -> Result<()> {
+pub async fn run_with(
+    ctx: Arc<Context>,
+    settings: Settings,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let ca_cert = match &settings.ca_cert {
-        Some(p) => Some(std::fs::read(p).map_err(|e| Error::Internal(format!("ca_cert {}: {e}", p.display())))?),
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|e| Error::Internal(format!("ca_cert {}: {e}", p.display())))?,
+        ),
         None => None,
     };
     let link_settings = link::LinkSettings {
@@ -68,7 +80,9 @@ pub async fn run_with(ctx: Arc<Context>, settings: Settings, http: TcpListener, 
         heartbeat: Duration::from_millis(settings.heartbeat_ms.max(100)),
         backoff: BackoffPolicy {
             base: Duration::from_millis(settings.backoff_base_ms.max(1)),
-            cap: Duration::from_millis(settings.backoff_cap_ms.max(settings.backoff_base_ms.max(1))),
+            cap: Duration::from_millis(
+                settings.backoff_cap_ms.max(settings.backoff_base_ms.max(1)),
+            ),
         },
     };
     let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, shutdown.clone()));
@@ -76,7 +90,8 @@ pub async fn run_with(ctx: Arc<Context>, settings: Settings, http: TcpListener, 
     tracing::info!(%addr, "branch server listening");
     if let Some(file) = &settings.ready_file {
         let ready = serde_json::json!({ "http": addr });
-        std::fs::write(file, ready.to_string()).map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+        std::fs::write(file, ready.to_string())
+            .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
     let server_shutdown = shutdown.clone();
     let served = axum::serve(http, branch_api::router(ctx))

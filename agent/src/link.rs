@@ -127,16 +127,28 @@ fn endpoint(settings: &LinkSettings, heartbeat: Duration) -> Result<Endpoint, Li
             Some(pem) => tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
             None => tls.with_webpki_roots(),
         };
-        ep = ep.tls_config(tls).map_err(|e| LinkError::Connect(format!("TLS: {e}")))?;
+        ep = ep
+            .tls_config(tls)
+            .map_err(|e| LinkError::Connect(format!("TLS: {e}")))?;
     }
     Ok(ep)
 }
 
-async fn connect(settings: &LinkSettings, heartbeat: Duration) -> Result<AgentGatewayClient<Channel>, LinkError> {
+async fn connect(
+    settings: &LinkSettings,
+    heartbeat: Duration,
+) -> Result<AgentGatewayClient<Channel>, LinkError> {
     let channel = endpoint(settings, heartbeat)?
         .connect()
         .await
-        .map_err(|e| LinkError::Connect(format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default())))?;
+        .map_err(|e| {
+            LinkError::Connect(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ))
+        })?;
     Ok(AgentGatewayClient::new(channel)
         .max_decoding_message_size(16 * 1024 * 1024)
         .max_encoding_message_size(16 * 1024 * 1024))
@@ -147,7 +159,9 @@ async fn enroll(ctx: &Context, settings: &LinkSettings) -> Result<Identity, Link
         return Err(LinkError::NotEnrolled);
     }
     let mut client = connect(settings, settings.heartbeat).await?;
-    let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let hostname = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
     let resp = client
         .enroll(meridian_proto::EnrollRequest {
             token: settings.enrollment_token.clone(),
@@ -157,9 +171,15 @@ async fn enroll(ctx: &Context, settings: &LinkSettings) -> Result<Identity, Link
         .await
         .map_err(|s| LinkError::Refused(format!("enrollment: {}", s.message())))?
         .into_inner();
-    let identity = Identity { agent_id: resp.agent_id, site: resp.site_code, credential: resp.credential };
+    let identity = Identity {
+        agent_id: resp.agent_id,
+        site: resp.site_code,
+        credential: resp.credential,
+    };
     let saved = identity.clone();
-    ctx.db.write(move |c| queries::save_identity(c, &saved)).await?;
+    ctx.db
+        .write(move |c| queries::save_identity(c, &saved))
+        .await?;
     tracing::info!(agent = %identity.agent_id, site = %identity.site, "enrolled with the controller");
     Ok(identity)
 }
@@ -175,7 +195,11 @@ struct Cursors {
     sent: u64,
 }
 
-async fn session(ctx: &Arc<Context>, settings: &LinkSettings, shutdown: &CancellationToken) -> Result<(), LinkError> {
+async fn session(
+    ctx: &Arc<Context>,
+    settings: &LinkSettings,
+    shutdown: &CancellationToken,
+) -> Result<(), LinkError> {
     let identity = match ctx.db.read(queries::identity).await? {
         Some(id) => id,
         None => enroll(ctx, settings).await?,
@@ -205,7 +229,9 @@ async fn session(ctx: &Arc<Context>, settings: &LinkSettings, shutdown: &Cancell
         .session(request)
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => LinkError::Refused(s.message().to_owned()),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                LinkError::Refused(s.message().to_owned())
+            }
             _ => LinkError::Lost(s.message().to_owned()),
         })?
         .into_inner();
@@ -214,13 +240,18 @@ async fn session(ctx: &Arc<Context>, settings: &LinkSettings, shutdown: &Cancell
         Err(_) => return Err(LinkError::Silent(settings.heartbeat * 3)),
         Ok(Err(s)) => return Err(LinkError::Lost(s.message().to_owned())),
         Ok(Ok(None)) => return Err(LinkError::Lost("closed before Welcome".into())),
-        Ok(Ok(Some(ControllerFrame { body: Some(controller_frame::Body::Welcome(w)) }))) => w,
-        Ok(Ok(Some(ControllerFrame { body: Some(controller_frame::Body::Error(e)) }))) => {
+        Ok(Ok(Some(ControllerFrame {
+            body: Some(controller_frame::Body::Welcome(w)),
+        }))) => w,
+        Ok(Ok(Some(ControllerFrame {
+            body: Some(controller_frame::Body::Error(e)),
+        }))) => {
             return Err(LinkError::Refused(format!("{}: {}", e.code, e.message)));
         }
         Ok(Ok(Some(_))) => return Err(LinkError::Lost("expected Welcome".into())),
     };
-    let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms)).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms))
+        .clamp(Duration::from_millis(100), Duration::from_secs(60));
     let acked = welcome.acked_event_seq.min(high_water);
     ctx.db.write(move |c| queries::ack_outbox(c, acked)).await?;
     tracing::info!(acked, high_water, config_revision, "session established");
@@ -269,21 +300,39 @@ async fn session(ctx: &Arc<Context>, settings: &LinkSettings, shutdown: &Cancell
 }
 
 async fn send(out: &mpsc::Sender<AgentFrame>, body: agent_frame::Body) -> Result<(), LinkError> {
-    out.send(frame(body)).await.map_err(|_| LinkError::Lost("outbound stream closed".into()))
+    out.send(frame(body))
+        .await
+        .map_err(|_| LinkError::Lost("outbound stream closed".into()))
 }
 
 /// Sends outbox events after the sent cursor while the in-flight window allows.
-async fn pump(ctx: &Context, out: &mpsc::Sender<AgentFrame>, c: &mut Cursors) -> Result<(), LinkError> {
+async fn pump(
+    ctx: &Context,
+    out: &mpsc::Sender<AgentFrame>,
+    c: &mut Cursors,
+) -> Result<(), LinkError> {
     while c.sent < c.acked + MAX_IN_FLIGHT {
         let after = c.sent;
-        let batch = ctx.db.read(move |conn| queries::outbox_after(conn, after, BATCH)).await?;
+        let batch = ctx
+            .db
+            .read(move |conn| queries::outbox_after(conn, after, BATCH))
+            .await?;
         let Some(last) = batch.last() else { break };
         c.sent = last.seq;
         let events = batch
             .into_iter()
-            .map(|e| meridian_proto::Event { seq: e.seq, kind: e.kind, occurred_at_ms: e.occurred_at_ms, payload: e.payload })
+            .map(|e| meridian_proto::Event {
+                seq: e.seq,
+                kind: e.kind,
+                occurred_at_ms: e.occurred_at_ms,
+                payload: e.payload,
+            })
             .collect();
-        send(out, agent_frame::Body::Events(meridian_proto::EventBatch { events })).await?;
+        send(
+            out,
+            agent_frame::Body::Events(meridian_proto::EventBatch { events }),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -299,11 +348,16 @@ async fn handle(
         Some(controller_frame::Body::EventAck(ack)) => {
             let up_to = ack.up_to_seq;
             if up_to > c.sent {
-                return Err(LinkError::Lost(format!("controller acknowledged {up_to}, beyond what was sent ({})", c.sent)));
+                return Err(LinkError::Lost(format!(
+                    "controller acknowledged {up_to}, beyond what was sent ({})",
+                    c.sent
+                )));
             }
             if up_to > c.acked {
                 c.acked = up_to;
-                ctx.db.write(move |conn| queries::ack_outbox(conn, up_to)).await?;
+                ctx.db
+                    .write(move |conn| queries::ack_outbox(conn, up_to))
+                    .await?;
             } else if up_to < c.sent {
                 // A re-acknowledgement below what we sent: resend from there.
                 c.acked = up_to;
@@ -313,19 +367,43 @@ async fn handle(
         }
         Some(controller_frame::Body::Command(cmd)) => {
             let error = apply_command(ctx, identity, cmd.seq, &cmd.kind, &cmd.payload).await?;
-            send(out, agent_frame::Body::CommandAck(meridian_proto::CommandAck { up_to_seq: cmd.seq, error: error.unwrap_or_default() })).await
+            send(
+                out,
+                agent_frame::Body::CommandAck(meridian_proto::CommandAck {
+                    up_to_seq: cmd.seq,
+                    error: error.unwrap_or_default(),
+                }),
+            )
+            .await
         }
         Some(controller_frame::Body::Ping(p)) => {
-            send(out, agent_frame::Body::Pong(meridian_proto::Pong { nonce: p.nonce, sent_at_ms: p.sent_at_ms })).await
+            send(
+                out,
+                agent_frame::Body::Pong(meridian_proto::Pong {
+                    nonce: p.nonce,
+                    sent_at_ms: p.sent_at_ms,
+                }),
+            )
+            .await
         }
         Some(controller_frame::Body::Pong(_)) => Ok(()),
-        Some(controller_frame::Body::Error(e)) => Err(LinkError::Refused(format!("{}: {}", e.code, e.message))),
-        Some(controller_frame::Body::Welcome(_)) | None => Err(LinkError::Lost("unexpected frame from the controller".into())),
+        Some(controller_frame::Body::Error(e)) => {
+            Err(LinkError::Refused(format!("{}: {}", e.code, e.message)))
+        }
+        Some(controller_frame::Body::Welcome(_)) | None => Err(LinkError::Lost(
+            "unexpected frame from the controller".into(),
+        )),
     }
 }
 
 /// Applies one command idempotently; returns the error to report, if it was rejected.
-async fn apply_command(ctx: &Arc<Context>, identity: &Identity, seq: u64, kind: &str, payload: &[u8]) -> Result<Option<String>, LinkError> {
+async fn apply_command(
+    ctx: &Arc<Context>,
+    identity: &Identity,
+    seq: u64,
+    kind: &str,
+    payload: &[u8],
+) -> Result<Option<String>, LinkError> {
     let decoded = ControllerCommand::decode(kind, payload);
     let site = identity.site.clone();
     let kind = kind.to_owned();
@@ -338,7 +416,10 @@ async fn apply_command(ctx: &Arc<Context>, identity: &Identity, seq: u64, kind: 
             }
             let outcome = match decoded {
                 Ok(ControllerCommand::ApplyConfig(snap)) if snap.site.code.as_str() != site => {
-                    Err(format!("configuration for site {} sent to an agent of {site}", snap.site.code))
+                    Err(format!(
+                        "configuration for site {} sent to an agent of {site}",
+                        snap.site.code
+                    ))
                 }
                 Ok(ControllerCommand::ApplyConfig(snap)) => {
                     let applied = queries::apply_config(conn, &snap, now)?;

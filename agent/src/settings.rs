@@ -49,12 +49,17 @@ impl Default for Settings {
 
 impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
+        let mut builder =
+            config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(true));
         }
         builder
-            .add_source(config::Environment::with_prefix("MERIDIAN_AGENT").prefix_separator("_").separator("__"))
+            .add_source(
+                config::Environment::with_prefix("MERIDIAN_AGENT")
+                    .prefix_separator("_")
+                    .separator("__"),
+            )
             .build()?
             .try_deserialize()
     }
@@ -67,7 +72,14 @@ impl fmt::Debug for Settings {
             .field("data_dir", &self.data_dir)
             .field("http_listen", &self.http_listen)
             .field("ca_cert", &self.ca_cert)
-            .field("enrollment_token", &if self.enrollment_token.is_empty() { "" } else { "***" })
+            .field(
+                "enrollment_token",
+                &if self.enrollment_token.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("backoff_base_ms", &self.backoff_base_ms)
             .field("backoff_cap_ms", &self.backoff_cap_ms)

@@ -2,8 +2,8 @@
 //! strings stored only as SHA-256 hashes (their entropy makes a slow hash unnecessary); staff
 //! passwords are argon2id PHC strings.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -40,7 +40,11 @@ pub fn hash_password(password: &str) -> Result<String> {
 /// Whether `password` matches the PHC string `hash`; false for a malformed hash.
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 

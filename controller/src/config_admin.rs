@@ -142,7 +142,11 @@ pub struct Plan {
 
 /// Pure: applies `upserts` and `deletes` to `current`, validates the whole result and works out
 /// which sites' snapshots changed.
-pub fn plan(current: &ConfigSet, upserts: Vec<Resource>, deletes: Vec<ResourceKey>) -> Result<Plan> {
+pub fn plan(
+    current: &ConfigSet,
+    upserts: Vec<Resource>,
+    deletes: Vec<ResourceKey>,
+) -> Result<Plan> {
     let mut next = current.clone();
     let mut changes = Vec::new();
     let mut seen = BTreeSet::new();
@@ -160,7 +164,10 @@ pub fn plan(current: &ConfigSet, upserts: Vec<Resource>, deletes: Vec<ResourceKe
             Some(old) if old == &res => Action::Unchanged,
             Some(_) => Action::Updated,
         };
-        changes.push(Change { resource: key.to_string(), action });
+        changes.push(Change {
+            resource: key.to_string(),
+            action,
+        });
         if action != Action::Unchanged {
             real_upserts.push(res.clone());
             next.resources.insert(key, res);
@@ -177,18 +184,30 @@ pub fn plan(current: &ConfigSet, upserts: Vec<Resource>, deletes: Vec<ResourceKe
         if next.resources.remove(&key).is_none() {
             return Err(Error::NotFound(key.to_string()));
         }
-        changes.push(Change { resource: key.to_string(), action: Action::Deleted });
+        changes.push(Change {
+            resource: key.to_string(),
+            action: Action::Deleted,
+        });
         real_deletes.push(key);
     }
     next.validate()?;
-    let sites: BTreeSet<SiteCode> =
-        current.sites().chain(next.sites()).map(|s| s.code.clone()).collect();
+    let sites: BTreeSet<SiteCode> = current
+        .sites()
+        .chain(next.sites())
+        .map(|s| s.code.clone())
+        .collect();
     let changed_sites = sites
         .into_iter()
         .filter(|s| current.snapshot(s, 0) != next.snapshot(s, 0))
         .filter(|s| next.site(s).is_some())
         .collect();
-    Ok(Plan { next, upserts: real_upserts, deletes: real_deletes, changes, changed_sites })
+    Ok(Plan {
+        next,
+        upserts: real_upserts,
+        deletes: real_deletes,
+        changes,
+        changed_sites,
+    })
 }
 
 /// How `change` treats its input.
@@ -219,7 +238,9 @@ pub async fn change(
             .cloned()
             .map(|i| i.resolve(&current))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(site) = deletes.iter().find(|k| k.kind == meridian_shared::config::ResourceKind::Site)
+        if let Some(site) = deletes
+            .iter()
+            .find(|k| k.kind == meridian_shared::config::ResourceKind::Site)
         {
             let active = store
                 .list_agents()
@@ -233,11 +254,13 @@ pub async fn change(
                 )));
             }
         }
-        if mode == ChangeMode::CreateOnly {
-            if let Some(existing) = upserts.iter().find(|r| current.get(&r.key()).is_some()) {
-                return Err(Error::Conflict(format!("{} already exists", existing.key())));
+        if mode == ChangeMode::CreateOnly
+            && let Some(existing) = upserts.iter().find(|r| current.get(&r.key()).is_some()) {
+                return Err(Error::Conflict(format!(
+                    "{} already exists",
+                    existing.key()
+                )));
             }
-        }
         let plan = plan(&current, upserts, deletes.clone())?;
         let nothing = plan.upserts.is_empty() && plan.deletes.is_empty();
         let report = |revision| ChangeReport {
@@ -247,7 +270,10 @@ pub async fn change(
             sites_published: plan.changed_sites.iter().map(ToString::to_string).collect(),
         };
         if nothing {
-            return Ok(ChangeReport { sites_published: vec![], ..report(revision) });
+            return Ok(ChangeReport {
+                sites_published: vec![],
+                ..report(revision)
+            });
         }
         if dry_run {
             return Ok(report(revision));
@@ -258,7 +284,10 @@ pub async fn change(
             .iter()
             .filter_map(|s| {
                 let snap = plan.next.snapshot(s, new_revision)?;
-                Some((s.clone(), ControllerCommand::ApplyConfig(Box::new(snap)).payload()))
+                Some((
+                    s.clone(),
+                    ControllerCommand::ApplyConfig(Box::new(snap)).payload(),
+                ))
             })
             .collect();
         let summary = summarize(&plan.changes);
@@ -286,7 +315,12 @@ fn summarize(changes: &[Change]) -> String {
         .filter(|c| c.action != Action::Unchanged)
         .map(|c| format!("{:?} {}", c.action, c.resource).to_lowercase())
         .collect();
-    let mut s = changed.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = changed
+        .iter()
+        .take(5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if changed.len() > 5 {
         s.push_str(&format!(" and {} more", changed.len() - 5));
     }
@@ -294,12 +328,18 @@ fn summarize(changes: &[Change]) -> String {
 }
 
 /// Builds the snapshot for `site` at the current revision (for enrollment).
-pub async fn current_snapshot(store: &dyn Store, site: &SiteCode) -> Result<Option<(u64, Vec<u8>)>> {
+pub async fn current_snapshot(
+    store: &dyn Store,
+    site: &SiteCode,
+) -> Result<Option<(u64, Vec<u8>)>> {
     let (revision, resources) = store.load_config().await?;
     let set = ConfigSet::from_resources(resources);
-    Ok(set
-        .snapshot(site, revision)
-        .map(|snap| (revision, ControllerCommand::ApplyConfig(Box::new(snap)).payload())))
+    Ok(set.snapshot(site, revision).map(|snap| {
+        (
+            revision,
+            ControllerCommand::ApplyConfig(Box::new(snap)).payload(),
+        )
+    }))
 }
 
 #[cfg(test)]
@@ -320,10 +360,21 @@ mod tests {
     #[test]
     fn plan_reports_actions_and_changed_sites() {
         let current = ConfigSet::from_resources(vec![site("SFO", "SF"), site("CHI", "Chicago")]);
-        let p = plan(&current, vec![site("SFO", "San Francisco"), site("CHI", "Chicago"), site("TYO", "Tokyo")], vec![])
-            .expect("plan");
+        let p = plan(
+            &current,
+            vec![
+                site("SFO", "San Francisco"),
+                site("CHI", "Chicago"),
+                site("TYO", "Tokyo"),
+            ],
+            vec![],
+        )
+        .expect("plan");
         let actions: Vec<Action> = p.changes.iter().map(|c| c.action).collect();
-        assert_eq!(actions, [Action::Updated, Action::Unchanged, Action::Created]);
+        assert_eq!(
+            actions,
+            [Action::Updated, Action::Unchanged, Action::Created]
+        );
         let sites: Vec<&str> = p.changed_sites.iter().map(|s| s.as_str()).collect();
         assert_eq!(sites, ["SFO", "TYO"]);
         assert_eq!(p.upserts.len(), 2);
@@ -334,8 +385,15 @@ mod tests {
         let current = ConfigSet::from_resources(vec![site("SFO", "SF")]);
         let bad = plan(&current, vec![site("SFO", "")], vec![]);
         assert!(matches!(bad, Err(Error::Validation(_))), "{bad:?}");
-        let key = ResourceKey { kind: meridian_shared::config::ResourceKind::Site, site: None, code: "XX".into() };
-        assert!(matches!(plan(&current, vec![], vec![key]), Err(Error::NotFound(_))));
+        let key = ResourceKey {
+            kind: meridian_shared::config::ResourceKind::Site,
+            site: None,
+            code: "XX".into(),
+        };
+        assert!(matches!(
+            plan(&current, vec![], vec![key]),
+            Err(Error::NotFound(_))
+        ));
         let twice = plan(&current, vec![site("CHI", "a"), site("CHI", "b")], vec![]);
         assert!(matches!(twice, Err(Error::Validation(_))));
     }

@@ -78,10 +78,15 @@ fn frame(body: controller_frame::Body) -> ControllerFrame {
 
 #[tonic::async_trait]
 impl AgentGateway for Gateway {
-    async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
         let req = request.into_inner();
         if req.token.len() > 200 || req.hostname.len() > 255 || req.version.len() > 64 {
-            return Err(Status::invalid_argument("enrollment request fields are too long"));
+            return Err(Status::invalid_argument(
+                "enrollment request fields are too long",
+            ));
         }
         let result = self.enroll_inner(&req).await;
         match &result {
@@ -99,7 +104,10 @@ impl AgentGateway for Gateway {
 
     type SessionStream = FrameStream;
 
-    async fn session(&self, request: Request<Streaming<AgentFrame>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentFrame>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let credential = request
             .metadata()
             .get("authorization")
@@ -115,7 +123,9 @@ impl AgentGateway for Gateway {
             .ok_or_else(|| Status::unauthenticated("unknown agent credential"))?;
         if agent.revoked_at.is_some() {
             tracing::warn!(agent = %agent.id, site = %agent.site, "revoked agent refused");
-            return Err(Status::permission_denied("this agent has been revoked; enroll again"));
+            return Err(Status::permission_denied(
+                "this agent has been revoked; enroll again",
+            ));
         }
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let session = Session {
@@ -140,9 +150,10 @@ impl Gateway {
                 .enrollment_token_by_hash(&token_hash)
                 .await?
                 .ok_or(Error::Enrollment(EnrollError::Unknown))?;
-            let (revision, initial_config) = config_admin::current_snapshot(self.store.as_ref(), &token.site)
-                .await?
-                .ok_or(Error::Enrollment(EnrollError::SiteGone))?;
+            let (revision, initial_config) =
+                config_admin::current_snapshot(self.store.as_ref(), &token.site)
+                    .await?
+                    .ok_or(Error::Enrollment(EnrollError::SiteGone))?;
             let agent_id = AgentId::new();
             let credential = format!("{agent_id}.{}", auth::new_secret(""));
             let enrollment = Enrollment {
@@ -218,19 +229,33 @@ impl Session {
             }
             End::Store(e) => {
                 tracing::warn!(error = %e, "store error; session ended");
-                let _ = self.outbound.try_send(Err(Status::unavailable("controller database unavailable")));
+                let _ = self
+                    .outbound
+                    .try_send(Err(Status::unavailable("controller database unavailable")));
             }
             End::Transport(s) => tracing::info!(status = %s, "agent stream failed"),
         }
         self.gw.metrics.sessions_active.dec();
-        let offline = AgentStatusUpdate { connected: false, last_seen: Some(Utc::now()), ..Default::default() };
-        if let Err(e) = self.gw.store.update_agent_status(self.agent, &offline).await {
+        let offline = AgentStatusUpdate {
+            connected: false,
+            last_seen: Some(Utc::now()),
+            ..Default::default()
+        };
+        if let Err(e) = self
+            .gw
+            .store
+            .update_agent_status(self.agent, &offline)
+            .await
+        {
             tracing::warn!(error = %e, "could not record session end");
         }
     }
 
     async fn send(&self, body: controller_frame::Body) -> Result<(), End> {
-        self.outbound.send(Ok(frame(body))).await.map_err(|_| End::AgentClosed)
+        self.outbound
+            .send(Ok(frame(body)))
+            .await
+            .map_err(|_| End::AgentClosed)
     }
 
     async fn serve(&mut self) -> End {
@@ -246,9 +271,14 @@ impl Session {
             Err(_) => return Err(End::Silent),
             Ok(Err(status)) => return Err(End::Transport(status)),
             Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(AgentFrame { body: Some(agent_frame::Body::Hello(h)) }))) => h,
+            Ok(Ok(Some(AgentFrame {
+                body: Some(agent_frame::Body::Hello(h)),
+            }))) => h,
             Ok(Ok(Some(_))) => {
-                return Err(End::Protocol("hello_expected", "the first frame must be a Hello".into()));
+                return Err(End::Protocol(
+                    "hello_expected",
+                    "the first frame must be a Hello".into(),
+                ));
             }
         };
         if hello.agent_id != self.agent.to_string() || hello.site_code != self.site {
@@ -258,7 +288,13 @@ impl Session {
             ));
         }
         let now = Utc::now();
-        let agent = self.gw.store.agent(self.agent).await.map_err(End::Store)?.ok_or(End::Revoked)?;
+        let agent = self
+            .gw
+            .store
+            .agent(self.agent)
+            .await
+            .map_err(End::Store)?
+            .ok_or(End::Revoked)?;
         let status = AgentStatusUpdate {
             connected: true,
             last_seen: Some(now),
@@ -268,10 +304,18 @@ impl Session {
             clock_skew_ms: Some(skew(hello.agent_time_ms, now)),
             store_error: None,
         };
-        self.gw.store.update_agent_status(self.agent, &status).await.map_err(End::Store)?;
+        self.gw
+            .store
+            .update_agent_status(self.agent, &status)
+            .await
+            .map_err(End::Store)?;
         let mut command_cursor = hello.last_applied_command_seq.min(agent.command_seq);
         if command_cursor > agent.command_acked_seq {
-            self.gw.store.ack_commands(self.agent, command_cursor, None).await.map_err(End::Store)?;
+            self.gw
+                .store
+                .ack_commands(self.agent, command_cursor, None)
+                .await
+                .map_err(End::Store)?;
         }
         self.send(controller_frame::Body::Welcome(meridian_proto::Welcome {
             acked_event_seq: agent.acked_seq,
@@ -329,7 +373,9 @@ impl Session {
     async fn check_still_enrolled(&self) -> Result<(), End> {
         let agent = self.gw.store.agent(self.agent).await.map_err(End::Store)?;
         match agent {
-            Some(a) if a.revoked_at.is_none() && a.credential_hash == self.credential_hash => Ok(()),
+            Some(a) if a.revoked_at.is_none() && a.credential_hash == self.credential_hash => {
+                Ok(())
+            }
             _ => Err(End::Revoked),
         }
     }
@@ -363,16 +409,21 @@ impl Session {
     async fn handle(&mut self, f: AgentFrame) -> Result<(), End> {
         match f.body {
             None => Err(End::Protocol("empty_frame", "frame without a body".into())),
-            Some(agent_frame::Body::Hello(_)) => {
-                Err(End::Protocol("unexpected_hello", "Hello is only valid as the first frame".into()))
-            }
+            Some(agent_frame::Body::Hello(_)) => Err(End::Protocol(
+                "unexpected_hello",
+                "Hello is only valid as the first frame".into(),
+            )),
             Some(agent_frame::Body::Events(batch)) => self.ingest(batch).await,
             Some(agent_frame::Body::CommandAck(ack)) => {
                 let error = (!ack.error.is_empty()).then(|| truncate(&ack.error, 2000));
                 if let Some(e) = &error {
                     tracing::warn!(up_to = ack.up_to_seq, error = %e, "agent reported a failed command");
                 }
-                self.gw.store.ack_commands(self.agent, ack.up_to_seq, error.as_deref()).await.map_err(End::Store)
+                self.gw
+                    .store
+                    .ack_commands(self.agent, ack.up_to_seq, error.as_deref())
+                    .await
+                    .map_err(End::Store)
             }
             Some(agent_frame::Body::Status(s)) => {
                 let now = Utc::now();
@@ -385,10 +436,18 @@ impl Session {
                     clock_skew_ms: Some(skew(s.agent_time_ms, now)),
                     store_error: Some(truncate(&s.store_error, 2000)),
                 };
-                self.gw.store.update_agent_status(self.agent, &update).await.map_err(End::Store)
+                self.gw
+                    .store
+                    .update_agent_status(self.agent, &update)
+                    .await
+                    .map_err(End::Store)
             }
             Some(agent_frame::Body::Ping(p)) => {
-                self.send(controller_frame::Body::Pong(meridian_proto::Pong { nonce: p.nonce, sent_at_ms: p.sent_at_ms })).await
+                self.send(controller_frame::Body::Pong(meridian_proto::Pong {
+                    nonce: p.nonce,
+                    sent_at_ms: p.sent_at_ms,
+                }))
+                .await
             }
             Some(agent_frame::Body::Pong(_)) => Ok(()),
         }
@@ -397,23 +456,48 @@ impl Session {
     async fn ingest(&mut self, batch: meridian_proto::EventBatch) -> Result<(), End> {
         if batch.events.len() > MAX_BATCH_EVENTS {
             self.gw.metrics.event_batches_refused.inc();
-            return Err(End::Protocol("batch_too_large", format!("at most {MAX_BATCH_EVENTS} events per batch")));
+            return Err(End::Protocol(
+                "batch_too_large",
+                format!("at most {MAX_BATCH_EVENTS} events per batch"),
+            ));
         }
         let mut events = Vec::with_capacity(batch.events.len());
         for e in batch.events {
             if let Err(err) = validate_wire_event(&e.kind, &e.payload) {
                 self.gw.metrics.event_batches_refused.inc();
-                return Err(End::Protocol("malformed_event", format!("event {}: {err}", e.seq)));
+                return Err(End::Protocol(
+                    "malformed_event",
+                    format!("event {}: {err}", e.seq),
+                ));
             }
-            let occurred_at = DateTime::<Utc>::from_timestamp_millis(e.occurred_at_ms).ok_or_else(|| {
-                End::Protocol("malformed_event", format!("event {}: occurred_at out of range", e.seq))
+            let occurred_at =
+                DateTime::<Utc>::from_timestamp_millis(e.occurred_at_ms).ok_or_else(|| {
+                    End::Protocol(
+                        "malformed_event",
+                        format!("event {}: occurred_at out of range", e.seq),
+                    )
+                })?;
+            let payload = String::from_utf8(e.payload).map_err(|_| {
+                End::Protocol(
+                    "malformed_event",
+                    format!("event {}: payload is not UTF-8", e.seq),
+                )
             })?;
-            let payload = String::from_utf8(e.payload)
-                .map_err(|_| End::Protocol("malformed_event", format!("event {}: payload is not UTF-8", e.seq)))?;
-            events.push(IncomingEvent { seq: e.seq, kind: e.kind, occurred_at, payload });
+            events.push(IncomingEvent {
+                seq: e.seq,
+                kind: e.kind,
+                occurred_at,
+                payload,
+            });
         }
         let n = events.len() as u64;
-        let acked = match self.gw.store.ingest_events(self.agent, &events, Utc::now()).await.map_err(End::Store)? {
+        let acked = match self
+            .gw
+            .store
+            .ingest_events(self.agent, &events, Utc::now())
+            .await
+            .map_err(End::Store)?
+        {
             Ok(acked) => {
                 self.gw.metrics.events_ingested.inc_by(n);
                 acked
@@ -421,21 +505,35 @@ impl Session {
             Err(IngestError::UnknownAgent) => return Err(End::Revoked),
             Err(IngestError::NotContiguous(seq)) => {
                 self.gw.metrics.event_batches_refused.inc();
-                return Err(End::Protocol("not_contiguous", format!("batch is not contiguous at {seq}")));
+                return Err(End::Protocol(
+                    "not_contiguous",
+                    format!("batch is not contiguous at {seq}"),
+                ));
             }
             Err(IngestError::Gap { first, acked }) => {
                 // The agent resends from our acknowledgement.
                 self.gw.metrics.event_batches_refused.inc();
-                tracing::warn!(first, acked, "event batch skips sequences; re-acknowledging");
+                tracing::warn!(
+                    first,
+                    acked,
+                    "event batch skips sequences; re-acknowledging"
+                );
                 acked
             }
         };
-        self.send(controller_frame::Body::EventAck(meridian_proto::EventAck { up_to_seq: acked })).await
+        self.send(controller_frame::Body::EventAck(meridian_proto::EventAck {
+            up_to_seq: acked,
+        }))
+        .await
     }
 }
 
 fn skew(agent_time_ms: i64, now: DateTime<Utc>) -> i64 {
-    if agent_time_ms == 0 { 0 } else { agent_time_ms.saturating_sub(now.timestamp_millis()) }
+    if agent_time_ms == 0 {
+        0
+    } else {
+        agent_time_ms.saturating_sub(now.timestamp_millis())
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -37,7 +37,10 @@ impl Listeners {
 
 /// Creates the bootstrap admin token when no token exists yet. Returns its secret (shown once)
 /// and writes it to `file` when given.
-pub async fn ensure_bootstrap_token(store: &dyn Store, file: Option<&Path>) -> Result<Option<String>> {
+pub async fn ensure_bootstrap_token(
+    store: &dyn Store,
+    file: Option<&Path>,
+) -> Result<Option<String>> {
     if !store.list_api_tokens().await?.is_empty() {
         return Ok(None);
     }
@@ -52,9 +55,11 @@ pub async fn ensure_bootstrap_token(store: &dyn Store, file: Option<&Path>) -> R
 /// Writes a secret to `file`, readable by its owner only.
 pub fn write_secret_file(file: &Path, secret: &str) -> Result<()> {
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
     }
-    std::fs::write(file, format!("{secret}\n")).map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+    std::fs::write(file, format!("{secret}\n"))
+        .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -65,11 +70,17 @@ pub fn write_secret_file(file: &Path, secret: &str) -> Result<()> {
 }
 
 /// Serves until `shutdown` is cancelled, then drains sessions for up to `SHUTDOWN_GRACE`.
-pub async fn run(settings: Settings, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let url = settings.database_url();
     tracing::info!(database = %redact_url(&url), "opening store");
     let store = store::open(&url).await?;
-    if let Some(secret) = ensure_bootstrap_token(store.as_ref(), settings.bootstrap_token_file.as_deref()).await? {
+    if let Some(secret) =
+        ensure_bootstrap_token(store.as_ref(), settings.bootstrap_token_file.as_deref()).await?
+    {
         tracing::warn!(token = %secret, "created the bootstrap admin API token; it is shown only once");
     }
     serve(settings, store, listeners, shutdown).await
@@ -85,10 +96,20 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let (commands_tx, commands_rx) = tokio::sync::watch::channel(0u64);
     let tasks = TaskTracker::new();
-    let gateway_addr = listeners.gateway.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
-    let api_addr = listeners.api.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    let gateway_addr = listeners
+        .gateway
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let api_addr = listeners
+        .api
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
 
-    let api_state = ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: Arc::new(commands_tx) };
+    let api_state = ApiState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        commands_changed: Arc::new(commands_tx),
+    };
     let router = api::router(api_state, settings.max_body_bytes);
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
@@ -115,7 +136,9 @@ pub async fn serve(
         .tcp_nodelay(true);
     match (&settings.tls_cert, &settings.tls_key) {
         (Some(cert), Some(key)) => {
-            let read = |p: &Path| std::fs::read(p).map_err(|e| Error::Internal(format!("{}: {e}", p.display())));
+            let read = |p: &Path| {
+                std::fs::read(p).map_err(|e| Error::Internal(format!("{}: {e}", p.display())))
+            };
             let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
             builder = builder
                 .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
@@ -123,12 +146,18 @@ pub async fn serve(
             tracing::info!(%gateway_addr, "agent gateway listening with TLS");
         }
         (None, None) => plaintext_allowed(gateway_addr, settings.dev_mode)?,
-        _ => return Err(Error::BadRequest("tls_cert and tls_key must be set together".into())),
+        _ => {
+            return Err(Error::BadRequest(
+                "tls_cert and tls_key must be set together".into(),
+            ));
+        }
     }
     tracing::info!(%api_addr, "admin API listening");
     if let Some(file) = &settings.ready_file {
-        let ready = serde_json::json!({"api": api_addr.to_string(), "gateway": gateway_addr.to_string()});
-        std::fs::write(file, ready.to_string()).map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+        let ready =
+            serde_json::json!({"api": api_addr.to_string(), "gateway": gateway_addr.to_string()});
+        std::fs::write(file, ready.to_string())
+            .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
     let gateway_shutdown = shutdown.clone();
     let result = builder
@@ -138,7 +167,10 @@ pub async fn serve(
         })
         .await;
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("sessions did not finish within the shutdown grace period");
     }
     let api_result = api_task.await;

@@ -54,13 +54,17 @@ impl Default for Settings {
 
 impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
-        let mut builder = config::Config::builder()
-            .add_source(config::Config::try_from(&Settings::default())?);
+        let mut builder =
+            config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(true));
         }
         builder
-            .add_source(config::Environment::with_prefix("MERIDIAN_CONTROLLER").prefix_separator("_").separator("__"))
+            .add_source(
+                config::Environment::with_prefix("MERIDIAN_CONTROLLER")
+                    .prefix_separator("_")
+                    .separator("__"),
+            )
             .build()?
             .try_deserialize()
     }
@@ -114,10 +118,16 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
-        let s = Settings { database_url: "postgres://u:pw@h/db".into(), ..Default::default() };
+        let s = Settings {
+            database_url: "postgres://u:pw@h/db".into(),
+            ..Default::default()
+        };
         assert!(!format!("{s:?}").contains("pw"));
     }
 }

@@ -44,7 +44,9 @@ impl ControllerCommand {
             APPLY_CONFIG => Ok(ControllerCommand::ApplyConfig(
                 serde_json::from_slice(payload).map_err(bad)?,
             )),
-            other => Err(CommandDecodeError::UnknownKind(other.chars().take(80).collect())),
+            other => Err(CommandDecodeError::UnknownKind(
+                other.chars().take(80).collect(),
+            )),
         }
     }
 }

@@ -183,7 +183,10 @@ impl Site {
         for (day, periods) in &self.business_hours {
             let field = format!("business_hours.{}", serde_plain_day(*day));
             if periods.len() > MAX_PERIODS_PER_DAY {
-                errs.push(&field, format!("at most {MAX_PERIODS_PER_DAY} periods per day"));
+                errs.push(
+                    &field,
+                    format!("at most {MAX_PERIODS_PER_DAY} periods per day"),
+                );
             }
             let mut sorted = periods.clone();
             sorted.sort();
@@ -341,7 +344,11 @@ impl Resource {
             Resource::WorkProfile(w) => (Some(w.site.clone()), w.code.to_string()),
             Resource::StaffUser(u) => (None, u.username.to_string()),
         };
-        ResourceKey { kind: self.kind(), site, code }
+        ResourceKey {
+            kind: self.kind(),
+            site,
+            code,
+        }
     }
 
     /// The sites whose snapshot this resource is part of.
@@ -366,8 +373,7 @@ impl Resource {
                 if !letter_ok {
                     errs.push("letter", "ticket letter must be 1-2 upper-case letters");
                 }
-                if q.first_number == 0 || q.last_number > 9999 || q.first_number >= q.last_number
-                {
+                if q.first_number == 0 || q.last_number > 9999 || q.first_number >= q.last_number {
                     errs.push(
                         "first_number",
                         "number range must satisfy 1 <= first_number < last_number <= 9999",
@@ -412,7 +418,9 @@ pub struct ConfigSet {
 
 impl ConfigSet {
     pub fn from_resources(resources: impl IntoIterator<Item = Resource>) -> Self {
-        Self { resources: resources.into_iter().map(|r| (r.key(), r)).collect() }
+        Self {
+            resources: resources.into_iter().map(|r| (r.key(), r)).collect(),
+        }
     }
 
     pub fn get(&self, key: &ResourceKey) -> Option<&Resource> {
@@ -427,7 +435,11 @@ impl ConfigSet {
     }
 
     pub fn site(&self, code: &SiteCode) -> Option<&Site> {
-        let key = ResourceKey { kind: ResourceKind::Site, site: None, code: code.to_string() };
+        let key = ResourceKey {
+            kind: ResourceKind::Site,
+            site: None,
+            code: code.to_string(),
+        };
         match self.resources.get(&key) {
             Some(Resource::Site(s)) => Some(s),
             _ => None,
@@ -451,11 +463,10 @@ impl ConfigSet {
             if let Err(e) = res.validate() {
                 errs.0.extend(e.nest(&at).0);
             }
-            if let Some(site) = &key.site {
-                if self.site(site).is_none() {
+            if let Some(site) = &key.site
+                && self.site(site).is_none() {
                     errs.push(format!("{at}.site"), format!("unknown site {site}"));
                 }
-            }
             match res {
                 Resource::Service(s) => {
                     if !self.has(ResourceKind::Queue, &s.site, &s.queue) {
@@ -473,14 +484,13 @@ impl ConfigSet {
                     }
                 }
                 Resource::ServicePoint(p) => {
-                    if let Some(wp) = &p.work_profile {
-                        if !self.has(ResourceKind::WorkProfile, &p.site, wp) {
+                    if let Some(wp) = &p.work_profile
+                        && !self.has(ResourceKind::WorkProfile, &p.site, wp) {
                             errs.push(
                                 format!("{at}.work_profile"),
                                 format!("unknown work profile {wp}"),
                             );
                         }
-                    }
                 }
                 Resource::WorkProfile(w) => {
                     for (i, entry) in w.queues.iter().enumerate() {
@@ -615,11 +625,19 @@ mod tests {
             &["service/SFO/ACC.queue"],
         );
         check(
-            vec![site("SFO", "UTC"), queue("SFO", "A", "A"), queue("SFO", "B", "A")],
+            vec![
+                site("SFO", "UTC"),
+                queue("SFO", "A", "A"),
+                queue("SFO", "B", "A"),
+            ],
             &["queue/SFO/B.letter"],
         );
         check(
-            vec![site("SFO", "UTC"), queue("SFO", "A", "A"), service("SFO", "ACC", "A")],
+            vec![
+                site("SFO", "UTC"),
+                queue("SFO", "A", "A"),
+                service("SFO", "ACC", "A"),
+            ],
             &[],
         );
     }
@@ -632,7 +650,10 @@ mod tests {
         };
         s.business_hours.insert(
             Day::Mon,
-            vec!["09:00-12:00".to_owned().try_into().unwrap(), "11:00-13:00".to_owned().try_into().unwrap()],
+            vec![
+                "09:00-12:00".to_owned().try_into().unwrap(),
+                "11:00-13:00".to_owned().try_into().unwrap(),
+            ],
         );
         let errs = Resource::Site(s).validate().unwrap_err();
         assert_eq!(errs.0[0].field, "business_hours.mon");

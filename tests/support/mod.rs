@@ -63,7 +63,11 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy addr");
         let (fault, _) = watch::channel((Fault::Pass, 0u64));
         let (up, _) = watch::channel(upstream);
-        let proxy = Arc::new(FaultProxy { addr, fault, upstream: up });
+        let proxy = Arc::new(FaultProxy {
+            addr,
+            fault,
+            upstream: up,
+        });
         let p = proxy.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -93,7 +97,11 @@ impl FaultProxy {
             return;
         }
         let upstream_addr = *self.upstream.borrow();
-        let upstream = if fault == Fault::Blackhole { None } else { TcpStream::connect(upstream_addr).await.ok() };
+        let upstream = if fault == Fault::Blackhole {
+            None
+        } else {
+            TcpStream::connect(upstream_addr).await.ok()
+        };
         let Some(upstream) = upstream else {
             // Blackholed from the start (or upstream down): swallow bytes until the fault changes.
             let (mut r, _w) = client.into_split();
@@ -164,10 +172,17 @@ async fn read_ready(file: &Path, child: &mut Child) -> Value {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("process exited before it was ready: {status}");
         }
-        if let Some(v) = std::fs::read_to_string(file).ok().and_then(|s| serde_json::from_str(&s).ok()) {
+        if let Some(v) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+        {
             return v;
         }
-        assert!(tokio::time::Instant::now() < until, "timed out waiting for {}", file.display());
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {}",
+            file.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -204,11 +219,18 @@ impl ControllerProc {
             .spawn()
             .expect("spawn controller");
         let r = read_ready(&ready, &mut child).await;
-        let token = std::fs::read_to_string(&token_file).expect("bootstrap token").trim().to_owned();
+        let token = std::fs::read_to_string(&token_file)
+            .expect("bootstrap token")
+            .trim()
+            .to_owned();
         ControllerProc {
             child,
             api: format!("http://{}", r["api"].as_str().expect("api addr")),
-            gateway: r["gateway"].as_str().expect("gateway addr").parse().expect("addr"),
+            gateway: r["gateway"]
+                .as_str()
+                .expect("gateway addr")
+                .parse()
+                .expect("addr"),
             dir: dir.to_owned(),
             database_url: database_url.to_owned(),
             token,
@@ -230,7 +252,11 @@ impl ControllerProc {
     }
 
     pub fn client(&self) -> AdminClient {
-        AdminClient { base: self.api.clone(), token: self.token.clone(), http: reqwest::Client::new() }
+        AdminClient {
+            base: self.api.clone(),
+            token: self.token.clone(),
+            http: reqwest::Client::new(),
+        }
     }
 }
 
@@ -284,7 +310,12 @@ impl AgentProc {
     }
 
     pub async fn status(&self) -> Value {
-        reqwest::get(format!("{}/api/v1/status", self.url)).await.expect("status").json().await.expect("status json")
+        reqwest::get(format!("{}/api/v1/status", self.url))
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status json")
     }
 
     pub async fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
@@ -307,8 +338,18 @@ impl AgentProc {
             tasks.push(tokio::spawn(async move {
                 let mut ids = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let resp = http.post(&url).json(&json!({ "service": service })).send().await.expect("post visit");
-                    assert_eq!(resp.status(), 201, "ticket refused: {}", resp.text().await.unwrap_or_default());
+                    let resp = http
+                        .post(&url)
+                        .json(&json!({ "service": service }))
+                        .send()
+                        .await
+                        .expect("post visit");
+                    assert_eq!(
+                        resp.status(),
+                        201,
+                        "ticket refused: {}",
+                        resp.text().await.unwrap_or_default()
+                    );
                     let v: Value = resp.json().await.expect("visit json");
                     ids.push(v["id"].as_str().expect("id").to_owned());
                 }
@@ -331,20 +372,34 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.expect("admin request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let (status, v) = self.call(method.clone(), path, body).await;
-        assert!((200..300).contains(&status), "{method} {path} -> {status}: {v}");
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path} -> {status}: {v}"
+        );
         v
     }
 
@@ -355,22 +410,36 @@ impl AdminClient {
             {"kind": "queue", "site": site, "code": "general", "name": "General", "letter": "A", "last_number": 9999},
             {"kind": "service", "site": site, "code": "GEN", "name": "General", "queue": "general"},
         ]);
-        self.ok(reqwest::Method::POST, "/api/v1/apply", Some(json!({ "resources": resources }))).await;
+        self.ok(
+            reqwest::Method::POST,
+            "/api/v1/apply",
+            Some(json!({ "resources": resources })),
+        )
+        .await;
     }
 
     pub async fn enrollment_token(&self, site: &str) -> String {
-        let v = self.ok(reqwest::Method::POST, "/api/v1/enrollment-tokens", Some(json!({ "site": site }))).await;
+        let v = self
+            .ok(
+                reqwest::Method::POST,
+                "/api/v1/enrollment-tokens",
+                Some(json!({ "site": site })),
+            )
+            .await;
         v["token"].as_str().expect("token").to_owned()
     }
 
     pub async fn agent(&self, id: &str) -> Value {
-        self.ok(reqwest::Method::GET, &format!("/api/v1/agents/{id}"), None).await
+        self.ok(reqwest::Method::GET, &format!("/api/v1/agents/{id}"), None)
+            .await
     }
 }
 
 /// Central events of one agent: (count, min seq, max seq, distinct seqs, VISIT_CREATED count).
 pub async fn central_events(database_url: &str, agent_id: &str) -> (i64, i64, i64, i64, i64) {
-    let pool = sqlx::PgPool::connect(database_url).await.expect("connect to the controller database");
+    let pool = sqlx::PgPool::connect(database_url)
+        .await
+        .expect("connect to the controller database");
     let row: (i64, Option<i64>, Option<i64>, i64, i64) = sqlx::query_as(
         "SELECT COUNT(*), MIN(seq), MAX(seq), COUNT(DISTINCT seq), COUNT(*) FILTER (WHERE kind = 'VISIT_CREATED') \
          FROM events WHERE agent_id = $1",

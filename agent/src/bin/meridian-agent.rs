@@ -32,7 +32,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let settings = Settings::load(cli.config.as_deref())?;
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log)).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log))
+        .init();
     tracing::info!(?settings, "starting agent");
     let http = tokio::net::TcpListener::bind(&settings.http_listen).await?;
     let shutdown = CancellationToken::new();

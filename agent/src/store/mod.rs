@@ -69,7 +69,10 @@ impl Db {
 
     /// The last store-level failure, if the store is currently unhealthy.
     pub fn health(&self) -> Option<String> {
-        self.health.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.health
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Runs `f` in a durable transaction (group-committed with other callers).
@@ -106,7 +109,8 @@ impl Db {
             Ok(Ok(result)) => result,
             Ok(Err(panic)) => std::panic::resume_unwind(panic),
             Err(_) => Err(Error::StoreGone(
-                self.health().unwrap_or_else(|| "the store thread has stopped".into()),
+                self.health()
+                    .unwrap_or_else(|| "the store thread has stopped".into()),
             )),
         }
     }
@@ -171,7 +175,11 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
         let outcome = match conn.execute_batch("SAVEPOINT job") {
             Ok(()) => {
                 let outcome = job(conn);
-                let end = if outcome.ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+                let end = if outcome.ok {
+                    "RELEASE job"
+                } else {
+                    "ROLLBACK TO job; RELEASE job"
+                };
                 if let Err(e) = conn.execute_batch(end) {
                     failure = Some(e.to_string());
                 }
@@ -209,7 +217,15 @@ pub fn is_store_failure(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::*;
     matches!(
         e.sqlite_error_code(),
-        Some(DiskFull | DatabaseCorrupt | NotADatabase | SystemIoFailure | CannotOpen | ReadOnly | OutOfMemory)
+        Some(
+            DiskFull
+                | DatabaseCorrupt
+                | NotADatabase
+                | SystemIoFailure
+                | CannotOpen
+                | ReadOnly
+                | OutOfMemory
+        )
     )
 }
 

@@ -36,12 +36,18 @@ fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
 }
 
 pub fn identity(conn: &Connection) -> Result<Option<Identity>> {
-    let (Some(agent_id), Some(site), Some(credential)) =
-        (meta_get(conn, "agent_id")?, meta_get(conn, "site")?, meta_get(conn, "credential")?)
-    else {
+    let (Some(agent_id), Some(site), Some(credential)) = (
+        meta_get(conn, "agent_id")?,
+        meta_get(conn, "site")?,
+        meta_get(conn, "credential")?,
+    ) else {
         return Ok(None);
     };
-    Ok(Some(Identity { agent_id, site, credential }))
+    Ok(Some(Identity {
+        agent_id,
+        site,
+        credential,
+    }))
 }
 
 pub fn save_identity(conn: &Connection, id: &Identity) -> Result<()> {
@@ -54,17 +60,22 @@ pub fn save_identity(conn: &Connection, id: &Identity) -> Result<()> {
 
 pub fn site_config(conn: &Connection) -> Result<Option<SiteConfig>> {
     let body: Option<String> = conn
-        .query_row("SELECT body FROM site_config WHERE id = 1", [], |r| r.get(0))
+        .query_row("SELECT body FROM site_config WHERE id = 1", [], |r| {
+            r.get(0)
+        })
         .optional()?;
     body.map(|b| {
-        serde_json::from_str(&b).map_err(|e| Error::Internal(format!("stored configuration is unreadable: {e}")))
+        serde_json::from_str(&b)
+            .map_err(|e| Error::Internal(format!("stored configuration is unreadable: {e}")))
     })
     .transpose()
 }
 
 pub fn config_revision(conn: &Connection) -> Result<u64> {
     let rev: Option<i64> = conn
-        .query_row("SELECT revision FROM site_config WHERE id = 1", [], |r| r.get(0))
+        .query_row("SELECT revision FROM site_config WHERE id = 1", [], |r| {
+            r.get(0)
+        })
         .optional()?;
     Ok(rev.unwrap_or(0) as u64)
 }
@@ -94,11 +105,18 @@ pub fn apply_config(conn: &Connection, snapshot: &SiteConfig, now: DateTime<Utc>
 }
 
 pub fn last_applied_command(conn: &Connection) -> Result<u64> {
-    let seq: Option<i64> = conn.query_row("SELECT MAX(seq) FROM applied_commands", [], |r| r.get(0))?;
+    let seq: Option<i64> =
+        conn.query_row("SELECT MAX(seq) FROM applied_commands", [], |r| r.get(0))?;
     Ok(seq.unwrap_or(0) as u64)
 }
 
-pub fn record_command(conn: &Connection, seq: u64, kind: &str, error: Option<&str>, now: DateTime<Utc>) -> Result<()> {
+pub fn record_command(
+    conn: &Connection,
+    seq: u64,
+    kind: &str,
+    error: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<()> {
     conn.execute(
         "INSERT INTO applied_commands (seq, kind, applied_at, error) VALUES (?1, ?2, ?3, ?4)",
         params![seq as i64, kind, now.to_rfc3339(), error],
@@ -133,10 +151,11 @@ pub fn append_event(conn: &Connection, event: &AgentEvent, now: DateTime<Utc>) -
 
 /// `(high_water, acked)`: the last sequence assigned and the last acknowledged centrally.
 pub fn outbox_state(conn: &Connection) -> Result<(u64, u64)> {
-    let (next, acked): (i64, i64) =
-        conn.query_row("SELECT next_seq, acked_seq FROM outbox_state WHERE id = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+    let (next, acked): (i64, i64) = conn.query_row(
+        "SELECT next_seq, acked_seq FROM outbox_state WHERE id = 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     Ok(((next - 1) as u64, acked as u64))
 }
 
@@ -145,7 +164,12 @@ pub fn outbox_after(conn: &Connection, after: u64, limit: u32) -> Result<Vec<Out
         "SELECT seq, kind, occurred_at_ms, payload FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![after as i64, limit], |r| {
-        Ok(OutboxEvent { seq: r.get::<_, i64>(0)? as u64, kind: r.get(1)?, occurred_at_ms: r.get(2)?, payload: r.get(3)? })
+        Ok(OutboxEvent {
+            seq: r.get::<_, i64>(0)? as u64,
+            kind: r.get(1)?,
+            occurred_at_ms: r.get(2)?,
+            payload: r.get(3)?,
+        })
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
@@ -157,7 +181,10 @@ pub fn ack_outbox(conn: &Connection, up_to: u64) -> Result<()> {
         "UPDATE outbox_state SET acked_seq = ?1 WHERE id = 1 AND acked_seq < ?1 AND ?1 < next_seq",
         [up_to as i64],
     )?;
-    conn.execute("DELETE FROM outbox WHERE seq <= (SELECT acked_seq FROM outbox_state WHERE id = 1)", [])?;
+    conn.execute(
+        "DELETE FROM outbox WHERE seq <= (SELECT acked_seq FROM outbox_state WHERE id = 1)",
+        [],
+    )?;
     Ok(())
 }
 
@@ -176,8 +203,15 @@ pub struct Visit {
 
 /// Issues a ticket for `service`: the next number of its queue for the site-local business
 /// day, a waiting visit and its `VISIT_CREATED` event, in the caller's transaction.
-pub fn create_visit(conn: &Connection, config: &SiteConfig, service: &str, now: DateTime<Utc>) -> Result<Visit> {
-    let svc = config.service(service).ok_or_else(|| Error::NotFound(format!("service {service:?}")))?;
+pub fn create_visit(
+    conn: &Connection,
+    config: &SiteConfig,
+    service: &str,
+    now: DateTime<Utc>,
+) -> Result<Visit> {
+    let svc = config
+        .service(service)
+        .ok_or_else(|| Error::NotFound(format!("service {service:?}")))?;
     let queue = config
         .queue(svc.queue.as_str())
         .ok_or_else(|| Error::Internal(format!("service {service} points at a missing queue")))?;
@@ -191,7 +225,11 @@ pub fn create_visit(conn: &Connection, config: &SiteConfig, service: &str, now: 
             |r| r.get(0),
         )
         .optional()?;
-    let number = next_ticket_number(previous.map(|n| n as u32), queue.first_number, queue.last_number);
+    let number = next_ticket_number(
+        previous.map(|n| n as u32),
+        queue.first_number,
+        queue.last_number,
+    );
     conn.execute(
         "INSERT INTO ticket_counters (queue, business_day, last_number) VALUES (?1, ?2, ?3) \
          ON CONFLICT (queue, business_day) DO UPDATE SET last_number = excluded.last_number",
@@ -211,7 +249,10 @@ pub fn create_visit(conn: &Connection, config: &SiteConfig, service: &str, now: 
         params![visit.id, visit.ticket, visit.service, visit.queue, day_s, visit.status, now.to_rfc3339()],
     )?;
     let event = AgentEvent::VisitCreated(VisitCreated {
-        visit_id: visit.id.parse().map_err(|_| Error::Internal("visit id".into()))?,
+        visit_id: visit
+            .id
+            .parse()
+            .map_err(|_| Error::Internal("visit id".into()))?,
         ticket: visit.ticket.clone(),
         service: svc.code.clone(),
         queue: Code::parse(queue.code.as_str()).map_err(|e| Error::Internal(e.to_string()))?,
@@ -230,17 +271,35 @@ pub fn visits_with_status(conn: &Connection, status: &str) -> Result<Vec<Visit>>
     let rows = stmt.query_map([status], |r| {
         let day: String = r.get(4)?;
         let created: String = r.get(6)?;
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, day, r.get(5)?, created))
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            day,
+            r.get(5)?,
+            created,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, ticket, service, queue, day, status, created): (String, String, String, String, String, String, String) = row?;
+        let (id, ticket, service, queue, day, status, created): (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        ) = row?;
         out.push(Visit {
             id,
             ticket,
             service,
             queue,
-            business_day: day.parse().map_err(|_| Error::Internal(format!("bad stored date {day:?}")))?,
+            business_day: day
+                .parse()
+                .map_err(|_| Error::Internal(format!("bad stored date {day:?}")))?,
             status,
             created_at: DateTime::parse_from_rfc3339(&created)
                 .map_err(|_| Error::Internal(format!("bad stored time {created:?}")))?

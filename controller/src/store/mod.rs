@@ -247,8 +247,12 @@ pub trait Store: Send + Sync + 'static {
         events: &[IncomingEvent],
         received_at: DateTime<Utc>,
     ) -> Result<std::result::Result<u64, IngestError>>;
-    async fn events_after(&self, agent: AgentId, after_seq: u64, limit: u32)
-    -> Result<Vec<StoredEvent>>;
+    async fn events_after(
+        &self,
+        agent: AgentId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>>;
     async fn count_events(&self, agent: AgentId) -> Result<u64>;
 
     // --- commands ---

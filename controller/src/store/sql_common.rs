@@ -106,7 +106,8 @@ impl TryFrom<EnrollmentTokenRow> for EnrollmentToken {
     type Error = Error;
     fn try_from(r: EnrollmentTokenRow) -> Result<Self> {
         Ok(EnrollmentToken {
-            site: SiteCode::parse(&r.site).map_err(|_| corrupt("enrollment_tokens.site", &r.site))?,
+            site: SiteCode::parse(&r.site)
+                .map_err(|_| corrupt("enrollment_tokens.site", &r.site))?,
             id: r.id,
             token_hash: r.token_hash,
             created_at: r.created_at,
@@ -164,7 +165,10 @@ impl From<CommandRow> for CommandRecord {
 }
 
 fn corrupt(what: &str, value: &str) -> Error {
-    Error::Internal(format!("corrupt value in {what}: {:?}", value.chars().take(40).collect::<String>()))
+    Error::Internal(format!(
+        "corrupt value in {what}: {:?}",
+        value.chars().take(40).collect::<String>()
+    ))
 }
 
 pub(super) fn agent_key(id: AgentId) -> String {
