@@ -262,6 +262,17 @@ mod tests {
         assert_eq!(n, 2);
     }
 
+    #[test]
+    fn a_corrupt_database_is_refused_loudly() {
+        let dir = std::env::temp_dir().join(format!("agent-db-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("agent.db");
+        std::fs::write(&path, vec![0x5a; 8192]).expect("write garbage");
+        let err = Db::open(&path).err().expect("a corrupt file must not open");
+        assert!(matches!(&err, Error::Store(e) if is_store_failure(e)), "{err:?}");
+        assert_eq!(std::fs::read(&path).expect("read"), vec![0x5a; 8192], "nothing was overwritten");
+    }
+
     #[tokio::test]
     #[should_panic(expected = "boom")]
     async fn panics_reach_the_caller() {
