@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 mod dev;
 
@@ -36,17 +35,6 @@ enum Command {
     },
 }
 
-fn shutdown_on_ctrl_c() -> CancellationToken {
-    let token = CancellationToken::new();
-    let signal = token.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-        signal.cancel();
-    });
-    token
-}
-
 fn init_logs(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -58,20 +46,25 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Dev(args) => {
             init_logs(&std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
-            dev::run(args, shutdown_on_ctrl_c()).await
+            dev::run(args, meridian_shared::shutdown::on_signal()).await
         }
         Command::Controller { config } => {
             let settings = meridian_controller::Settings::load(config.as_deref())?;
             init_logs(&settings.log);
             let listeners = meridian_controller::server::Listeners::bind(&settings).await?;
-            meridian_controller::server::run(settings, listeners, shutdown_on_ctrl_c()).await?;
+            meridian_controller::server::run(
+                settings,
+                listeners,
+                meridian_shared::shutdown::on_signal(),
+            )
+            .await?;
             Ok(())
         }
         Command::Agent { config } => {
             let settings = meridian_agent::Settings::load(config.as_deref())?;
             init_logs(&settings.log);
             let http = tokio::net::TcpListener::bind(&settings.http_listen).await?;
-            meridian_agent::run(settings, http, shutdown_on_ctrl_c()).await?;
+            meridian_agent::run(settings, http, meridian_shared::shutdown::on_signal()).await?;
             Ok(())
         }
     }

@@ -255,12 +255,13 @@ pub async fn change(
             }
         }
         if mode == ChangeMode::CreateOnly
-            && let Some(existing) = upserts.iter().find(|r| current.get(&r.key()).is_some()) {
-                return Err(Error::Conflict(format!(
-                    "{} already exists",
-                    existing.key()
-                )));
-            }
+            && let Some(existing) = upserts.iter().find(|r| current.get(&r.key()).is_some())
+        {
+            return Err(Error::Conflict(format!(
+                "{} already exists",
+                existing.key()
+            )));
+        }
         let plan = plan(&current, upserts, deletes.clone())?;
         let nothing = plan.upserts.is_empty() && plan.deletes.is_empty();
         let report = |revision| ChangeReport {
@@ -313,7 +314,13 @@ fn summarize(changes: &[Change]) -> String {
     let changed: Vec<String> = changes
         .iter()
         .filter(|c| c.action != Action::Unchanged)
-        .map(|c| format!("{:?} {}", c.action, c.resource).to_lowercase())
+        .map(|c| {
+            format!(
+                "{} {}",
+                format!("{:?}", c.action).to_lowercase(),
+                c.resource
+            )
+        })
         .collect();
     let mut s = changed
         .iter()

@@ -75,6 +75,10 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    if settings.database_url.is_empty() {
+        std::fs::create_dir_all(&settings.data_dir)
+            .map_err(|e| Error::Internal(format!("{}: {e}", settings.data_dir.display())))?;
+    }
     let url = settings.database_url();
     tracing::info!(database = %redact_url(&url), "opening store");
     let store = store::open(&url).await?;

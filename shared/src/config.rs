@@ -464,9 +464,10 @@ impl ConfigSet {
                 errs.0.extend(e.nest(&at).0);
             }
             if let Some(site) = &key.site
-                && self.site(site).is_none() {
-                    errs.push(format!("{at}.site"), format!("unknown site {site}"));
-                }
+                && self.site(site).is_none()
+            {
+                errs.push(format!("{at}.site"), format!("unknown site {site}"));
+            }
             match res {
                 Resource::Service(s) => {
                     if !self.has(ResourceKind::Queue, &s.site, &s.queue) {
@@ -485,12 +486,13 @@ impl ConfigSet {
                 }
                 Resource::ServicePoint(p) => {
                     if let Some(wp) = &p.work_profile
-                        && !self.has(ResourceKind::WorkProfile, &p.site, wp) {
-                            errs.push(
-                                format!("{at}.work_profile"),
-                                format!("unknown work profile {wp}"),
-                            );
-                        }
+                        && !self.has(ResourceKind::WorkProfile, &p.site, wp)
+                    {
+                        errs.push(
+                            format!("{at}.work_profile"),
+                            format!("unknown work profile {wp}"),
+                        );
+                    }
                 }
                 Resource::WorkProfile(w) => {
                     for (i, entry) in w.queues.iter().enumerate() {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod shutdown;
 
 pub use error::{ValidationError, ValidationErrors};
 pub use ids::{AgentId, Code, SiteCode, VisitId};

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use meridian_agent::Settings;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "meridian-agent", version, about = "Meridian branch agent")]
@@ -37,12 +36,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     tracing::info!(?settings, "starting agent");
     let http = tokio::net::TcpListener::bind(&settings.http_listen).await?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        signal.cancel();
-    });
+    let shutdown = meridian_shared::shutdown::on_signal();
     meridian_agent::run(settings, http, shutdown).await?;
     Ok(())
 }

@@ -269,8 +269,15 @@ mod tests {
         let path = dir.join("agent.db");
         std::fs::write(&path, vec![0x5a; 8192]).expect("write garbage");
         let err = Db::open(&path).err().expect("a corrupt file must not open");
-        assert!(matches!(&err, Error::Store(e) if is_store_failure(e)), "{err:?}");
-        assert_eq!(std::fs::read(&path).expect("read"), vec![0x5a; 8192], "nothing was overwritten");
+        assert!(
+            matches!(&err, Error::Store(e) if is_store_failure(e)),
+            "{err:?}"
+        );
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            vec![0x5a; 8192],
+            "nothing was overwritten"
+        );
     }
 
     #[tokio::test]

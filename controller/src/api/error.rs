@@ -25,7 +25,14 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, body: ErrorBody { code, message: message.into(), details: vec![] } }
+        Self {
+            status,
+            body: ErrorBody {
+                code,
+                message: message.into(),
+                details: vec![],
+            },
+        }
     }
 }
 
@@ -36,7 +43,11 @@ impl From<Error> for ApiError {
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
             Error::Validation(errs) => ApiError {
                 status: StatusCode::UNPROCESSABLE_ENTITY,
-                body: ErrorBody { code: "validation_failed", message, details: errs.0 },
+                body: ErrorBody {
+                    code: "validation_failed",
+                    message,
+                    details: errs.0,
+                },
             },
             Error::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             Error::BadRequest(_) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message),
@@ -44,21 +55,35 @@ impl From<Error> for ApiError {
                 ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
             }
             Error::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
-            Error::Enrollment(_) => ApiError::new(StatusCode::BAD_REQUEST, "enrollment_refused", message),
+            Error::Enrollment(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "enrollment_refused", message)
+            }
             Error::RevisionConflict => {
                 ApiError::new(StatusCode::CONFLICT, "revision_conflict", message)
             }
             Error::Store(e) => {
                 tracing::error!(error = %e, "store error");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the database is unavailable; retry later")
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the database is unavailable; retry later",
+                )
             }
             Error::Migrate(e) => {
                 tracing::error!(error = %e, "migration error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
             }
             Error::Internal(e) => {
                 tracing::error!(error = %e, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
             }
         }
     }

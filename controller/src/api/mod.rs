@@ -47,19 +47,33 @@ pub struct Caller {
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     let api = Router::new()
         .route("/sites", get(list_sites).post(create_site))
-        .route("/sites/{site}", get(get_site).put(put_site).delete(delete_site))
-        .route("/sites/{site}/{kind}", get(list_site_resources).post(create_site_resource))
+        .route(
+            "/sites/{site}",
+            get(get_site).put(put_site).delete(delete_site),
+        )
+        .route(
+            "/sites/{site}/{kind}",
+            get(list_site_resources).post(create_site_resource),
+        )
         .route(
             "/sites/{site}/{kind}/{code}",
-            get(get_site_resource).put(put_site_resource).delete(delete_site_resource),
+            get(get_site_resource)
+                .put(put_site_resource)
+                .delete(delete_site_resource),
         )
         .route("/staff", get(list_staff).post(create_staff))
-        .route("/staff/{username}", get(get_staff).put(put_staff).delete(delete_staff))
+        .route(
+            "/staff/{username}",
+            get(get_staff).put(put_staff).delete(delete_staff),
+        )
         .route("/config", get(export_config))
         .route("/config/revisions", get(list_revisions))
         .route("/apply", post(apply))
         .route("/delete", post(delete_many))
-        .route("/enrollment-tokens", get(list_enrollment_tokens).post(create_enrollment_token))
+        .route(
+            "/enrollment-tokens",
+            get(list_enrollment_tokens).post(create_enrollment_token),
+        )
         .route("/agents", get(list_agents))
         .route("/agents/{id}", get(get_agent))
         .route("/agents/{id}/revoke", post(revoke_agent))
@@ -70,9 +84,51 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .nest("/api/v1", api)
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::map_response(typed_error_body))
         .with_state(state)
+}
+
+/// axum answers some requests itself with a plain-text or empty body (405 for a method a route
+/// does not have, 400 for an undecodable path segment or query string); this gives those the
+/// typed JSON error body too. Responses that are already JSON pass through untouched.
+async fn typed_error_body(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this endpoint does not support this method".to_owned(),
+        ),
+        StatusCode::NOT_FOUND => ("not_found", "no such endpoint".to_owned()),
+        s if s.is_server_error() => ("internal", "internal error".to_owned()),
+        _ if text.is_empty() => (
+            "bad_request",
+            status
+                .canonical_reason()
+                .unwrap_or("bad request")
+                .to_owned(),
+        ),
+        _ => ("bad_request", text),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_TYPE);
+    let typed = ApiError::new(status, code, message).into_response();
+    let (typed_parts, typed_body) = typed.into_parts();
+    parts.headers.extend(typed_parts.headers);
+    Response::from_parts(parts, typed_body)
 }
 
 /// JSON body extractor whose rejections are typed `ApiError`s.
@@ -101,24 +157,39 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
     let Some(token) = token else {
         return ApiError::from(Error::Unauthenticated).into_response();
     };
-    let found = match state.store.api_token_by_hash(&auth::hash_secret(&token)).await {
+    let found = match state
+        .store
+        .api_token_by_hash(&auth::hash_secret(&token))
+        .await
+    {
         Ok(found) => found,
         Err(e) => return ApiError::from(e).into_response(),
     };
     let Some(found) = found else {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown API token")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "unknown API token",
+        )
+        .into_response();
     };
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
     if found.role == Role::Viewer && !read_only {
         return ApiError::from(Error::Forbidden("this token is read-only".into())).into_response();
     }
-    req.extensions_mut().insert(Caller { token_name: found.name, role: found.role });
+    req.extensions_mut().insert(Caller {
+        token_name: found.name,
+        role: found.role,
+    });
     next.run(req).await
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 // ---------- configuration resources ----------
@@ -133,7 +204,9 @@ fn kind_from_segment(segment: &str) -> ApiResult<ResourceKind> {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("unknown collection {other:?}: use services, queues, service-points or work-profiles"),
+                format!(
+                    "unknown collection {other:?}: use services, queues, service-points or work-profiles"
+                ),
             ));
         }
     };
@@ -162,12 +235,20 @@ fn input_from_body(
     body: Value,
 ) -> ApiResult<ResourceInput> {
     let Value::Object(mut obj) = body else {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "the body must be a JSON object"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "the body must be a JSON object",
+        ));
     };
-    if let Some(k) = obj.get("kind") {
-        if k != kind.as_str() {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("kind must be {kind}")));
-        }
+    if let Some(k) = obj.get("kind")
+        && k != kind.as_str()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("kind must be {kind}"),
+        ));
     }
     obj.insert("kind".into(), Value::String(kind.as_str().into()));
     let code_field = match kind {
@@ -189,13 +270,23 @@ fn input_from_body(
         }
     };
     if let Some(site) = site {
-        fill(if kind == ResourceKind::Site { "code" } else { "site" }, site.as_str())?;
+        fill(
+            if kind == ResourceKind::Site {
+                "code"
+            } else {
+                "site"
+            },
+            site.as_str(),
+        )?;
     }
     if let Some(code) = code {
         fill(code_field, code)?;
     }
     serde_json::from_value(Value::Object(obj)).map_err(|e| {
-        ApiError::from(Error::from(meridian_shared::ValidationError::new(kind.as_str(), e.to_string())))
+        ApiError::from(Error::from(meridian_shared::ValidationError::new(
+            kind.as_str(),
+            e.to_string(),
+        )))
     })
 }
 
@@ -205,15 +296,23 @@ async fn load_set(state: &ApiState) -> ApiResult<(u64, ConfigSet)> {
 }
 
 fn key(kind: ResourceKind, site: Option<&SiteCode>, code: &str) -> ResourceKey {
-    ResourceKey { kind, site: site.cloned(), code: code.to_owned() }
+    ResourceKey {
+        kind,
+        site: site.cloned(),
+        code: code.to_owned(),
+    }
 }
 
-async fn list_of(state: &ApiState, kind: ResourceKind, site: Option<&SiteCode>) -> ApiResult<Json<Vec<Value>>> {
+async fn list_of(
+    state: &ApiState,
+    kind: ResourceKind,
+    site: Option<&SiteCode>,
+) -> ApiResult<Json<Vec<Value>>> {
     let (_, set) = load_set(state).await?;
-    if let Some(site) = site {
-        if set.site(site).is_none() {
-            return Err(Error::NotFound(format!("site {site}")).into());
-        }
+    if let Some(site) = site
+        && set.site(site).is_none()
+    {
+        return Err(Error::NotFound(format!("site {site}")).into());
     }
     Ok(Json(
         set.resources
@@ -226,7 +325,9 @@ async fn list_of(state: &ApiState, kind: ResourceKind, site: Option<&SiteCode>) 
 
 async fn get_one(state: &ApiState, key: ResourceKey) -> ApiResult<Json<Value>> {
     let (_, set) = load_set(state).await?;
-    set.get(&key).map(|r| Json(view(r))).ok_or_else(|| Error::NotFound(key.to_string()).into())
+    set.get(&key)
+        .map(|r| Json(view(r)))
+        .ok_or_else(|| Error::NotFound(key.to_string()).into())
 }
 
 async fn write_one(
@@ -236,16 +337,34 @@ async fn write_one(
     mode: ChangeMode,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let key = input.key();
-    let report = config_admin::change(state.store.as_ref(), &caller.token_name, vec![input], vec![], mode).await?;
+    let report = config_admin::change(
+        state.store.as_ref(),
+        &caller.token_name,
+        vec![input],
+        vec![],
+        mode,
+    )
+    .await?;
     notify(state, &report);
     let (_, set) = load_set(state).await?;
     let body = set.get(&key).map(view).unwrap_or(Value::Null);
-    let status = if mode == ChangeMode::CreateOnly { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if mode == ChangeMode::CreateOnly {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(body)))
 }
 
 async fn delete_one(state: &ApiState, caller: &Caller, key: ResourceKey) -> ApiResult<StatusCode> {
-    let report = config_admin::change(state.store.as_ref(), &caller.token_name, vec![], vec![key], ChangeMode::Upsert).await?;
+    let report = config_admin::change(
+        state.store.as_ref(),
+        &caller.token_name,
+        vec![],
+        vec![key],
+        ChangeMode::Upsert,
+    )
+    .await?;
     notify(state, &report);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -259,52 +378,129 @@ fn notify(state: &ApiState, report: &ChangeReport) {
 async fn list_sites(State(s): State<ApiState>) -> ApiResult<Json<Vec<Value>>> {
     list_of(&s, ResourceKind::Site, None).await
 }
-async fn create_site(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn create_site(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let input = input_from_body(ResourceKind::Site, None, None, body)?;
     write_one(&s, &c, input, ChangeMode::CreateOnly).await
 }
 async fn get_site(State(s): State<ApiState>, Path(site): Path<String>) -> ApiResult<Json<Value>> {
-    get_one(&s, key(ResourceKind::Site, None, site_code(&site)?.as_str())).await
+    get_one(
+        &s,
+        key(ResourceKind::Site, None, site_code(&site)?.as_str()),
+    )
+    .await
 }
-async fn put_site(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path(site): Path<String>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn put_site(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    Path(site): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let input = input_from_body(ResourceKind::Site, Some(&site_code(&site)?), None, body)?;
     write_one(&s, &c, input, ChangeMode::Upsert).await
 }
-async fn delete_site(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path(site): Path<String>) -> ApiResult<StatusCode> {
-    delete_one(&s, &c, key(ResourceKind::Site, None, site_code(&site)?.as_str())).await
+async fn delete_site(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    Path(site): Path<String>,
+) -> ApiResult<StatusCode> {
+    delete_one(
+        &s,
+        &c,
+        key(ResourceKind::Site, None, site_code(&site)?.as_str()),
+    )
+    .await
 }
-async fn list_site_resources(State(s): State<ApiState>, Path((site, kind)): Path<(String, String)>) -> ApiResult<Json<Vec<Value>>> {
+async fn list_site_resources(
+    State(s): State<ApiState>,
+    Path((site, kind)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<Value>>> {
     list_of(&s, kind_from_segment(&kind)?, Some(&site_code(&site)?)).await
 }
-async fn create_site_resource(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path((site, kind)): Path<(String, String)>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
-    let input = input_from_body(kind_from_segment(&kind)?, Some(&site_code(&site)?), None, body)?;
+async fn create_site_resource(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    Path((site, kind)): Path<(String, String)>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = input_from_body(
+        kind_from_segment(&kind)?,
+        Some(&site_code(&site)?),
+        None,
+        body,
+    )?;
     write_one(&s, &c, input, ChangeMode::CreateOnly).await
 }
-async fn get_site_resource(State(s): State<ApiState>, Path((site, kind, code)): Path<(String, String, String)>) -> ApiResult<Json<Value>> {
-    get_one(&s, key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code)).await
+async fn get_site_resource(
+    State(s): State<ApiState>,
+    Path((site, kind, code)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    get_one(
+        &s,
+        key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code),
+    )
+    .await
 }
-async fn put_site_resource(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path((site, kind, code)): Path<(String, String, String)>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
-    let input = input_from_body(kind_from_segment(&kind)?, Some(&site_code(&site)?), Some(&code), body)?;
+async fn put_site_resource(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    Path((site, kind, code)): Path<(String, String, String)>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = input_from_body(
+        kind_from_segment(&kind)?,
+        Some(&site_code(&site)?),
+        Some(&code),
+        body,
+    )?;
     write_one(&s, &c, input, ChangeMode::Upsert).await
 }
-async fn delete_site_resource(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path((site, kind, code)): Path<(String, String, String)>) -> ApiResult<StatusCode> {
-    delete_one(&s, &c, key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code)).await
+async fn delete_site_resource(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    Path((site, kind, code)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    delete_one(
+        &s,
+        &c,
+        key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code),
+    )
+    .await
 }
 async fn list_staff(State(s): State<ApiState>) -> ApiResult<Json<Vec<Value>>> {
     list_of(&s, ResourceKind::StaffUser, None).await
 }
-async fn create_staff(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn create_staff(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let input = input_from_body(ResourceKind::StaffUser, None, None, body)?;
     write_one(&s, &c, input, ChangeMode::CreateOnly).await
 }
-async fn get_staff(State(s): State<ApiState>, Path(username): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_staff(
+    State(s): State<ApiState>,
+    Path(username): Path<String>,
+) -> ApiResult<Json<Value>> {
     get_one(&s, key(ResourceKind::StaffUser, None, &username)).await
 }
-async fn put_staff(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path(username): Path<String>, ApiJson(body): ApiJson<Value>) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn put_staff(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    Path(username): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let input = input_from_body(ResourceKind::StaffUser, None, Some(&username), body)?;
     write_one(&s, &c, input, ChangeMode::Upsert).await
 }
-async fn delete_staff(State(s): State<ApiState>, Extension(c): Extension<Caller>, Path(username): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_staff(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    Path(username): Path<String>,
+) -> ApiResult<StatusCode> {
     delete_one(&s, &c, key(ResourceKind::StaffUser, None, &username)).await
 }
 
@@ -316,7 +512,10 @@ struct ConfigExport {
 
 async fn export_config(State(s): State<ApiState>) -> ApiResult<Json<ConfigExport>> {
     let (revision, set) = load_set(&s).await?;
-    Ok(Json(ConfigExport { revision, resources: set.resources.values().map(view).collect() }))
+    Ok(Json(ConfigExport {
+        revision,
+        resources: set.resources.values().map(view).collect(),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -324,8 +523,15 @@ struct Limit {
     limit: Option<u32>,
 }
 
-async fn list_revisions(State(s): State<ApiState>, Query(q): Query<Limit>) -> ApiResult<Json<Vec<crate::store::RevisionInfo>>> {
-    Ok(Json(s.store.config_revisions(q.limit.unwrap_or(50).min(1000)).await?))
+async fn list_revisions(
+    State(s): State<ApiState>,
+    Query(q): Query<Limit>,
+) -> ApiResult<Json<Vec<crate::store::RevisionInfo>>> {
+    Ok(Json(
+        s.store
+            .config_revisions(q.limit.unwrap_or(50).min(1000))
+            .await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -337,7 +543,11 @@ struct ApplyRequest {
 }
 
 /// Declarative apply: create or update every resource in the request, in one revision.
-async fn apply(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJson(req): ApiJson<ApplyRequest>) -> ApiResult<Json<ChangeReport>> {
+async fn apply(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    ApiJson(req): ApiJson<ApplyRequest>,
+) -> ApiResult<Json<ChangeReport>> {
     let mut inputs = Vec::with_capacity(req.resources.len());
     let mut errs = meridian_shared::ValidationErrors::default();
     for (i, raw) in req.resources.into_iter().enumerate() {
@@ -347,8 +557,13 @@ async fn apply(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJs
         }
     }
     errs.into_result().map_err(Error::from)?;
-    let mode = if req.dry_run { ChangeMode::DryRun } else { ChangeMode::Upsert };
-    let report = config_admin::change(s.store.as_ref(), &c.token_name, inputs, vec![], mode).await?;
+    let mode = if req.dry_run {
+        ChangeMode::DryRun
+    } else {
+        ChangeMode::Upsert
+    };
+    let report =
+        config_admin::change(s.store.as_ref(), &c.token_name, inputs, vec![], mode).await?;
     notify(&s, &report);
     Ok(Json(report))
 }
@@ -361,9 +576,18 @@ struct DeleteRequest {
     dry_run: bool,
 }
 
-async fn delete_many(State(s): State<ApiState>, Extension(c): Extension<Caller>, ApiJson(req): ApiJson<DeleteRequest>) -> ApiResult<Json<ChangeReport>> {
-    let mode = if req.dry_run { ChangeMode::DryRun } else { ChangeMode::Upsert };
-    let report = config_admin::change(s.store.as_ref(), &c.token_name, vec![], req.resources, mode).await?;
+async fn delete_many(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    ApiJson(req): ApiJson<DeleteRequest>,
+) -> ApiResult<Json<ChangeReport>> {
+    let mode = if req.dry_run {
+        ChangeMode::DryRun
+    } else {
+        ChangeMode::Upsert
+    };
+    let report =
+        config_admin::change(s.store.as_ref(), &c.token_name, vec![], req.resources, mode).await?;
     notify(&s, &report);
     Ok(Json(report))
 }
@@ -390,7 +614,10 @@ struct CreatedEnrollmentToken {
     expires_at: chrono::DateTime<Utc>,
 }
 
-async fn create_enrollment_token(State(s): State<ApiState>, ApiJson(req): ApiJson<NewEnrollmentToken>) -> ApiResult<(StatusCode, Json<CreatedEnrollmentToken>)> {
+async fn create_enrollment_token(
+    State(s): State<ApiState>,
+    ApiJson(req): ApiJson<NewEnrollmentToken>,
+) -> ApiResult<(StatusCode, Json<CreatedEnrollmentToken>)> {
     let site = site_code(&req.site)?;
     let ttl = req.ttl_seconds.unwrap_or(DEFAULT_ENROLLMENT_TTL);
     if ttl == 0 || ttl > MAX_ENROLLMENT_TTL {
@@ -402,7 +629,11 @@ async fn create_enrollment_token(State(s): State<ApiState>, ApiJson(req): ApiJso
     }
     let (_, set) = load_set(&s).await?;
     if set.site(&site).is_none() {
-        return Err(Error::from(meridian_shared::ValidationError::new("site", format!("unknown site {site}"))).into());
+        return Err(Error::from(meridian_shared::ValidationError::new(
+            "site",
+            format!("unknown site {site}"),
+        ))
+        .into());
     }
     let token = auth::new_secret("mrd_enr_");
     let now = Utc::now();
@@ -418,11 +649,18 @@ async fn create_enrollment_token(State(s): State<ApiState>, ApiJson(req): ApiJso
     s.store.insert_enrollment_token(&record).await?;
     Ok((
         StatusCode::CREATED,
-        Json(CreatedEnrollmentToken { id: record.id, site: site.to_string(), token, expires_at: record.expires_at }),
+        Json(CreatedEnrollmentToken {
+            id: record.id,
+            site: site.to_string(),
+            token,
+            expires_at: record.expires_at,
+        }),
     ))
 }
 
-async fn list_enrollment_tokens(State(s): State<ApiState>) -> ApiResult<Json<Vec<EnrollmentToken>>> {
+async fn list_enrollment_tokens(
+    State(s): State<ApiState>,
+) -> ApiResult<Json<Vec<EnrollmentToken>>> {
     Ok(Json(s.store.list_enrollment_tokens().await?))
 }
 
@@ -460,7 +698,11 @@ pub struct AgentView {
 impl From<AgentRecord> for AgentView {
     fn from(a: AgentRecord) -> Self {
         let fresh = a.last_seen.is_some_and(|t| {
-            Utc::now().signed_duration_since(t).to_std().map(|d| d < CONNECTED_WINDOW).unwrap_or(true)
+            Utc::now()
+                .signed_duration_since(t)
+                .to_std()
+                .map(|d| d < CONNECTED_WINDOW)
+                .unwrap_or(true)
         });
         AgentView {
             id: a.id.to_string(),
@@ -487,28 +729,59 @@ impl From<AgentRecord> for AgentView {
 }
 
 fn agent_id(s: &str) -> ApiResult<AgentId> {
-    s.parse().map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("{s:?} is not an agent id")))
+    s.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{s:?} is not an agent id"),
+        )
+    })
 }
 
 async fn list_agents(State(s): State<ApiState>) -> ApiResult<Json<Vec<AgentView>>> {
-    Ok(Json(s.store.list_agents().await?.into_iter().map(AgentView::from).collect()))
+    Ok(Json(
+        s.store
+            .list_agents()
+            .await?
+            .into_iter()
+            .map(AgentView::from)
+            .collect(),
+    ))
 }
 
-async fn get_agent(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
+async fn get_agent(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AgentView>> {
     let id = agent_id(&id)?;
-    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    let agent = s
+        .store
+        .agent(id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
     Ok(Json(agent.into()))
 }
 
-async fn revoke_agent(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
+async fn revoke_agent(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AgentView>> {
     let id = agent_id(&id)?;
-    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    let agent = s
+        .store
+        .agent(id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
     if agent.revoked_at.is_none() {
         s.store.revoke_agent(id, Utc::now()).await?;
         // Sessions re-check their credential when woken.
         s.commands_changed.send_modify(|n| *n += 1);
     }
-    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    let agent = s
+        .store
+        .agent(id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
     Ok(Json(agent.into()))
 }
 
@@ -533,16 +806,26 @@ async fn list_api_tokens(State(s): State<ApiState>) -> ApiResult<Json<Vec<ApiTok
     Ok(Json(s.store.list_api_tokens().await?))
 }
 
-async fn create_api_token(State(s): State<ApiState>, ApiJson(req): ApiJson<NewApiToken>) -> ApiResult<(StatusCode, Json<CreatedApiToken>)> {
+async fn create_api_token(
+    State(s): State<ApiState>,
+    ApiJson(req): ApiJson<NewApiToken>,
+) -> ApiResult<(StatusCode, Json<CreatedApiToken>)> {
     if req.name.trim().is_empty() || req.name.len() > 100 {
-        return Err(Error::from(meridian_shared::ValidationError::new("name", "1-100 characters")).into());
+        return Err(Error::from(meridian_shared::ValidationError::new(
+            "name",
+            "1-100 characters",
+        ))
+        .into());
     }
     let (token, secret) = new_api_token(&req.name, req.role);
     s.store.insert_api_token(&token).await?;
     Ok((StatusCode::CREATED, Json(CreatedApiToken { token, secret })))
 }
 
-async fn delete_api_token(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_api_token(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     if s.store.delete_api_token(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

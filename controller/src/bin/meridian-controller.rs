@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use meridian_controller::{Settings, server};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "meridian-controller", version, about = "Meridian controller")]
@@ -36,14 +35,8 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log))
         .init();
     tracing::info!(?settings, "starting controller");
-    let shutdown = CancellationToken::new();
     let listeners = server::Listeners::bind(&settings).await?;
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-        signal.cancel();
-    });
+    let shutdown = meridian_shared::shutdown::on_signal();
     server::run(settings, listeners, shutdown).await?;
     Ok(())
 }

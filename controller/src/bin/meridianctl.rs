@@ -1,1 +1,212 @@
-fn main() {}
+//! `meridianctl`: manage a Meridian controller through its admin API. Parses flags, calls
+//! `meridian_controller::ctl`, prints; exits 1 on any error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use meridian_controller::ctl::{self, Client, Listing, Output};
+
+#[derive(Parser)]
+#[command(
+    name = "meridianctl",
+    version,
+    about = "Manage a Meridian controller through its admin API"
+)]
+struct Cli {
+    /// Base URL of the controller's admin API.
+    #[arg(
+        long,
+        env = "MERIDIAN_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    server: String,
+    /// Admin API token.
+    #[arg(long, env = "MERIDIAN_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// File holding the admin API token (first line); takes precedence over --token.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List resources. Site-scoped kinds list every site unless --site is given.
+    Get {
+        #[arg(value_enum)]
+        what: Listing,
+        /// Only this site's resources.
+        #[arg(long)]
+        site: Option<String>,
+    },
+    /// Create or update every resource of a YAML file, in one configuration revision.
+    Apply {
+        /// YAML file with one or more resources (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Report what would change without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete one resource (`delete queue A --site SFO`) or every resource of a file.
+    Delete(DeleteArgs),
+    /// Enrollment tokens, which let one agent join a site.
+    #[command(subcommand)]
+    EnrollToken(EnrollTokenCommand),
+    /// Enrolled agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// Admin API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args)]
+struct DeleteArgs {
+    /// site, service, queue, service-point, work-profile or staff-user.
+    #[arg(
+        required_unless_present = "file",
+        conflicts_with = "file",
+        requires = "code"
+    )]
+    kind: Option<String>,
+    /// The resource's code (the username for a staff user).
+    code: Option<String>,
+    /// The site of a site-scoped resource.
+    #[arg(long)]
+    site: Option<String>,
+    /// Delete every resource named in this YAML file (`-` for standard input).
+    #[arg(short = 'f', long = "filename")]
+    file: Option<PathBuf>,
+    /// Report what would change without storing anything.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum EnrollTokenCommand {
+    /// Create a one-time enrollment token for a site.
+    Create {
+        #[arg(long)]
+        site: String,
+        /// Lifetime, e.g. 30m, 12h, 7d (the controller's default is 24h, its maximum 30d).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List enrollment tokens.
+    List {
+        #[arg(long)]
+        site: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// List agents.
+    List {
+        #[arg(long)]
+        site: Option<String>,
+    },
+    /// Revoke an agent (its full id or a unique prefix).
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create an admin API token; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+    },
+    /// List admin API tokens.
+    List,
+    /// Delete an admin API token.
+    Delete { id: String },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ctl::Result<String> {
+    let token = match &cli.token_file {
+        Some(path) => Some(ctl::read_token_file(path)?),
+        None => cli.token,
+    };
+    let client = Client::new(&cli.server, token)?;
+    let out = cli.output;
+    let list = |what: Listing, site: Option<String>| {
+        let client = client.clone();
+        async move {
+            let items = ctl::list(&client, what, site.as_deref()).await?;
+            ctl::render_list(what, &items, out, chrono::Utc::now())
+        }
+    };
+    match cli.command {
+        Command::Get { what, site } => list(what, site).await,
+        Command::Apply { file, dry_run } => {
+            let text = ctl::read_manifest(&file)?;
+            ctl::render_report(&ctl::apply(&client, &text, dry_run).await?, out)
+        }
+        Command::Delete(DeleteArgs {
+            file: Some(file),
+            dry_run,
+            ..
+        }) => {
+            let text = ctl::read_manifest(&file)?;
+            ctl::render_report(&ctl::delete_manifest(&client, &text, dry_run).await?, out)
+        }
+        Command::Delete(DeleteArgs {
+            kind,
+            code,
+            site,
+            dry_run,
+            file: None,
+        }) => {
+            let key = ctl::key_from_args(
+                kind.as_deref().unwrap_or_default(),
+                code.as_deref().unwrap_or_default(),
+                site.as_deref(),
+            )?;
+            ctl::render_report(&ctl::delete(&client, &[key], dry_run).await?, out)
+        }
+        Command::EnrollToken(EnrollTokenCommand::Create { site, ttl }) => {
+            let token = ctl::create_enrollment_token(&client, &site, ttl.as_deref()).await?;
+            ctl::render_enrollment_token(&token, out)
+        }
+        Command::EnrollToken(EnrollTokenCommand::List { site }) => {
+            list(Listing::EnrollmentTokens, site).await
+        }
+        Command::Agents(AgentsCommand::List { site }) => list(Listing::Agents, site).await,
+        Command::Agents(AgentsCommand::Revoke { id }) => {
+            ctl::render_agent(&ctl::revoke_agent(&client, &id).await?, out)
+        }
+        Command::Token(TokenCommand::Create { name, role }) => {
+            ctl::render_api_token(&ctl::create_api_token(&client, &name, &role).await?, out)
+        }
+        Command::Token(TokenCommand::List) => list(Listing::ApiTokens, None).await,
+        Command::Token(TokenCommand::Delete { id }) => {
+            ctl::delete_api_token(&client, &id).await?;
+            Ok(format!("API token {id} deleted\n"))
+        }
+    }
+}

@@ -1,1 +1,0 @@
-//! meridianctl (to be filled)
