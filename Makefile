@@ -25,7 +25,7 @@ clean-test-databases:
 	fi
 
 unit-and-e2e:
-	cargo test --workspace --all-targets
+	cargo test --workspace --lib --bins --tests
 
 run:
 	cargo run --release -- dev
