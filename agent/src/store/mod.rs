@@ -93,9 +93,11 @@ impl Db {
                 ok,
                 store_failure,
                 finish: Box::new(move |commit_error| {
-                    let reply = match commit_error {
-                        None => result,
-                        Some(e) => Ok(Err(Error::StoreGone(e))),
+                    // A job that failed on its own reports its own error; one that succeeded
+                    // inside a batch that did not commit reports the commit failure.
+                    let reply = match (commit_error, result) {
+                        (None, result) | (Some(_), result @ (Ok(Err(_)) | Err(_))) => result,
+                        (Some(e), Ok(Ok(_))) => Ok(Err(Error::StoreGone(e))),
                     };
                     let _ = tx.send(reply);
                 }),
@@ -171,33 +173,46 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
     }
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut failure = None;
+    // Set when SQLite rolled the whole transaction back by itself (it does on SQLITE_FULL and
+    // some I/O errors): nothing in the batch may be reported as done, and no later job may run
+    // outside the transaction.
+    let mut aborted: Option<String> = None;
     for job in batch.drain(..) {
-        let outcome = match conn.execute_batch("SAVEPOINT job") {
-            Ok(()) => {
-                let outcome = job(conn);
-                let end = if outcome.ok {
-                    "RELEASE job"
-                } else {
-                    "ROLLBACK TO job; RELEASE job"
-                };
-                if let Err(e) = conn.execute_batch(end) {
-                    failure = Some(e.to_string());
-                }
-                outcome
-            }
-            Err(e) => {
-                failure = Some(e.to_string());
-                drop(job);
-                continue;
-            }
-        };
+        if aborted.is_some() {
+            drop(job);
+            continue;
+        }
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            failure = Some(e.to_string());
+            drop(job);
+            continue;
+        }
+        let outcome = job(conn);
         if let Some(f) = &outcome.store_failure {
             failure = Some(f.clone());
         }
+        if conn.is_autocommit() {
+            let msg = failure
+                .clone()
+                .unwrap_or_else(|| "the transaction was rolled back".into());
+            aborted = Some(format!("not recorded: {msg}"));
+        } else {
+            let end = if outcome.ok {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            if let Err(e) = conn.execute_batch(end) {
+                failure = Some(e.to_string());
+            }
+        }
         outcomes.push(outcome);
     }
-    let commit_error = conn.execute_batch("COMMIT").err().map(|e| e.to_string());
-    if commit_error.is_some() {
+    let commit_error = match aborted {
+        Some(msg) => Some(msg),
+        None => conn.execute_batch("COMMIT").err().map(|e| e.to_string()),
+    };
+    if commit_error.is_some() && !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
     }
     match commit_error.as_ref().or(failure.as_ref()) {
@@ -278,6 +293,101 @@ mod tests {
             vec![0x5a; 8192],
             "nothing was overwritten"
         );
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_refuses_the_change_reports_it_and_recovers() {
+        let db = temp_db();
+        // SQLite's page limit makes the database "full" exactly like a full disk would.
+        db.write(|c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .expect("limit pages");
+        let big = vec![7u8; 256 * 1024];
+        let full = db
+            .write(move |c| {
+                c.execute("INSERT INTO outbox (seq, kind, occurred_at_ms, payload) VALUES (1, 'X', 0, ?1)", [big])?;
+                Ok(())
+            })
+            .await;
+        assert!(
+            matches!(&full, Err(Error::Store(e)) if is_store_failure(e)),
+            "{full:?}"
+        );
+        assert!(
+            db.health().is_some_and(|h| h.contains("full")),
+            "{:?}",
+            db.health()
+        );
+        let rows: i64 = db
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
+            .await
+            .expect("count");
+        assert_eq!(rows, 0, "nothing half-written");
+        db.write(|c| {
+            c.query_row("PRAGMA max_page_count = 1073741823", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .expect("lift limit");
+        assert_eq!(db.health(), None, "a good commit clears the failure");
+    }
+
+    #[tokio::test]
+    async fn callers_told_done_are_durable_when_the_disk_fills_mid_batch() {
+        let db = temp_db();
+        db.write(|c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.query_row(
+                &format!("PRAGMA max_page_count = {}", pages + 2),
+                [],
+                |_| Ok(()),
+            )?;
+            Ok(())
+        })
+        .await
+        .expect("limit pages");
+        let writes = (0..40).map(|i| {
+            let db = db.clone();
+            async move {
+                let size = if i % 10 == 5 { 64 * 1024 } else { 16 };
+                let result = db
+                    .write(move |c| {
+                        c.execute(
+                            "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                            (i.to_string(), "x".repeat(size)),
+                        )?;
+                        Ok(())
+                    })
+                    .await;
+                (i, result.is_ok())
+            }
+        });
+        let results = futures::future::join_all(writes).await;
+        assert!(
+            results.iter().any(|(_, ok)| !ok),
+            "the limit must refuse something"
+        );
+        for (i, told_ok) in results {
+            let stored: i64 = db
+                .read(move |c| {
+                    Ok(c.query_row(
+                        "SELECT COUNT(*) FROM meta WHERE key = ?1",
+                        [i.to_string()],
+                        |r| r.get(0),
+                    )?)
+                })
+                .await
+                .expect("read");
+            assert_eq!(
+                stored == 1,
+                told_ok,
+                "write {i}: told ok = {told_ok}, stored = {stored}"
+            );
+        }
     }
 
     #[tokio::test]
