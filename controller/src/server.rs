@@ -199,3 +199,21 @@ fn plaintext_allowed(addr: SocketAddr, dev_mode: bool) -> Result<()> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_only_on_loopback_or_in_dev_mode() {
+        let check = |addr: &str, dev: bool, ok: bool| {
+            let addr: SocketAddr = addr.parse().expect("addr");
+            assert_eq!(plaintext_allowed(addr, dev).is_ok(), ok, "{addr} dev={dev}");
+        };
+        check("127.0.0.1:8081", false, true);
+        check("[::1]:8081", false, true);
+        check("0.0.0.0:8081", false, false);
+        check("10.1.2.3:8081", false, false);
+        check("0.0.0.0:8081", true, true);
+    }
+}

@@ -1,6 +1,6 @@
 //! End-to-end test support: real controller and agent processes, a fault-injecting TCP proxy
 //! between them, fresh PostgreSQL databases, and waiting on conditions with deadlines.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -199,6 +199,15 @@ pub struct ControllerProc {
 
 impl ControllerProc {
     pub async fn start(dir: &Path, database_url: &str) -> ControllerProc {
+        Self::start_with(dir, database_url, &[]).await
+    }
+
+    /// Like `start`, with extra environment (e.g. TLS settings).
+    pub async fn start_with(
+        dir: &Path,
+        database_url: &str,
+        env: &[(&str, String)],
+    ) -> ControllerProc {
         std::fs::create_dir_all(dir).expect("controller dir");
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
@@ -213,6 +222,7 @@ impl ControllerProc {
             .env("MERIDIAN_CONTROLLER_BOOTSTRAP_TOKEN_FILE", &token_file)
             .env("MERIDIAN_CONTROLLER_READY_FILE", &ready)
             .env("MERIDIAN_CONTROLLER_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -274,6 +284,16 @@ impl AgentProc {
     }
 
     async fn spawn(dir: &Path, controller_url: &str, enrollment_token: &str) -> AgentProc {
+        Self::spawn_with(dir, controller_url, enrollment_token, &[]).await
+    }
+
+    /// An agent for `controller_url` (any scheme) with extra environment.
+    pub async fn spawn_with(
+        dir: &Path,
+        controller_url: &str,
+        enrollment_token: &str,
+        env: &[(&str, String)],
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).expect("agent dir");
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
@@ -288,6 +308,7 @@ impl AgentProc {
             .env("MERIDIAN_AGENT_BACKOFF_CAP_MS", "1000")
             .env("MERIDIAN_AGENT_READY_FILE", &ready)
             .env("MERIDIAN_AGENT_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
