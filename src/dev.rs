@@ -197,7 +197,7 @@ pub fn demo_resources() -> Vec<serde_json::Value> {
             out.push(json!({"kind": "service", "site": code, "code": s, "name": sname, "queue": q, "kpi_wait_minutes": kpi}));
         }
         out.push(json!({"kind": "work_profile", "site": code, "code": "default", "name": "Default",
-            "queues": [{"queue": "accounts", "min_wait_minutes": 20}, {"queue": "general"}, {"queue": "repairs"}]}));
+            "queues": [{"queue": "accounts", "min_wait_minutes": 20}, {"queue": "general"}, {"queue": "accounts"}, {"queue": "repairs"}]}));
         for n in 1..=3 {
             out.push(json!({"kind": "service_point", "site": code, "code": format!("C{n}"), "name": format!("Counter {n}"), "work_profile": "default"}));
         }

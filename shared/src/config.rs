@@ -386,9 +386,13 @@ impl Resource {
                 if w.queues.is_empty() {
                     errs.push("queues", "a work profile calls from at least one queue");
                 }
-                let unique: BTreeSet<_> = w.queues.iter().map(|e| &e.queue).collect();
+                let unique: BTreeSet<_> = w
+                    .queues
+                    .iter()
+                    .map(|e| (&e.queue, e.min_wait_minutes))
+                    .collect();
                 if unique.len() != w.queues.len() {
-                    errs.push("queues", "a queue appears twice");
+                    errs.push("queues", "the same queue and condition appear twice");
                 }
             }
             Resource::StaffUser(u) => {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod shutdown;
+pub mod visits;
 
 pub use error::{ValidationError, ValidationErrors};
 pub use ids::{AgentId, Code, SiteCode, VisitId};
