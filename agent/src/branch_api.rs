@@ -5,17 +5,20 @@
 
 use std::sync::Arc;
 
+use axum::extract::Path;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::Context;
 use crate::error::Error;
-use crate::store::queries::{self, Visit};
+use crate::store::queries;
+use crate::visits::{self, QueueState, ServicePointState, Visit};
+use meridian_shared::visits::{Location, Op, Position, VisitStatus};
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -24,6 +27,25 @@ pub fn router(ctx: Arc<Context>) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/visits", get(list_visits).post(create_visit))
+        .route("/api/v1/visits/{id}", get(get_visit))
+        .route("/api/v1/visits/{id}/transfer", post(transfer_visit))
+        .route("/api/v1/visits/{id}/{action}", post(visit_action))
+        .route("/api/v1/queues", get(list_queues))
+        .route("/api/v1/service-points", get(list_service_points))
+        .route(
+            "/api/v1/service-points/{code}/open",
+            post(open_service_point),
+        )
+        .route(
+            "/api/v1/service-points/{code}/close",
+            post(close_service_point),
+        )
+        .route("/api/v1/service-points/{code}/call-next", post(call_next))
+        .route("/api/v1/service-points/{code}/call", post(call_visit))
+        .route(
+            "/api/v1/service-points/{code}/walk-direct",
+            post(walk_direct),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
@@ -69,6 +91,7 @@ impl From<Error> for ApiError {
             Error::NotConfigured => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_configured", message)
             }
+            Error::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             Error::Store(_) | Error::StoreGone(_) => {
                 tracing::error!(error = %message, "request failed in the local store");
                 ApiError::new(
@@ -152,23 +175,50 @@ struct NewVisit {
     service: String,
 }
 
+type Json201<T> = Result<(StatusCode, Json<T>), ApiError>;
+
+fn config(ctx: &Context) -> Result<std::sync::Arc<meridian_shared::config::SiteConfig>, Error> {
+    ctx.config.borrow().clone().ok_or(Error::NotConfigured)
+}
+
+fn check_code(what: &str, value: &str) -> Result<(), Error> {
+    if value.is_empty() || value.len() > 32 {
+        return Err(Error::Validation(format!(
+            "{what} must be a code of 1-32 characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs a state-changing store job against the current configuration and wakes the link.
+async fn change<R, F>(ctx: &Context, f: F) -> Result<R, ApiError>
+where
+    R: Send + 'static,
+    F: FnOnce(
+            &rusqlite::Connection,
+            &meridian_shared::config::SiteConfig,
+            chrono::DateTime<chrono::Utc>,
+        ) -> crate::Result<R>
+        + Send
+        + 'static,
+{
+    let config = config(ctx)?;
+    let now = ctx.clock.now();
+    let result = ctx.db.write(move |c| f(c, &config, now)).await?;
+    ctx.outbox_changed.notify_one();
+    Ok(result)
+}
+
 async fn create_visit(
     State(ctx): State<Arc<Context>>,
     body: Result<Json<NewVisit>, JsonRejection>,
-) -> Result<(StatusCode, Json<Visit>), ApiError> {
+) -> Json201<Visit> {
     let Json(req) = body?;
-    if req.service.is_empty() || req.service.len() > 32 {
-        return Err(
-            Error::Validation("service must be a service code of 1-32 characters".into()).into(),
-        );
-    }
-    let config = ctx.config.borrow().clone().ok_or(Error::NotConfigured)?;
-    let now = ctx.clock.now();
-    let visit = ctx
-        .db
-        .write(move |c| queries::create_visit(c, &config, &req.service, now))
-        .await?;
-    ctx.outbox_changed.notify_one();
+    check_code("service", &req.service)?;
+    let visit = change(&ctx, move |c, config, now| {
+        visits::create(c, config, &req.service, now)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(visit)))
 }
 
@@ -181,13 +231,203 @@ async fn list_visits(
     State(ctx): State<Arc<Context>>,
     Query(q): Query<VisitFilter>,
 ) -> Result<Json<Vec<Visit>>, ApiError> {
-    let status = q.status.unwrap_or_else(|| "waiting".into());
-    if !matches!(status.as_str(), "waiting" | "called" | "serving" | "ended") {
-        return Err(Error::Validation(format!("unknown status {status:?}")).into());
+    let raw = q.status.unwrap_or_else(|| "waiting".into());
+    let status = VisitStatus::parse(&raw)
+        .ok_or_else(|| Error::Validation(format!("unknown status {raw:?}")))?;
+    Ok(Json(ctx.db.read(move |c| visits::list(c, status)).await?))
+}
+
+async fn get_visit(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+) -> Result<Json<Visit>, ApiError> {
+    Ok(Json(ctx.db.read(move |c| visits::get(c, &id)).await?))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EndVisit {
+    /// Marks / delivered services recorded with the visit.
+    #[serde(default)]
+    marks: Vec<String>,
+}
+
+async fn visit_action(
+    State(ctx): State<Arc<Context>>,
+    Path((id, action)): Path<(String, String)>,
+    body: Option<Json<EndVisit>>,
+) -> Result<Json<Visit>, ApiError> {
+    let op = match action.as_str() {
+        "recall" => Op::Recall,
+        "start-serving" => Op::StartServing,
+        "no-show" => Op::NoShow,
+        "recycle" => Op::Recycle,
+        "park" => Op::Park,
+        "end" => Op::End,
+        "remove" => Op::Remove,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown visit action {other:?}"),
+            ));
+        }
+    };
+    let marks = body.map(|Json(b)| b.marks).unwrap_or_default();
+    if marks.len() > 20 || marks.iter().any(|m| m.is_empty() || m.len() > 100) {
+        return Err(Error::Validation("at most 20 marks of 1-100 characters".into()).into());
     }
+    let visit = change(&ctx, move |c, config, now| {
+        visits::transition(c, config, &id, op, marks, now)
+    })
+    .await?;
+    Ok(Json(visit))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    to: Location,
+    #[serde(default)]
+    position: Position,
+}
+
+async fn transfer_visit(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+    body: Result<Json<TransferRequest>, JsonRejection>,
+) -> Result<Json<Visit>, ApiError> {
+    let Json(req) = body?;
+    let op = Op::Transfer {
+        to: req.to,
+        position: req.position,
+    };
+    Ok(Json(
+        change(&ctx, move |c, config, now| {
+            visits::transition(c, config, &id, op, vec![], now)
+        })
+        .await?,
+    ))
+}
+
+async fn list_queues(State(ctx): State<Arc<Context>>) -> Result<Json<Vec<QueueState>>, ApiError> {
+    let config = config(&ctx)?;
+    let now = ctx.clock.now();
     Ok(Json(
         ctx.db
-            .read(move |c| queries::visits_with_status(c, &status))
+            .read(move |c| visits::queues(c, &config, now))
             .await?,
     ))
+}
+
+async fn list_service_points(
+    State(ctx): State<Arc<Context>>,
+) -> Result<Json<Vec<ServicePointState>>, ApiError> {
+    let config = config(&ctx)?;
+    Ok(Json(
+        ctx.db
+            .read(move |c| visits::service_points(c, &config))
+            .await?,
+    ))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OpenRequest {
+    staff: Option<String>,
+}
+
+async fn open_service_point(
+    State(ctx): State<Arc<Context>>,
+    Path(code): Path<String>,
+    body: Option<Json<OpenRequest>>,
+) -> Result<Json<ServicePointState>, ApiError> {
+    let staff = body.and_then(|Json(b)| b.staff);
+    Ok(Json(
+        change(&ctx, move |c, config, now| {
+            visits::open_counter(c, config, &code, staff.as_deref(), now)
+        })
+        .await?,
+    ))
+}
+
+async fn close_service_point(
+    State(ctx): State<Arc<Context>>,
+    Path(code): Path<String>,
+) -> Result<Json<ServicePointState>, ApiError> {
+    Ok(Json(
+        change(&ctx, move |c, config, now| {
+            visits::close_counter(c, config, &code, now)
+        })
+        .await?,
+    ))
+}
+
+async fn call_next(
+    State(ctx): State<Arc<Context>>,
+    Path(code): Path<String>,
+) -> Result<Response, ApiError> {
+    let called = change(&ctx, move |c, config, now| {
+        visits::call_next(c, config, &code, now)
+    })
+    .await?;
+    Ok(match called {
+        Some(v) => Json(v).into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "nobody_waiting",
+            "nobody is waiting for this service point",
+        )
+        .into_response(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallRequest {
+    visit_id: Option<String>,
+    ticket: Option<String>,
+}
+
+async fn call_visit(
+    State(ctx): State<Arc<Context>>,
+    Path(code): Path<String>,
+    body: Result<Json<CallRequest>, JsonRejection>,
+) -> Result<Json<Visit>, ApiError> {
+    let Json(req) = body?;
+    let tz_day = |config: &meridian_shared::config::SiteConfig, now| {
+        config
+            .site
+            .tz()
+            .map(|tz| meridian_shared::business_day::business_day(tz, now))
+            .map_err(Error::Internal)
+    };
+    let visit = change(&ctx, move |c, config, now| {
+        let visit = match (req.visit_id, req.ticket) {
+            (Some(id), None) => visits::get(c, &id)?,
+            (None, Some(ticket)) => visits::open_by_ticket(c, &ticket, tz_day(config, now)?)?,
+            _ => {
+                return Err(Error::Validation(
+                    "give exactly one of visit_id and ticket".into(),
+                ));
+            }
+        };
+        visits::call(c, config, &code, visit, now)
+    })
+    .await?;
+    Ok(Json(visit))
+}
+
+async fn walk_direct(
+    State(ctx): State<Arc<Context>>,
+    Path(code): Path<String>,
+    body: Result<Json<NewVisit>, JsonRejection>,
+) -> Json201<Visit> {
+    let Json(req) = body?;
+    check_code("service", &req.service)?;
+    let visit = change(&ctx, move |c, config, now| {
+        visits::walk_direct(c, config, &code, &req.service, now)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(visit)))
 }

@@ -6,6 +6,9 @@ pub enum Error {
     NotFound(String),
     #[error("invalid input: {0}")]
     Validation(String),
+    /// The operation is not allowed in the current state (illegal transition, closed counter).
+    #[error("{0}")]
+    Conflict(String),
     #[error("this branch has no configuration yet (the agent has not synced with the controller)")]
     NotConfigured,
     /// The local database failed (disk full, corruption, I/O). Loud in logs and status.

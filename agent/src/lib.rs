@@ -18,6 +18,7 @@ pub mod error;
 pub mod link;
 pub mod settings;
 pub mod store;
+pub mod visits;
 
 pub use error::{Error, Result};
 pub use settings::Settings;

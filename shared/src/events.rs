@@ -17,6 +17,9 @@ pub const MAX_EVENT_KIND: usize = 64;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentEvent {
     VisitCreated(VisitCreated),
+    /// Every later visit transition; the kind says which.
+    Visit(VisitEventKind, VisitChanged),
+    ServicePoint(ServicePointEventKind, ServicePointChanged),
     ConfigApplied(ConfigApplied),
 }
 
@@ -31,6 +34,116 @@ pub struct VisitCreated {
     pub created_at: DateTime<Utc>,
 }
 
+/// The visit transitions after creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VisitEventKind {
+    Called,
+    Recalled,
+    Serving,
+    NoShow,
+    Recycled,
+    Parked,
+    Transferred,
+    Ended,
+    Removed,
+    ClosedAtEndOfDay,
+}
+
+impl VisitEventKind {
+    pub const ALL: [VisitEventKind; 10] = [
+        Self::Called,
+        Self::Recalled,
+        Self::Serving,
+        Self::NoShow,
+        Self::Recycled,
+        Self::Parked,
+        Self::Transferred,
+        Self::Ended,
+        Self::Removed,
+        Self::ClosedAtEndOfDay,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Called => "VISIT_CALLED",
+            Self::Recalled => "VISIT_RECALLED",
+            Self::Serving => "VISIT_SERVING",
+            Self::NoShow => "VISIT_NO_SHOW",
+            Self::Recycled => "VISIT_RECYCLED",
+            Self::Parked => "VISIT_PARKED",
+            Self::Transferred => "VISIT_TRANSFERRED",
+            Self::Ended => "VISIT_ENDED",
+            Self::Removed => "VISIT_REMOVED",
+            Self::ClosedAtEndOfDay => "VISIT_CLOSED_AT_END_OF_DAY",
+        }
+    }
+}
+
+/// What central statistics need of a visit transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VisitChanged {
+    pub visit_id: VisitId,
+    pub ticket: String,
+    pub service: Code,
+    /// The visit's queue after the transition.
+    pub queue: Code,
+    pub business_day: NaiveDate,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<Code>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff: Option<Code>,
+    /// Where the visit waits now (recycle, park, transfer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<crate::visits::Location>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<crate::visits::Outcome>,
+    pub at: DateTime<Utc>,
+    /// On a call: how long it waited where it was called from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_ms: Option<i64>,
+    /// On an end: how long it was served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_ms: Option<i64>,
+    pub recalls: u32,
+    /// Free-text marks and delivered services recorded when ending a visit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub marks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServicePointEventKind {
+    Opened,
+    Closed,
+    StaffLoggedIn,
+    StaffLoggedOut,
+}
+
+impl ServicePointEventKind {
+    pub const ALL: [ServicePointEventKind; 4] = [
+        Self::Opened,
+        Self::Closed,
+        Self::StaffLoggedIn,
+        Self::StaffLoggedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Opened => "SERVICE_POINT_OPENED",
+            Self::Closed => "SERVICE_POINT_CLOSED",
+            Self::StaffLoggedIn => "STAFF_LOGGED_IN",
+            Self::StaffLoggedOut => "STAFF_LOGGED_OUT",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePointChanged {
+    pub service_point: Code,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staff: Option<Code>,
+    pub at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigApplied {
     pub revision: u64,
@@ -41,6 +154,8 @@ impl AgentEvent {
     pub fn kind(&self) -> &'static str {
         match self {
             AgentEvent::VisitCreated(_) => "VISIT_CREATED",
+            AgentEvent::Visit(kind, _) => kind.as_str(),
+            AgentEvent::ServicePoint(kind, _) => kind.as_str(),
             AgentEvent::ConfigApplied(_) => "CONFIG_APPLIED",
         }
     }
@@ -49,6 +164,8 @@ impl AgentEvent {
     pub fn payload(&self) -> Vec<u8> {
         let value = match self {
             AgentEvent::VisitCreated(e) => serde_json::to_vec(e),
+            AgentEvent::Visit(_, e) => serde_json::to_vec(e),
+            AgentEvent::ServicePoint(_, e) => serde_json::to_vec(e),
             AgentEvent::ConfigApplied(e) => serde_json::to_vec(e),
         };
         // Serializing plain structs of strings and numbers cannot fail.
@@ -58,6 +175,21 @@ impl AgentEvent {
     /// Decodes a known kind; `Ok(None)` for a well-formed kind this version does not know.
     pub fn decode(kind: &str, payload: &[u8]) -> Result<Option<Self>, WireEventError> {
         let bad = |e: serde_json::Error| WireEventError::Payload(e.to_string());
+        if let Some(k) = VisitEventKind::ALL.into_iter().find(|k| k.as_str() == kind) {
+            return Ok(Some(AgentEvent::Visit(
+                k,
+                serde_json::from_slice(payload).map_err(bad)?,
+            )));
+        }
+        if let Some(k) = ServicePointEventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+        {
+            return Ok(Some(AgentEvent::ServicePoint(
+                k,
+                serde_json::from_slice(payload).map_err(bad)?,
+            )));
+        }
         Ok(Some(match kind {
             "VISIT_CREATED" => {
                 AgentEvent::VisitCreated(serde_json::from_slice(payload).map_err(bad)?)

@@ -278,10 +278,10 @@ pub fn choose_next<'a, Id>(
             .filter(|c| &c.location == loc)
             .min_by_key(|c| (c.sort_key, c.waiting_since))
     };
-    if let Some(staff) = staff {
-        if let Some(c) = first_in(&Location::StaffPool(staff.clone())) {
-            return Some(c);
-        }
+    if let Some(staff) = staff
+        && let Some(c) = first_in(&Location::StaffPool(staff.clone()))
+    {
+        return Some(c);
     }
     if let Some(c) = first_in(&Location::ServicePointPool(counter.clone())) {
         return Some(c);

@@ -25,7 +25,13 @@ const MAX_BATCH: usize = 256;
 /// Queued jobs; when full, callers wait (backpressure), nothing is dropped.
 const QUEUE: usize = 4096;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/agent/0001_core.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../../migrations/agent/0001_core.sql")),
+    (
+        2,
+        include_str!("../../../migrations/agent/0002_visit_lifecycle.sql"),
+    ),
+];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Outcome + Send>;

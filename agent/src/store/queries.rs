@@ -1,13 +1,10 @@
 //! Statements against the agent store, each taking the connection of a running job so callers
 //! compose them into one transaction (a state change and its outbox event commit together).
 
-use chrono::{DateTime, NaiveDate, Utc};
-use meridian_shared::business_day::{format_ticket, next_ticket_number};
+use chrono::{DateTime, Utc};
 use meridian_shared::config::SiteConfig;
-use meridian_shared::events::{AgentEvent, VisitCreated};
-use meridian_shared::{Code, VisitId};
+use meridian_shared::events::AgentEvent;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
 
 use crate::error::{Error, Result};
 
@@ -186,125 +183,4 @@ pub fn ack_outbox(conn: &Connection, up_to: u64) -> Result<()> {
         [],
     )?;
     Ok(())
-}
-
-// ---------- visits ----------
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Visit {
-    pub id: String,
-    pub ticket: String,
-    pub service: String,
-    pub queue: String,
-    pub business_day: NaiveDate,
-    pub status: String,
-    pub created_at: DateTime<Utc>,
-}
-
-/// Issues a ticket for `service`: the next number of its queue for the site-local business
-/// day, a waiting visit and its `VISIT_CREATED` event, in the caller's transaction.
-pub fn create_visit(
-    conn: &Connection,
-    config: &SiteConfig,
-    service: &str,
-    now: DateTime<Utc>,
-) -> Result<Visit> {
-    let svc = config
-        .service(service)
-        .ok_or_else(|| Error::NotFound(format!("service {service:?}")))?;
-    let queue = config
-        .queue(svc.queue.as_str())
-        .ok_or_else(|| Error::Internal(format!("service {service} points at a missing queue")))?;
-    let tz = config.site.tz().map_err(Error::Internal)?;
-    let day = meridian_shared::business_day::business_day(tz, now);
-    let day_s = day.to_string();
-    let previous: Option<i64> = conn
-        .query_row(
-            "SELECT last_number FROM ticket_counters WHERE queue = ?1 AND business_day = ?2",
-            params![queue.code.as_str(), day_s],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let number = next_ticket_number(
-        previous.map(|n| n as u32),
-        queue.first_number,
-        queue.last_number,
-    );
-    conn.execute(
-        "INSERT INTO ticket_counters (queue, business_day, last_number) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (queue, business_day) DO UPDATE SET last_number = excluded.last_number",
-        params![queue.code.as_str(), day_s, number],
-    )?;
-    let visit = Visit {
-        id: VisitId::new().to_string(),
-        ticket: format_ticket(&queue.letter, number),
-        service: svc.code.to_string(),
-        queue: queue.code.to_string(),
-        business_day: day,
-        status: "waiting".into(),
-        created_at: now,
-    };
-    conn.execute(
-        "INSERT INTO visits (id, ticket, service, queue, business_day, status, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![visit.id, visit.ticket, visit.service, visit.queue, day_s, visit.status, now.to_rfc3339()],
-    )?;
-    let event = AgentEvent::VisitCreated(VisitCreated {
-        visit_id: visit
-            .id
-            .parse()
-            .map_err(|_| Error::Internal("visit id".into()))?,
-        ticket: visit.ticket.clone(),
-        service: svc.code.clone(),
-        queue: Code::parse(queue.code.as_str()).map_err(|e| Error::Internal(e.to_string()))?,
-        business_day: day,
-        created_at: now,
-    });
-    append_event(conn, &event, now)?;
-    Ok(visit)
-}
-
-pub fn visits_with_status(conn: &Connection, status: &str) -> Result<Vec<Visit>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, ticket, service, queue, business_day, status, created_at FROM visits \
-         WHERE status = ?1 ORDER BY created_at, id",
-    )?;
-    let rows = stmt.query_map([status], |r| {
-        let day: String = r.get(4)?;
-        let created: String = r.get(6)?;
-        Ok((
-            r.get(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            day,
-            r.get(5)?,
-            created,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, ticket, service, queue, day, status, created): (
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-        ) = row?;
-        out.push(Visit {
-            id,
-            ticket,
-            service,
-            queue,
-            business_day: day
-                .parse()
-                .map_err(|_| Error::Internal(format!("bad stored date {day:?}")))?,
-            status,
-            created_at: DateTime::parse_from_rfc3339(&created)
-                .map_err(|_| Error::Internal(format!("bad stored time {created:?}")))?
-                .with_timezone(&Utc),
-        });
-    }
-    Ok(out)
 }

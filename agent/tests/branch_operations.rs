@@ -1,0 +1,544 @@
+//! Branch operations through the connector API (`Router::oneshot`, no controller): the visit
+//! lifecycle, counters, work profiles, illegal transitions and concurrent counters.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use meridian_agent::store::queries;
+use meridian_agent::{Context, Settings};
+use meridian_shared::clock::SystemClock;
+use meridian_shared::config::SiteConfig;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+fn site_config() -> SiteConfig {
+    serde_json::from_value(json!({
+        "revision": 1,
+        "site": {"code": "SFO", "name": "San Francisco", "time_zone": "America/Los_Angeles"},
+        "services": [
+            {"site": "SFO", "code": "GEN", "name": "General", "queue": "general"},
+            {"site": "SFO", "code": "ACC", "name": "Accounts", "queue": "accounts"}
+        ],
+        "queues": [
+            {"site": "SFO", "code": "general", "name": "General", "letter": "A"},
+            {"site": "SFO", "code": "accounts", "name": "Accounts", "letter": "B"}
+        ],
+        "service_points": [
+            {"site": "SFO", "code": "C1", "name": "Counter 1", "work_profile": "accounts-first"},
+            {"site": "SFO", "code": "C2", "name": "Counter 2", "work_profile": "general-first"}
+        ],
+        "work_profiles": [
+            {"site": "SFO", "code": "accounts-first", "name": "Accounts first",
+             "queues": [{"queue": "accounts"}, {"queue": "general"}]},
+            {"site": "SFO", "code": "general-first", "name": "General first",
+             "queues": [{"queue": "general"}, {"queue": "accounts"}]}
+        ],
+        "staff": [
+            {"username": "alice", "name": "Alice", "roles": ["staff"], "sites": ["SFO"],
+             "password_hash": "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"}
+        ]
+    }))
+    .expect("site config")
+}
+
+async fn branch() -> (Arc<Context>, Router) {
+    let dir =
+        std::env::temp_dir().join(format!("meridian-branch-{}", uuid::Uuid::new_v4().simple()));
+    let settings = Settings {
+        data_dir: dir,
+        ..Settings::default()
+    };
+    let ctx = Context::open(&settings, Arc::new(SystemClock))
+        .await
+        .expect("open");
+    let config = site_config();
+    let applied = config.clone();
+    let now = ctx.clock.now();
+    ctx.db
+        .write(move |c| queries::apply_config(c, &applied, now))
+        .await
+        .expect("apply config");
+    ctx.config.send_replace(Some(Arc::new(config)));
+    let router = meridian_agent::branch_api::router(ctx.clone());
+    (ctx, router)
+}
+
+async fn call(
+    router: &Router,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(path);
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Body::from(b.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = router
+        .clone()
+        .oneshot(req.body(body).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn ok(router: &Router, method: Method, path: &str, body: Option<Value>) -> Value {
+    let (status, v) = call(router, method.clone(), path, body).await;
+    assert!(status.is_success(), "{method} {path} -> {status}: {v}");
+    v
+}
+
+async fn outbox_kinds(ctx: &Context) -> Vec<String> {
+    ctx.db
+        .read(|c| {
+            Ok(queries::outbox_after(c, 0, 10_000)?
+                .into_iter()
+                .map(|e| e.kind)
+                .collect())
+        })
+        .await
+        .expect("outbox")
+}
+
+#[tokio::test]
+async fn a_visit_lives_through_call_serve_and_end_with_an_event_per_step() {
+    let (ctx, r) = branch().await;
+    ok(
+        &r,
+        Method::POST,
+        "/api/v1/service-points/C1/open",
+        Some(json!({"staff": "alice"})),
+    )
+    .await;
+    let a = ok(
+        &r,
+        Method::POST,
+        "/api/v1/visits",
+        Some(json!({"service": "GEN"})),
+    )
+    .await;
+    let b = ok(
+        &r,
+        Method::POST,
+        "/api/v1/visits",
+        Some(json!({"service": "ACC"})),
+    )
+    .await;
+    assert_eq!(
+        (a["ticket"].as_str(), b["ticket"].as_str()),
+        (Some("A001"), Some("B001"))
+    );
+
+    // C1's profile calls accounts first.
+    let called = ok(
+        &r,
+        Method::POST,
+        "/api/v1/service-points/C1/call-next",
+        None,
+    )
+    .await;
+    assert_eq!(called["ticket"], "B001");
+    assert_eq!(
+        (
+            called["status"].as_str(),
+            called["counter"].as_str(),
+            called["staff"].as_str()
+        ),
+        (Some("called"), Some("C1"), Some("alice"))
+    );
+    let id = called["id"].as_str().expect("id");
+    ok(
+        &r,
+        Method::POST,
+        &format!("/api/v1/visits/{id}/recall"),
+        None,
+    )
+    .await;
+    let serving = ok(
+        &r,
+        Method::POST,
+        &format!("/api/v1/visits/{id}/start-serving"),
+        None,
+    )
+    .await;
+    assert_eq!(serving["status"], "serving");
+    let ended = ok(
+        &r,
+        Method::POST,
+        &format!("/api/v1/visits/{id}/end"),
+        Some(json!({"marks": ["new account"]})),
+    )
+    .await;
+    assert_eq!(
+        (ended["status"].as_str(), ended["outcome"].as_str()),
+        (Some("ended"), Some("served"))
+    );
+
+    let queues = ok(&r, Method::GET, "/api/v1/queues", None).await;
+    assert_eq!(queues[0]["waiting"], 1, "{queues}");
+    let points = ok(&r, Method::GET, "/api/v1/service-points", None).await;
+    assert_eq!(
+        (points[0]["open"].as_bool(), points[0]["staff"].as_str()),
+        (Some(true), Some("alice"))
+    );
+    assert!(points[0].get("current").is_none());
+
+    assert_eq!(
+        outbox_kinds(&ctx).await,
+        [
+            "CONFIG_APPLIED",
+            "SERVICE_POINT_OPENED",
+            "STAFF_LOGGED_IN",
+            "VISIT_CREATED",
+            "VISIT_CREATED",
+            "VISIT_CALLED",
+            "VISIT_RECALLED",
+            "VISIT_SERVING",
+            "VISIT_ENDED"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn recycle_park_transfer_and_walk_in() {
+    let (_ctx, r) = branch().await;
+    ok(
+        &r,
+        Method::POST,
+        "/api/v1/service-points/C1/open",
+        Some(json!({"staff": "alice"})),
+    )
+    .await;
+    ok(&r, Method::POST, "/api/v1/service-points/C2/open", None).await;
+    for _ in 0..3 {
+        ok(
+            &r,
+            Method::POST,
+            "/api/v1/visits",
+            Some(json!({"service": "GEN"})),
+        )
+        .await;
+    }
+    let first = ok(
+        &r,
+        Method::POST,
+        "/api/v1/service-points/C1/call-next",
+        None,
+    )
+    .await;
+    assert_eq!(first["ticket"], "A001");
+    let id = first["id"].as_str().expect("id").to_owned();
+    let recycled = ok(
+        &r,
+        Method::POST,
+        &format!("/api/v1/visits/{id}/recycle"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        recycled["location"],
+        json!({"kind": "queue", "code": "general"})
+    );
+    assert_eq!(
+        ok(
+            &r,
+            Method::POST,
+            "/api/v1/service-points/C1/call-next",
+            None
+        )
+        .await["ticket"],
+        "A002",
+        "recycled goes to the back"
+    );
+    let second = ok(&r, Method::GET, "/api/v1/visits?status=called", None).await[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let parked = ok(
+        &r,
+        Method::POST,
+        &format!("/api/v1/visits/{second}/park"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        parked["location"],
+        json!({"kind": "staff_pool", "code": "alice"})
+    );
+    assert_eq!(
+        ok(
+            &r,
+            Method::POST,
+            "/api/v1/service-points/C1/call-next",
+            None
+        )
+        .await["ticket"],
+        "A002",
+        "own pool first"
+    );
+    ok(
+        &r,
+        Method::POST,
+        &format!("/api/v1/visits/{second}/transfer"),
+        Some(json!({"to": {"kind": "queue", "code": "accounts"}, "position": "first"})),
+    )
+    .await;
+    assert_eq!(
+        ok(
+            &r,
+            Method::POST,
+            "/api/v1/service-points/C2/call-next",
+            None
+        )
+        .await["ticket"],
+        "A003",
+        "C2 prefers general"
+    );
+    let walk = ok(
+        &r,
+        Method::POST,
+        "/api/v1/service-points/C1/walk-direct",
+        Some(json!({"service": "ACC"})),
+    )
+    .await;
+    assert_eq!(
+        (walk["status"].as_str(), walk["ticket"].as_str()),
+        (Some("serving"), Some("B001"))
+    );
+}
+
+#[tokio::test]
+async fn illegal_operations_are_refused_and_change_nothing() {
+    let (ctx, r) = branch().await;
+    let v = ok(
+        &r,
+        Method::POST,
+        "/api/v1/visits",
+        Some(json!({"service": "GEN"})),
+    )
+    .await;
+    let id = v["id"].as_str().expect("id").to_owned();
+    let before = outbox_kinds(&ctx).await.len();
+    let cases: Vec<(Method, String, Option<Value>, StatusCode, &str)> = vec![
+        (
+            Method::POST,
+            format!("/api/v1/visits/{id}/end"),
+            None,
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/visits/{id}/recall"),
+            None,
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/visits/{id}/no-show"),
+            None,
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/visits/{id}/park"),
+            None,
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/visits/{id}/fly"),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/visits/nope/end".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/service-points/C1/call-next".into(),
+            None,
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            Method::POST,
+            "/api/v1/service-points/C9/open".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/service-points/C1/open".into(),
+            Some(json!({"staff": "mallory"})),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/visits".into(),
+            Some(json!({"service": "NOPE"})),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/visits".into(),
+            Some(json!({"service": ""})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        ),
+        (
+            Method::POST,
+            "/api/v1/visits".into(),
+            Some(json!({"service": "GEN", "extra": 1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/visits/{id}/transfer"),
+            Some(json!({"to": {"kind": "queue", "code": "nowhere"}})),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/visits/{id}/transfer"),
+            Some(json!({"to": "queue"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            Method::GET,
+            "/api/v1/visits?status=sleeping".into(),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let (got, v) = call(&r, method.clone(), &path, body).await;
+        assert_eq!(
+            (got, v["code"].as_str()),
+            (status, Some(code)),
+            "{method} {path}: {v}"
+        );
+        assert!(v["message"].is_string());
+    }
+    // Two counters, one visit: the second call is refused.
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
+    ok(&r, Method::POST, "/api/v1/service-points/C2/open", None).await;
+    ok(
+        &r,
+        Method::POST,
+        "/api/v1/service-points/C1/call",
+        Some(json!({"ticket": "A001"})),
+    )
+    .await;
+    let (status, _) = call(
+        &r,
+        Method::POST,
+        "/api/v1/service-points/C2/call",
+        Some(json!({"visit_id": id})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = call(&r, Method::POST, "/api/v1/service-points/C1/close", None).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a counter with a customer cannot close"
+    );
+    let kinds = outbox_kinds(&ctx).await;
+    assert_eq!(
+        &kinds[before..],
+        [
+            "SERVICE_POINT_OPENED",
+            "SERVICE_POINT_OPENED",
+            "VISIT_CALLED"
+        ],
+        "refusals recorded nothing"
+    );
+}
+
+#[tokio::test]
+async fn two_counters_calling_at_once_never_get_the_same_visit() {
+    let (_ctx, r) = branch().await;
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
+    ok(&r, Method::POST, "/api/v1/service-points/C2/open", None).await;
+    let mut issued = Vec::new();
+    for i in 0..200 {
+        let service = if i % 2 == 0 { "GEN" } else { "ACC" };
+        issued.push(
+            ok(
+                &r,
+                Method::POST,
+                "/api/v1/visits",
+                Some(json!({"service": service})),
+            )
+            .await["id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    let counter = |name: &'static str| {
+        let r = r.clone();
+        tokio::spawn(async move {
+            let mut served = Vec::new();
+            loop {
+                let (status, v) = call(
+                    &r,
+                    Method::POST,
+                    &format!("/api/v1/service-points/{name}/call-next"),
+                    None,
+                )
+                .await;
+                if status == StatusCode::NOT_FOUND {
+                    return served;
+                }
+                assert_eq!(status, StatusCode::OK, "{v}");
+                let id = v["id"].as_str().expect("id").to_owned();
+                ok(&r, Method::POST, &format!("/api/v1/visits/{id}/end"), None).await;
+                served.push(id);
+            }
+        })
+    };
+    let (a, b) = tokio::join!(counter("C1"), counter("C2"));
+    let (a, b) = (a.expect("C1"), b.expect("C2"));
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "both counters worked: {} / {}",
+        a.len(),
+        b.len()
+    );
+    let mut all: Vec<String> = a.iter().chain(b.iter()).cloned().collect();
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(all.len(), before, "a visit was served twice");
+    issued.sort();
+    assert_eq!(all, issued, "every visit served exactly once");
+}
