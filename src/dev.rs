@@ -52,19 +52,14 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let store = meridian_controller::store::open(&settings.database_url()).await?;
     let token_file = args.dir.join("admin-token");
     let admin_token = admin_token(store.as_ref(), &token_file).await?;
-    seed(store.as_ref()).await?;
+    let key_file = args.dir.join("connector-key");
+    let connector_key = connector_key(&key_file)?;
+    seed(store.as_ref(), &auth::hash_secret(&connector_key)).await?;
     let listeners = server::Listeners::bind(&settings).await.with_context(|| {
-        format!(
-            "binding {} and {}",
-            settings.api_listen, settings.gateway_listen
-        )
+        format!("binding {} and {}", settings.api_listen, settings.gateway_listen)
     })?;
-    let controller = tokio::spawn(server::serve(
-        settings,
-        store.clone(),
-        listeners,
-        shutdown.clone(),
-    ));
+    let controller =
+        tokio::spawn(server::serve(settings, store.clone(), listeners, shutdown.clone()));
 
     let mut agents = Vec::new();
     let mut urls = Vec::new();
@@ -82,11 +77,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
             Arc::new(meridian_shared::clock::SystemClock),
         )
         .await?;
-        let enrolled = ctx
-            .db
-            .read(meridian_agent::store::queries::identity)
-            .await?
-            .is_some();
+        let enrolled = ctx.db.read(meridian_agent::store::queries::identity).await?.is_some();
         let agent_settings = if enrolled {
             agent_settings
         } else {
@@ -107,10 +98,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         urls.push(format!("  {code} {name:<14} http://127.0.0.1:{port}"));
     }
 
-    println!(
-        "\nMeridian dev fleet is up (Ctrl-C stops it; state in {}).",
-        args.dir.display()
-    );
+    println!("\nMeridian dev fleet is up (Ctrl-C stops it; state in {}).", args.dir.display());
     println!(
         "  controller API     http://127.0.0.1:{}   (agent gateway :{})",
         args.api_port, args.gateway_port
@@ -120,6 +108,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     }
     println!("  admin token        {admin_token}");
     println!("                     (also in {})", token_file.display());
+    println!("  connector API key  {connector_key}");
+    println!("                     (all three branches; also in {})", key_file.display());
     println!("  demo staff         alice, bob, chiyo — password {DEMO_PASSWORD}\n");
 
     let result = controller.await;
@@ -136,16 +126,25 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
 async fn admin_token(store: &dyn Store, file: &Path) -> anyhow::Result<String> {
     if let Ok(existing) = std::fs::read_to_string(file) {
         let existing = existing.trim().to_owned();
-        if store
-            .api_token_by_hash(&auth::hash_secret(&existing))
-            .await?
-            .is_some()
-        {
+        if store.api_token_by_hash(&auth::hash_secret(&existing)).await?.is_some() {
             return Ok(existing);
         }
     }
     let (token, secret) = meridian_controller::api::new_api_token("dev", Role::Admin);
     store.insert_api_token(&token).await?;
+    server::write_secret_file(file, &secret)?;
+    Ok(secret)
+}
+
+/// The dev fleet's connector API key: created once, kept in `file`.
+fn connector_key(file: &Path) -> anyhow::Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(file) {
+        let existing = existing.trim().to_owned();
+        if !existing.is_empty() {
+            return Ok(existing);
+        }
+    }
+    let secret = auth::new_secret("mrd_ck_");
     server::write_secret_file(file, &secret)?;
     Ok(secret)
 }
@@ -172,7 +171,7 @@ fn uuid_like() -> String {
 }
 
 /// The demo configuration, applied idempotently (unchanged on later runs unless edited).
-pub fn demo_resources() -> Vec<serde_json::Value> {
+pub fn demo_resources(connector_key_hash: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     let hours = json!({
         "mon": ["09:00-12:30", "13:30-17:00"], "tue": ["09:00-17:00"], "wed": ["09:00-17:00"],
@@ -198,6 +197,7 @@ pub fn demo_resources() -> Vec<serde_json::Value> {
         }
         out.push(json!({"kind": "work_profile", "site": code, "code": "default", "name": "Default",
             "queues": [{"queue": "accounts", "min_wait_minutes": 20}, {"queue": "general"}, {"queue": "accounts"}, {"queue": "repairs"}]}));
+        out.push(json!({"kind": "connector_key", "site": code, "code": "demo", "name": "Demo integrations", "key_hash": connector_key_hash}));
         for n in 1..=3 {
             out.push(json!({"kind": "service_point", "site": code, "code": format!("C{n}"), "name": format!("Counter {n}"), "work_profile": "default"}));
         }
@@ -212,8 +212,8 @@ pub fn demo_resources() -> Vec<serde_json::Value> {
     out
 }
 
-async fn seed(store: &dyn Store) -> anyhow::Result<()> {
-    let inputs = demo_resources()
+async fn seed(store: &dyn Store, connector_key_hash: &str) -> anyhow::Result<()> {
+    let inputs = demo_resources(connector_key_hash)
         .into_iter()
         .map(serde_json::from_value::<ResourceInput>)
         .collect::<Result<Vec<_>, _>>()?;

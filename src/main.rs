@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 mod dev;
 
 #[derive(Parser)]
-#[command(
-    name = "meridian",
-    version,
-    about = "Meridian: branch operations that never stop"
-)]
+#[command(name = "meridian", version, about = "Meridian: branch operations that never stop")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,9 +32,7 @@ enum Command {
 }
 
 fn init_logs(filter: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .init();
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).init();
 }
 
 #[tokio::main]

@@ -36,25 +36,17 @@ async fn wait_central(
     agent_id: &str,
     visits: i64,
 ) -> (i64, i64, i64, i64, i64) {
-    wait_for(
-        &format!("{visits} visits stored centrally"),
-        DEADLINE,
-        || async {
-            let c = central_events(&controller.database_url, agent_id).await;
-            (c.4 >= visits).then_some(c)
-        },
-    )
+    wait_for(&format!("{visits} visits stored centrally"), DEADLINE, || async {
+        let c = central_events(&controller.database_url, agent_id).await;
+        (c.4 >= visits).then_some(c)
+    })
     .await
 }
 
 fn assert_gapless_exactly_once(c: (i64, i64, i64, i64, i64), visits: i64, high_water: i64) {
     let (count, min, max, distinct, visit_events) = c;
     assert_eq!(visit_events, visits, "every visit event exactly once");
-    assert_eq!(
-        (count, distinct),
-        (high_water, high_water),
-        "every outbox event exactly once"
-    );
+    assert_eq!((count, distinct), (high_water, high_water), "every outbox event exactly once");
     assert_eq!((min, max), (1, high_water), "gapless from 1");
 }
 
@@ -68,9 +60,7 @@ async fn exactly_once_through_outage_agent_restart_lost_acks_and_offline_config_
 
     // Outage: the branch keeps issuing tickets, survives a restart, and takes a config change.
     proxy.set(Fault::Cut);
-    agent
-        .wait_status("agent notices the cut", |s| s["connected"] == false)
-        .await;
+    agent.wait_status("agent notices the cut", |s| s["connected"] == false).await;
     let mut issued = agent.issue_tickets("GEN", 5_000).await;
     agent.kill_and_restart().await;
     let s = agent.status().await;
@@ -94,24 +84,20 @@ async fn exactly_once_through_outage_agent_restart_lost_acks_and_offline_config_
         })
         .await;
     let high = s["outbox_high_water"].as_i64().expect("high water");
-    assert_gapless_exactly_once(
-        wait_central(&controller, &agent_id, 10_000).await,
-        10_000,
-        high,
-    );
-    let waiting: Vec<Value> = reqwest::get(format!("{}/api/v1/visits?status=waiting", agent.url))
+    assert_gapless_exactly_once(wait_central(&controller, &agent_id, 10_000).await, 10_000, high);
+    let waiting: Vec<Value> = reqwest::Client::new()
+        .get(format!("{}/api/v1/visits?status=waiting", agent.url))
+        .bearer_auth(CONNECTOR_KEY)
+        .send()
         .await
         .expect("visits")
         .json()
         .await
         .expect("json");
-    assert_eq!(
-        waiting.len(),
-        10_000,
-        "the configuration change emptied no queue"
-    );
+    assert_eq!(waiting.len(), 10_000, "the configuration change emptied no queue");
     let acc: Value = reqwest::Client::new()
         .post(format!("{}/api/v1/visits", agent.url))
+        .bearer_auth(CONNECTOR_KEY)
         .json(&json!({"service": "ACC"}))
         .send()
         .await
@@ -146,23 +132,15 @@ async fn exactly_once_through_outage_agent_restart_lost_acks_and_offline_config_
     let mut central = central_visit_ids(&controller.database_url, &agent_id).await;
     central.sort();
     issued.sort();
-    assert_eq!(
-        central, issued,
-        "central holds exactly the visits the branch issued"
-    );
+    assert_eq!(central, issued, "central holds exactly the visits the branch issued");
 }
 
 #[tokio::test]
 async fn controller_killed_mid_stream_loses_and_doubles_nothing() {
     let (mut controller, proxy, agent) = fleet_of_one("CHI").await;
-    let agent_id = agent.status().await["agent_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let agent_id = agent.status().await["agent_id"].as_str().expect("id").to_owned();
     proxy.set(Fault::Cut);
-    agent
-        .wait_status("agent offline", |s| s["connected"] == false)
-        .await;
+    agent.wait_status("agent offline", |s| s["connected"] == false).await;
     agent.issue_tickets("GEN", 5_000).await;
     proxy.set(Fault::Pass);
     let at_kill = wait_for("the stream to start", DEADLINE, || async {
@@ -180,30 +158,18 @@ async fn controller_killed_mid_stream_loses_and_doubles_nothing() {
         })
         .await;
     let high = s["outbox_high_water"].as_i64().expect("high water");
-    assert_gapless_exactly_once(
-        wait_central(&controller, &agent_id, 5_000).await,
-        5_000,
-        high,
-    );
+    assert_gapless_exactly_once(wait_central(&controller, &agent_id, 5_000).await, 5_000, high);
 }
 
 #[tokio::test]
 async fn blackholed_link_is_noticed_and_heals_by_itself() {
     let (controller, proxy, agent) = fleet_of_one("TYO").await;
-    let agent_id = agent.status().await["agent_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let agent_id = agent.status().await["agent_id"].as_str().expect("id").to_owned();
     proxy.set(Fault::Blackhole);
-    agent
-        .wait_status("agent notices the silent link", |s| s["connected"] == false)
-        .await;
+    agent.wait_status("agent notices the silent link", |s| s["connected"] == false).await;
     agent.issue_tickets("GEN", 100).await;
     let view = controller.client().agent(&agent_id).await;
-    assert_eq!(
-        view["connected"], false,
-        "the controller dropped the silent session too: {view}"
-    );
+    assert_eq!(view["connected"], false, "the controller dropped the silent session too: {view}");
     proxy.set(Fault::Pass);
     let s = agent
         .wait_status("agent reconnects by itself", |s| {
@@ -244,10 +210,8 @@ async fn session(
 ) -> Result<Vec<ControllerFrame>, tonic::Status> {
     let mut req =
         tonic::Request::new(futures::stream::iter(frames).chain(futures::stream::pending()));
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {credential}").parse().expect("header"),
-    );
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {credential}").parse().expect("header"));
     let mut inbound = gateway(controller).await.session(req).await?.into_inner();
     let mut got = Vec::new();
     loop {
@@ -294,9 +258,7 @@ async fn refused_credentials_tokens_and_frames_change_nothing() {
     admin.seed_site("SFO").await;
 
     // Tokens: unknown, used, expired.
-    let unknown = enroll(&controller, "mrd_enr_nope")
-        .await
-        .expect_err("unknown token");
+    let unknown = enroll(&controller, "mrd_enr_nope").await.expect_err("unknown token");
     assert_eq!(unknown.code(), tonic::Code::PermissionDenied);
     let token = admin.enrollment_token("SFO").await;
     let enrolled = enroll(&controller, &token).await.expect("enroll");
@@ -309,47 +271,32 @@ async fn refused_credentials_tokens_and_frames_change_nothing() {
             Some(json!({"site": "SFO", "ttl_seconds": 1})),
         )
         .await;
-    let expires: chrono::DateTime<chrono::Utc> = short["expires_at"]
-        .as_str()
-        .expect("expiry")
-        .parse()
-        .expect("time");
+    let expires: chrono::DateTime<chrono::Utc> =
+        short["expires_at"].as_str().expect("expiry").parse().expect("time");
     wait_for("the token to expire", Duration::from_secs(5), || async {
         (chrono::Utc::now() > expires).then_some(())
     })
     .await;
-    let expired = enroll(&controller, short["token"].as_str().expect("token"))
-        .await
-        .expect_err("expired");
+    let expired =
+        enroll(&controller, short["token"].as_str().expect("token")).await.expect_err("expired");
     assert!(expired.message().contains("expired"), "{expired:?}");
 
     // Unknown agent credential.
-    let stranger = session(
-        &controller,
-        "00000000-0000-0000-0000-000000000000.nope",
-        vec![],
-    )
-    .await
-    .expect_err("unknown");
+    let stranger = session(&controller, "00000000-0000-0000-0000-000000000000.nope", vec![])
+        .await
+        .expect_err("unknown");
     assert_eq!(stranger.code(), tonic::Code::Unauthenticated);
 
     // Malformed frames: not a Hello first; Hello for another agent; a malformed event.
     let cred = &enrolled.credential;
     let id = &enrolled.agent_id;
-    let ping = AgentFrame {
-        body: Some(agent_frame::Body::Ping(meridian_proto::Ping::default())),
-    };
-    let got = session(&controller, cred, vec![ping])
-        .await
-        .expect("session");
+    let ping = AgentFrame { body: Some(agent_frame::Body::Ping(meridian_proto::Ping::default())) };
+    let got = session(&controller, cred, vec![ping]).await.expect("session");
     assert_eq!(protocol_error(&got).as_deref(), Some("hello_expected"));
-    let got = session(
-        &controller,
-        cred,
-        vec![hello("00000000-0000-0000-0000-000000000000", "SFO")],
-    )
-    .await
-    .expect("session");
+    let got =
+        session(&controller, cred, vec![hello("00000000-0000-0000-0000-000000000000", "SFO")])
+            .await
+            .expect("session");
     assert_eq!(protocol_error(&got).as_deref(), Some("identity_mismatch"));
     let bad_event = AgentFrame {
         body: Some(agent_frame::Body::Events(meridian_proto::EventBatch {
@@ -369,28 +316,16 @@ async fn refused_credentials_tokens_and_frames_change_nothing() {
             ],
         })),
     };
-    let got = session(&controller, cred, vec![hello(id, "SFO"), bad_event])
-        .await
-        .expect("session");
+    let got = session(&controller, cred, vec![hello(id, "SFO"), bad_event]).await.expect("session");
     assert_eq!(protocol_error(&got).as_deref(), Some("malformed_event"));
     let empty = AgentFrame { body: None };
-    let got = session(&controller, cred, vec![hello(id, "SFO"), empty])
-        .await
-        .expect("session");
+    let got = session(&controller, cred, vec![hello(id, "SFO"), empty]).await.expect("session");
     assert_eq!(protocol_error(&got).as_deref(), Some("empty_frame"));
-    assert_eq!(
-        central_events(&db, id).await.0,
-        0,
-        "nothing from a refused batch is stored"
-    );
+    assert_eq!(central_events(&db, id).await.0, 0, "nothing from a refused batch is stored");
 
     // Revocation: the credential stops working.
-    admin
-        .ok(Method::POST, &format!("/api/v1/agents/{id}/revoke"), None)
-        .await;
-    let revoked = session(&controller, cred, vec![hello(id, "SFO")])
-        .await
-        .expect_err("revoked");
+    admin.ok(Method::POST, &format!("/api/v1/agents/{id}/revoke"), None).await;
+    let revoked = session(&controller, cred, vec![hello(id, "SFO")]).await.expect_err("revoked");
     assert_eq!(revoked.code(), tonic::Code::PermissionDenied);
     let view = admin.agent(id).await;
     assert_eq!(view["revoked"], true);

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::Context;
+use crate::auth::{self, Caller, Refusal};
 use crate::error::Error;
 use crate::store::queries;
 use crate::visits::{self, QueueState, ServicePointState, Visit};
@@ -24,28 +25,24 @@ use meridian_shared::visits::{Location, Op, Position, VisitStatus};
 const MAX_BODY: usize = 64 * 1024;
 
 pub fn router(ctx: Arc<Context>) -> Router {
-    Router::new()
-        .route("/api/v1/status", get(status))
+    let protected = Router::new()
         .route("/api/v1/visits", get(list_visits).post(create_visit))
         .route("/api/v1/visits/{id}", get(get_visit))
         .route("/api/v1/visits/{id}/transfer", post(transfer_visit))
         .route("/api/v1/visits/{id}/{action}", post(visit_action))
         .route("/api/v1/queues", get(list_queues))
         .route("/api/v1/service-points", get(list_service_points))
-        .route(
-            "/api/v1/service-points/{code}/open",
-            post(open_service_point),
-        )
-        .route(
-            "/api/v1/service-points/{code}/close",
-            post(close_service_point),
-        )
+        .route("/api/v1/service-points/{code}/open", post(open_service_point))
+        .route("/api/v1/service-points/{code}/close", post(close_service_point))
         .route("/api/v1/service-points/{code}/call-next", post(call_next))
         .route("/api/v1/service-points/{code}/call", post(call_visit))
-        .route(
-            "/api/v1/service-points/{code}/walk-direct",
-            post(walk_direct),
-        )
+        .route("/api/v1/service-points/{code}/walk-direct", post(walk_direct))
+        .route("/api/v1/sessions/current", axum::routing::delete(logout))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), authenticate));
+    Router::new()
+        .merge(protected)
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/sessions", post(login))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
@@ -64,11 +61,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
     }
 }
 
@@ -83,30 +76,20 @@ impl From<Error> for ApiError {
         let message = e.to_string();
         match e {
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
-            Error::Validation(_) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
-                message,
-            ),
+            Error::Validation(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
+            }
             Error::NotConfigured => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_configured", message)
             }
             Error::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             Error::Store(_) | Error::StoreGone(_) => {
                 tracing::error!(error = %message, "request failed in the local store");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    message,
-                )
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message)
             }
             Error::Internal(_) => {
                 tracing::error!(error = %message, "internal error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
             }
         }
     }
@@ -145,11 +128,7 @@ async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, Api
     let (identity, (high, acked), revision) = ctx
         .db
         .read(|c| {
-            Ok((
-                queries::identity(c)?,
-                queries::outbox_state(c)?,
-                queries::config_revision(c)?,
-            ))
+            Ok((queries::identity(c)?, queries::outbox_state(c)?, queries::config_revision(c)?))
         })
         .await?;
     let link = ctx.link.borrow().clone();
@@ -178,19 +157,17 @@ struct NewVisit {
 type Json201<T> = Result<(StatusCode, Json<T>), ApiError>;
 
 fn config(ctx: &Context) -> Result<std::sync::Arc<meridian_shared::config::SiteConfig>, Error> {
-    ctx.config.borrow().clone().ok_or(Error::NotConfigured)
+    ctx.site_config()
 }
 
 fn check_code(what: &str, value: &str) -> Result<(), Error> {
     if value.is_empty() || value.len() > 32 {
-        return Err(Error::Validation(format!(
-            "{what} must be a code of 1-32 characters"
-        )));
+        return Err(Error::Validation(format!("{what} must be a code of 1-32 characters")));
     }
     Ok(())
 }
 
-/// Runs a state-changing store job against the current configuration and wakes the link.
+/// Runs a state-changing store job (see `Context::change`).
 async fn change<R, F>(ctx: &Context, f: F) -> Result<R, ApiError>
 where
     R: Send + 'static,
@@ -202,11 +179,7 @@ where
         + Send
         + 'static,
 {
-    let config = config(ctx)?;
-    let now = ctx.clock.now();
-    let result = ctx.db.write(move |c| f(c, &config, now)).await?;
-    ctx.outbox_changed.notify_one();
-    Ok(result)
+    Ok(ctx.change(f).await?)
 }
 
 async fn create_visit(
@@ -215,10 +188,8 @@ async fn create_visit(
 ) -> Json201<Visit> {
     let Json(req) = body?;
     check_code("service", &req.service)?;
-    let visit = change(&ctx, move |c, config, now| {
-        visits::create(c, config, &req.service, now)
-    })
-    .await?;
+    let visit =
+        change(&ctx, move |c, config, now| visits::create(c, config, &req.service, now)).await?;
     Ok((StatusCode::CREATED, Json(visit)))
 }
 
@@ -277,10 +248,9 @@ async fn visit_action(
     if marks.len() > 20 || marks.iter().any(|m| m.is_empty() || m.len() > 100) {
         return Err(Error::Validation("at most 20 marks of 1-100 characters".into()).into());
     }
-    let visit = change(&ctx, move |c, config, now| {
-        visits::transition(c, config, &id, op, marks, now)
-    })
-    .await?;
+    let visit =
+        change(&ctx, move |c, config, now| visits::transition(c, config, &id, op, marks, now))
+            .await?;
     Ok(Json(visit))
 }
 
@@ -298,37 +268,24 @@ async fn transfer_visit(
     body: Result<Json<TransferRequest>, JsonRejection>,
 ) -> Result<Json<Visit>, ApiError> {
     let Json(req) = body?;
-    let op = Op::Transfer {
-        to: req.to,
-        position: req.position,
-    };
+    let op = Op::Transfer { to: req.to, position: req.position };
     Ok(Json(
-        change(&ctx, move |c, config, now| {
-            visits::transition(c, config, &id, op, vec![], now)
-        })
-        .await?,
+        change(&ctx, move |c, config, now| visits::transition(c, config, &id, op, vec![], now))
+            .await?,
     ))
 }
 
 async fn list_queues(State(ctx): State<Arc<Context>>) -> Result<Json<Vec<QueueState>>, ApiError> {
     let config = config(&ctx)?;
     let now = ctx.clock.now();
-    Ok(Json(
-        ctx.db
-            .read(move |c| visits::queues(c, &config, now))
-            .await?,
-    ))
+    Ok(Json(ctx.db.read(move |c| visits::queues(c, &config, now)).await?))
 }
 
 async fn list_service_points(
     State(ctx): State<Arc<Context>>,
 ) -> Result<Json<Vec<ServicePointState>>, ApiError> {
     let config = config(&ctx)?;
-    Ok(Json(
-        ctx.db
-            .read(move |c| visits::service_points(c, &config))
-            .await?,
-    ))
+    Ok(Json(ctx.db.read(move |c| visits::service_points(c, &config)).await?))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -356,10 +313,7 @@ async fn close_service_point(
     Path(code): Path<String>,
 ) -> Result<Json<ServicePointState>, ApiError> {
     Ok(Json(
-        change(&ctx, move |c, config, now| {
-            visits::close_counter(c, config, &code, now)
-        })
-        .await?,
+        change(&ctx, move |c, config, now| visits::close_counter(c, config, &code, now)).await?,
     ))
 }
 
@@ -367,10 +321,8 @@ async fn call_next(
     State(ctx): State<Arc<Context>>,
     Path(code): Path<String>,
 ) -> Result<Response, ApiError> {
-    let called = change(&ctx, move |c, config, now| {
-        visits::call_next(c, config, &code, now)
-    })
-    .await?;
+    let called =
+        change(&ctx, move |c, config, now| visits::call_next(c, config, &code, now)).await?;
     Ok(match called {
         Some(v) => Json(v).into_response(),
         None => ApiError::new(
@@ -407,9 +359,7 @@ async fn call_visit(
             (Some(id), None) => visits::get(c, &id)?,
             (None, Some(ticket)) => visits::open_by_ticket(c, &ticket, tz_day(config, now)?)?,
             _ => {
-                return Err(Error::Validation(
-                    "give exactly one of visit_id and ticket".into(),
-                ));
+                return Err(Error::Validation("give exactly one of visit_id and ticket".into()));
             }
         };
         visits::call(c, config, &code, visit, now)
@@ -430,4 +380,119 @@ async fn walk_direct(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(visit)))
+}
+
+fn bearer(req: &axum::extract::Request) -> Option<String> {
+    let header = req.headers().get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = header.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| token.trim().to_owned())
+}
+
+fn refused(r: Refusal) -> ApiError {
+    match r {
+        Refusal::Missing => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "a connector API key or staff session is required",
+        ),
+        Refusal::Invalid => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "unknown API key or session",
+        ),
+        Refusal::Expired => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "session_expired",
+            "the staff session has expired; log in again",
+        ),
+    }
+}
+
+/// Admits connector keys of this site and live staff sessions; everything else is a 401.
+async fn authenticate(
+    State(ctx): State<Arc<Context>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = bearer(&req) else {
+        return refused(Refusal::Missing).into_response();
+    };
+    let hashed = auth::hash(&token);
+    let is_key = ctx.config.borrow().as_ref().and_then(|c| {
+        c.connector_keys.iter().find(|k| k.key_hash == hashed).map(|k| k.code.to_string())
+    });
+    let caller = match is_key {
+        Some(key) => Caller::Connector { key },
+        None => {
+            let now = ctx.clock.now().timestamp_millis();
+            match ctx.db.read(move |c| auth::session_user(c, &token, now)).await {
+                Ok(Ok(username)) => Caller::Staff { username },
+                Ok(Err(refusal)) => return refused(refusal).into_response(),
+                Err(e) => return ApiError::from(e).into_response(),
+            }
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Session {
+    pub token: String,
+    pub username: String,
+    pub name: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Staff login, verified against the synced password hash (works offline).
+async fn login(
+    State(ctx): State<Arc<Context>>,
+    body: Result<Json<LoginRequest>, JsonRejection>,
+) -> Json201<Session> {
+    let Json(req) = body?;
+    if req.username.len() > 64 || req.password.len() > 256 {
+        return Err(refused(Refusal::Invalid));
+    }
+    let config = config(&ctx)?;
+    let user = config.staff.iter().find(|u| u.username.as_str() == req.username).cloned();
+    let phc = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_default();
+    let password = req.password.clone();
+    // Verify even for unknown users, so timing does not reveal which usernames exist.
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
+        .await
+        .map_err(|e| Error::Internal(format!("password check: {e}")))?;
+    let (Some(user), true) = (user, ok) else {
+        return Err(refused(Refusal::Invalid));
+    };
+    let username = user.username.to_string();
+    let now = ctx.clock.now().timestamp_millis();
+    let (token, expires) = ctx.db.write(move |c| auth::create_session(c, &username, now)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Session {
+            token,
+            username: user.username.to_string(),
+            name: user.name.clone(),
+            expires_at: chrono::DateTime::from_timestamp_millis(expires).unwrap_or_default(),
+        }),
+    ))
+}
+
+async fn logout(
+    State(ctx): State<Arc<Context>>,
+    req: axum::extract::Request,
+) -> Result<StatusCode, ApiError> {
+    let Some(token) = bearer(&req) else {
+        return Err(refused(Refusal::Missing));
+    };
+    ctx.db.write(move |c| auth::end_session(c, &token)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -13,11 +13,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+pub mod auth;
 pub mod branch_api;
 pub mod error;
 pub mod link;
 pub mod settings;
 pub mod store;
+pub mod terminals;
 pub mod visits;
 
 pub use error::{Error, Result};
@@ -31,16 +33,15 @@ pub struct Context {
     pub link: watch::Sender<link::LinkStatus>,
     /// Signalled after every commit that appended to the outbox.
     pub outbox_changed: Notify,
+    /// Bumped after every committed change at the branch (terminals refresh on it).
+    pub activity: watch::Sender<u64>,
     pub clock: Arc<dyn Clock>,
 }
 
 impl Context {
     pub async fn open(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Context>> {
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
-            Error::Internal(format!(
-                "cannot create {}: {e}",
-                settings.data_dir.display()
-            ))
+            Error::Internal(format!("cannot create {}: {e}", settings.data_dir.display()))
         })?;
         let db = store::Db::open(&settings.data_dir.join("agent.db"))?;
         let config = db.read(store::queries::site_config).await?;
@@ -49,8 +50,38 @@ impl Context {
             config: watch::Sender::new(config.map(Arc::new)),
             link: watch::Sender::new(link::LinkStatus::default()),
             outbox_changed: Notify::new(),
+            activity: watch::Sender::new(0),
             clock,
         }))
+    }
+}
+
+impl Context {
+    /// The applied configuration, or `NotConfigured` before the first sync.
+    pub fn site_config(&self) -> Result<Arc<SiteConfig>> {
+        self.config.borrow().clone().ok_or(Error::NotConfigured)
+    }
+
+    /// Runs a state-changing store job against the current configuration, then wakes the link
+    /// and the live terminals.
+    pub async fn change<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, &SiteConfig, chrono::DateTime<chrono::Utc>) -> Result<R>
+            + Send
+            + 'static,
+    {
+        let config = self.site_config()?;
+        let now = self.clock.now();
+        let result = self.db.write(move |c| f(c, &config, now)).await?;
+        self.changed();
+        Ok(result)
+    }
+
+    /// Wakes the link (new outbox events) and the live terminals.
+    pub fn changed(&self) {
+        self.outbox_changed.notify_one();
+        self.activity.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -95,7 +126,7 @@ pub async fn run_with(
             .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
     let server_shutdown = shutdown.clone();
-    let served = axum::serve(http, branch_api::router(ctx))
+    let served = axum::serve(http, branch_api::router(ctx.clone()).merge(terminals::router(ctx)))
         .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
         .await;
     shutdown.cancel();

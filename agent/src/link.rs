@@ -101,6 +101,10 @@ pub async fn run(ctx: Arc<Context>, settings: LinkSettings, shutdown: Cancellati
 }
 
 fn set_link(ctx: &Context, connected: bool, error: Option<String>) {
+    let flipped = ctx.link.borrow().connected != connected;
+    if flipped {
+        ctx.activity.send_modify(|n| *n = n.wrapping_add(1));
+    }
     ctx.link.send_if_modified(|s| {
         let changed = s.connected != connected || s.since.is_none();
         if changed {
@@ -127,9 +131,7 @@ fn endpoint(settings: &LinkSettings, heartbeat: Duration) -> Result<Endpoint, Li
             Some(pem) => tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
             None => tls.with_webpki_roots(),
         };
-        ep = ep
-            .tls_config(tls)
-            .map_err(|e| LinkError::Connect(format!("TLS: {e}")))?;
+        ep = ep.tls_config(tls).map_err(|e| LinkError::Connect(format!("TLS: {e}")))?;
     }
     Ok(ep)
 }
@@ -138,17 +140,12 @@ async fn connect(
     settings: &LinkSettings,
     heartbeat: Duration,
 ) -> Result<AgentGatewayClient<Channel>, LinkError> {
-    let channel = endpoint(settings, heartbeat)?
-        .connect()
-        .await
-        .map_err(|e| {
-            LinkError::Connect(format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            ))
-        })?;
+    let channel = endpoint(settings, heartbeat)?.connect().await.map_err(|e| {
+        LinkError::Connect(format!(
+            "{e}: {}",
+            std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
+        ))
+    })?;
     Ok(AgentGatewayClient::new(channel)
         .max_decoding_message_size(16 * 1024 * 1024)
         .max_encoding_message_size(16 * 1024 * 1024))
@@ -159,9 +156,8 @@ async fn enroll(ctx: &Context, settings: &LinkSettings) -> Result<Identity, Link
         return Err(LinkError::NotEnrolled);
     }
     let mut client = connect(settings, settings.heartbeat).await?;
-    let hostname = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
+    let hostname =
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
     let resp = client
         .enroll(meridian_proto::EnrollRequest {
             token: settings.enrollment_token.clone(),
@@ -171,15 +167,10 @@ async fn enroll(ctx: &Context, settings: &LinkSettings) -> Result<Identity, Link
         .await
         .map_err(|s| LinkError::Refused(format!("enrollment: {}", s.message())))?
         .into_inner();
-    let identity = Identity {
-        agent_id: resp.agent_id,
-        site: resp.site_code,
-        credential: resp.credential,
-    };
+    let identity =
+        Identity { agent_id: resp.agent_id, site: resp.site_code, credential: resp.credential };
     let saved = identity.clone();
-    ctx.db
-        .write(move |c| queries::save_identity(c, &saved))
-        .await?;
+    ctx.db.write(move |c| queries::save_identity(c, &saved)).await?;
     tracing::info!(agent = %identity.agent_id, site = %identity.site, "enrolled with the controller");
     Ok(identity)
 }
@@ -240,12 +231,8 @@ async fn session(
         Err(_) => return Err(LinkError::Silent(settings.heartbeat * 3)),
         Ok(Err(s)) => return Err(LinkError::Lost(s.message().to_owned())),
         Ok(Ok(None)) => return Err(LinkError::Lost("closed before Welcome".into())),
-        Ok(Ok(Some(ControllerFrame {
-            body: Some(controller_frame::Body::Welcome(w)),
-        }))) => w,
-        Ok(Ok(Some(ControllerFrame {
-            body: Some(controller_frame::Body::Error(e)),
-        }))) => {
+        Ok(Ok(Some(ControllerFrame { body: Some(controller_frame::Body::Welcome(w)) }))) => w,
+        Ok(Ok(Some(ControllerFrame { body: Some(controller_frame::Body::Error(e)) }))) => {
             return Err(LinkError::Refused(format!("{}: {}", e.code, e.message)));
         }
         Ok(Ok(Some(_))) => return Err(LinkError::Lost("expected Welcome".into())),
@@ -300,9 +287,7 @@ async fn session(
 }
 
 async fn send(out: &mpsc::Sender<AgentFrame>, body: agent_frame::Body) -> Result<(), LinkError> {
-    out.send(frame(body))
-        .await
-        .map_err(|_| LinkError::Lost("outbound stream closed".into()))
+    out.send(frame(body)).await.map_err(|_| LinkError::Lost("outbound stream closed".into()))
 }
 
 /// Sends outbox events after the sent cursor while the in-flight window allows.
@@ -313,10 +298,7 @@ async fn pump(
 ) -> Result<(), LinkError> {
     while c.sent < c.acked + MAX_IN_FLIGHT {
         let after = c.sent;
-        let batch = ctx
-            .db
-            .read(move |conn| queries::outbox_after(conn, after, BATCH))
-            .await?;
+        let batch = ctx.db.read(move |conn| queries::outbox_after(conn, after, BATCH)).await?;
         let Some(last) = batch.last() else { break };
         c.sent = last.seq;
         let events = batch
@@ -328,11 +310,7 @@ async fn pump(
                 payload: e.payload,
             })
             .collect();
-        send(
-            out,
-            agent_frame::Body::Events(meridian_proto::EventBatch { events }),
-        )
-        .await?;
+        send(out, agent_frame::Body::Events(meridian_proto::EventBatch { events })).await?;
     }
     Ok(())
 }
@@ -355,9 +333,7 @@ async fn handle(
             }
             if up_to > c.acked {
                 c.acked = up_to;
-                ctx.db
-                    .write(move |conn| queries::ack_outbox(conn, up_to))
-                    .await?;
+                ctx.db.write(move |conn| queries::ack_outbox(conn, up_to)).await?;
             } else if up_to < c.sent {
                 // A re-acknowledgement below what we sent: resend from there.
                 c.acked = up_to;
@@ -390,9 +366,9 @@ async fn handle(
         Some(controller_frame::Body::Error(e)) => {
             Err(LinkError::Refused(format!("{}: {}", e.code, e.message)))
         }
-        Some(controller_frame::Body::Welcome(_)) | None => Err(LinkError::Lost(
-            "unexpected frame from the controller".into(),
-        )),
+        Some(controller_frame::Body::Welcome(_)) | None => {
+            Err(LinkError::Lost("unexpected frame from the controller".into()))
+        }
     }
 }
 
@@ -415,12 +391,9 @@ async fn apply_command(
                 return Ok((None, None));
             }
             let outcome = match decoded {
-                Ok(ControllerCommand::ApplyConfig(snap)) if snap.site.code.as_str() != site => {
-                    Err(format!(
-                        "configuration for site {} sent to an agent of {site}",
-                        snap.site.code
-                    ))
-                }
+                Ok(ControllerCommand::ApplyConfig(snap)) if snap.site.code.as_str() != site => Err(
+                    format!("configuration for site {} sent to an agent of {site}", snap.site.code),
+                ),
                 Ok(ControllerCommand::ApplyConfig(snap)) => {
                     let applied = queries::apply_config(conn, &snap, now)?;
                     Ok(applied.then_some(*snap))
@@ -442,7 +415,7 @@ async fn apply_command(
     if let Some(snap) = applied {
         tracing::info!(revision = snap.revision, "applied configuration");
         ctx.config.send_replace(Some(Arc::new(snap)));
-        ctx.outbox_changed.notify_one();
+        ctx.changed();
     }
     if let Some(e) = &error {
         tracing::warn!(seq, error = %e, "rejected a command from the controller");

@@ -72,14 +72,7 @@ impl fmt::Debug for Settings {
             .field("data_dir", &self.data_dir)
             .field("http_listen", &self.http_listen)
             .field("ca_cert", &self.ca_cert)
-            .field(
-                "enrollment_token",
-                &if self.enrollment_token.is_empty() {
-                    ""
-                } else {
-                    "***"
-                },
-            )
+            .field("enrollment_token", &if self.enrollment_token.is_empty() { "" } else { "***" })
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("backoff_base_ms", &self.backoff_base_ms)
             .field("backoff_cap_ms", &self.backoff_cap_ms)

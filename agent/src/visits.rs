@@ -132,10 +132,7 @@ impl TryFrom<RawVisit> for Visit {
         let bad =
             |what: &str, v: &str| Error::Internal(format!("stored {what} {v:?} is unreadable"));
         Ok(Visit {
-            business_day: r
-                .business_day
-                .parse()
-                .map_err(|_| bad("date", &r.business_day))?,
+            business_day: r.business_day.parse().map_err(|_| bad("date", &r.business_day))?,
             status: VisitStatus::parse(&r.status).ok_or_else(|| bad("status", &r.status))?,
             created_at: DateTime::parse_from_rfc3339(&r.created_at)
                 .map_err(|_| bad("time", &r.created_at))?
@@ -177,9 +174,7 @@ impl Visit {
 
 fn query_visits(conn: &Connection, filter: &str, p: impl rusqlite::Params) -> Result<Vec<Visit>> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM visits {filter}"))?;
-    let rows = stmt
-        .query_map(p, read_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = stmt.query_map(p, read_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(Visit::try_from).collect()
 }
 
@@ -191,11 +186,7 @@ pub fn get(conn: &Connection, id: &str) -> Result<Visit> {
 
 /// Visits with `status`, oldest first.
 pub fn list(conn: &Connection, status: VisitStatus) -> Result<Vec<Visit>> {
-    query_visits(
-        conn,
-        "WHERE status = ?1 ORDER BY sort_key, created_at, id",
-        [status.as_str()],
-    )
+    query_visits(conn, "WHERE status = ?1 ORDER BY sort_key, created_at, id", [status.as_str()])
 }
 
 /// The visit with `ticket` on `day` that is not ended (tickets repeat after wrapping).
@@ -244,13 +235,9 @@ fn save(conn: &Connection, v: &Visit) -> Result<()> {
 fn service_and_queue<'a>(
     config: &'a SiteConfig,
     service: &str,
-) -> Result<(
-    &'a meridian_shared::config::Service,
-    &'a meridian_shared::config::Queue,
-)> {
-    let svc = config
-        .service(service)
-        .ok_or_else(|| Error::NotFound(format!("service {service:?}")))?;
+) -> Result<(&'a meridian_shared::config::Service, &'a meridian_shared::config::Queue)> {
+    let svc =
+        config.service(service).ok_or_else(|| Error::NotFound(format!("service {service:?}")))?;
     let queue = config
         .queue(svc.queue.as_str())
         .ok_or_else(|| Error::Internal(format!("service {service} points at a missing queue")))?;
@@ -276,11 +263,8 @@ pub fn create(
             |r| r.get(0),
         )
         .optional()?;
-    let number = next_ticket_number(
-        previous.map(|n| n as u32),
-        queue.first_number,
-        queue.last_number,
-    );
+    let number =
+        next_ticket_number(previous.map(|n| n as u32), queue.first_number, queue.last_number);
     conn.execute(
         "INSERT INTO ticket_counters (queue, business_day, last_number) VALUES (?1, ?2, ?3) \
          ON CONFLICT (queue, business_day) DO UPDATE SET last_number = excluded.last_number",
@@ -289,10 +273,11 @@ pub fn create(
     let id = VisitId::new();
     let ticket = format_ticket(&queue.letter, number);
     let now_ms = now.timestamp_millis();
+    let sort_key = last_key(conn, &Location::Queue(queue.code.clone()), now_ms)?;
     conn.execute(
         "INSERT INTO visits (id, ticket, service, queue, business_day, status, created_at, \
          location_kind, location_code, sort_key, waiting_since_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, 'waiting', ?6, 'queue', ?4, ?7, ?7)",
+         VALUES (?1, ?2, ?3, ?4, ?5, 'waiting', ?6, 'queue', ?4, ?7, ?8)",
         params![
             id.to_string(),
             ticket,
@@ -300,6 +285,7 @@ pub fn create(
             queue.code.as_str(),
             day_s,
             now.to_rfc3339(),
+            sort_key,
             now_ms
         ],
     )?;
@@ -333,11 +319,7 @@ fn check_location(config: &SiteConfig, to: &Location) -> Result<()> {
         Location::ServicePointPool(c) => config.service_points.iter().any(|p| &p.code == c),
         Location::StaffPool(s) => config.staff.iter().any(|u| &u.username == s),
     };
-    if known {
-        Ok(())
-    } else {
-        Err(Error::NotFound(format!("transfer target {to:?}")))
-    }
+    if known { Ok(()) } else { Err(Error::NotFound(format!("transfer target {to:?}"))) }
 }
 
 /// Applies `op` to visit `id` and records its event. `marks` are kept with an `End`.
@@ -413,23 +395,17 @@ fn apply_and_record(
         v.called_at = None;
         v.serving_at = None;
         v.sort_key = match (&op, &next.location) {
-            (
-                Op::Transfer {
-                    position: Position::First,
-                    ..
-                },
-                Some(loc),
-            ) => first_key(conn, loc)?.min(now_ms),
-            _ => now_ms,
+            (Op::Transfer { position: Position::First, .. }, Some(loc)) => {
+                first_key(conn, loc)?.min(now_ms)
+            }
+            (_, Some(loc)) => last_key(conn, loc, now_ms)?,
+            (_, None) => now_ms,
         };
     }
     v.location = next.location.clone();
     save(conn, &v)?;
     let event = VisitChanged {
-        visit_id: visit
-            .id
-            .parse()
-            .map_err(|_| Error::Internal("stored visit id".into()))?,
+        visit_id: visit.id.parse().map_err(|_| Error::Internal("stored visit id".into()))?,
         ticket: v.ticket.clone(),
         service: code(&v.service)?,
         queue: next.queue.clone(),
@@ -442,11 +418,7 @@ fn apply_and_record(
             .staff
             .clone()
             .or_else(|| visit.staff.as_deref().and_then(|c| Code::parse(c).ok())),
-        to: if next.status == VisitStatus::Waiting {
-            next.location.clone()
-        } else {
-            None
-        },
+        to: if next.status == VisitStatus::Waiting { next.location.clone() } else { None },
         outcome: next.outcome,
         at: now,
         waiting_ms,
@@ -456,6 +428,17 @@ fn apply_and_record(
     };
     append_event(conn, &AgentEvent::Visit(kind, event), now)?;
     Ok(v)
+}
+
+/// A sort key after everything waiting at `loc` (strictly, even within one millisecond).
+fn last_key(conn: &Connection, loc: &Location, now_ms: i64) -> Result<i64> {
+    let (kind, code_) = location_parts(Some(loc));
+    let max: Option<i64> = conn.query_row(
+        "SELECT MAX(sort_key) FROM visits WHERE status = 'waiting' AND location_kind = ?1 AND location_code = ?2",
+        params![kind, code_],
+        |r| r.get(0),
+    )?;
+    Ok(max.map_or(now_ms, |m| now_ms.max(m + 1)))
 }
 
 /// A sort key that puts a visit before everything waiting at `loc`.
@@ -483,22 +466,16 @@ pub struct ServicePointState {
 
 fn counter_row(conn: &Connection, counter: &str) -> Result<(bool, Option<String>)> {
     Ok(conn
-        .query_row(
-            "SELECT open, staff FROM service_points WHERE code = ?1",
-            [counter],
-            |r| Ok((r.get::<_, i64>(0)? != 0, r.get(1)?)),
-        )
+        .query_row("SELECT open, staff FROM service_points WHERE code = ?1", [counter], |r| {
+            Ok((r.get::<_, i64>(0)? != 0, r.get(1)?))
+        })
         .optional()?
         .unwrap_or((false, None)))
 }
 
 fn current_visit(conn: &Connection, counter: &str) -> Result<Option<Visit>> {
-    Ok(query_visits(
-        conn,
-        "WHERE counter = ?1 AND status IN ('called', 'serving')",
-        [counter],
-    )?
-    .pop())
+    Ok(query_visits(conn, "WHERE counter = ?1 AND status IN ('called', 'serving')", [counter])?
+        .pop())
 }
 
 pub fn service_points(conn: &Connection, config: &SiteConfig) -> Result<Vec<ServicePointState>> {
@@ -554,13 +531,7 @@ pub fn open_counter(
     }
     if previous.as_deref() != staff {
         if let Some(p) = &previous {
-            record_counter(
-                conn,
-                ServicePointEventKind::StaffLoggedOut,
-                &c,
-                Some(p),
-                now,
-            )?;
+            record_counter(conn, ServicePointEventKind::StaffLoggedOut, &c, Some(p), now)?;
         }
         if let Some(s) = staff {
             record_counter(conn, ServicePointEventKind::StaffLoggedIn, &c, Some(s), now)?;
@@ -593,13 +564,7 @@ pub fn close_counter(
     }
     let (was_open, staff) = counter_row(conn, counter)?;
     if let Some(s) = &staff {
-        record_counter(
-            conn,
-            ServicePointEventKind::StaffLoggedOut,
-            &c,
-            Some(s),
-            now,
-        )?;
+        record_counter(conn, ServicePointEventKind::StaffLoggedOut, &c, Some(s), now)?;
     }
     if was_open {
         record_counter(conn, ServicePointEventKind::Closed, &c, None, now)?;
@@ -624,9 +589,7 @@ fn ready_counter(
     let c = check_counter(config, counter)?;
     let (open, staff) = counter_row(conn, counter)?;
     if !open {
-        return Err(Error::Conflict(format!(
-            "service point {counter} is closed; open it first"
-        )));
+        return Err(Error::Conflict(format!("service point {counter} is closed; open it first")));
     }
     if let Some(v) = current_visit(conn, counter)? {
         return Err(Error::Conflict(format!(
@@ -679,15 +642,7 @@ pub fn call_next(
         return Ok(None);
     };
     let visit = waiting[chosen.id].clone();
-    apply_and_record(
-        conn,
-        config,
-        visit,
-        Op::Call { counter: c, staff },
-        vec![],
-        now,
-    )
-    .map(Some)
+    apply_and_record(conn, config, visit, Op::Call { counter: c, staff }, vec![], now).map(Some)
 }
 
 /// Calls a specific waiting visit to `counter`.
@@ -699,14 +654,7 @@ pub fn call(
     now: DateTime<Utc>,
 ) -> Result<Visit> {
     let (c, staff) = ready_counter(conn, config, counter)?;
-    apply_and_record(
-        conn,
-        config,
-        visit,
-        Op::Call { counter: c, staff },
-        vec![],
-        now,
-    )
+    apply_and_record(conn, config, visit, Op::Call { counter: c, staff }, vec![], now)
 }
 
 /// A walk-in served at once at `counter`.
@@ -719,14 +667,7 @@ pub fn walk_direct(
 ) -> Result<Visit> {
     let (c, staff) = ready_counter(conn, config, counter)?;
     let visit = create(conn, config, service, now)?;
-    apply_and_record(
-        conn,
-        config,
-        visit,
-        Op::WalkDirect { counter: c, staff },
-        vec![],
-        now,
-    )
+    apply_and_record(conn, config, visit, Op::WalkDirect { counter: c, staff }, vec![], now)
 }
 
 /// One queue as the branch sees it.
@@ -766,4 +707,28 @@ pub fn queues(
             })
         })
         .collect()
+}
+
+/// How many visits wait ahead of `v` where it waits (0 unless it is waiting).
+pub fn people_ahead(conn: &Connection, v: &Visit) -> Result<u32> {
+    if v.status != VisitStatus::Waiting {
+        return Ok(0);
+    }
+    let (kind, code_) = location_parts(v.location.as_ref());
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM visits WHERE status = 'waiting' AND location_kind = ?1 \
+         AND location_code = ?2 AND sort_key < ?3",
+        params![kind, code_, v.sort_key],
+        |r| r.get(0),
+    )?;
+    Ok(n as u32)
+}
+
+/// The most recently called visits still at a counter (called or being served), newest first.
+pub fn recent_calls(conn: &Connection, limit: u32) -> Result<Vec<Visit>> {
+    query_visits(
+        conn,
+        "WHERE status IN ('called', 'serving') ORDER BY called_at_ms DESC, id LIMIT ?1",
+        [limit],
+    )
 }

@@ -13,6 +13,17 @@ use meridian_shared::config::SiteConfig;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+/// The connector key the tests' local systems use.
+const KEY: &str = "mrd_ck_test-key";
+/// The demo staff password (its argon2 hash is in the config below).
+const PASSWORD: &str = "correct horse";
+
+fn password_hash() -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::encode_b64(b"0123456789abcdef").expect("salt");
+    argon2::Argon2::default().hash_password(PASSWORD.as_bytes(), &salt).expect("hash").to_string()
+}
+
 fn site_config() -> SiteConfig {
     serde_json::from_value(json!({
         "revision": 1,
@@ -35,9 +46,12 @@ fn site_config() -> SiteConfig {
             {"site": "SFO", "code": "general-first", "name": "General first",
              "queues": [{"queue": "general"}, {"queue": "accounts"}]}
         ],
+        "connector_keys": [
+            {"site": "SFO", "code": "kiosk", "name": "Kiosk", "key_hash": meridian_agent::auth::hash(KEY)}
+        ],
         "staff": [
             {"username": "alice", "name": "Alice", "roles": ["staff"], "sites": ["SFO"],
-             "password_hash": "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"}
+             "password_hash": password_hash()}
         ]
     }))
     .expect("site config")
@@ -46,20 +60,12 @@ fn site_config() -> SiteConfig {
 async fn branch() -> (Arc<Context>, Router) {
     let dir =
         std::env::temp_dir().join(format!("meridian-branch-{}", uuid::Uuid::new_v4().simple()));
-    let settings = Settings {
-        data_dir: dir,
-        ..Settings::default()
-    };
-    let ctx = Context::open(&settings, Arc::new(SystemClock))
-        .await
-        .expect("open");
+    let settings = Settings { data_dir: dir, ..Settings::default() };
+    let ctx = Context::open(&settings, Arc::new(SystemClock)).await.expect("open");
     let config = site_config();
     let applied = config.clone();
     let now = ctx.clock.now();
-    ctx.db
-        .write(move |c| queries::apply_config(c, &applied, now))
-        .await
-        .expect("apply config");
+    ctx.db.write(move |c| queries::apply_config(c, &applied, now)).await.expect("apply config");
     ctx.config.send_replace(Some(Arc::new(config)));
     let router = meridian_agent::branch_api::router(ctx.clone());
     (ctx, router)
@@ -71,7 +77,20 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
+    call_as(router, Some(KEY), method, path, body).await
+}
+
+async fn call_as(
+    router: &Router,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
     let body = match body {
         Some(b) => {
             req = req.header("content-type", "application/json");
@@ -79,19 +98,10 @@ async fn call(
         }
         None => Body::empty(),
     };
-    let resp = router
-        .clone()
-        .oneshot(req.body(body).expect("request"))
-        .await
-        .expect("response");
+    let resp = router.clone().oneshot(req.body(body).expect("request")).await.expect("response");
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .expect("body");
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
 async fn ok(router: &Router, method: Method, path: &str, body: Option<Value>) -> Value {
@@ -102,12 +112,7 @@ async fn ok(router: &Router, method: Method, path: &str, body: Option<Value>) ->
 
 async fn outbox_kinds(ctx: &Context) -> Vec<String> {
     ctx.db
-        .read(|c| {
-            Ok(queries::outbox_after(c, 0, 10_000)?
-                .into_iter()
-                .map(|e| e.kind)
-                .collect())
-        })
+        .read(|c| Ok(queries::outbox_after(c, 0, 10_000)?.into_iter().map(|e| e.kind).collect()))
         .await
         .expect("outbox")
 }
@@ -115,64 +120,21 @@ async fn outbox_kinds(ctx: &Context) -> Vec<String> {
 #[tokio::test]
 async fn a_visit_lives_through_call_serve_and_end_with_an_event_per_step() {
     let (ctx, r) = branch().await;
-    ok(
-        &r,
-        Method::POST,
-        "/api/v1/service-points/C1/open",
-        Some(json!({"staff": "alice"})),
-    )
-    .await;
-    let a = ok(
-        &r,
-        Method::POST,
-        "/api/v1/visits",
-        Some(json!({"service": "GEN"})),
-    )
-    .await;
-    let b = ok(
-        &r,
-        Method::POST,
-        "/api/v1/visits",
-        Some(json!({"service": "ACC"})),
-    )
-    .await;
-    assert_eq!(
-        (a["ticket"].as_str(), b["ticket"].as_str()),
-        (Some("A001"), Some("B001"))
-    );
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", Some(json!({"staff": "alice"}))).await;
+    let a = ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
+    let b = ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "ACC"}))).await;
+    assert_eq!((a["ticket"].as_str(), b["ticket"].as_str()), (Some("A001"), Some("B001")));
 
     // C1's profile calls accounts first.
-    let called = ok(
-        &r,
-        Method::POST,
-        "/api/v1/service-points/C1/call-next",
-        None,
-    )
-    .await;
+    let called = ok(&r, Method::POST, "/api/v1/service-points/C1/call-next", None).await;
     assert_eq!(called["ticket"], "B001");
     assert_eq!(
-        (
-            called["status"].as_str(),
-            called["counter"].as_str(),
-            called["staff"].as_str()
-        ),
+        (called["status"].as_str(), called["counter"].as_str(), called["staff"].as_str()),
         (Some("called"), Some("C1"), Some("alice"))
     );
     let id = called["id"].as_str().expect("id");
-    ok(
-        &r,
-        Method::POST,
-        &format!("/api/v1/visits/{id}/recall"),
-        None,
-    )
-    .await;
-    let serving = ok(
-        &r,
-        Method::POST,
-        &format!("/api/v1/visits/{id}/start-serving"),
-        None,
-    )
-    .await;
+    ok(&r, Method::POST, &format!("/api/v1/visits/{id}/recall"), None).await;
+    let serving = ok(&r, Method::POST, &format!("/api/v1/visits/{id}/start-serving"), None).await;
     assert_eq!(serving["status"], "serving");
     let ended = ok(
         &r,
@@ -214,51 +176,18 @@ async fn a_visit_lives_through_call_serve_and_end_with_an_event_per_step() {
 #[tokio::test]
 async fn recycle_park_transfer_and_walk_in() {
     let (_ctx, r) = branch().await;
-    ok(
-        &r,
-        Method::POST,
-        "/api/v1/service-points/C1/open",
-        Some(json!({"staff": "alice"})),
-    )
-    .await;
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", Some(json!({"staff": "alice"}))).await;
     ok(&r, Method::POST, "/api/v1/service-points/C2/open", None).await;
     for _ in 0..3 {
-        ok(
-            &r,
-            Method::POST,
-            "/api/v1/visits",
-            Some(json!({"service": "GEN"})),
-        )
-        .await;
+        ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
     }
-    let first = ok(
-        &r,
-        Method::POST,
-        "/api/v1/service-points/C1/call-next",
-        None,
-    )
-    .await;
+    let first = ok(&r, Method::POST, "/api/v1/service-points/C1/call-next", None).await;
     assert_eq!(first["ticket"], "A001");
     let id = first["id"].as_str().expect("id").to_owned();
-    let recycled = ok(
-        &r,
-        Method::POST,
-        &format!("/api/v1/visits/{id}/recycle"),
-        None,
-    )
-    .await;
+    let recycled = ok(&r, Method::POST, &format!("/api/v1/visits/{id}/recycle"), None).await;
+    assert_eq!(recycled["location"], json!({"kind": "queue", "code": "general"}));
     assert_eq!(
-        recycled["location"],
-        json!({"kind": "queue", "code": "general"})
-    );
-    assert_eq!(
-        ok(
-            &r,
-            Method::POST,
-            "/api/v1/service-points/C1/call-next",
-            None
-        )
-        .await["ticket"],
+        ok(&r, Method::POST, "/api/v1/service-points/C1/call-next", None).await["ticket"],
         "A002",
         "recycled goes to the back"
     );
@@ -266,25 +195,10 @@ async fn recycle_park_transfer_and_walk_in() {
         .as_str()
         .expect("id")
         .to_owned();
-    let parked = ok(
-        &r,
-        Method::POST,
-        &format!("/api/v1/visits/{second}/park"),
-        None,
-    )
-    .await;
+    let parked = ok(&r, Method::POST, &format!("/api/v1/visits/{second}/park"), None).await;
+    assert_eq!(parked["location"], json!({"kind": "staff_pool", "code": "alice"}));
     assert_eq!(
-        parked["location"],
-        json!({"kind": "staff_pool", "code": "alice"})
-    );
-    assert_eq!(
-        ok(
-            &r,
-            Method::POST,
-            "/api/v1/service-points/C1/call-next",
-            None
-        )
-        .await["ticket"],
+        ok(&r, Method::POST, "/api/v1/service-points/C1/call-next", None).await["ticket"],
         "A002",
         "own pool first"
     );
@@ -296,13 +210,7 @@ async fn recycle_park_transfer_and_walk_in() {
     )
     .await;
     assert_eq!(
-        ok(
-            &r,
-            Method::POST,
-            "/api/v1/service-points/C2/call-next",
-            None
-        )
-        .await["ticket"],
+        ok(&r, Method::POST, "/api/v1/service-points/C2/call-next", None).await["ticket"],
         "A003",
         "C2 prefers general"
     );
@@ -313,32 +221,17 @@ async fn recycle_park_transfer_and_walk_in() {
         Some(json!({"service": "ACC"})),
     )
     .await;
-    assert_eq!(
-        (walk["status"].as_str(), walk["ticket"].as_str()),
-        (Some("serving"), Some("B001"))
-    );
+    assert_eq!((walk["status"].as_str(), walk["ticket"].as_str()), (Some("serving"), Some("B001")));
 }
 
 #[tokio::test]
 async fn illegal_operations_are_refused_and_change_nothing() {
     let (ctx, r) = branch().await;
-    let v = ok(
-        &r,
-        Method::POST,
-        "/api/v1/visits",
-        Some(json!({"service": "GEN"})),
-    )
-    .await;
+    let v = ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
     let id = v["id"].as_str().expect("id").to_owned();
     let before = outbox_kinds(&ctx).await.len();
     let cases: Vec<(Method, String, Option<Value>, StatusCode, &str)> = vec![
-        (
-            Method::POST,
-            format!("/api/v1/visits/{id}/end"),
-            None,
-            StatusCode::CONFLICT,
-            "conflict",
-        ),
+        (Method::POST, format!("/api/v1/visits/{id}/end"), None, StatusCode::CONFLICT, "conflict"),
         (
             Method::POST,
             format!("/api/v1/visits/{id}/recall"),
@@ -353,13 +246,7 @@ async fn illegal_operations_are_refused_and_change_nothing() {
             StatusCode::CONFLICT,
             "conflict",
         ),
-        (
-            Method::POST,
-            format!("/api/v1/visits/{id}/park"),
-            None,
-            StatusCode::CONFLICT,
-            "conflict",
-        ),
+        (Method::POST, format!("/api/v1/visits/{id}/park"), None, StatusCode::CONFLICT, "conflict"),
         (
             Method::POST,
             format!("/api/v1/visits/{id}/fly"),
@@ -367,13 +254,7 @@ async fn illegal_operations_are_refused_and_change_nothing() {
             StatusCode::NOT_FOUND,
             "not_found",
         ),
-        (
-            Method::POST,
-            "/api/v1/visits/nope/end".into(),
-            None,
-            StatusCode::NOT_FOUND,
-            "not_found",
-        ),
+        (Method::POST, "/api/v1/visits/nope/end".into(), None, StatusCode::NOT_FOUND, "not_found"),
         (
             Method::POST,
             "/api/v1/service-points/C1/call-next".into(),
@@ -440,45 +321,23 @@ async fn illegal_operations_are_refused_and_change_nothing() {
     ];
     for (method, path, body, status, code) in cases {
         let (got, v) = call(&r, method.clone(), &path, body).await;
-        assert_eq!(
-            (got, v["code"].as_str()),
-            (status, Some(code)),
-            "{method} {path}: {v}"
-        );
+        assert_eq!((got, v["code"].as_str()), (status, Some(code)), "{method} {path}: {v}");
         assert!(v["message"].is_string());
     }
     // Two counters, one visit: the second call is refused.
     ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
     ok(&r, Method::POST, "/api/v1/service-points/C2/open", None).await;
-    ok(
-        &r,
-        Method::POST,
-        "/api/v1/service-points/C1/call",
-        Some(json!({"ticket": "A001"})),
-    )
-    .await;
-    let (status, _) = call(
-        &r,
-        Method::POST,
-        "/api/v1/service-points/C2/call",
-        Some(json!({"visit_id": id})),
-    )
-    .await;
+    ok(&r, Method::POST, "/api/v1/service-points/C1/call", Some(json!({"ticket": "A001"}))).await;
+    let (status, _) =
+        call(&r, Method::POST, "/api/v1/service-points/C2/call", Some(json!({"visit_id": id})))
+            .await;
     assert_eq!(status, StatusCode::CONFLICT);
     let (status, _) = call(&r, Method::POST, "/api/v1/service-points/C1/close", None).await;
-    assert_eq!(
-        status,
-        StatusCode::CONFLICT,
-        "a counter with a customer cannot close"
-    );
+    assert_eq!(status, StatusCode::CONFLICT, "a counter with a customer cannot close");
     let kinds = outbox_kinds(&ctx).await;
     assert_eq!(
         &kinds[before..],
-        [
-            "SERVICE_POINT_OPENED",
-            "SERVICE_POINT_OPENED",
-            "VISIT_CALLED"
-        ],
+        ["SERVICE_POINT_OPENED", "SERVICE_POINT_OPENED", "VISIT_CALLED"],
         "refusals recorded nothing"
     );
 }
@@ -492,13 +351,7 @@ async fn two_counters_calling_at_once_never_get_the_same_visit() {
     for i in 0..200 {
         let service = if i % 2 == 0 { "GEN" } else { "ACC" };
         issued.push(
-            ok(
-                &r,
-                Method::POST,
-                "/api/v1/visits",
-                Some(json!({"service": service})),
-            )
-            .await["id"]
+            ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": service}))).await["id"]
                 .as_str()
                 .expect("id")
                 .to_owned(),
@@ -528,12 +381,7 @@ async fn two_counters_calling_at_once_never_get_the_same_visit() {
     };
     let (a, b) = tokio::join!(counter("C1"), counter("C2"));
     let (a, b) = (a.expect("C1"), b.expect("C2"));
-    assert!(
-        !a.is_empty() && !b.is_empty(),
-        "both counters worked: {} / {}",
-        a.len(),
-        b.len()
-    );
+    assert!(!a.is_empty() && !b.is_empty(), "both counters worked: {} / {}", a.len(), b.len());
     let mut all: Vec<String> = a.iter().chain(b.iter()).cloned().collect();
     all.sort();
     let before = all.len();
@@ -541,4 +389,89 @@ async fn two_counters_calling_at_once_never_get_the_same_visit() {
     assert_eq!(all.len(), before, "a visit was served twice");
     issued.sort();
     assert_eq!(all, issued, "every visit served exactly once");
+}
+
+#[tokio::test]
+async fn only_this_sites_keys_and_live_staff_sessions_get_in() {
+    let (ctx, r) = branch().await;
+    let before = outbox_kinds(&ctx).await.len();
+    let visits = "/api/v1/visits";
+    let body = || Some(json!({"service": "GEN"}));
+    let check = |token: Option<&'static str>, code: &'static str| {
+        let r = r.clone();
+        async move {
+            let (status, v) =
+                call_as(&r, token, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"})))
+                    .await;
+            assert_eq!(
+                (status, v["code"].as_str()),
+                (StatusCode::UNAUTHORIZED, Some(code)),
+                "{token:?}: {v}"
+            );
+        }
+    };
+    check(None, "unauthenticated").await;
+    check(Some("mrd_ck_forged"), "invalid_credentials").await;
+    // Another branch's key is not in this site's configuration.
+    check(Some("mrd_ck_key-of-CHI"), "invalid_credentials").await;
+    let (status, _) = call_as(&r, Some(KEY), Method::POST, visits, body()).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // Staff sessions: wrong password and unknown user are refused alike.
+    for (user, pw) in [("alice", "wrong horse"), ("mallory", PASSWORD)] {
+        let (status, v) = call_as(
+            &r,
+            None,
+            Method::POST,
+            "/api/v1/sessions",
+            Some(json!({"username": user, "password": pw})),
+        )
+        .await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("invalid_credentials")),
+            "{user}"
+        );
+    }
+    let (status, session) = call_as(
+        &r,
+        None,
+        Method::POST,
+        "/api/v1/sessions",
+        Some(json!({"username": "alice", "password": PASSWORD})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{session}");
+    let token = session["token"].as_str().expect("token").to_owned();
+    let (status, _) = call_as(&r, Some(&token), Method::GET, visits, None).await;
+    assert_eq!(status, StatusCode::OK);
+    // Logout ends the session.
+    let (status, _) =
+        call_as(&r, Some(&token), Method::DELETE, "/api/v1/sessions/current", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, v) = call_as(&r, Some(&token), Method::GET, visits, None).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_credentials"))
+    );
+    // An expired session is told so.
+    let now = ctx.clock.now().timestamp_millis();
+    let (old, _) = ctx
+        .db
+        .write(move |c| {
+            meridian_agent::auth::create_session(
+                c,
+                "alice",
+                now - meridian_agent::auth::SESSION_TTL.num_milliseconds() - 1,
+            )
+        })
+        .await
+        .expect("session");
+    let (status, v) = call_as(&r, Some(&old), Method::GET, visits, None).await;
+    assert_eq!((status, v["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("session_expired")));
+    assert_eq!(
+        outbox_kinds(&ctx).await.len(),
+        before + 1,
+        "only the one admitted ticket was recorded"
+    );
 }

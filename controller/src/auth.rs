@@ -40,11 +40,7 @@ pub fn hash_password(password: &str) -> Result<String> {
 /// Whether `password` matches the PHC string `hash`; false for a malformed hash.
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|parsed| {
-            Argon2::default()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok()
-        })
+        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
         .unwrap_or(false)
 }
 

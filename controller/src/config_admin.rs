@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use chrono::Utc;
 use meridian_shared::commands::ControllerCommand;
 use meridian_shared::config::{
-    ConfigSet, Queue, Resource, ResourceKey, Service, ServicePoint, Site, StaffRole, StaffUser,
-    WorkProfile,
+    ConfigSet, ConnectorKey, Queue, Resource, ResourceKey, Service, ServicePoint, Site, StaffRole,
+    StaffUser, WorkProfile,
 };
 use meridian_shared::{Code, SiteCode};
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,7 @@ pub enum ResourceInput {
     ServicePoint(ServicePoint),
     WorkProfile(WorkProfile),
     StaffUser(StaffUserInput),
+    ConnectorKey(ConnectorKey),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +60,7 @@ impl ResourceInput {
             ResourceInput::Queue(x) => Resource::Queue(x),
             ResourceInput::ServicePoint(x) => Resource::ServicePoint(x),
             ResourceInput::WorkProfile(x) => Resource::WorkProfile(x),
+            ResourceInput::ConnectorKey(x) => Resource::ConnectorKey(x),
             ResourceInput::StaffUser(u) => Resource::StaffUser(StaffUser {
                 username: u.username,
                 name: u.name,
@@ -164,10 +166,7 @@ pub fn plan(
             Some(old) if old == &res => Action::Unchanged,
             Some(_) => Action::Updated,
         };
-        changes.push(Change {
-            resource: key.to_string(),
-            action,
-        });
+        changes.push(Change { resource: key.to_string(), action });
         if action != Action::Unchanged {
             real_upserts.push(res.clone());
             next.resources.insert(key, res);
@@ -184,30 +183,18 @@ pub fn plan(
         if next.resources.remove(&key).is_none() {
             return Err(Error::NotFound(key.to_string()));
         }
-        changes.push(Change {
-            resource: key.to_string(),
-            action: Action::Deleted,
-        });
+        changes.push(Change { resource: key.to_string(), action: Action::Deleted });
         real_deletes.push(key);
     }
     next.validate()?;
-    let sites: BTreeSet<SiteCode> = current
-        .sites()
-        .chain(next.sites())
-        .map(|s| s.code.clone())
-        .collect();
+    let sites: BTreeSet<SiteCode> =
+        current.sites().chain(next.sites()).map(|s| s.code.clone()).collect();
     let changed_sites = sites
         .into_iter()
         .filter(|s| current.snapshot(s, 0) != next.snapshot(s, 0))
         .filter(|s| next.site(s).is_some())
         .collect();
-    Ok(Plan {
-        next,
-        upserts: real_upserts,
-        deletes: real_deletes,
-        changes,
-        changed_sites,
-    })
+    Ok(Plan { next, upserts: real_upserts, deletes: real_deletes, changes, changed_sites })
 }
 
 /// How `change` treats its input.
@@ -233,14 +220,10 @@ pub async fn change(
     for _attempt in 0..5 {
         let (revision, resources) = store.load_config().await?;
         let current = ConfigSet::from_resources(resources);
-        let upserts = inputs
-            .iter()
-            .cloned()
-            .map(|i| i.resolve(&current))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(site) = deletes
-            .iter()
-            .find(|k| k.kind == meridian_shared::config::ResourceKind::Site)
+        let upserts =
+            inputs.iter().cloned().map(|i| i.resolve(&current)).collect::<Result<Vec<_>>>()?;
+        if let Some(site) =
+            deletes.iter().find(|k| k.kind == meridian_shared::config::ResourceKind::Site)
         {
             let active = store
                 .list_agents()
@@ -257,10 +240,7 @@ pub async fn change(
         if mode == ChangeMode::CreateOnly
             && let Some(existing) = upserts.iter().find(|r| current.get(&r.key()).is_some())
         {
-            return Err(Error::Conflict(format!(
-                "{} already exists",
-                existing.key()
-            )));
+            return Err(Error::Conflict(format!("{} already exists", existing.key())));
         }
         let plan = plan(&current, upserts, deletes.clone())?;
         let nothing = plan.upserts.is_empty() && plan.deletes.is_empty();
@@ -271,10 +251,7 @@ pub async fn change(
             sites_published: plan.changed_sites.iter().map(ToString::to_string).collect(),
         };
         if nothing {
-            return Ok(ChangeReport {
-                sites_published: vec![],
-                ..report(revision)
-            });
+            return Ok(ChangeReport { sites_published: vec![], ..report(revision) });
         }
         if dry_run {
             return Ok(report(revision));
@@ -285,10 +262,7 @@ pub async fn change(
             .iter()
             .filter_map(|s| {
                 let snap = plan.next.snapshot(s, new_revision)?;
-                Some((
-                    s.clone(),
-                    ControllerCommand::ApplyConfig(Box::new(snap)).payload(),
-                ))
+                Some((s.clone(), ControllerCommand::ApplyConfig(Box::new(snap)).payload()))
             })
             .collect();
         let summary = summarize(&plan.changes);
@@ -314,20 +288,9 @@ fn summarize(changes: &[Change]) -> String {
     let changed: Vec<String> = changes
         .iter()
         .filter(|c| c.action != Action::Unchanged)
-        .map(|c| {
-            format!(
-                "{} {}",
-                format!("{:?}", c.action).to_lowercase(),
-                c.resource
-            )
-        })
+        .map(|c| format!("{} {}", format!("{:?}", c.action).to_lowercase(), c.resource))
         .collect();
-    let mut s = changed
-        .iter()
-        .take(5)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = changed.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
     if changed.len() > 5 {
         s.push_str(&format!(" and {} more", changed.len() - 5));
     }
@@ -341,12 +304,9 @@ pub async fn current_snapshot(
 ) -> Result<Option<(u64, Vec<u8>)>> {
     let (revision, resources) = store.load_config().await?;
     let set = ConfigSet::from_resources(resources);
-    Ok(set.snapshot(site, revision).map(|snap| {
-        (
-            revision,
-            ControllerCommand::ApplyConfig(Box::new(snap)).payload(),
-        )
-    }))
+    Ok(set
+        .snapshot(site, revision)
+        .map(|snap| (revision, ControllerCommand::ApplyConfig(Box::new(snap)).payload())))
 }
 
 #[cfg(test)]
@@ -369,19 +329,12 @@ mod tests {
         let current = ConfigSet::from_resources(vec![site("SFO", "SF"), site("CHI", "Chicago")]);
         let p = plan(
             &current,
-            vec![
-                site("SFO", "San Francisco"),
-                site("CHI", "Chicago"),
-                site("TYO", "Tokyo"),
-            ],
+            vec![site("SFO", "San Francisco"), site("CHI", "Chicago"), site("TYO", "Tokyo")],
             vec![],
         )
         .expect("plan");
         let actions: Vec<Action> = p.changes.iter().map(|c| c.action).collect();
-        assert_eq!(
-            actions,
-            [Action::Updated, Action::Unchanged, Action::Created]
-        );
+        assert_eq!(actions, [Action::Updated, Action::Unchanged, Action::Created]);
         let sites: Vec<&str> = p.changed_sites.iter().map(|s| s.as_str()).collect();
         assert_eq!(sites, ["SFO", "TYO"]);
         assert_eq!(p.upserts.len(), 2);
@@ -397,10 +350,7 @@ mod tests {
             site: None,
             code: "XX".into(),
         };
-        assert!(matches!(
-            plan(&current, vec![], vec![key]),
-            Err(Error::NotFound(_))
-        ));
+        assert!(matches!(plan(&current, vec![], vec![key]), Err(Error::NotFound(_))));
         let twice = plan(&current, vec![site("CHI", "a"), site("CHI", "b")], vec![]);
         assert!(matches!(twice, Err(Error::Validation(_))));
     }

@@ -84,9 +84,7 @@ impl AgentGateway for Gateway {
     ) -> Result<Response<EnrollResponse>, Status> {
         let req = request.into_inner();
         if req.token.len() > 200 || req.hostname.len() > 255 || req.version.len() > 64 {
-            return Err(Status::invalid_argument(
-                "enrollment request fields are too long",
-            ));
+            return Err(Status::invalid_argument("enrollment request fields are too long"));
         }
         let result = self.enroll_inner(&req).await;
         match &result {
@@ -123,9 +121,7 @@ impl AgentGateway for Gateway {
             .ok_or_else(|| Status::unauthenticated("unknown agent credential"))?;
         if agent.revoked_at.is_some() {
             tracing::warn!(agent = %agent.id, site = %agent.site, "revoked agent refused");
-            return Err(Status::permission_denied(
-                "this agent has been revoked; enroll again",
-            ));
+            return Err(Status::permission_denied("this agent has been revoked; enroll again"));
         }
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let session = Session {
@@ -241,21 +237,13 @@ impl Session {
             last_seen: Some(Utc::now()),
             ..Default::default()
         };
-        if let Err(e) = self
-            .gw
-            .store
-            .update_agent_status(self.agent, &offline)
-            .await
-        {
+        if let Err(e) = self.gw.store.update_agent_status(self.agent, &offline).await {
             tracing::warn!(error = %e, "could not record session end");
         }
     }
 
     async fn send(&self, body: controller_frame::Body) -> Result<(), End> {
-        self.outbound
-            .send(Ok(frame(body)))
-            .await
-            .map_err(|_| End::AgentClosed)
+        self.outbound.send(Ok(frame(body))).await.map_err(|_| End::AgentClosed)
     }
 
     async fn serve(&mut self) -> End {
@@ -271,9 +259,7 @@ impl Session {
             Err(_) => return Err(End::Silent),
             Ok(Err(status)) => return Err(End::Transport(status)),
             Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(AgentFrame {
-                body: Some(agent_frame::Body::Hello(h)),
-            }))) => h,
+            Ok(Ok(Some(AgentFrame { body: Some(agent_frame::Body::Hello(h)) }))) => h,
             Ok(Ok(Some(_))) => {
                 return Err(End::Protocol(
                     "hello_expected",
@@ -288,13 +274,8 @@ impl Session {
             ));
         }
         let now = Utc::now();
-        let agent = self
-            .gw
-            .store
-            .agent(self.agent)
-            .await
-            .map_err(End::Store)?
-            .ok_or(End::Revoked)?;
+        let agent =
+            self.gw.store.agent(self.agent).await.map_err(End::Store)?.ok_or(End::Revoked)?;
         let status = AgentStatusUpdate {
             connected: true,
             last_seen: Some(now),
@@ -304,11 +285,7 @@ impl Session {
             clock_skew_ms: Some(skew(hello.agent_time_ms, now)),
             store_error: None,
         };
-        self.gw
-            .store
-            .update_agent_status(self.agent, &status)
-            .await
-            .map_err(End::Store)?;
+        self.gw.store.update_agent_status(self.agent, &status).await.map_err(End::Store)?;
         let mut command_cursor = hello.last_applied_command_seq.min(agent.command_seq);
         if command_cursor > agent.command_acked_seq {
             self.gw
@@ -436,11 +413,7 @@ impl Session {
                     clock_skew_ms: Some(skew(s.agent_time_ms, now)),
                     store_error: Some(truncate(&s.store_error, 2000)),
                 };
-                self.gw
-                    .store
-                    .update_agent_status(self.agent, &update)
-                    .await
-                    .map_err(End::Store)
+                self.gw.store.update_agent_status(self.agent, &update).await.map_err(End::Store)
             }
             Some(agent_frame::Body::Ping(p)) => {
                 self.send(controller_frame::Body::Pong(meridian_proto::Pong {
@@ -465,10 +438,7 @@ impl Session {
         for e in batch.events {
             if let Err(err) = validate_wire_event(&e.kind, &e.payload) {
                 self.gw.metrics.event_batches_refused.inc();
-                return Err(End::Protocol(
-                    "malformed_event",
-                    format!("event {}: {err}", e.seq),
-                ));
+                return Err(End::Protocol("malformed_event", format!("event {}: {err}", e.seq)));
             }
             let occurred_at =
                 DateTime::<Utc>::from_timestamp_millis(e.occurred_at_ms).ok_or_else(|| {
@@ -478,17 +448,9 @@ impl Session {
                     )
                 })?;
             let payload = String::from_utf8(e.payload).map_err(|_| {
-                End::Protocol(
-                    "malformed_event",
-                    format!("event {}: payload is not UTF-8", e.seq),
-                )
+                End::Protocol("malformed_event", format!("event {}: payload is not UTF-8", e.seq))
             })?;
-            events.push(IncomingEvent {
-                seq: e.seq,
-                kind: e.kind,
-                occurred_at,
-                payload,
-            });
+            events.push(IncomingEvent { seq: e.seq, kind: e.kind, occurred_at, payload });
         }
         let n = events.len() as u64;
         let acked = match self
@@ -513,27 +475,17 @@ impl Session {
             Err(IngestError::Gap { first, acked }) => {
                 // The agent resends from our acknowledgement.
                 self.gw.metrics.event_batches_refused.inc();
-                tracing::warn!(
-                    first,
-                    acked,
-                    "event batch skips sequences; re-acknowledging"
-                );
+                tracing::warn!(first, acked, "event batch skips sequences; re-acknowledging");
                 acked
             }
         };
-        self.send(controller_frame::Body::EventAck(meridian_proto::EventAck {
-            up_to_seq: acked,
-        }))
-        .await
+        self.send(controller_frame::Body::EventAck(meridian_proto::EventAck { up_to_seq: acked }))
+            .await
     }
 }
 
 fn skew(agent_time_ms: i64, now: DateTime<Utc>) -> i64 {
-    if agent_time_ms == 0 {
-        0
-    } else {
-        agent_time_ms.saturating_sub(now.timestamp_millis())
-    }
+    if agent_time_ms == 0 { 0 } else { agent_time_ms.saturating_sub(now.timestamp_millis()) }
 }
 
 fn truncate(s: &str, max: usize) -> String {

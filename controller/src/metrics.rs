@@ -29,31 +29,15 @@ impl Default for Metrics {
             enrollments_refused: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "sessions_active",
-            "Open agent sessions",
-            m.sessions_active.clone(),
-        );
-        registry.register(
-            "sessions_opened",
-            "Agent sessions opened",
-            m.sessions_opened.clone(),
-        );
-        registry.register(
-            "events_ingested",
-            "Agent events stored",
-            m.events_ingested.clone(),
-        );
+        registry.register("sessions_active", "Open agent sessions", m.sessions_active.clone());
+        registry.register("sessions_opened", "Agent sessions opened", m.sessions_opened.clone());
+        registry.register("events_ingested", "Agent events stored", m.events_ingested.clone());
         registry.register(
             "event_batches_refused",
             "Event batches refused (gaps, malformed)",
             m.event_batches_refused.clone(),
         );
-        registry.register(
-            "commands_sent",
-            "Commands sent to agents",
-            m.commands_sent.clone(),
-        );
+        registry.register("commands_sent", "Commands sent to agents", m.commands_sent.clone());
         registry.register("enrollments", "Agents enrolled", m.enrollments.clone());
         registry.register(
             "enrollments_refused",

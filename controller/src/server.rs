@@ -100,14 +100,9 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let (commands_tx, commands_rx) = tokio::sync::watch::channel(0u64);
     let tasks = TaskTracker::new();
-    let gateway_addr = listeners
-        .gateway
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let api_addr = listeners
-        .api
-        .local_addr()
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let gateway_addr =
+        listeners.gateway.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    let api_addr = listeners.api.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
 
     let api_state = ApiState {
         store: store.clone(),
@@ -151,9 +146,7 @@ pub async fn serve(
         }
         (None, None) => plaintext_allowed(gateway_addr, settings.dev_mode)?,
         _ => {
-            return Err(Error::BadRequest(
-                "tls_cert and tls_key must be set together".into(),
-            ));
+            return Err(Error::BadRequest("tls_cert and tls_key must be set together".into()));
         }
     }
     tracing::info!(%api_addr, "admin API listening");
@@ -171,10 +164,7 @@ pub async fn serve(
         })
         .await;
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
         tracing::warn!("sessions did not finish within the shutdown grace period");
     }
     let api_result = api_task.await;

@@ -118,16 +118,10 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
-        let s = Settings {
-            database_url: "postgres://u:pw@h/db".into(),
-            ..Default::default()
-        };
+        let s = Settings { database_url: "postgres://u:pw@h/db".into(), ..Default::default() };
         assert!(!format!("{s:?}").contains("pw"));
     }
 }

@@ -16,15 +16,13 @@ pub fn postgres_admin_url() -> String {
 /// message when PostgreSQL is unreachable.
 pub async fn fresh_postgres_url() -> String {
     let admin = postgres_admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL is required for this test and is not reachable at {admin}: {e}. \
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is required for this test and is not reachable at {admin}: {e}. \
              Run the tests with `make test`, which starts or installs it, or set \
              MERIDIAN_TEST_DATABASE_URL."
-            )
-        });
+        )
+    });
     let name = format!("meridian_t_{}", uuid::Uuid::new_v4().simple());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
@@ -44,8 +42,5 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
 
 /// A fresh SQLite database URL in a temp dir.
 pub fn fresh_sqlite_url() -> String {
-    format!(
-        "sqlite://{}/controller.db",
-        temp_dir("meridian-sqlite").display()
-    )
+    format!("sqlite://{}/controller.db", temp_dir("meridian-sqlite").display())
 }

@@ -43,9 +43,8 @@ enum In {
 impl Api {
     async fn start() -> Self {
         let url = meridian_controller::testing::fresh_sqlite_url();
-        let store: Arc<dyn Store> = meridian_controller::store::open(&url)
-            .await
-            .expect("open store");
+        let store: Arc<dyn Store> =
+            meridian_controller::store::open(&url).await.expect("open store");
         let admin = ensure_bootstrap_token(store.as_ref(), None)
             .await
             .expect("bootstrap")
@@ -57,11 +56,7 @@ impl Api {
             metrics: Arc::new(Metrics::default()),
             commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
         };
-        Api {
-            router: api::router(state, LIMIT),
-            admin,
-            viewer,
-        }
+        Api { router: api::router(state, LIMIT), admin, viewer }
     }
 
     /// Sends one request; returns the status and the body (JSON, or the raw text as a string).
@@ -106,9 +101,7 @@ impl Api {
             .await
             .expect("infallible");
         let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .expect("body");
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.expect("body");
         let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             Value::String(format!("NOT JSON: {}", String::from_utf8_lossy(&bytes)))
         });
@@ -116,9 +109,8 @@ impl Api {
     }
 
     async fn config(&self) -> Value {
-        let (status, body) = self
-            .send(Method::GET, "/api/v1/config", Token::Admin, In::Empty)
-            .await;
+        let (status, body) =
+            self.send(Method::GET, "/api/v1/config", Token::Admin, In::Empty).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
@@ -137,10 +129,7 @@ async fn check(
     let what = format!("{method} {path} ({token:?}, {})", describe(&body));
     let method = Method::from_bytes(method.as_bytes()).expect("method");
     let (status, body) = api.send(method, path, token, body).await;
-    assert!(
-        !status.is_server_error(),
-        "{what}: server error {status}: {body}"
-    );
+    assert!(!status.is_server_error(), "{what}: server error {status}: {body}");
     assert!(
         body.get("code").is_some_and(Value::is_string)
             && body.get("message").is_some_and(Value::is_string),
@@ -191,16 +180,13 @@ async fn bad_requests_are_refused_with_typed_errors_and_change_nothing() {
         {"kind": "staff_user", "username": "alice", "name": "Alice", "sites": ["SFO"],
          "password": "correct horse"}
     ]});
-    let (status, report) = api
-        .send(Method::POST, "/api/v1/apply", Token::Admin, In::Json(seed))
-        .await;
+    let (status, report) =
+        api.send(Method::POST, "/api/v1/apply", Token::Admin, In::Json(seed)).await;
     assert_eq!(status, StatusCode::OK, "{report}");
     let seeded = api.config().await;
     assert_eq!(seeded["revision"], 1);
     // The viewer token works for reading, so the 403s below are about its role.
-    let (status, _) = api
-        .send(Method::GET, "/api/v1/sites", Token::Viewer, In::Empty)
-        .await;
+    let (status, _) = api.send(Method::GET, "/api/v1/sites", Token::Viewer, In::Empty).await;
     assert_eq!(status, StatusCode::OK);
 
     use In::{Empty, Json as J};

@@ -23,9 +23,8 @@ struct TestServer {
 
 impl TestServer {
     async fn start() -> Self {
-        let store = meridian_controller::store::open(&fresh_sqlite_url())
-            .await
-            .expect("open store");
+        let store =
+            meridian_controller::store::open(&fresh_sqlite_url()).await.expect("open store");
         let token = ensure_bootstrap_token(store.as_ref(), None)
             .await
             .expect("bootstrap token")
@@ -45,12 +44,7 @@ impl TestServer {
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
         });
-        TestServer {
-            url,
-            token,
-            shutdown,
-            task,
-        }
+        TestServer { url, token, shutdown, task }
     }
 
     fn client(&self) -> Client {
@@ -91,21 +85,12 @@ letter: A
 ";
 
 fn actions(report: &ChangeReport) -> Vec<(&str, Action)> {
-    report
-        .changes
-        .iter()
-        .map(|c| (c.resource.as_str(), c.action))
-        .collect()
+    report.changes.iter().map(|c| (c.resource.as_str(), c.action)).collect()
 }
 
 async fn revision(client: &Client) -> u64 {
-    let revisions = ctl::list(client, Listing::Revisions, None)
-        .await
-        .expect("revisions");
-    revisions
-        .first()
-        .and_then(|r| r["revision"].as_u64())
-        .unwrap_or(0)
+    let revisions = ctl::list(client, Listing::Revisions, None).await.expect("revisions");
+    revisions.first().and_then(|r| r["revision"].as_u64()).unwrap_or(0)
 }
 
 fn api_code(result: Result<impl std::fmt::Debug, CtlError>) -> (String, String) {
@@ -139,13 +124,8 @@ async fn apply_get_and_delete_through_the_library() {
     assert_eq!(revision(&client).await, 1);
 
     // Same file again: nothing changes (the staff password matches its stored hash).
-    let report = ctl::apply(&client, MANIFEST, false)
-        .await
-        .expect("re-apply");
-    assert!(
-        report.changes.iter().all(|c| c.action == Action::Unchanged),
-        "{report:?}"
-    );
+    let report = ctl::apply(&client, MANIFEST, false).await.expect("re-apply");
+    assert!(report.changes.iter().all(|c| c.action == Action::Unchanged), "{report:?}");
     assert_eq!(report.changes.len(), 4);
     assert_eq!(report.revision, 1);
     assert!(report.sites_published.is_empty());
@@ -170,33 +150,22 @@ async fn apply_get_and_delete_through_the_library() {
         ]
     );
     assert_eq!(report.sites_published, ["SFO"]);
-    let sites = ctl::list(&client, Listing::Sites, None)
-        .await
-        .expect("sites");
+    let sites = ctl::list(&client, Listing::Sites, None).await.expect("sites");
     assert_eq!(sites.len(), 1);
     assert_eq!(sites[0]["name"], "San Francisco");
     assert_eq!(revision(&client).await, 1);
 
     // Listings: site-scoped kinds across all sites and for one site agree.
-    let all = ctl::list(&client, Listing::Queues, None)
-        .await
-        .expect("queues");
-    let sfo = ctl::list(&client, Listing::Queues, Some("SFO"))
-        .await
-        .expect("SFO queues");
+    let all = ctl::list(&client, Listing::Queues, None).await.expect("queues");
+    let sfo = ctl::list(&client, Listing::Queues, Some("SFO")).await.expect("SFO queues");
     assert_eq!(all, sfo);
     assert_eq!(
         ctl::render_list(Listing::Queues, &sfo, Output::Table, chrono::Utc::now()).expect("render"),
         "SITE   CODE   NAME      LETTER   NUMBERS\nSFO    A      General   A        1-999\n"
     );
-    let staff = ctl::list(&client, Listing::Staff, Some("SFO"))
-        .await
-        .expect("staff");
+    let staff = ctl::list(&client, Listing::Staff, Some("SFO")).await.expect("staff");
     assert_eq!(staff.len(), 1);
-    assert!(
-        staff[0].get("password_hash").is_none(),
-        "the API never returns password hashes"
-    );
+    assert!(staff[0].get("password_hash").is_none(), "the API never returns password hashes");
     let (code, _) = api_code(ctl::list(&client, Listing::Services, Some("CHI")).await);
     assert_eq!(code, "not_found");
 
@@ -205,18 +174,11 @@ async fn apply_get_and_delete_through_the_library() {
     let report = ctl::delete(&client, &[key], false).await.expect("delete");
     assert_eq!(actions(&report), [("service/SFO/ACC", Action::Deleted)]);
     assert_eq!(report.revision, 2);
-    assert!(
-        ctl::list(&client, Listing::Services, None)
-            .await
-            .expect("services")
-            .is_empty()
-    );
+    assert!(ctl::list(&client, Listing::Services, None).await.expect("services").is_empty());
     assert_eq!(revision(&client).await, 2);
 
     // Agents: none yet; the table is its header.
-    let agents = ctl::list(&client, Listing::Agents, None)
-        .await
-        .expect("agents");
+    let agents = ctl::list(&client, Listing::Agents, None).await.expect("agents");
     assert!(agents.is_empty());
     assert_eq!(
         ctl::render_list(Listing::Agents, &agents, Output::Table, chrono::Utc::now())
@@ -241,10 +203,7 @@ async fn errors_are_reported_and_nothing_is_stored() {
     let bad = MANIFEST.replace("queue: A", "queue: Z");
     let (code, text) = api_code(ctl::apply(&client, &bad, false).await);
     assert_eq!(code, "validation_failed");
-    assert!(
-        text.contains("\n  service/SFO/ACC.queue: unknown queue Z"),
-        "{text}"
-    );
+    assert!(text.contains("\n  service/SFO/ACC.queue: unknown queue Z"), "{text}");
 
     // A manifest that does not parse is refused before anything is sent.
     let broken = format!("{MANIFEST}---\nkind: queue\nsite: SFO\ncode: [B\n");
@@ -254,87 +213,46 @@ async fn errors_are_reported_and_nothing_is_stored() {
     }
     let typo = MANIFEST.replace("letter: A", "letter: A\ncolor: blue");
     match ctl::apply(&client, &typo, false).await {
-        Err(CtlError::Manifest(m)) => assert!(
-            m.starts_with("document 2 (queue A): unknown field `color`"),
-            "{m}"
-        ),
+        Err(CtlError::Manifest(m)) => {
+            assert!(m.starts_with("document 2 (queue A): unknown field `color`"), "{m}")
+        }
         other => panic!("expected a manifest error, got {other:?}"),
     }
     assert_eq!(revision(&client).await, 1);
 
     // Deleting what does not exist, or a site that still has queues.
     let key = ctl::key_from_args("queue", "ZZ", Some("SFO")).expect("key");
-    assert_eq!(
-        api_code(ctl::delete(&client, &[key], false).await).0,
-        "not_found"
-    );
+    assert_eq!(api_code(ctl::delete(&client, &[key], false).await).0, "not_found");
     let key = ctl::key_from_args("site", "SFO", None).expect("key");
-    assert_eq!(
-        api_code(ctl::delete(&client, &[key], false).await).0,
-        "validation_failed"
-    );
+    assert_eq!(api_code(ctl::delete(&client, &[key], false).await).0, "validation_failed");
     assert_eq!(revision(&client).await, 1);
 
     // Tokens: a viewer may read, not write; enrollment tokens list as valid.
-    let viewer = ctl::create_api_token(&client, "dashboard", "viewer")
-        .await
-        .expect("viewer token");
+    let viewer = ctl::create_api_token(&client, "dashboard", "viewer").await.expect("viewer token");
     let secret = viewer["secret"].as_str().expect("secret").to_owned();
     let as_viewer = Client::new(&server.url, Some(secret)).expect("client");
-    assert_eq!(
-        ctl::list(&as_viewer, Listing::Sites, None)
-            .await
-            .expect("viewer reads")
-            .len(),
-        1
-    );
-    assert_eq!(
-        api_code(ctl::apply(&as_viewer, MANIFEST, true).await).0,
-        "forbidden"
-    );
+    assert_eq!(ctl::list(&as_viewer, Listing::Sites, None).await.expect("viewer reads").len(), 1);
+    assert_eq!(api_code(ctl::apply(&as_viewer, MANIFEST, true).await).0, "forbidden");
     let id = viewer["id"].as_str().expect("id");
-    ctl::delete_api_token(&client, id)
-        .await
-        .expect("delete token");
-    assert_eq!(
-        api_code(ctl::list(&as_viewer, Listing::Sites, None).await).0,
-        "unauthenticated"
-    );
+    ctl::delete_api_token(&client, id).await.expect("delete token");
+    assert_eq!(api_code(ctl::list(&as_viewer, Listing::Sites, None).await).0, "unauthenticated");
     let (code, text) = api_code(
-        ctl::list(
-            &Client::new(&server.url, None).expect("client"),
-            Listing::Sites,
-            None,
-        )
-        .await,
+        ctl::list(&Client::new(&server.url, None).expect("client"), Listing::Sites, None).await,
     );
     assert_eq!(code, "unauthenticated");
     assert!(text.contains("no API token given"), "{text}");
 
-    let created = ctl::create_enrollment_token(&client, "SFO", Some("1h"))
-        .await
-        .expect("enrollment token");
+    let created =
+        ctl::create_enrollment_token(&client, "SFO", Some("1h")).await.expect("enrollment token");
     assert!(created.token.starts_with("mrd_enr_"));
     let ttl = created.expires_at - chrono::Utc::now();
+    assert!(ttl > chrono::Duration::minutes(59) && ttl <= chrono::Duration::hours(1), "{ttl}");
+    let listed = ctl::list(&client, Listing::EnrollmentTokens, Some("SFO")).await.expect("list");
+    let table =
+        ctl::render_list(Listing::EnrollmentTokens, &listed, Output::Table, chrono::Utc::now())
+            .expect("render");
     assert!(
-        ttl > chrono::Duration::minutes(59) && ttl <= chrono::Duration::hours(1),
-        "{ttl}"
-    );
-    let listed = ctl::list(&client, Listing::EnrollmentTokens, Some("SFO"))
-        .await
-        .expect("list");
-    let table = ctl::render_list(
-        Listing::EnrollmentTokens,
-        &listed,
-        Output::Table,
-        chrono::Utc::now(),
-    )
-    .expect("render");
-    assert!(
-        table
-            .lines()
-            .nth(1)
-            .is_some_and(|l| l.contains("SFO") && l.contains("valid for")),
+        table.lines().nth(1).is_some_and(|l| l.contains("SFO") && l.contains("valid for")),
         "{table}"
     );
     let (code, _) = api_code(ctl::create_enrollment_token(&client, "CHI", None).await);
@@ -351,9 +269,8 @@ async fn errors_are_reported_and_nothing_is_stored() {
     match ctl::list(&client, Listing::Sites, None).await {
         Err(e @ CtlError::Unreachable { .. }) => {
             assert!(
-                e.to_string().starts_with(&format!(
-                    "could not reach the Meridian controller at {url}: "
-                )),
+                e.to_string()
+                    .starts_with(&format!("could not reach the Meridian controller at {url}: ")),
                 "{e}"
             )
         }
@@ -415,39 +332,18 @@ async fn the_binary_prints_results_and_exits_non_zero_on_errors() {
     let queues: Value = serde_json::from_str(&run.stdout).expect("json output");
     assert_eq!(queues[0]["letter"], "A");
 
-    let run = meridianctl(
-        &server.url,
-        &token_file,
-        &["delete", "staff-user", "alice", "--dry-run"],
-    )
-    .await;
+    let run =
+        meridianctl(&server.url, &token_file, &["delete", "staff-user", "alice", "--dry-run"])
+            .await;
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(
-        run.stdout
-            .starts_with("staff_user/alice deleted (dry run)\n"),
-        "{}",
-        run.stdout
-    );
+    assert!(run.stdout.starts_with("staff_user/alice deleted (dry run)\n"), "{}", run.stdout);
 
-    let run = meridianctl(
-        &server.url,
-        &token_file,
-        &["delete", "queue", "A", "--site", "SFO"],
-    )
-    .await;
+    let run =
+        meridianctl(&server.url, &token_file, &["delete", "queue", "A", "--site", "SFO"]).await;
     assert_eq!(run.code, 1);
     assert!(run.stdout.is_empty());
-    assert!(
-        run.stderr.starts_with("error: validation_failed: "),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr
-            .contains("\n  service/SFO/ACC.queue: unknown queue A"),
-        "{}",
-        run.stderr
-    );
+    assert!(run.stderr.starts_with("error: validation_failed: "), "{}", run.stderr);
+    assert!(run.stderr.contains("\n  service/SFO/ACC.queue: unknown queue A"), "{}", run.stderr);
 
     let run = meridianctl(
         &server.url,
@@ -456,18 +352,12 @@ async fn the_binary_prints_results_and_exits_non_zero_on_errors() {
     )
     .await;
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(
-        run.stdout.starts_with("token:   mrd_enr_"),
-        "{}",
-        run.stdout
-    );
+    assert!(run.stdout.starts_with("token:   mrd_enr_"), "{}", run.stdout);
 
     let run = meridianctl(
         &server.url,
         &token_file,
-        &[
-            "token", "create", "--name", "ci", "--role", "viewer", "-o", "yaml",
-        ],
+        &["token", "create", "--name", "ci", "--role", "viewer", "-o", "yaml"],
     )
     .await;
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -475,10 +365,7 @@ async fn the_binary_prints_results_and_exits_non_zero_on_errors() {
     assert_eq!(created["role"], "viewer");
     let id = created["id"].as_str().expect("id");
     let run = meridianctl(&server.url, &token_file, &["token", "delete", id]).await;
-    assert_eq!(
-        (run.code, run.stdout),
-        (0, format!("API token {id} deleted\n"))
-    );
+    assert_eq!((run.code, run.stdout), (0, format!("API token {id} deleted\n")));
 
     // A port nobody listens on: bound, then released.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -488,9 +375,8 @@ async fn the_binary_prints_results_and_exits_non_zero_on_errors() {
     let run = meridianctl(&url, &token_file, &["get", "agents"]).await;
     assert_eq!(run.code, 1);
     assert!(
-        run.stderr.starts_with(&format!(
-            "error: could not reach the Meridian controller at {url}: "
-        )),
+        run.stderr
+            .starts_with(&format!("error: could not reach the Meridian controller at {url}: ")),
         "{}",
         run.stderr
     );

@@ -12,8 +12,6 @@ mod sqlite {
 mod postgres {
     meridian_controller::store_conformance_suite!(async {
         let url = meridian_controller::testing::fresh_postgres_url().await;
-        meridian_controller::store::open(&url)
-            .await
-            .expect("open PostgreSQL store")
+        meridian_controller::store::open(&url).await.expect("open PostgreSQL store")
     });
 }

@@ -13,10 +13,7 @@ pub struct BackoffPolicy {
 
 impl Default for BackoffPolicy {
     fn default() -> Self {
-        Self {
-            base: Duration::from_millis(200),
-            cap: Duration::from_secs(30),
-        }
+        Self { base: Duration::from_millis(200), cap: Duration::from_secs(30) }
     }
 }
 
@@ -42,15 +39,9 @@ mod tests {
 
     #[test]
     fn ceiling_doubles_then_caps() {
-        let p = BackoffPolicy {
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(5),
-        };
+        let p = BackoffPolicy { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
         let got: Vec<u64> = (0..10).map(|n| p.ceiling(n).as_millis() as u64).collect();
-        assert_eq!(
-            got,
-            [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000]
-        );
+        assert_eq!(got, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000]);
         assert_eq!(p.ceiling(u32::MAX), Duration::from_secs(5));
     }
 
@@ -69,10 +60,6 @@ mod tests {
         let p = BackoffPolicy::default();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let delays: std::collections::BTreeSet<_> = (0..50).map(|_| p.delay(6, &mut rng)).collect();
-        assert!(
-            delays.len() > 40,
-            "full jitter should rarely repeat: {}",
-            delays.len()
-        );
+        assert!(delays.len() > 40, "full jitter should rarely repeat: {}", delays.len());
     }
 }

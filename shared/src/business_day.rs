@@ -34,14 +34,8 @@ mod tests {
         let now = Utc.with_ymd_and_hms(2026, 3, 8, 6, 30, 0).unwrap();
         let la: Tz = "America/Los_Angeles".parse().unwrap();
         let tokyo: Tz = "Asia/Tokyo".parse().unwrap();
-        assert_eq!(
-            business_day(la, now),
-            NaiveDate::from_ymd_opt(2026, 3, 7).unwrap()
-        );
-        assert_eq!(
-            business_day(tokyo, now),
-            NaiveDate::from_ymd_opt(2026, 3, 8).unwrap()
-        );
+        assert_eq!(business_day(la, now), NaiveDate::from_ymd_opt(2026, 3, 7).unwrap());
+        assert_eq!(business_day(tokyo, now), NaiveDate::from_ymd_opt(2026, 3, 8).unwrap());
     }
 
     #[test]

@@ -41,12 +41,10 @@ impl ControllerCommand {
             message: e.to_string(),
         };
         match kind {
-            APPLY_CONFIG => Ok(ControllerCommand::ApplyConfig(
-                serde_json::from_slice(payload).map_err(bad)?,
-            )),
-            other => Err(CommandDecodeError::UnknownKind(
-                other.chars().take(80).collect(),
-            )),
+            APPLY_CONFIG => {
+                Ok(ControllerCommand::ApplyConfig(serde_json::from_slice(payload).map_err(bad)?))
+            }
+            other => Err(CommandDecodeError::UnknownKind(other.chars().take(80).collect())),
         }
     }
 }

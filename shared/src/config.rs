@@ -29,16 +29,18 @@ pub enum ResourceKind {
     ServicePoint,
     WorkProfile,
     StaffUser,
+    ConnectorKey,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 6] = [
+    pub const ALL: [ResourceKind; 7] = [
         ResourceKind::Site,
         ResourceKind::Service,
         ResourceKind::Queue,
         ResourceKind::ServicePoint,
         ResourceKind::WorkProfile,
         ResourceKind::StaffUser,
+        ResourceKind::ConnectorKey,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +51,7 @@ impl ResourceKind {
             ResourceKind::ServicePoint => "service_point",
             ResourceKind::WorkProfile => "work_profile",
             ResourceKind::StaffUser => "staff_user",
+            ResourceKind::ConnectorKey => "connector_key",
         }
     }
 
@@ -183,10 +186,7 @@ impl Site {
         for (day, periods) in &self.business_hours {
             let field = format!("business_hours.{}", serde_plain_day(*day));
             if periods.len() > MAX_PERIODS_PER_DAY {
-                errs.push(
-                    &field,
-                    format!("at most {MAX_PERIODS_PER_DAY} periods per day"),
-                );
+                errs.push(&field, format!("at most {MAX_PERIODS_PER_DAY} periods per day"));
             }
             let mut sorted = periods.clone();
             sorted.sort();
@@ -311,6 +311,18 @@ pub struct StaffUser {
     pub password_hash: String,
 }
 
+/// An API key for local systems (kiosks, displays, CRM) at one site. Only the SHA-256 of the
+/// secret is configured and synced; the secret is shown once when the controller generates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorKey {
+    pub site: SiteCode,
+    pub code: Code,
+    pub name: String,
+    /// Lower-case hex SHA-256 of the secret.
+    pub key_hash: String,
+}
+
 /// One configuration resource.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -321,6 +333,7 @@ pub enum Resource {
     ServicePoint(ServicePoint),
     WorkProfile(WorkProfile),
     StaffUser(StaffUser),
+    ConnectorKey(ConnectorKey),
 }
 
 impl Resource {
@@ -332,6 +345,7 @@ impl Resource {
             Resource::ServicePoint(_) => ResourceKind::ServicePoint,
             Resource::WorkProfile(_) => ResourceKind::WorkProfile,
             Resource::StaffUser(_) => ResourceKind::StaffUser,
+            Resource::ConnectorKey(_) => ResourceKind::ConnectorKey,
         }
     }
 
@@ -343,12 +357,9 @@ impl Resource {
             Resource::ServicePoint(p) => (Some(p.site.clone()), p.code.to_string()),
             Resource::WorkProfile(w) => (Some(w.site.clone()), w.code.to_string()),
             Resource::StaffUser(u) => (None, u.username.to_string()),
+            Resource::ConnectorKey(k) => (Some(k.site.clone()), k.code.to_string()),
         };
-        ResourceKey {
-            kind: self.kind(),
-            site,
-            code,
-        }
+        ResourceKey { kind: self.kind(), site, code }
     }
 
     /// The sites whose snapshot this resource is part of.
@@ -386,13 +397,18 @@ impl Resource {
                 if w.queues.is_empty() {
                     errs.push("queues", "a work profile calls from at least one queue");
                 }
-                let unique: BTreeSet<_> = w
-                    .queues
-                    .iter()
-                    .map(|e| (&e.queue, e.min_wait_minutes))
-                    .collect();
+                let unique: BTreeSet<_> =
+                    w.queues.iter().map(|e| (&e.queue, e.min_wait_minutes)).collect();
                 if unique.len() != w.queues.len() {
                     errs.push("queues", "the same queue and condition appear twice");
+                }
+            }
+            Resource::ConnectorKey(k) => {
+                check_name(&k.name, "name", &mut errs);
+                let hex = k.key_hash.len() == 64
+                    && k.key_hash.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+                if !hex {
+                    errs.push("key_hash", "must be the lower-case hex SHA-256 of the key");
                 }
             }
             Resource::StaffUser(u) => {
@@ -422,9 +438,7 @@ pub struct ConfigSet {
 
 impl ConfigSet {
     pub fn from_resources(resources: impl IntoIterator<Item = Resource>) -> Self {
-        Self {
-            resources: resources.into_iter().map(|r| (r.key(), r)).collect(),
-        }
+        Self { resources: resources.into_iter().map(|r| (r.key(), r)).collect() }
     }
 
     pub fn get(&self, key: &ResourceKey) -> Option<&Resource> {
@@ -439,11 +453,7 @@ impl ConfigSet {
     }
 
     pub fn site(&self, code: &SiteCode) -> Option<&Site> {
-        let key = ResourceKey {
-            kind: ResourceKind::Site,
-            site: None,
-            code: code.to_string(),
-        };
+        let key = ResourceKey { kind: ResourceKind::Site, site: None, code: code.to_string() };
         match self.resources.get(&key) {
             Some(Resource::Site(s)) => Some(s),
             _ => None,
@@ -515,7 +525,7 @@ impl ConfigSet {
                         }
                     }
                 }
-                Resource::Site(_) => {}
+                Resource::Site(_) | Resource::ConnectorKey(_) => {}
             }
         }
         errs.into_result()
@@ -532,6 +542,7 @@ impl ConfigSet {
             service_points: vec![],
             work_profiles: vec![],
             staff: vec![],
+            connector_keys: vec![],
         };
         for res in self.resources.values() {
             match res {
@@ -540,6 +551,7 @@ impl ConfigSet {
                 Resource::ServicePoint(x) if &x.site == site => snap.service_points.push(x.clone()),
                 Resource::WorkProfile(x) if &x.site == site => snap.work_profiles.push(x.clone()),
                 Resource::StaffUser(u) if u.sites.contains(site) => snap.staff.push(u.clone()),
+                Resource::ConnectorKey(k) if &k.site == site => snap.connector_keys.push(k.clone()),
                 _ => {}
             }
         }
@@ -557,6 +569,8 @@ pub struct SiteConfig {
     pub service_points: Vec<ServicePoint>,
     pub work_profiles: Vec<WorkProfile>,
     pub staff: Vec<StaffUser>,
+    #[serde(default)]
+    pub connector_keys: Vec<ConnectorKey>,
 }
 
 impl SiteConfig {
@@ -626,26 +640,12 @@ mod tests {
         check(vec![site("SFO", "America/Los_Angeles")], &[]);
         check(vec![site("SFO", "Mars/Olympus")], &["site/SFO.time_zone"]);
         check(vec![queue("SFO", "A", "A")], &["queue/SFO/A.site"]);
+        check(vec![site("SFO", "UTC"), service("SFO", "ACC", "A")], &["service/SFO/ACC.queue"]);
         check(
-            vec![site("SFO", "UTC"), service("SFO", "ACC", "A")],
-            &["service/SFO/ACC.queue"],
-        );
-        check(
-            vec![
-                site("SFO", "UTC"),
-                queue("SFO", "A", "A"),
-                queue("SFO", "B", "A"),
-            ],
+            vec![site("SFO", "UTC"), queue("SFO", "A", "A"), queue("SFO", "B", "A")],
             &["queue/SFO/B.letter"],
         );
-        check(
-            vec![
-                site("SFO", "UTC"),
-                queue("SFO", "A", "A"),
-                service("SFO", "ACC", "A"),
-            ],
-            &[],
-        );
+        check(vec![site("SFO", "UTC"), queue("SFO", "A", "A"), service("SFO", "ACC", "A")], &[]);
     }
 
     #[test]

@@ -119,12 +119,8 @@ pub enum ServicePointEventKind {
 }
 
 impl ServicePointEventKind {
-    pub const ALL: [ServicePointEventKind; 4] = [
-        Self::Opened,
-        Self::Closed,
-        Self::StaffLoggedIn,
-        Self::StaffLoggedOut,
-    ];
+    pub const ALL: [ServicePointEventKind; 4] =
+        [Self::Opened, Self::Closed, Self::StaffLoggedIn, Self::StaffLoggedOut];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -176,15 +172,9 @@ impl AgentEvent {
     pub fn decode(kind: &str, payload: &[u8]) -> Result<Option<Self>, WireEventError> {
         let bad = |e: serde_json::Error| WireEventError::Payload(e.to_string());
         if let Some(k) = VisitEventKind::ALL.into_iter().find(|k| k.as_str() == kind) {
-            return Ok(Some(AgentEvent::Visit(
-                k,
-                serde_json::from_slice(payload).map_err(bad)?,
-            )));
+            return Ok(Some(AgentEvent::Visit(k, serde_json::from_slice(payload).map_err(bad)?)));
         }
-        if let Some(k) = ServicePointEventKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == kind)
-        {
+        if let Some(k) = ServicePointEventKind::ALL.into_iter().find(|k| k.as_str() == kind) {
             return Ok(Some(AgentEvent::ServicePoint(
                 k,
                 serde_json::from_slice(payload).map_err(bad)?,
@@ -217,9 +207,7 @@ pub enum WireEventError {
 pub fn validate_wire_event(kind: &str, payload: &[u8]) -> Result<(), WireEventError> {
     let kind_ok = !kind.is_empty()
         && kind.len() <= MAX_EVENT_KIND
-        && kind
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        && kind.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
     if !kind_ok {
         return Err(WireEventError::Kind(kind.chars().take(80).collect()));
     }
@@ -240,32 +228,17 @@ mod tests {
 
     #[test]
     fn roundtrip_and_wire_checks() {
-        let ev = AgentEvent::ConfigApplied(ConfigApplied {
-            revision: 3,
-            previous_revision: 2,
-        });
-        assert_eq!(
-            AgentEvent::decode(ev.kind(), &ev.payload()).unwrap(),
-            Some(ev.clone())
-        );
+        let ev = AgentEvent::ConfigApplied(ConfigApplied { revision: 3, previous_revision: 2 });
+        assert_eq!(AgentEvent::decode(ev.kind(), &ev.payload()).unwrap(), Some(ev.clone()));
         assert!(validate_wire_event(ev.kind(), &ev.payload()).is_ok());
         assert!(validate_wire_event("FUTURE_KIND", b"{}").is_ok());
         let check = |kind: &str, payload: &[u8]| validate_wire_event(kind, payload).unwrap_err();
         assert!(matches!(check("", b"{}"), WireEventError::Kind(_)));
         assert!(matches!(check("lower", b"{}"), WireEventError::Kind(_)));
         assert!(matches!(check("X", b"[1]"), WireEventError::Payload(_)));
-        assert!(matches!(
-            check("X", b"{not json"),
-            WireEventError::Payload(_)
-        ));
-        assert!(matches!(
-            check("CONFIG_APPLIED", b"{}"),
-            WireEventError::Payload(_)
-        ));
+        assert!(matches!(check("X", b"{not json"), WireEventError::Payload(_)));
+        assert!(matches!(check("CONFIG_APPLIED", b"{}"), WireEventError::Payload(_)));
         let big = format!("{{\"a\":\"{}\"}}", "x".repeat(MAX_EVENT_PAYLOAD));
-        assert!(matches!(
-            check("X", big.as_bytes()),
-            WireEventError::TooLarge
-        ));
+        assert!(matches!(check("X", big.as_bytes()), WireEventError::TooLarge));
     }
 }

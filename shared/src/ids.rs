@@ -19,8 +19,7 @@ impl SiteCode {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
         let ok = (2..=8).contains(&s.len())
             && s.starts_with(|c: char| c.is_ascii_uppercase())
-            && s.chars()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit());
+            && s.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit());
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -73,8 +72,7 @@ pub struct Code(String);
 impl Code {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
         let ok = (1..=32).contains(&s.len())
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if ok {
             Ok(Self(s.to_owned()))
         } else {

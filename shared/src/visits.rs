@@ -67,14 +67,9 @@ impl Outcome {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Served,
-            Self::NoShow,
-            Self::Removed,
-            Self::ClosedAtEndOfDay,
-        ]
-        .into_iter()
-        .find(|o| o.as_str() == s)
+        [Self::Served, Self::NoShow, Self::Removed, Self::ClosedAtEndOfDay]
+            .into_iter()
+            .find(|o| o.as_str() == s)
     }
 }
 
@@ -178,10 +173,7 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransitionError {
     #[error("cannot {op} a visit that is {status}")]
-    Illegal {
-        op: &'static str,
-        status: VisitStatus,
-    },
+    Illegal { op: &'static str, status: VisitStatus },
     #[error("cannot park: no staff member is logged in at the counter")]
     NoStaffToParkWith,
 }
@@ -189,10 +181,7 @@ pub enum TransitionError {
 /// Applies `op` to `state`: the next state, or why the operation is not allowed now.
 pub fn apply(state: &VisitState, op: &Op) -> Result<VisitState, TransitionError> {
     use VisitStatus::*;
-    let illegal = || TransitionError::Illegal {
-        op: op.name(),
-        status: state.status,
-    };
+    let illegal = || TransitionError::Illegal { op: op.name(), status: state.status };
     let mut next = state.clone();
     match (state.status, op) {
         (Waiting, Op::Call { counter, staff }) => {
@@ -217,10 +206,7 @@ pub fn apply(state: &VisitState, op: &Op) -> Result<VisitState, TransitionError>
             next.staff = None;
         }
         (Called | Serving, Op::Park) => {
-            let staff = state
-                .staff
-                .clone()
-                .ok_or(TransitionError::NoStaffToParkWith)?;
+            let staff = state.staff.clone().ok_or(TransitionError::NoStaffToParkWith)?;
             next.status = Waiting;
             next.location = Some(Location::StaffPool(staff));
             next.counter = None;
@@ -273,10 +259,7 @@ pub fn choose_next<'a, Id>(
     now: DateTime<Utc>,
 ) -> Option<&'a Candidate<Id>> {
     let first_in = |loc: &Location| {
-        waiting
-            .iter()
-            .filter(|c| &c.location == loc)
-            .min_by_key(|c| (c.sort_key, c.waiting_since))
+        waiting.iter().filter(|c| &c.location == loc).min_by_key(|c| (c.sort_key, c.waiting_since))
     };
     if let Some(staff) = staff
         && let Some(c) = first_in(&Location::StaffPool(staff.clone()))
@@ -330,25 +313,16 @@ mod tests {
 
     fn ops() -> Vec<Op> {
         vec![
-            Op::Call {
-                counter: code("C1"),
-                staff: Some(code("alice")),
-            },
+            Op::Call { counter: code("C1"), staff: Some(code("alice")) },
             Op::Recall,
             Op::StartServing,
             Op::NoShow,
             Op::Recycle,
             Op::Park,
-            Op::Transfer {
-                to: Location::Queue(code("B")),
-                position: Position::First,
-            },
+            Op::Transfer { to: Location::Queue(code("B")), position: Position::First },
             Op::End,
             Op::Remove,
-            Op::WalkDirect {
-                counter: code("C2"),
-                staff: None,
-            },
+            Op::WalkDirect { counter: code("C2"), staff: None },
             Op::CloseDay,
         ]
     }
@@ -407,12 +381,7 @@ mod tests {
                     Some(Ended),
                 ],
             ),
-            (
-                Ended,
-                [
-                    None, None, None, None, None, None, None, None, None, None, None,
-                ],
-            ),
+            (Ended, [None, None, None, None, None, None, None, None, None, None, None]),
         ];
         for (from, expected) in table {
             for (op, want) in ops().iter().zip(expected) {
@@ -426,10 +395,7 @@ mod tests {
                     ),
                     None => assert_eq!(
                         got,
-                        Err(TransitionError::Illegal {
-                            op: op.name(),
-                            status: *from
-                        }),
+                        Err(TransitionError::Illegal { op: op.name(), status: *from }),
                         "{from} --{}--> must be refused",
                         op.name()
                     ),
@@ -447,23 +413,14 @@ mod tests {
         assert_eq!(parked.location, Some(Location::StaffPool(code("alice"))));
         let moved = apply(
             &called,
-            &Op::Transfer {
-                to: Location::Queue(code("B")),
-                position: Position::Last,
-            },
+            &Op::Transfer { to: Location::Queue(code("B")), position: Position::Last },
         )
         .unwrap();
         assert_eq!((moved.queue.as_str(), moved.counter.clone()), ("B", None));
         let mut nobody = called.clone();
         nobody.staff = None;
-        assert_eq!(
-            apply(&nobody, &Op::Park),
-            Err(TransitionError::NoStaffToParkWith)
-        );
-        assert_eq!(
-            apply(&called, &Op::NoShow).unwrap().outcome,
-            Some(Outcome::NoShow)
-        );
+        assert_eq!(apply(&nobody, &Op::Park), Err(TransitionError::NoStaffToParkWith));
+        assert_eq!(apply(&called, &Op::NoShow).unwrap().outcome, Some(Outcome::NoShow));
         assert_eq!(apply(&called, &Op::Recall).unwrap().recalls, 1);
     }
 
@@ -472,12 +429,7 @@ mod tests {
     }
 
     fn cand(id: u32, loc: Location, since_min: i64) -> Candidate<u32> {
-        Candidate {
-            id,
-            location: loc,
-            waiting_since: at(since_min),
-            sort_key: since_min,
-        }
+        Candidate { id, location: loc, waiting_since: at(since_min), sort_key: since_min }
     }
 
     #[test]
@@ -485,18 +437,9 @@ mod tests {
         let q = |s: &str| Location::Queue(code(s));
         // "Call from B first when its oldest ticket has waited 20 minutes, otherwise A then B."
         let profile = vec![
-            WorkProfileEntry {
-                queue: code("B"),
-                min_wait_minutes: Some(20),
-            },
-            WorkProfileEntry {
-                queue: code("A"),
-                min_wait_minutes: None,
-            },
-            WorkProfileEntry {
-                queue: code("B"),
-                min_wait_minutes: None,
-            },
+            WorkProfileEntry { queue: code("B"), min_wait_minutes: Some(20) },
+            WorkProfileEntry { queue: code("A"), min_wait_minutes: None },
+            WorkProfileEntry { queue: code("B"), min_wait_minutes: None },
         ];
         let check =
             |waiting: Vec<Candidate<u32>>, now: i64, staff: Option<&str>, expected: Option<u32>| {
@@ -506,40 +449,17 @@ mod tests {
                 assert_eq!(got, expected, "waiting={waiting:?} now={now}");
             };
         check(vec![], 0, None, None);
-        check(
-            vec![cand(1, q("A"), 0), cand(2, q("B"), 0)],
-            10,
-            None,
-            Some(1),
-        );
-        check(
-            vec![cand(1, q("A"), 0), cand(2, q("B"), 0)],
-            20,
-            None,
-            Some(2),
-        );
+        check(vec![cand(1, q("A"), 0), cand(2, q("B"), 0)], 10, None, Some(1));
+        check(vec![cand(1, q("A"), 0), cand(2, q("B"), 0)], 20, None, Some(2));
         check(vec![cand(2, q("B"), 5)], 10, None, Some(2));
+        check(vec![cand(1, q("A"), 3), cand(3, q("A"), 1)], 10, None, Some(3));
         check(
-            vec![cand(1, q("A"), 3), cand(3, q("A"), 1)],
-            10,
-            None,
-            Some(3),
-        );
-        check(
-            vec![
-                cand(1, q("A"), 0),
-                cand(4, Location::ServicePointPool(code("C1")), 9),
-            ],
+            vec![cand(1, q("A"), 0), cand(4, Location::ServicePointPool(code("C1")), 9)],
             10,
             None,
             Some(4),
         );
-        check(
-            vec![cand(4, Location::ServicePointPool(code("C2")), 9)],
-            10,
-            None,
-            None,
-        );
+        check(vec![cand(4, Location::ServicePointPool(code("C2")), 9)], 10, None, None);
         check(
             vec![
                 cand(4, Location::ServicePointPool(code("C1")), 1),
@@ -549,12 +469,7 @@ mod tests {
             Some("alice"),
             Some(5),
         );
-        check(
-            vec![cand(5, Location::StaffPool(code("alice")), 9)],
-            10,
-            Some("bob"),
-            None,
-        );
+        check(vec![cand(5, Location::StaffPool(code("alice")), 9)], 10, Some("bob"), None);
         check(vec![cand(6, q("Z"), 0)], 10, None, None);
     }
 

@@ -2,6 +2,8 @@
 //! between them, fresh PostgreSQL databases, and waiting on conditions with deadlines.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 pub use meridian_controller::testing::{fresh_postgres_url, temp_dir};
+
+/// The connector API key every test site is seeded with.
+pub const CONNECTOR_KEY: &str = "mrd_ck_e2e-tests";
 
 /// Polls `check` until it returns `Some`, failing the test with `what` after `deadline`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
@@ -63,11 +68,7 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy addr");
         let (fault, _) = watch::channel((Fault::Pass, 0u64));
         let (up, _) = watch::channel(upstream);
-        let proxy = Arc::new(FaultProxy {
-            addr,
-            fault,
-            upstream: up,
-        });
+        let proxy = Arc::new(FaultProxy { addr, fault, upstream: up });
         let p = proxy.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -162,6 +163,11 @@ async fn pump(
 
 // ---------------------------------------------------------------- processes
 
+/// Log level of the processes under test (`MERIDIAN_E2E_LOG`, default `warn`).
+fn log_level() -> String {
+    std::env::var("MERIDIAN_E2E_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 fn meridian_bin() -> &'static str {
     env!("CARGO_BIN_EXE_meridian")
 }
@@ -172,17 +178,12 @@ async fn read_ready(file: &Path, child: &mut Child) -> Value {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("process exited before it was ready: {status}");
         }
-        if let Some(v) = std::fs::read_to_string(file)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
+        if let Some(v) =
+            std::fs::read_to_string(file).ok().and_then(|s| serde_json::from_str(&s).ok())
         {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out waiting for {}",
-            file.display()
-        );
+        assert!(tokio::time::Instant::now() < until, "timed out waiting for {}", file.display());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -221,7 +222,7 @@ impl ControllerProc {
             .env("MERIDIAN_CONTROLLER_HEARTBEAT_MS", "500")
             .env("MERIDIAN_CONTROLLER_BOOTSTRAP_TOKEN_FILE", &token_file)
             .env("MERIDIAN_CONTROLLER_READY_FILE", &ready)
-            .env("MERIDIAN_CONTROLLER_LOG", "warn")
+            .env("MERIDIAN_CONTROLLER_LOG", log_level())
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -229,18 +230,12 @@ impl ControllerProc {
             .spawn()
             .expect("spawn controller");
         let r = read_ready(&ready, &mut child).await;
-        let token = std::fs::read_to_string(&token_file)
-            .expect("bootstrap token")
-            .trim()
-            .to_owned();
+        let token =
+            std::fs::read_to_string(&token_file).expect("bootstrap token").trim().to_owned();
         ControllerProc {
             child,
             api: format!("http://{}", r["api"].as_str().expect("api addr")),
-            gateway: r["gateway"]
-                .as_str()
-                .expect("gateway addr")
-                .parse()
-                .expect("addr"),
+            gateway: r["gateway"].as_str().expect("gateway addr").parse().expect("addr"),
             dir: dir.to_owned(),
             database_url: database_url.to_owned(),
             token,
@@ -307,7 +302,7 @@ impl AgentProc {
             .env("MERIDIAN_AGENT_BACKOFF_BASE_MS", "50")
             .env("MERIDIAN_AGENT_BACKOFF_CAP_MS", "1000")
             .env("MERIDIAN_AGENT_READY_FILE", &ready)
-            .env("MERIDIAN_AGENT_LOG", "warn")
+            .env("MERIDIAN_AGENT_LOG", log_level())
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -339,12 +334,20 @@ impl AgentProc {
             .expect("status json")
     }
 
+    /// Waits until the status satisfies `pred`; on timeout the panic shows the last status.
     pub async fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        wait_for(what, Duration::from_secs(30), || async {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
             let s = self.status().await;
-            pred(&s).then_some(s)
-        })
-        .await
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "timed out waiting for {what}; last status: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Issues `n` tickets for `service` with 16 concurrent clients; returns the visit ids.
@@ -361,6 +364,7 @@ impl AgentProc {
                 for _ in 0..count {
                     let resp = http
                         .post(&url)
+                        .bearer_auth(CONNECTOR_KEY)
                         .json(&json!({ "service": service }))
                         .send()
                         .await
@@ -399,28 +403,20 @@ impl AdminClient {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+        let mut req =
+            self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.expect("admin request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let (status, v) = self.call(method.clone(), path, body).await;
-        assert!(
-            (200..300).contains(&status),
-            "{method} {path} -> {status}: {v}"
-        );
+        assert!((200..300).contains(&status), "{method} {path} -> {status}: {v}");
         v
     }
 
@@ -430,37 +426,29 @@ impl AdminClient {
             {"kind": "site", "code": site, "name": format!("Site {site}"), "time_zone": "America/Los_Angeles"},
             {"kind": "queue", "site": site, "code": "general", "name": "General", "letter": "A", "last_number": 9999},
             {"kind": "service", "site": site, "code": "GEN", "name": "General", "queue": "general"},
+            {"kind": "connector_key", "site": site, "code": "e2e", "name": "E2E tests",
+             "key_hash": meridian_controller::auth::hash_secret(CONNECTOR_KEY)},
         ]);
-        self.ok(
-            reqwest::Method::POST,
-            "/api/v1/apply",
-            Some(json!({ "resources": resources })),
-        )
-        .await;
+        self.ok(reqwest::Method::POST, "/api/v1/apply", Some(json!({ "resources": resources })))
+            .await;
     }
 
     pub async fn enrollment_token(&self, site: &str) -> String {
         let v = self
-            .ok(
-                reqwest::Method::POST,
-                "/api/v1/enrollment-tokens",
-                Some(json!({ "site": site })),
-            )
+            .ok(reqwest::Method::POST, "/api/v1/enrollment-tokens", Some(json!({ "site": site })))
             .await;
         v["token"].as_str().expect("token").to_owned()
     }
 
     pub async fn agent(&self, id: &str) -> Value {
-        self.ok(reqwest::Method::GET, &format!("/api/v1/agents/{id}"), None)
-            .await
+        self.ok(reqwest::Method::GET, &format!("/api/v1/agents/{id}"), None).await
     }
 }
 
 /// Central events of one agent: (count, min seq, max seq, distinct seqs, VISIT_CREATED count).
 pub async fn central_events(database_url: &str, agent_id: &str) -> (i64, i64, i64, i64, i64) {
-    let pool = sqlx::PgPool::connect(database_url)
-        .await
-        .expect("connect to the controller database");
+    let pool =
+        sqlx::PgPool::connect(database_url).await.expect("connect to the controller database");
     let row: (i64, Option<i64>, Option<i64>, i64, i64) = sqlx::query_as(
         "SELECT COUNT(*), MIN(seq), MAX(seq), COUNT(DISTINCT seq), COUNT(*) FILTER (WHERE kind = 'VISIT_CREATED') \
          FROM events WHERE agent_id = $1",

@@ -27,10 +27,8 @@ const QUEUE: usize = 4096;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/agent/0001_core.sql")),
-    (
-        2,
-        include_str!("../../../migrations/agent/0002_visit_lifecycle.sql"),
-    ),
+    (2, include_str!("../../../migrations/agent/0002_visit_lifecycle.sql")),
+    (3, include_str!("../../../migrations/agent/0003_staff_sessions.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;
@@ -75,10 +73,7 @@ impl Db {
 
     /// The last store-level failure, if the store is currently unhealthy.
     pub fn health(&self) -> Option<String> {
-        self.health
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.health.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Runs `f` in a durable transaction (group-committed with other callers).
@@ -117,8 +112,7 @@ impl Db {
             Ok(Ok(result)) => result,
             Ok(Err(panic)) => std::panic::resume_unwind(panic),
             Err(_) => Err(Error::StoreGone(
-                self.health()
-                    .unwrap_or_else(|| "the store thread has stopped".into()),
+                self.health().unwrap_or_else(|| "the store thread has stopped".into()),
             )),
         }
     }
@@ -198,16 +192,10 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
             failure = Some(f.clone());
         }
         if conn.is_autocommit() {
-            let msg = failure
-                .clone()
-                .unwrap_or_else(|| "the transaction was rolled back".into());
+            let msg = failure.clone().unwrap_or_else(|| "the transaction was rolled back".into());
             aborted = Some(format!("not recorded: {msg}"));
         } else {
-            let end = if outcome.ok {
-                "RELEASE job"
-            } else {
-                "ROLLBACK TO job; RELEASE job"
-            };
+            let end = if outcome.ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
             if let Err(e) = conn.execute_batch(end) {
                 failure = Some(e.to_string());
             }
@@ -290,10 +278,7 @@ mod tests {
         let path = dir.join("agent.db");
         std::fs::write(&path, vec![0x5a; 8192]).expect("write garbage");
         let err = Db::open(&path).err().expect("a corrupt file must not open");
-        assert!(
-            matches!(&err, Error::Store(e) if is_store_failure(e)),
-            "{err:?}"
-        );
+        assert!(matches!(&err, Error::Store(e) if is_store_failure(e)), "{err:?}");
         assert_eq!(
             std::fs::read(&path).expect("read"),
             vec![0x5a; 8192],
@@ -319,15 +304,8 @@ mod tests {
                 Ok(())
             })
             .await;
-        assert!(
-            matches!(&full, Err(Error::Store(e)) if is_store_failure(e)),
-            "{full:?}"
-        );
-        assert!(
-            db.health().is_some_and(|h| h.contains("full")),
-            "{:?}",
-            db.health()
-        );
+        assert!(matches!(&full, Err(Error::Store(e)) if is_store_failure(e)), "{full:?}");
+        assert!(db.health().is_some_and(|h| h.contains("full")), "{:?}", db.health());
         let rows: i64 = db
             .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
             .await
@@ -347,11 +325,7 @@ mod tests {
         let db = temp_db();
         db.write(|c| {
             let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            c.query_row(
-                &format!("PRAGMA max_page_count = {}", pages + 2),
-                [],
-                |_| Ok(()),
-            )?;
+            c.query_row(&format!("PRAGMA max_page_count = {}", pages + 2), [], |_| Ok(()))?;
             Ok(())
         })
         .await
@@ -373,10 +347,7 @@ mod tests {
             }
         });
         let results = futures::future::join_all(writes).await;
-        assert!(
-            results.iter().any(|(_, ok)| !ok),
-            "the limit must refuse something"
-        );
+        assert!(results.iter().any(|(_, ok)| !ok), "the limit must refuse something");
         for (i, told_ok) in results {
             let stored: i64 = db
                 .read(move |c| {
@@ -388,11 +359,7 @@ mod tests {
                 })
                 .await
                 .expect("read");
-            assert_eq!(
-                stored == 1,
-                told_ok,
-                "write {i}: told ok = {told_ok}, stored = {stored}"
-            );
+            assert_eq!(stored == 1, told_ok, "write {i}: told ok = {told_ok}, stored = {stored}");
         }
     }
 

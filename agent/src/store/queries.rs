@@ -19,9 +19,7 @@ pub struct Identity {
 }
 
 fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
-    Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()?)
+    Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
 }
 
 fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
@@ -33,18 +31,12 @@ fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
 }
 
 pub fn identity(conn: &Connection) -> Result<Option<Identity>> {
-    let (Some(agent_id), Some(site), Some(credential)) = (
-        meta_get(conn, "agent_id")?,
-        meta_get(conn, "site")?,
-        meta_get(conn, "credential")?,
-    ) else {
+    let (Some(agent_id), Some(site), Some(credential)) =
+        (meta_get(conn, "agent_id")?, meta_get(conn, "site")?, meta_get(conn, "credential")?)
+    else {
         return Ok(None);
     };
-    Ok(Some(Identity {
-        agent_id,
-        site,
-        credential,
-    }))
+    Ok(Some(Identity { agent_id, site, credential }))
 }
 
 pub fn save_identity(conn: &Connection, id: &Identity) -> Result<()> {
@@ -56,11 +48,8 @@ pub fn save_identity(conn: &Connection, id: &Identity) -> Result<()> {
 // ---------- configuration and commands ----------
 
 pub fn site_config(conn: &Connection) -> Result<Option<SiteConfig>> {
-    let body: Option<String> = conn
-        .query_row("SELECT body FROM site_config WHERE id = 1", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let body: Option<String> =
+        conn.query_row("SELECT body FROM site_config WHERE id = 1", [], |r| r.get(0)).optional()?;
     body.map(|b| {
         serde_json::from_str(&b)
             .map_err(|e| Error::Internal(format!("stored configuration is unreadable: {e}")))
@@ -70,9 +59,7 @@ pub fn site_config(conn: &Connection) -> Result<Option<SiteConfig>> {
 
 pub fn config_revision(conn: &Connection) -> Result<u64> {
     let rev: Option<i64> = conn
-        .query_row("SELECT revision FROM site_config WHERE id = 1", [], |r| {
-            r.get(0)
-        })
+        .query_row("SELECT revision FROM site_config WHERE id = 1", [], |r| r.get(0))
         .optional()?;
     Ok(rev.unwrap_or(0) as u64)
 }
@@ -148,11 +135,10 @@ pub fn append_event(conn: &Connection, event: &AgentEvent, now: DateTime<Utc>) -
 
 /// `(high_water, acked)`: the last sequence assigned and the last acknowledged centrally.
 pub fn outbox_state(conn: &Connection) -> Result<(u64, u64)> {
-    let (next, acked): (i64, i64) = conn.query_row(
-        "SELECT next_seq, acked_seq FROM outbox_state WHERE id = 1",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (next, acked): (i64, i64) =
+        conn.query_row("SELECT next_seq, acked_seq FROM outbox_state WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     Ok(((next - 1) as u64, acked as u64))
 }
 

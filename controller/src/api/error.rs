@@ -25,14 +25,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            body: ErrorBody {
-                code,
-                message: message.into(),
-                details: vec![],
-            },
-        }
+        Self { status, body: ErrorBody { code, message: message.into(), details: vec![] } }
     }
 }
 
@@ -43,11 +36,7 @@ impl From<Error> for ApiError {
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
             Error::Validation(errs) => ApiError {
                 status: StatusCode::UNPROCESSABLE_ENTITY,
-                body: ErrorBody {
-                    code: "validation_failed",
-                    message,
-                    details: errs.0,
-                },
+                body: ErrorBody { code: "validation_failed", message, details: errs.0 },
             },
             Error::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             Error::BadRequest(_) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message),
@@ -71,19 +60,11 @@ impl From<Error> for ApiError {
             }
             Error::Migrate(e) => {
                 tracing::error!(error = %e, "migration error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
             }
             Error::Internal(e) => {
                 tracing::error!(error = %e, "internal error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
             }
         }
     }

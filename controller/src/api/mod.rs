@@ -47,33 +47,19 @@ pub struct Caller {
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     let api = Router::new()
         .route("/sites", get(list_sites).post(create_site))
-        .route(
-            "/sites/{site}",
-            get(get_site).put(put_site).delete(delete_site),
-        )
-        .route(
-            "/sites/{site}/{kind}",
-            get(list_site_resources).post(create_site_resource),
-        )
+        .route("/sites/{site}", get(get_site).put(put_site).delete(delete_site))
+        .route("/sites/{site}/{kind}", get(list_site_resources).post(create_site_resource))
         .route(
             "/sites/{site}/{kind}/{code}",
-            get(get_site_resource)
-                .put(put_site_resource)
-                .delete(delete_site_resource),
+            get(get_site_resource).put(put_site_resource).delete(delete_site_resource),
         )
         .route("/staff", get(list_staff).post(create_staff))
-        .route(
-            "/staff/{username}",
-            get(get_staff).put(put_staff).delete(delete_staff),
-        )
+        .route("/staff/{username}", get(get_staff).put(put_staff).delete(delete_staff))
         .route("/config", get(export_config))
         .route("/config/revisions", get(list_revisions))
         .route("/apply", post(apply))
         .route("/delete", post(delete_many))
-        .route(
-            "/enrollment-tokens",
-            get(list_enrollment_tokens).post(create_enrollment_token),
-        )
+        .route("/enrollment-tokens", get(list_enrollment_tokens).post(create_enrollment_token))
         .route("/agents", get(list_agents))
         .route("/agents/{id}", get(get_agent))
         .route("/agents/{id}/revoke", post(revoke_agent))
@@ -108,19 +94,14 @@ async fn typed_error_body(resp: Response) -> Response {
     let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text).trim().to_owned();
     let (code, message) = match status {
-        StatusCode::METHOD_NOT_ALLOWED => (
-            "method_not_allowed",
-            "this endpoint does not support this method".to_owned(),
-        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("method_not_allowed", "this endpoint does not support this method".to_owned())
+        }
         StatusCode::NOT_FOUND => ("not_found", "no such endpoint".to_owned()),
         s if s.is_server_error() => ("internal", "internal error".to_owned()),
-        _ if text.is_empty() => (
-            "bad_request",
-            status
-                .canonical_reason()
-                .unwrap_or("bad request")
-                .to_owned(),
-        ),
+        _ if text.is_empty() => {
+            ("bad_request", status.canonical_reason().unwrap_or("bad request").to_owned())
+        }
         _ => ("bad_request", text),
     };
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -157,39 +138,24 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
     let Some(token) = token else {
         return ApiError::from(Error::Unauthenticated).into_response();
     };
-    let found = match state
-        .store
-        .api_token_by_hash(&auth::hash_secret(&token))
-        .await
-    {
+    let found = match state.store.api_token_by_hash(&auth::hash_secret(&token)).await {
         Ok(found) => found,
         Err(e) => return ApiError::from(e).into_response(),
     };
     let Some(found) = found else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "unknown API token",
-        )
-        .into_response();
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown API token")
+            .into_response();
     };
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
     if found.role == Role::Viewer && !read_only {
         return ApiError::from(Error::Forbidden("this token is read-only".into())).into_response();
     }
-    req.extensions_mut().insert(Caller {
-        token_name: found.name,
-        role: found.role,
-    });
+    req.extensions_mut().insert(Caller { token_name: found.name, role: found.role });
     next.run(req).await
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
 
 // ---------- configuration resources ----------
@@ -200,12 +166,13 @@ fn kind_from_segment(segment: &str) -> ApiResult<ResourceKind> {
         "queues" => ResourceKind::Queue,
         "service-points" => ResourceKind::ServicePoint,
         "work-profiles" => ResourceKind::WorkProfile,
+        "connector-keys" => ResourceKind::ConnectorKey,
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!(
-                    "unknown collection {other:?}: use services, queues, service-points or work-profiles"
+                    "unknown collection {other:?}: use services, queues, service-points, work-profiles or connector-keys"
                 ),
             ));
         }
@@ -224,6 +191,18 @@ fn view(res: &Resource) -> Value {
         obj.remove("password_hash");
     }
     v
+}
+
+/// A connector key created without `key_hash` gets a generated secret: its hash is stored and
+/// the secret returned once (in `secret`).
+fn generate_connector_secret(kind: ResourceKind, body: &mut Value) -> Option<String> {
+    let obj = body.as_object_mut()?;
+    if kind != ResourceKind::ConnectorKey || obj.contains_key("key_hash") {
+        return None;
+    }
+    let secret = auth::new_secret("mrd_ck_");
+    obj.insert("key_hash".into(), Value::String(auth::hash_secret(&secret)));
+    Some(secret)
 }
 
 /// Turns a kind-specific body into a `ResourceInput`, filling `kind` (and `site` / `code` from
@@ -270,14 +249,7 @@ fn input_from_body(
         }
     };
     if let Some(site) = site {
-        fill(
-            if kind == ResourceKind::Site {
-                "code"
-            } else {
-                "site"
-            },
-            site.as_str(),
-        )?;
+        fill(if kind == ResourceKind::Site { "code" } else { "site" }, site.as_str())?;
     }
     if let Some(code) = code {
         fill(code_field, code)?;
@@ -296,11 +268,7 @@ async fn load_set(state: &ApiState) -> ApiResult<(u64, ConfigSet)> {
 }
 
 fn key(kind: ResourceKind, site: Option<&SiteCode>, code: &str) -> ResourceKey {
-    ResourceKey {
-        kind,
-        site: site.cloned(),
-        code: code.to_owned(),
-    }
+    ResourceKey { kind, site: site.cloned(), code: code.to_owned() }
 }
 
 async fn list_of(
@@ -325,9 +293,7 @@ async fn list_of(
 
 async fn get_one(state: &ApiState, key: ResourceKey) -> ApiResult<Json<Value>> {
     let (_, set) = load_set(state).await?;
-    set.get(&key)
-        .map(|r| Json(view(r)))
-        .ok_or_else(|| Error::NotFound(key.to_string()).into())
+    set.get(&key).map(|r| Json(view(r))).ok_or_else(|| Error::NotFound(key.to_string()).into())
 }
 
 async fn write_one(
@@ -337,22 +303,13 @@ async fn write_one(
     mode: ChangeMode,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let key = input.key();
-    let report = config_admin::change(
-        state.store.as_ref(),
-        &caller.token_name,
-        vec![input],
-        vec![],
-        mode,
-    )
-    .await?;
+    let report =
+        config_admin::change(state.store.as_ref(), &caller.token_name, vec![input], vec![], mode)
+            .await?;
     notify(state, &report);
     let (_, set) = load_set(state).await?;
     let body = set.get(&key).map(view).unwrap_or(Value::Null);
-    let status = if mode == ChangeMode::CreateOnly {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if mode == ChangeMode::CreateOnly { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(body)))
 }
 
@@ -387,11 +344,7 @@ async fn create_site(
     write_one(&s, &c, input, ChangeMode::CreateOnly).await
 }
 async fn get_site(State(s): State<ApiState>, Path(site): Path<String>) -> ApiResult<Json<Value>> {
-    get_one(
-        &s,
-        key(ResourceKind::Site, None, site_code(&site)?.as_str()),
-    )
-    .await
+    get_one(&s, key(ResourceKind::Site, None, site_code(&site)?.as_str())).await
 }
 async fn put_site(
     State(s): State<ApiState>,
@@ -407,12 +360,7 @@ async fn delete_site(
     Extension(c): Extension<Caller>,
     Path(site): Path<String>,
 ) -> ApiResult<StatusCode> {
-    delete_one(
-        &s,
-        &c,
-        key(ResourceKind::Site, None, site_code(&site)?.as_str()),
-    )
-    .await
+    delete_one(&s, &c, key(ResourceKind::Site, None, site_code(&site)?.as_str())).await
 }
 async fn list_site_resources(
     State(s): State<ApiState>,
@@ -426,23 +374,21 @@ async fn create_site_resource(
     Path((site, kind)): Path<(String, String)>,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let input = input_from_body(
-        kind_from_segment(&kind)?,
-        Some(&site_code(&site)?),
-        None,
-        body,
-    )?;
-    write_one(&s, &c, input, ChangeMode::CreateOnly).await
+    let kind = kind_from_segment(&kind)?;
+    let mut body = body;
+    let secret = generate_connector_secret(kind, &mut body);
+    let input = input_from_body(kind, Some(&site_code(&site)?), None, body)?;
+    let (status, Json(mut created)) = write_one(&s, &c, input, ChangeMode::CreateOnly).await?;
+    if let (Some(secret), Some(obj)) = (secret, created.as_object_mut()) {
+        obj.insert("secret".into(), Value::String(secret));
+    }
+    Ok((status, Json(created)))
 }
 async fn get_site_resource(
     State(s): State<ApiState>,
     Path((site, kind, code)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    get_one(
-        &s,
-        key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code),
-    )
-    .await
+    get_one(&s, key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code)).await
 }
 async fn put_site_resource(
     State(s): State<ApiState>,
@@ -450,12 +396,8 @@ async fn put_site_resource(
     Path((site, kind, code)): Path<(String, String, String)>,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let input = input_from_body(
-        kind_from_segment(&kind)?,
-        Some(&site_code(&site)?),
-        Some(&code),
-        body,
-    )?;
+    let input =
+        input_from_body(kind_from_segment(&kind)?, Some(&site_code(&site)?), Some(&code), body)?;
     write_one(&s, &c, input, ChangeMode::Upsert).await
 }
 async fn delete_site_resource(
@@ -463,12 +405,7 @@ async fn delete_site_resource(
     Extension(c): Extension<Caller>,
     Path((site, kind, code)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    delete_one(
-        &s,
-        &c,
-        key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code),
-    )
-    .await
+    delete_one(&s, &c, key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code)).await
 }
 async fn list_staff(State(s): State<ApiState>) -> ApiResult<Json<Vec<Value>>> {
     list_of(&s, ResourceKind::StaffUser, None).await
@@ -512,10 +449,7 @@ struct ConfigExport {
 
 async fn export_config(State(s): State<ApiState>) -> ApiResult<Json<ConfigExport>> {
     let (revision, set) = load_set(&s).await?;
-    Ok(Json(ConfigExport {
-        revision,
-        resources: set.resources.values().map(view).collect(),
-    }))
+    Ok(Json(ConfigExport { revision, resources: set.resources.values().map(view).collect() }))
 }
 
 #[derive(Deserialize)]
@@ -527,11 +461,7 @@ async fn list_revisions(
     State(s): State<ApiState>,
     Query(q): Query<Limit>,
 ) -> ApiResult<Json<Vec<crate::store::RevisionInfo>>> {
-    Ok(Json(
-        s.store
-            .config_revisions(q.limit.unwrap_or(50).min(1000))
-            .await?,
-    ))
+    Ok(Json(s.store.config_revisions(q.limit.unwrap_or(50).min(1000)).await?))
 }
 
 #[derive(Deserialize)]
@@ -557,11 +487,7 @@ async fn apply(
         }
     }
     errs.into_result().map_err(Error::from)?;
-    let mode = if req.dry_run {
-        ChangeMode::DryRun
-    } else {
-        ChangeMode::Upsert
-    };
+    let mode = if req.dry_run { ChangeMode::DryRun } else { ChangeMode::Upsert };
     let report =
         config_admin::change(s.store.as_ref(), &c.token_name, inputs, vec![], mode).await?;
     notify(&s, &report);
@@ -581,11 +507,7 @@ async fn delete_many(
     Extension(c): Extension<Caller>,
     ApiJson(req): ApiJson<DeleteRequest>,
 ) -> ApiResult<Json<ChangeReport>> {
-    let mode = if req.dry_run {
-        ChangeMode::DryRun
-    } else {
-        ChangeMode::Upsert
-    };
+    let mode = if req.dry_run { ChangeMode::DryRun } else { ChangeMode::Upsert };
     let report =
         config_admin::change(s.store.as_ref(), &c.token_name, vec![], req.resources, mode).await?;
     notify(&s, &report);
@@ -730,23 +652,12 @@ impl From<AgentRecord> for AgentView {
 
 fn agent_id(s: &str) -> ApiResult<AgentId> {
     s.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("{s:?} is not an agent id"),
-        )
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("{s:?} is not an agent id"))
     })
 }
 
 async fn list_agents(State(s): State<ApiState>) -> ApiResult<Json<Vec<AgentView>>> {
-    Ok(Json(
-        s.store
-            .list_agents()
-            .await?
-            .into_iter()
-            .map(AgentView::from)
-            .collect(),
-    ))
+    Ok(Json(s.store.list_agents().await?.into_iter().map(AgentView::from).collect()))
 }
 
 async fn get_agent(
@@ -754,11 +665,7 @@ async fn get_agent(
     Path(id): Path<String>,
 ) -> ApiResult<Json<AgentView>> {
     let id = agent_id(&id)?;
-    let agent = s
-        .store
-        .agent(id)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
     Ok(Json(agent.into()))
 }
 
@@ -767,21 +674,13 @@ async fn revoke_agent(
     Path(id): Path<String>,
 ) -> ApiResult<Json<AgentView>> {
     let id = agent_id(&id)?;
-    let agent = s
-        .store
-        .agent(id)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
     if agent.revoked_at.is_none() {
         s.store.revoke_agent(id, Utc::now()).await?;
         // Sessions re-check their credential when woken.
         s.commands_changed.send_modify(|n| *n += 1);
     }
-    let agent = s
-        .store
-        .agent(id)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
+    let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
     Ok(Json(agent.into()))
 }
 
@@ -811,11 +710,9 @@ async fn create_api_token(
     ApiJson(req): ApiJson<NewApiToken>,
 ) -> ApiResult<(StatusCode, Json<CreatedApiToken>)> {
     if req.name.trim().is_empty() || req.name.len() > 100 {
-        return Err(Error::from(meridian_shared::ValidationError::new(
-            "name",
-            "1-100 characters",
-        ))
-        .into());
+        return Err(
+            Error::from(meridian_shared::ValidationError::new("name", "1-100 characters")).into()
+        );
     }
     let (token, secret) = new_api_token(&req.name, req.role);
     s.store.insert_api_token(&token).await?;

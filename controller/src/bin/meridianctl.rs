@@ -15,12 +15,7 @@ use meridian_controller::ctl::{self, Client, Listing, Output};
 )]
 struct Cli {
     /// Base URL of the controller's admin API.
-    #[arg(
-        long,
-        env = "MERIDIAN_SERVER",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "MERIDIAN_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
     server: String,
     /// Admin API token.
     #[arg(long, env = "MERIDIAN_TOKEN", hide_env_values = true, global = true)]
@@ -70,11 +65,7 @@ enum Command {
 #[derive(Args)]
 struct DeleteArgs {
     /// site, service, queue, service-point, work-profile or staff-user.
-    #[arg(
-        required_unless_present = "file",
-        conflicts_with = "file",
-        requires = "code"
-    )]
+    #[arg(required_unless_present = "file", conflicts_with = "file", requires = "code")]
     kind: Option<String>,
     /// The resource's code (the username for a staff user).
     code: Option<String>,
@@ -167,21 +158,11 @@ async fn run(cli: Cli) -> ctl::Result<String> {
             let text = ctl::read_manifest(&file)?;
             ctl::render_report(&ctl::apply(&client, &text, dry_run).await?, out)
         }
-        Command::Delete(DeleteArgs {
-            file: Some(file),
-            dry_run,
-            ..
-        }) => {
+        Command::Delete(DeleteArgs { file: Some(file), dry_run, .. }) => {
             let text = ctl::read_manifest(&file)?;
             ctl::render_report(&ctl::delete_manifest(&client, &text, dry_run).await?, out)
         }
-        Command::Delete(DeleteArgs {
-            kind,
-            code,
-            site,
-            dry_run,
-            file: None,
-        }) => {
+        Command::Delete(DeleteArgs { kind, code, site, dry_run, file: None }) => {
             let key = ctl::key_from_args(
                 kind.as_deref().unwrap_or_default(),
                 code.as_deref().unwrap_or_default(),

@@ -20,12 +20,10 @@ use crate::config_admin::ResourceInput;
 pub fn resources_for_apply(text: &str) -> Result<Vec<Value>, String> {
     parse_documents(text)?
         .into_iter()
-        .map(
-            |(at, value)| match serde_json::from_value::<ResourceInput>(value.clone()) {
-                Ok(_) => Ok(value),
-                Err(e) => Err(format!("{at}: {e}")),
-            },
-        )
+        .map(|(at, value)| match serde_json::from_value::<ResourceInput>(value.clone()) {
+            Ok(_) => Ok(value),
+            Err(e) => Err(format!("{at}: {e}")),
+        })
         .collect()
 }
 
@@ -82,10 +80,7 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
             _ => return Err(bad()),
         };
         let n: u64 = digits.parse().map_err(|_| bad())?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(bad)?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
         digits.clear();
     }
     if !digits.is_empty() || s.is_empty() {
@@ -144,10 +139,7 @@ fn numbered(n: usize, items: Vec<Value>) -> Vec<(String, Value)> {
 /// `document 2 (queue A)`: the place plus what the resource says it is, when it says.
 fn label(at: &str, item: &Value) -> String {
     let kind = item.get("kind").and_then(Value::as_str).unwrap_or_default();
-    let name = item
-        .get("code")
-        .or_else(|| item.get("username"))
-        .and_then(Value::as_str);
+    let name = item.get("code").or_else(|| item.get("username")).and_then(Value::as_str);
     match name {
         Some(name) => format!("{at} ({kind} {name})"),
         None => format!("{at} ({kind})"),
@@ -156,19 +148,13 @@ fn label(at: &str, item: &Value) -> String {
 
 fn normalise(mut item: Value) -> Result<Value, String> {
     let Value::Object(obj) = &mut item else {
-        return Err(format!(
-            "expected a mapping with `kind`, found {}",
-            json_type(&item)
-        ));
+        return Err(format!("expected a mapping with `kind`, found {}", json_type(&item)));
     };
     let kind = match obj.get("kind") {
         Some(Value::String(k)) => normalise_kind(k)
             .ok_or_else(|| format!("unknown kind {k:?}: use one of {KINDS_HINT}"))?,
         Some(other) => {
-            return Err(format!(
-                "`kind` must be a string, found {}",
-                json_type(other)
-            ));
+            return Err(format!("`kind` must be a string, found {}", json_type(other)));
         }
         None => return Err(format!("missing `kind` (one of {KINDS_HINT})")),
     };
@@ -185,18 +171,11 @@ fn resource_key(item: &Value) -> Result<ResourceKey, String> {
     let field = |name: &str| -> Result<&str, String> {
         match item.get(name) {
             Some(Value::String(s)) => Ok(s),
-            Some(other) => Err(format!(
-                "`{name}` must be a string, found {}",
-                json_type(other)
-            )),
+            Some(other) => Err(format!("`{name}` must be a string, found {}", json_type(other))),
             None => Err(format!("missing field `{name}`")),
         }
     };
-    let code = field(if kind == ResourceKind::StaffUser {
-        "username"
-    } else {
-        "code"
-    })?;
+    let code = field(if kind == ResourceKind::StaffUser { "username" } else { "code" })?;
     let site = if kind.is_site_scoped() {
         Some(SiteCode::parse(field("site")?).map_err(|e| e.message)?)
     } else if kind == ResourceKind::Site {
@@ -206,11 +185,7 @@ fn resource_key(item: &Value) -> Result<ResourceKey, String> {
     } else {
         None
     };
-    Ok(ResourceKey {
-        kind,
-        site,
-        code: code.to_owned(),
-    })
+    Ok(ResourceKey { kind, site, code: code.to_owned() })
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -233,11 +208,7 @@ mod tests {
     #[test]
     fn kinds_normalise() {
         let check = |input: &str, expected: Option<&str>| {
-            assert_eq!(
-                normalise_kind(input).map(ResourceKind::as_str),
-                expected,
-                "{input}"
-            );
+            assert_eq!(normalise_kind(input).map(ResourceKind::as_str), expected, "{input}");
         };
         check("site", Some("site"));
         check("Site", Some("site"));
@@ -274,10 +245,7 @@ mod tests {
             json!({"kind": "queue", "site": "SFO", "code": "A", "name": "General", "letter": "A"});
 
         // One document.
-        check(
-            "kind: site\ncode: SFO\nname: San Francisco\ntime_zone: UTC\n",
-            Ok(json!([site])),
-        );
+        check("kind: site\ncode: SFO\nname: San Francisco\ntime_zone: UTC\n", Ok(json!([site])));
         // Several documents, CamelCase kinds, empty documents skipped.
         check(
             "---\nkind: Site\ncode: SFO\nname: San Francisco\ntime_zone: UTC\n---\n---\nkind: Queue\nsite: SFO\ncode: A\nname: General\nletter: A\n",
@@ -295,10 +263,8 @@ mod tests {
         // YAML 1.2: NO, 09:00-12:00 and dates stay strings.
         check(
             "kind: site\ncode: NO\nname: Oslo\ntime_zone: Europe/Oslo\nbusiness_hours: {mon: [09:00-12:00]}\nclosed_dates: [2025-12-25]\n",
-            Ok(
-                json!([{"kind": "site", "code": "NO", "name": "Oslo", "time_zone": "Europe/Oslo",
-                "business_hours": {"mon": ["09:00-12:00"]}, "closed_dates": ["2025-12-25"]}]),
-            ),
+            Ok(json!([{"kind": "site", "code": "NO", "name": "Oslo", "time_zone": "Europe/Oslo",
+                "business_hours": {"mon": ["09:00-12:00"]}, "closed_dates": ["2025-12-25"]}])),
         );
         check(
             "kind: staff_user\nusername: alice\nname: Alice\nsites: [SFO]\npassword: correct horse\n",
@@ -309,10 +275,7 @@ mod tests {
         );
 
         // Errors name the document and carry serde's message.
-        check(
-            "kind: site\ncode: SFO\n---\nkind: queue\n  bad indent: [\n",
-            Err("document 2: "),
-        );
+        check("kind: site\ncode: SFO\n---\nkind: queue\n  bad indent: [\n", Err("document 2: "));
         check(
             "kind: site\ncode: SFO\nname: x\ntime_zone: UTC\n---\n- [unclosed\n",
             Err("document 2: "),
@@ -336,10 +299,7 @@ mod tests {
         check("code: SFO\n", Err("document 1: missing `kind`"));
         check("kind: 3\n", Err("document 1: `kind` must be a string"));
         check("just a string\n", Err("document 1: expected a resource"));
-        check(
-            "resources: 3\n",
-            Err("document 1: `resources` must be a list"),
-        );
+        check("resources: 3\n", Err("document 1: `resources` must be a list"));
         check("", Err("no resources"));
         check("---\n---\n", Err("no resources"));
     }
@@ -361,18 +321,9 @@ mod tests {
             "- {kind: site, code: SFO, name: x, time_zone: UTC}\n- {kind: ServicePoint, site: SFO, code: C1}\n- {kind: staff_user, username: alice}\n",
             Ok(&["site/SFO", "service_point/SFO/C1", "staff_user/alice"]),
         );
-        check(
-            "kind: queue\ncode: A\n",
-            Err("document 1 (queue A): missing field `site`"),
-        );
-        check(
-            "kind: queue\nsite: sfo\ncode: A\n",
-            Err("invalid site code"),
-        );
-        check(
-            "kind: staff_user\ncode: alice\n",
-            Err("missing field `username`"),
-        );
+        check("kind: queue\ncode: A\n", Err("document 1 (queue A): missing field `site`"));
+        check("kind: queue\nsite: sfo\ncode: A\n", Err("invalid site code"));
+        check("kind: staff_user\ncode: alice\n", Err("missing field `username`"));
         check("kind: site\ncode: 12\n", Err("`code` must be a string"));
     }
 

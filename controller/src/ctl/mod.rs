@@ -53,10 +53,7 @@ pub enum CtlError {
     #[error("{0}")]
     Usage(String),
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 pub type Result<T, E = CtlError> = std::result::Result<T, E>;
@@ -94,19 +91,11 @@ impl ApiFailure {
                 status: status.as_u16(),
                 code: b.code,
                 message: b.message,
-                details: b
-                    .details
-                    .into_iter()
-                    .map(|d| (d.field, d.message))
-                    .collect(),
+                details: b.details.into_iter().map(|d| (d.field, d.message)).collect(),
                 without_token: false,
             },
             Err(_) => {
-                let text: String = String::from_utf8_lossy(body)
-                    .trim()
-                    .chars()
-                    .take(300)
-                    .collect();
+                let text: String = String::from_utf8_lossy(body).trim().chars().take(300).collect();
                 ApiFailure {
                     status: status.as_u16(),
                     code: format!("http_{}", status.as_u16()),
@@ -130,10 +119,7 @@ impl fmt::Display for ApiFailure {
             write!(f, "\n  {field}: {message}")?;
         }
         if self.without_token && self.status == 401 {
-            write!(
-                f,
-                "\n(no API token given: use --token, --token-file or MERIDIAN_TOKEN)"
-            )?;
+            write!(f, "\n(no API token given: use --token, --token-file or MERIDIAN_TOKEN)")?;
         }
         Ok(())
     }
@@ -245,10 +231,7 @@ impl Client {
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("meridianctl/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| CtlError::Http {
-                server: server.to_owned(),
-                reason: error_chain(&e),
-            })?;
+            .map_err(|e| CtlError::Http { server: server.to_owned(), reason: error_chain(&e) })?;
         let token = token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
         Ok(Client { http, base, token })
     }
@@ -295,12 +278,10 @@ impl Client {
         if bytes.is_empty() {
             return Ok(None);
         }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| CtlError::Protocol {
-                server: self.server().to_owned(),
-                reason: format!("the body is not JSON: {e}"),
-            })
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| CtlError::Protocol {
+            server: self.server().to_owned(),
+            reason: format!("the body is not JSON: {e}"),
+        })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -309,10 +290,7 @@ impl Client {
         segments: &[&str],
         body: Option<&Value>,
     ) -> Result<T> {
-        let value = self
-            .send(method, segments, body)
-            .await?
-            .unwrap_or(Value::Null);
+        let value = self.send(method, segments, body).await?.unwrap_or(Value::Null);
         serde_json::from_value(value).map_err(|e| CtlError::Protocol {
             server: self.server().to_owned(),
             reason: format!("unexpected body: {e}"),
@@ -327,15 +305,9 @@ impl Client {
                 reason: format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
             }
         } else if e.is_connect() {
-            CtlError::Unreachable {
-                server,
-                reason: root_cause(e),
-            }
+            CtlError::Unreachable { server, reason: root_cause(e) }
         } else {
-            CtlError::Http {
-                server,
-                reason: error_chain(e),
-            }
+            CtlError::Http { server, reason: error_chain(e) }
         }
     }
 }
@@ -348,11 +320,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         parts.push(err.to_string());
         cur = err.source();
     }
-    if parts.is_empty() {
-        e.to_string()
-    } else {
-        parts.join(": ")
-    }
+    if parts.is_empty() { e.to_string() } else { parts.join(": ") }
 }
 
 /// The innermost cause, which says what went wrong (`Connection refused`, a DNS or TLS error).
@@ -366,26 +334,18 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Reads a token file (the token is its first line).
 pub fn read_token_file(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|source| CtlError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| CtlError::Io { path: path.display().to_string(), source })?;
     let token = text.lines().next().unwrap_or_default().trim().to_owned();
     if token.is_empty() {
-        return Err(CtlError::Usage(format!(
-            "{}: the token file is empty",
-            path.display()
-        )));
+        return Err(CtlError::Usage(format!("{}: the token file is empty", path.display())));
     }
     Ok(token)
 }
 
 /// Reads a manifest; `-` reads standard input.
 pub fn read_manifest(path: &Path) -> Result<String> {
-    let io = |source| CtlError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = |source| CtlError::Io { path: path.display().to_string(), source };
     if path == Path::new("-") {
         std::io::read_to_string(std::io::stdin()).map_err(io)
     } else {
@@ -414,17 +374,13 @@ pub async fn list(client: &Client, listing: Listing, site: Option<&str>) -> Resu
     };
     match listing {
         Listing::Sites => match site_str {
-            Some(site) => Ok(vec![
-                client.call(Method::GET, &["sites", site], None).await?,
-            ]),
+            Some(site) => Ok(vec![client.call(Method::GET, &["sites", site], None).await?]),
             None => client.call(Method::GET, &["sites"], None).await,
         },
         Listing::Services | Listing::Queues | Listing::ServicePoints | Listing::WorkProfiles => {
             match (site_str, listing.site_segment(), listing.resource_kind()) {
                 (Some(site), Some(segment), _) => {
-                    client
-                        .call(Method::GET, &["sites", site, segment], None)
-                        .await
+                    client.call(Method::GET, &["sites", site, segment], None).await
                 }
                 (_, _, Some(kind)) => {
                     #[derive(Deserialize)]
@@ -441,39 +397,26 @@ pub async fn list(client: &Client, listing: Listing, site: Option<&str>) -> Resu
                 _ => Ok(vec![]),
             }
         }
-        Listing::Staff => Ok(of_site(
-            client.call(Method::GET, &["staff"], None).await?,
-            "sites",
-        )),
+        Listing::Staff => Ok(of_site(client.call(Method::GET, &["staff"], None).await?, "sites")),
         Listing::Agents => {
             let mut agents = of_site(client.call(Method::GET, &["agents"], None).await?, "site");
             let sort_key = |v: &Value| (text_field(v, "site"), text_field(v, "id"));
             agents.sort_by_key(sort_key);
             Ok(agents)
         }
-        Listing::EnrollmentTokens => Ok(of_site(
-            client
-                .call(Method::GET, &["enrollment-tokens"], None)
-                .await?,
-            "site",
-        )),
-        Listing::ApiTokens | Listing::Revisions if site.is_some() => Err(CtlError::Usage(
-            "--site does not apply to api-tokens or revisions".into(),
-        )),
-        Listing::ApiTokens => client.call(Method::GET, &["api-tokens"], None).await,
-        Listing::Revisions => {
-            client
-                .call(Method::GET, &["config", "revisions"], None)
-                .await
+        Listing::EnrollmentTokens => {
+            Ok(of_site(client.call(Method::GET, &["enrollment-tokens"], None).await?, "site"))
         }
+        Listing::ApiTokens | Listing::Revisions if site.is_some() => {
+            Err(CtlError::Usage("--site does not apply to api-tokens or revisions".into()))
+        }
+        Listing::ApiTokens => client.call(Method::GET, &["api-tokens"], None).await,
+        Listing::Revisions => client.call(Method::GET, &["config", "revisions"], None).await,
     }
 }
 
 fn text_field(v: &Value, field: &str) -> String {
-    v.get(field)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned()
+    v.get(field).and_then(Value::as_str).unwrap_or_default().to_owned()
 }
 
 /// Renders a listing: a table, or the API's JSON as JSON or YAML.
@@ -509,20 +452,14 @@ pub fn key_from_args(kind: &str, code: &str, site: Option<&str>) -> Result<Resou
         (true, Some(site)) => Some(site_arg(site)?),
         (true, None) => return Err(CtlError::Usage(format!("deleting a {kind} needs --site"))),
         (false, Some(_)) => {
-            return Err(CtlError::Usage(format!(
-                "--site does not apply to a {kind}"
-            )));
+            return Err(CtlError::Usage(format!("--site does not apply to a {kind}")));
         }
         (false, None) => None,
     };
     if kind == ResourceKind::Site {
         site_arg(code)?;
     }
-    Ok(ResourceKey {
-        kind,
-        site,
-        code: code.to_owned(),
-    })
+    Ok(ResourceKey { kind, site, code: code.to_owned() })
 }
 
 /// Deletes resources in one revision (all or nothing).
@@ -565,17 +502,12 @@ pub async fn create_enrollment_token(
     ttl: Option<&str>,
 ) -> Result<CreatedEnrollmentToken> {
     let site = site_arg(site)?;
-    let ttl_seconds = ttl
-        .map(manifest::parse_ttl)
-        .transpose()
-        .map_err(CtlError::Usage)?;
+    let ttl_seconds = ttl.map(manifest::parse_ttl).transpose().map_err(CtlError::Usage)?;
     let mut body = json!({ "site": site.as_str() });
     if let Some(ttl) = ttl_seconds {
         body["ttl_seconds"] = json!(ttl);
     }
-    client
-        .call(Method::POST, &["enrollment-tokens"], Some(&body))
-        .await
+    client.call(Method::POST, &["enrollment-tokens"], Some(&body)).await
 }
 
 pub fn render_enrollment_token(t: &CreatedEnrollmentToken, output: Output) -> Result<String> {
@@ -586,10 +518,7 @@ pub fn render_enrollment_token(t: &CreatedEnrollmentToken, output: Output) -> Re
             render::fields(&[
                 ("token", t.token.clone()),
                 ("site", t.site.clone()),
-                (
-                    "expires",
-                    t.expires_at.format("%Y-%m-%d %H:%M:%SZ").to_string()
-                ),
+                ("expires", t.expires_at.format("%Y-%m-%d %H:%M:%SZ").to_string()),
                 ("id", t.id.clone()),
             ]),
             t.site,
@@ -625,9 +554,7 @@ pub async fn revoke_agent(client: &Client, id: &str) -> Result<Value> {
         let agents: Vec<Value> = client.call(Method::GET, &["agents"], None).await?;
         resolve_agent_id(id, &agents)?
     };
-    client
-        .call(Method::POST, &["agents", &id, "revoke"], None)
-        .await
+    client.call(Method::POST, &["agents", &id, "revoke"], None).await
 }
 
 pub fn render_agent(agent: &Value, output: Output) -> Result<String> {
@@ -645,13 +572,7 @@ pub fn render_agent(agent: &Value, output: Output) -> Result<String> {
 /// Creates an admin API token; `role` is `admin` or `viewer`. The result includes the secret,
 /// shown only this once.
 pub async fn create_api_token(client: &Client, name: &str, role: &str) -> Result<Value> {
-    client
-        .call(
-            Method::POST,
-            &["api-tokens"],
-            Some(&json!({ "name": name, "role": role })),
-        )
-        .await
+    client.call(Method::POST, &["api-tokens"], Some(&json!({ "name": name, "role": role }))).await
 }
 
 pub fn render_api_token(token: &Value, output: Output) -> Result<String> {
@@ -670,22 +591,14 @@ pub fn render_api_token(token: &Value, output: Output) -> Result<String> {
 }
 
 pub async fn delete_api_token(client: &Client, id: &str) -> Result<()> {
-    client
-        .send(Method::DELETE, &["api-tokens", id], None)
-        .await
-        .map(|_| ())
+    client.send(Method::DELETE, &["api-tokens", id], None).await.map(|_| ())
 }
 
 fn structured<T: Serialize + ?Sized>(value: &T, output: Output) -> Result<String> {
-    let fail = |e: String| CtlError::Protocol {
-        server: "-".into(),
-        reason: e,
-    };
+    let fail = |e: String| CtlError::Protocol { server: "-".into(), reason: e };
     match output {
         Output::Yaml => serde_yaml_ng::to_string(value).map_err(|e| fail(e.to_string())),
-        _ => serde_json::to_string_pretty(value)
-            .map(|s| s + "\n")
-            .map_err(|e| fail(e.to_string())),
+        _ => serde_json::to_string_pretty(value).map(|s| s + "\n").map_err(|e| fail(e.to_string())),
     }
 }
 
@@ -699,9 +612,8 @@ mod tests {
                      code: &str,
                      site: Option<&str>,
                      expected: std::result::Result<&str, &str>| {
-            let got = key_from_args(kind, code, site)
-                .map(|k| k.to_string())
-                .map_err(|e| e.to_string());
+            let got =
+                key_from_args(kind, code, site).map(|k| k.to_string()).map_err(|e| e.to_string());
             match (&got, expected) {
                 (Ok(got), Ok(want)) => assert_eq!(got, want),
                 (Err(got), Err(want)) => assert!(got.contains(want), "{got} / {want}"),
@@ -711,18 +623,8 @@ mod tests {
         check("site", "SFO", None, Ok("site/SFO"));
         check("sites", "SFO", None, Ok("site/SFO"));
         check("service", "ACC", Some("SFO"), Ok("service/SFO/ACC"));
-        check(
-            "service-point",
-            "C1",
-            Some("SFO"),
-            Ok("service_point/SFO/C1"),
-        );
-        check(
-            "ServicePoint",
-            "C1",
-            Some("SFO"),
-            Ok("service_point/SFO/C1"),
-        );
+        check("service-point", "C1", Some("SFO"), Ok("service_point/SFO/C1"));
+        check("ServicePoint", "C1", Some("SFO"), Ok("service_point/SFO/C1"));
         check("staff", "alice", None, Ok("staff_user/alice"));
         check("queue", "A", None, Err("needs --site"));
         check("site", "SFO", Some("SFO"), Err("--site does not apply"));
@@ -757,10 +659,7 @@ mod tests {
     fn api_failures_read_and_print() {
         let check = |status: u16, body: &str, expected: &str| {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            assert_eq!(
-                ApiFailure::from_body(status, body.as_bytes()).to_string(),
-                expected
-            );
+            assert_eq!(ApiFailure::from_body(status, body.as_bytes()).to_string(), expected);
         };
         check(
             404,
@@ -772,21 +671,14 @@ mod tests {
             r#"{"code":"validation_failed","message":"invalid input","details":[{"field":"a.queue","message":"unknown queue Z"},{"field":"b","message":"bad"}]}"#,
             "validation_failed: invalid input\n  a.queue: unknown queue Z\n  b: bad",
         );
-        check(
-            502,
-            "<html>Bad gateway</html>",
-            "http_502: <html>Bad gateway</html>",
-        );
+        check(502, "<html>Bad gateway</html>", "http_502: <html>Bad gateway</html>");
         check(503, "", "http_503: Service Unavailable");
         let mut f = ApiFailure::from_body(
             StatusCode::UNAUTHORIZED,
             br#"{"code":"unauthenticated","message":"authentication required"}"#,
         );
         f.without_token = true;
-        assert!(
-            f.to_string()
-                .ends_with("use --token, --token-file or MERIDIAN_TOKEN)")
-        );
+        assert!(f.to_string().ends_with("use --token, --token-file or MERIDIAN_TOKEN)"));
     }
 
     #[test]
@@ -802,11 +694,7 @@ mod tests {
                 _ => panic!("{server}: got {got:?}, want {expected:?}"),
             }
         };
-        check(
-            "http://127.0.0.1:8080",
-            &["sites"],
-            Ok("http://127.0.0.1:8080/api/v1/sites"),
-        );
+        check("http://127.0.0.1:8080", &["sites"], Ok("http://127.0.0.1:8080/api/v1/sites"));
         check(
             "https://c.example.com:8080/",
             &["agents", "x/y", "revoke"],

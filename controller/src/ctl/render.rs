@@ -35,12 +35,7 @@ pub fn table(listing: Listing, items: &[Value], now: DateTime<Utc>) -> String {
                 format!("{}-{}", text(v, "first_number"), text(v, "last_number")),
             ],
             Listing::ServicePoints => {
-                vec![
-                    text(v, "site"),
-                    text(v, "code"),
-                    text(v, "name"),
-                    text(v, "work_profile"),
-                ]
+                vec![text(v, "site"), text(v, "code"), text(v, "name"), text(v, "work_profile")]
             }
             Listing::WorkProfiles => {
                 vec![
@@ -51,12 +46,7 @@ pub fn table(listing: Listing, items: &[Value], now: DateTime<Utc>) -> String {
                 ]
             }
             Listing::Staff => {
-                vec![
-                    text(v, "username"),
-                    text(v, "name"),
-                    text(v, "roles"),
-                    text(v, "sites"),
-                ]
+                vec![text(v, "username"), text(v, "name"), text(v, "roles"), text(v, "sites")]
             }
             Listing::Agents => vec![
                 text(v, "site"),
@@ -64,11 +54,7 @@ pub fn table(listing: Listing, items: &[Value], now: DateTime<Utc>) -> String {
                 text(v, "hostname"),
                 connected(v),
                 text(v, "version"),
-                format!(
-                    "{}/{}",
-                    text(v, "config_revision"),
-                    text(v, "site_revision")
-                ),
+                format!("{}/{}", text(v, "config_revision"), text(v, "site_revision")),
                 text(v, "acked_seq"),
                 text(v, "outbox_pending"),
                 match time(v.get("last_seen")) {
@@ -142,11 +128,8 @@ pub fn report(report: &ChangeReport) -> String {
             Action::Unchanged => "unchanged",
             Action::Deleted => "deleted",
         };
-        let suffix = if report.dry_run && change.action != Action::Unchanged {
-            " (dry run)"
-        } else {
-            ""
-        };
+        let suffix =
+            if report.dry_run && change.action != Action::Unchanged { " (dry run)" } else { "" };
         out.push_str(&format!("{} {action}{suffix}\n", change.resource));
     }
     let changed = report.changes.iter().any(|c| c.action != Action::Unchanged);
@@ -162,15 +145,11 @@ pub fn report(report: &ChangeReport) -> String {
             report.revision
         ),
         (false, true, true) => {
-            format!(
-                "configuration revision {}; no site configuration changed",
-                report.revision
-            )
+            format!("configuration revision {}; no site configuration changed", report.revision)
         }
-        (false, true, false) => format!(
-            "configuration revision {}; published to {sites}",
-            report.revision
-        ),
+        (false, true, false) => {
+            format!("configuration revision {}; published to {sites}", report.revision)
+        }
     };
     out.push_str(&summary);
     out.push('\n');
@@ -180,17 +159,12 @@ pub fn report(report: &ChangeReport) -> String {
 /// `label: value` lines, aligned, for one object (a created token, a revoked agent).
 pub fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
-        .collect()
+    pairs.iter().map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:"))).collect()
 }
 
 /// A timestamp as tables show it, or `-`.
 pub fn timestamp(v: Option<&Value>) -> String {
-    time(v)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
-        .unwrap_or_else(|| "-".into())
+    time(v).map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string()).unwrap_or_else(|| "-".into())
 }
 
 /// The first 8 characters of an id, as tables show it.
@@ -223,11 +197,7 @@ fn text(v: &Value, field: &str) -> String {
         Some(Value::Array(items)) if items.is_empty() => "-".into(),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|i| {
-                i.as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| i.to_string())
-            })
+            .map(|i| i.as_str().map(str::to_owned).unwrap_or_else(|| i.to_string()))
             .collect::<Vec<_>>()
             .join(", "),
         Some(other) => other.to_string(),
@@ -236,9 +206,7 @@ fn text(v: &Value, field: &str) -> String {
 
 fn time(v: Option<&Value>) -> Option<DateTime<Utc>> {
     let s = v?.as_str()?;
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
 }
 
 fn count(v: Option<&Value>) -> String {
@@ -249,9 +217,7 @@ fn count(v: Option<&Value>) -> String {
 }
 
 fn minutes(v: Option<&Value>) -> String {
-    v.and_then(Value::as_u64)
-        .map(|m| format!("{m}m"))
-        .unwrap_or_else(|| "-".into())
+    v.and_then(Value::as_u64).map(|m| format!("{m}m")).unwrap_or_else(|| "-".into())
 }
 
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
@@ -278,20 +244,12 @@ fn hours(v: Option<&Value>) -> String {
             j += 1;
         }
         if let Some(p) = &periods[i] {
-            let days = if i == j {
-                DAYS[i].to_owned()
-            } else {
-                format!("{}-{}", DAYS[i], DAYS[j])
-            };
+            let days = if i == j { DAYS[i].to_owned() } else { format!("{}-{}", DAYS[i], DAYS[j]) };
             groups.push(format!("{days} {p}"));
         }
         i = j + 1;
     }
-    if groups.is_empty() {
-        "-".into()
-    } else {
-        groups.join("; ")
-    }
+    if groups.is_empty() { "-".into() } else { groups.join("; ") }
 }
 
 fn profile_queues(v: Option<&Value>) -> String {
@@ -400,19 +358,12 @@ mod tests {
     fn check(listing: Listing, items: Value, expected: &str) {
         let items = items.as_array().cloned().unwrap_or_default();
         let got = table(listing, &items, now());
-        assert_eq!(
-            got, expected,
-            "\n--- got ---\n{got}--- want ---\n{expected}"
-        );
+        assert_eq!(got, expected, "\n--- got ---\n{got}--- want ---\n{expected}");
     }
 
     #[test]
     fn config_tables() {
-        check(
-            Listing::Sites,
-            json!([]),
-            "CODE   NAME   TIME ZONE   HOURS   CLOSED DATES   TAGS\n",
-        );
+        check(Listing::Sites, json!([]), "CODE   NAME   TIME ZONE   HOURS   CLOSED DATES   TAGS\n");
         check(
             Listing::Sites,
             json!([
@@ -534,10 +485,7 @@ cccccccc   CHI    used by 9c6f7e1d   2025-06-01 10:00:00Z   2025-06-02 10:00:00Z
                 dry_run,
                 changes: changes
                     .iter()
-                    .map(|(r, a)| Change {
-                        resource: (*r).into(),
-                        action: *a,
-                    })
+                    .map(|(r, a)| Change { resource: (*r).into(), action: *a })
                     .collect(),
                 sites_published: sites.iter().map(|s| (*s).into()).collect(),
             };
@@ -545,10 +493,7 @@ cccccccc   CHI    used by 9c6f7e1d   2025-06-01 10:00:00Z   2025-06-02 10:00:00Z
         };
         check(
             false,
-            &[
-                ("site/SFO", Action::Created),
-                ("queue/SFO/A", Action::Unchanged),
-            ],
+            &[("site/SFO", Action::Created), ("queue/SFO/A", Action::Unchanged)],
             &["SFO"],
             "site/SFO created\nqueue/SFO/A unchanged\nconfiguration revision 4; published to SFO\n",
         );
@@ -560,10 +505,7 @@ cccccccc   CHI    used by 9c6f7e1d   2025-06-01 10:00:00Z   2025-06-02 10:00:00Z
         );
         check(
             true,
-            &[
-                ("site/SFO", Action::Updated),
-                ("site/CHI", Action::Unchanged),
-            ],
+            &[("site/SFO", Action::Updated), ("site/CHI", Action::Unchanged)],
             &["SFO"],
             "site/SFO updated (dry run)\nsite/CHI unchanged\ndry run: nothing stored; configuration revision stays 4; would publish to SFO\n",
         );
@@ -581,12 +523,7 @@ cccccccc   CHI    used by 9c6f7e1d   2025-06-01 10:00:00Z   2025-06-02 10:00:00Z
             fields(&[("token", "abc".into()), ("expires", "soon".into())]),
             "token:   abc\nexpires: soon\n"
         );
-        for (ms, want) in [
-            (0, "0ms"),
-            (999, "+999ms"),
-            (-1500, "-1.5s"),
-            (125_000, "+2m"),
-        ] {
+        for (ms, want) in [(0, "0ms"), (999, "+999ms"), (-1500, "-1.5s"), (125_000, "+2m")] {
             assert_eq!(skew(Some(ms)), want);
         }
         assert_eq!(skew(None), "-");

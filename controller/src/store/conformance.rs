@@ -8,9 +8,7 @@ use meridian_shared::{AgentId, SiteCode};
 use super::*;
 
 fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 11, 2, 9, 0, 0)
-        .single()
-        .expect("valid time")
+    Utc.with_ymd_and_hms(2026, 11, 2, 9, 0, 0).single().expect("valid time")
 }
 
 fn site(code: &str) -> Resource {
@@ -87,13 +85,9 @@ fn events(range: std::ops::RangeInclusive<u64>) -> Vec<IncomingEvent> {
 pub async fn config_commits_are_atomic_and_versioned(store: &dyn Store) {
     let (rev, resources) = store.load_config().await.expect("load");
     assert_eq!((rev, resources.len()), (0, 0));
-    let rev = store
-        .commit_config(commit(0, vec![site("SFO"), site("CHI")], &["SFO", "CHI"]))
-        .await;
+    let rev = store.commit_config(commit(0, vec![site("SFO"), site("CHI")], &["SFO", "CHI"])).await;
     assert_eq!(rev.expect("commit"), 1);
-    let stale = store
-        .commit_config(commit(0, vec![site("TYO")], &["TYO"]))
-        .await;
+    let stale = store.commit_config(commit(0, vec![site("TYO")], &["TYO"])).await;
     assert!(matches!(stale, Err(Error::RevisionConflict)), "{stale:?}");
     let (rev, resources) = store.load_config().await.expect("load");
     assert_eq!(rev, 1);
@@ -101,19 +95,12 @@ pub async fn config_commits_are_atomic_and_versioned(store: &dyn Store) {
     assert_eq!(codes, ["CHI", "SFO"]);
 
     let mut delete = commit(1, vec![], &[]);
-    delete.deletes.push(ResourceKey {
-        kind: ResourceKind::Site,
-        site: None,
-        code: "CHI".into(),
-    });
+    delete.deletes.push(ResourceKey { kind: ResourceKind::Site, site: None, code: "CHI".into() });
     assert_eq!(store.commit_config(delete).await.expect("delete"), 2);
     let (_, resources) = store.load_config().await.expect("load");
     assert_eq!(resources, vec![site("SFO")]);
     let revisions = store.config_revisions(10).await.expect("revisions");
-    assert_eq!(
-        revisions.iter().map(|r| r.revision).collect::<Vec<_>>(),
-        [2, 1]
-    );
+    assert_eq!(revisions.iter().map(|r| r.revision).collect::<Vec<_>>(), [2, 1]);
 }
 
 pub async fn api_tokens_roundtrip(store: &dyn Store) {
@@ -125,14 +112,8 @@ pub async fn api_tokens_roundtrip(store: &dyn Store) {
         created_at: t0(),
     };
     store.insert_api_token(&token).await.expect("insert");
-    assert!(
-        store.insert_api_token(&token).await.is_err(),
-        "duplicate hash must fail"
-    );
-    assert_eq!(
-        store.api_token_by_hash("h1").await.expect("get"),
-        Some(token.clone())
-    );
+    assert!(store.insert_api_token(&token).await.is_err(), "duplicate hash must fail");
+    assert_eq!(store.api_token_by_hash("h1").await.expect("get"), Some(token.clone()));
     assert_eq!(store.api_token_by_hash("nope").await.expect("get"), None);
     assert_eq!(store.list_api_tokens().await.expect("list"), vec![token]);
     assert!(store.delete_api_token("tok1").await.expect("delete"));
@@ -140,20 +121,11 @@ pub async fn api_tokens_roundtrip(store: &dyn Store) {
 }
 
 pub async fn enrollment_is_one_time_and_replaces_hardware(store: &dyn Store) {
-    store
-        .commit_config(commit(0, vec![site("SFO")], &["SFO"]))
-        .await
-        .expect("commit");
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("commit");
     let first = enroll_agent(store, "SFO", "a").await;
     assert_eq!(first.site.as_str(), "SFO");
-    assert_eq!(
-        first.command_seq, 1,
-        "initial configuration is the first command"
-    );
-    let cmds = store
-        .commands_after(first.id, 0, 10)
-        .await
-        .expect("commands");
+    assert_eq!(first.command_seq, 1, "initial configuration is the first command");
+    let cmds = store.commands_after(first.id, 0, 10).await.expect("commands");
     assert_eq!(cmds.len(), 1);
     assert_eq!(cmds[0].payload, b"{\"initial\":true}");
 
@@ -168,20 +140,9 @@ pub async fn enrollment_is_one_time_and_replaces_hardware(store: &dyn Store) {
         at: t0(),
     };
     let used = store.enroll(again.clone()).await;
-    assert!(
-        matches!(used, Err(Error::Enrollment(EnrollError::AlreadyUsed))),
-        "{used:?}"
-    );
-    let unknown = store
-        .enroll(Enrollment {
-            token_hash: "nope".into(),
-            ..again.clone()
-        })
-        .await;
-    assert!(
-        matches!(unknown, Err(Error::Enrollment(EnrollError::Unknown))),
-        "{unknown:?}"
-    );
+    assert!(matches!(used, Err(Error::Enrollment(EnrollError::AlreadyUsed))), "{used:?}");
+    let unknown = store.enroll(Enrollment { token_hash: "nope".into(), ..again.clone() }).await;
+    assert!(matches!(unknown, Err(Error::Enrollment(EnrollError::Unknown))), "{unknown:?}");
 
     store
         .insert_enrollment_token(&EnrollmentToken {
@@ -195,48 +156,20 @@ pub async fn enrollment_is_one_time_and_replaces_hardware(store: &dyn Store) {
         })
         .await
         .expect("insert");
-    let expired = store
-        .enroll(Enrollment {
-            token_hash: "hash-old".into(),
-            ..again.clone()
-        })
-        .await;
-    assert!(
-        matches!(expired, Err(Error::Enrollment(EnrollError::Expired))),
-        "{expired:?}"
-    );
+    let expired = store.enroll(Enrollment { token_hash: "hash-old".into(), ..again.clone() }).await;
+    assert!(matches!(expired, Err(Error::Enrollment(EnrollError::Expired))), "{expired:?}");
     let tokens = store.list_enrollment_tokens().await.expect("tokens");
     assert!(
-        tokens
-            .iter()
-            .find(|t| t.id == "old")
-            .expect("old")
-            .used_at
-            .is_none(),
+        tokens.iter().find(|t| t.id == "old").expect("old").used_at.is_none(),
         "refusal changes nothing"
     );
 
     let second = enroll_agent(store, "SFO", "b").await;
     let first_now = store.agent(first.id).await.expect("get").expect("exists");
-    assert!(
-        first_now.revoked_at.is_some(),
-        "re-enrolling a site revokes its previous agent"
-    );
-    assert!(
-        store
-            .agent(second.id)
-            .await
-            .expect("get")
-            .expect("exists")
-            .revoked_at
-            .is_none()
-    );
+    assert!(first_now.revoked_at.is_some(), "re-enrolling a site revokes its previous agent");
+    assert!(store.agent(second.id).await.expect("get").expect("exists").revoked_at.is_none());
     assert_eq!(
-        store
-            .agent_by_credential("cred-b")
-            .await
-            .expect("get")
-            .map(|a| a.id),
+        store.agent_by_credential("cred-b").await.expect("get").map(|a| a.id),
         Some(second.id)
     );
     assert_eq!(store.list_agents().await.expect("list").len(), 2);
@@ -249,79 +182,33 @@ pub async fn config_commits_enqueue_commands_for_active_agents(store: &dyn Store
         .expect("c");
     let sfo = enroll_agent(store, "SFO", "s").await;
     let chi = enroll_agent(store, "CHI", "c").await;
-    store
-        .commit_config(commit(1, vec![site("SFO")], &["SFO"]))
-        .await
-        .expect("c");
+    store.commit_config(commit(1, vec![site("SFO")], &["SFO"])).await.expect("c");
     let sfo_cmds = store.commands_after(sfo.id, 0, 10).await.expect("cmds");
     assert_eq!(sfo_cmds.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(sfo_cmds[1].payload, b"{\"rev\":2}");
-    assert_eq!(
-        store
-            .commands_after(chi.id, 0, 10)
-            .await
-            .expect("cmds")
-            .len(),
-        1
-    );
+    assert_eq!(store.commands_after(chi.id, 0, 10).await.expect("cmds").len(), 1);
     let sfo = store.agent(sfo.id).await.expect("get").expect("exists");
     assert_eq!((sfo.site_revision, sfo.command_seq), (2, 2));
-    assert_eq!(
-        store
-            .commands_after(sfo.id, 1, 10)
-            .await
-            .expect("cmds")
-            .len(),
-        1
-    );
+    assert_eq!(store.commands_after(sfo.id, 1, 10).await.expect("cmds").len(), 1);
 
     store.ack_commands(sfo.id, 2, None).await.expect("ack");
-    store
-        .ack_commands(sfo.id, 1, None)
-        .await
-        .expect("stale ack");
-    store
-        .ack_commands(sfo.id, 9, None)
-        .await
-        .expect("ack beyond head");
+    store.ack_commands(sfo.id, 1, None).await.expect("stale ack");
+    store.ack_commands(sfo.id, 9, None).await.expect("ack beyond head");
     let sfo = store.agent(sfo.id).await.expect("get").expect("exists");
-    assert_eq!(
-        sfo.command_acked_seq, 2,
-        "acks never move backwards or past the head"
-    );
+    assert_eq!(sfo.command_acked_seq, 2, "acks never move backwards or past the head");
 }
 
 pub async fn ingest_is_idempotent_and_gapless(store: &dyn Store) {
-    store
-        .commit_config(commit(0, vec![site("SFO")], &["SFO"]))
-        .await
-        .expect("c");
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("c");
     let agent = enroll_agent(store, "SFO", "x").await;
     let ingest = |evs: Vec<IncomingEvent>| async move {
-        store
-            .ingest_events(agent.id, &evs, t0())
-            .await
-            .expect("store")
+        store.ingest_events(agent.id, &evs, t0()).await.expect("store")
     };
     assert_eq!(ingest(events(1..=100)).await, Ok(100));
-    assert_eq!(
-        ingest(events(1..=100)).await,
-        Ok(100),
-        "a resent batch is a no-op"
-    );
-    assert_eq!(
-        ingest(events(51..=150)).await,
-        Ok(150),
-        "overlap stores only the new part"
-    );
+    assert_eq!(ingest(events(1..=100)).await, Ok(100), "a resent batch is a no-op");
+    assert_eq!(ingest(events(51..=150)).await, Ok(150), "overlap stores only the new part");
     assert_eq!(ingest(vec![]).await, Ok(150));
-    assert_eq!(
-        ingest(events(152..=160)).await,
-        Err(IngestError::Gap {
-            first: 152,
-            acked: 150
-        })
-    );
+    assert_eq!(ingest(events(152..=160)).await, Err(IngestError::Gap { first: 152, acked: 150 }));
     let mut holes = events(151..=155);
     holes.remove(2);
     assert_eq!(ingest(holes).await, Err(IngestError::NotContiguous(154)));
@@ -329,41 +216,19 @@ pub async fn ingest_is_idempotent_and_gapless(store: &dyn Store) {
     let stored = store.events_after(agent.id, 148, 10).await.expect("after");
     assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), [149, 150]);
     assert_eq!(stored[0].payload, serde_json::json!({"n": 149}));
-    assert_eq!(
-        store
-            .agent(agent.id)
-            .await
-            .expect("get")
-            .expect("exists")
-            .acked_seq,
-        150
-    );
+    assert_eq!(store.agent(agent.id).await.expect("get").expect("exists").acked_seq, 150);
 
-    let stranger = store
-        .ingest_events(AgentId::new(), &events(1..=1), t0())
-        .await
-        .expect("store");
+    let stranger = store.ingest_events(AgentId::new(), &events(1..=1), t0()).await.expect("store");
     assert_eq!(stranger, Err(IngestError::UnknownAgent));
     assert!(store.revoke_agent(agent.id, t0()).await.expect("revoke"));
-    assert!(
-        !store
-            .revoke_agent(agent.id, t0())
-            .await
-            .expect("revoke again")
-    );
-    let revoked = store
-        .ingest_events(agent.id, &events(151..=151), t0())
-        .await
-        .expect("store");
+    assert!(!store.revoke_agent(agent.id, t0()).await.expect("revoke again"));
+    let revoked = store.ingest_events(agent.id, &events(151..=151), t0()).await.expect("store");
     assert_eq!(revoked, Err(IngestError::UnknownAgent));
     assert_eq!(store.count_events(agent.id).await.expect("count"), 150);
 }
 
 pub async fn agent_status_updates_are_partial(store: &dyn Store) {
-    store
-        .commit_config(commit(0, vec![site("SFO")], &["SFO"]))
-        .await
-        .expect("c");
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("c");
     let agent = enroll_agent(store, "SFO", "y").await;
     let update = AgentStatusUpdate {
         connected: true,
@@ -374,46 +239,26 @@ pub async fn agent_status_updates_are_partial(store: &dyn Store) {
         clock_skew_ms: Some(-250),
         store_error: Some("disk full".into()),
     };
-    store
-        .update_agent_status(agent.id, &update)
-        .await
-        .expect("update");
+    store.update_agent_status(agent.id, &update).await.expect("update");
     store
         .update_agent_status(
             agent.id,
-            &AgentStatusUpdate {
-                connected: false,
-                ..Default::default()
-            },
+            &AgentStatusUpdate { connected: false, ..Default::default() },
         )
         .await
         .expect("update");
     let a = store.agent(agent.id).await.expect("get").expect("exists");
     assert!(!a.connected);
     assert_eq!(a.version, "2.0.0");
-    assert_eq!(
-        (a.config_revision, a.outbox_pending, a.clock_skew_ms),
-        (1, 42, -250)
-    );
+    assert_eq!((a.config_revision, a.outbox_pending, a.clock_skew_ms), (1, 42, -250));
     assert_eq!(a.store_error.as_deref(), Some("disk full"));
     let clear = AgentStatusUpdate {
         connected: true,
         store_error: Some(String::new()),
         ..Default::default()
     };
-    store
-        .update_agent_status(agent.id, &clear)
-        .await
-        .expect("update");
-    assert_eq!(
-        store
-            .agent(agent.id)
-            .await
-            .expect("get")
-            .expect("exists")
-            .store_error,
-        None
-    );
+    store.update_agent_status(agent.id, &clear).await.expect("update");
+    assert_eq!(store.agent(agent.id).await.expect("get").expect("exists").store_error, None);
 }
 
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that

@@ -24,9 +24,7 @@ impl PgStore {
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(url)
             .await?;
-        sqlx::migrate!("../migrations/controller-postgres")
-            .run(&pool)
-            .await?;
+        sqlx::migrate!("../migrations/controller-postgres").run(&pool).await?;
         Ok(Self { pool })
     }
 

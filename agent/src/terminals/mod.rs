@@ -1,0 +1,132 @@
+//! The branch terminals: server-rendered HTML (maud) with a little project-written JavaScript,
+//! served by the agent from its local store, so they keep working with the controller down.
+//!
+//! - `/kiosk` — customers take a ticket (public on the branch LAN);
+//! - `/display` — "now serving", live over server-sent events (public);
+//! - `/workstation` — staff log in at a counter and call, serve, transfer and end visits;
+//! - `/branch` — the supervisor's status page.
+//!
+//! Every page shows `#offline-banner` while the branch is offline from central.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+
+use crate::Context;
+use crate::error::Error;
+use crate::link::LinkStatus;
+
+mod branch_page;
+mod display;
+mod kiosk;
+mod workstation;
+
+pub fn router(ctx: Arc<Context>) -> Router {
+    Router::new()
+        .route("/", get(|| async { axum::response::Redirect::to("/kiosk") }))
+        .route("/kiosk", get(kiosk::page))
+        .route("/kiosk/tickets", post(kiosk::take_ticket))
+        .route("/kiosk/tickets/{id}", get(kiosk::ticket))
+        .route("/display", get(display::page))
+        .route("/display/board", get(display::board))
+        .route("/display/events", get(display::events))
+        .route("/workstation", get(workstation::page))
+        .route("/workstation/login", post(workstation::login))
+        .route("/workstation/logout", post(workstation::logout))
+        .route("/workstation/action", post(workstation::action))
+        .route("/branch", get(branch_page::page))
+        .with_state(ctx)
+}
+
+const STYLE: &str = r#"
+body { font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2430; }
+header { background: #1d2430; color: #fff; padding: .8rem 1.2rem; display: flex; justify-content: space-between; }
+main { padding: 1.2rem; }
+#offline-banner { background: #b3261e; color: #fff; padding: .6rem 1.2rem; font-weight: 600; }
+button { font-size: 1.1rem; padding: .7rem 1.2rem; margin: .3rem; border-radius: .4rem; border: 1px solid #667; background: #fff; cursor: pointer; }
+button.primary, .service { background: #0b57d0; color: #fff; border: none; }
+.service { display: block; width: 100%; max-width: 28rem; font-size: 1.6rem; padding: 1.4rem; margin: .8rem 0; }
+table { border-collapse: collapse; background: #fff; }
+td, th { padding: .4rem .8rem; border-bottom: 1px solid #dde; text-align: left; }
+.ticket { font-size: 5rem; font-weight: 700; letter-spacing: .2rem; }
+#calls { list-style: none; padding: 0; font-size: 2.4rem; }
+#calls li { background: #fff; margin: .4rem 0; padding: .6rem 1rem; border-radius: .4rem; }
+#calls li.latest { background: #ffd54f; font-weight: 700; }
+.message { background: #fff3cd; padding: .6rem 1rem; border-radius: .4rem; }
+.muted { color: #667; }
+@media print { header, form, .noprint { display: none; } }
+"#;
+
+/// The page frame: title, the offline banner when the link is down, the body.
+fn layout(title: &str, link: &LinkStatus, head: Option<Markup>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Meridian" }
+                style { (PreEscaped(STYLE)) }
+                @if let Some(h) = head { (h) }
+            }
+            body {
+                (offline_banner(link))
+                (body)
+            }
+        }
+    }
+}
+
+/// Shown while the branch is offline from central; everything keeps working locally.
+fn offline_banner(link: &LinkStatus) -> Markup {
+    html! {
+        @if !link.connected {
+            div #offline-banner role="status" {
+                "Offline from central"
+                @if let Some(since) = link.since { " since " (since.format("%H:%M:%S UTC")) }
+                " — this branch keeps working; everything syncs when the link returns."
+            }
+        }
+    }
+}
+
+/// A time in the site's own time zone.
+fn local_time(ctx: &Context, t: DateTime<Utc>) -> String {
+    match ctx.site_config().ok().and_then(|c| c.site.tz().ok()) {
+        Some(tz) => t.with_timezone(&tz).format("%H:%M").to_string(),
+        None => t.format("%H:%M UTC").to_string(),
+    }
+}
+
+/// An error page with the right status; client mistakes are not logged as errors.
+fn error_page(ctx: &Context, status: StatusCode, message: &str) -> Response {
+    let link = ctx.link.borrow().clone();
+    let body = html! {
+        header { span { "Meridian" } }
+        main { p .message { (message) } p { a href="javascript:history.back()" { "Back" } } }
+    };
+    (status, Html(layout("Error", &link, None, body).into_string())).into_response()
+}
+
+fn from_error(ctx: &Context, e: Error) -> Response {
+    let (status, message) = match &e {
+        Error::NotFound(_) => (StatusCode::NOT_FOUND, e.to_string()),
+        Error::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Error::Conflict(_) => (StatusCode::CONFLICT, e.to_string()),
+        Error::NotConfigured => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Error::Store(_) | Error::StoreGone(_) | Error::Internal(_) => {
+            tracing::error!(error = %e, "terminal request failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The branch system cannot record this right now; please ask a member of staff."
+                    .to_owned(),
+            )
+        }
+    };
+    error_page(ctx, status, &message)
+}

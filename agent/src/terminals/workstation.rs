@@ -1,0 +1,315 @@
+//! The counter workstation. Staff log in with their central credentials — verified locally
+//! against the synced hash, so it works offline — pick a counter, and work the queue: call next,
+//! recall, start serving, no-show, recycle, park, transfer, end. Plain forms with redirects; the
+//! session lives in an HttpOnly cookie.
+
+use std::sync::Arc;
+
+use axum::Form;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
+use maud::{Markup, html};
+use meridian_shared::Code;
+use meridian_shared::visits::{Location, Op, Position};
+use serde::Deserialize;
+
+use super::{from_error, layout};
+use crate::Context;
+use crate::auth::{self, Refusal};
+use crate::error::Error;
+use crate::visits;
+
+pub const SESSION_COOKIE: &str = "meridian_session";
+const COUNTER_COOKIE: &str = "meridian_counter";
+
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|h| {
+        h.split(';').find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then(|| v.to_owned())
+        })
+    })
+}
+
+/// The staff member behind the session cookie.
+pub async fn staff(ctx: &Context, headers: &HeaderMap) -> Result<String, Refusal> {
+    let token = cookie(headers, SESSION_COOKIE).ok_or(Refusal::Missing)?;
+    let now = ctx.clock.now().timestamp_millis();
+    match ctx.db.read(move |c| auth::session_user(c, &token, now)).await {
+        Ok(r) => r,
+        Err(_) => Err(Refusal::Invalid),
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct Message {
+    msg: Option<String>,
+}
+
+pub async fn page(
+    State(ctx): State<Arc<Context>>,
+    headers: HeaderMap,
+    Query(m): Query<Message>,
+) -> Response {
+    let username = match staff(&ctx, &headers).await {
+        Ok(u) => u,
+        Err(Refusal::Expired) => {
+            return login_page(
+                &ctx,
+                StatusCode::OK,
+                Some("Your session has expired; please log in again."),
+            );
+        }
+        Err(_) => return login_page(&ctx, StatusCode::OK, m.msg.as_deref()),
+    };
+    let counter = cookie(&headers, COUNTER_COOKIE);
+    match render(&ctx, &username, counter.as_deref(), m.msg.as_deref()).await {
+        Ok(markup) => Html(markup.into_string()).into_response(),
+        Err(e) => from_error(&ctx, e),
+    }
+}
+
+fn login_page(ctx: &Context, status: StatusCode, message: Option<&str>) -> Response {
+    let config = ctx.site_config().ok();
+    let link = ctx.link.borrow().clone();
+    let body = html! {
+        header { span { (config.as_ref().map(|c| c.site.name.clone()).unwrap_or_default()) } span { "Counter workstation" } }
+        main {
+            @if let Some(m) = message { p .message #message { (m) } }
+            form #login method="post" action="/workstation/login" {
+                p { label for="username" { "User name " } input #username name="username" autocomplete="username" required; }
+                p { label for="password" { "Password " } input #password name="password" type="password" autocomplete="current-password" required; }
+                p {
+                    label for="counter" { "Counter " }
+                    select #counter name="counter" {
+                        @if let Some(c) = &config {
+                            @for sp in &c.service_points { option value=(sp.code) { (sp.name) } }
+                        }
+                        option value="" { "— no counter (supervisor) —" }
+                    }
+                }
+                button .primary #login-submit type="submit" { "Log in" }
+            }
+        }
+    };
+    (status, Html(layout("Log in", &link, None, body).into_string())).into_response()
+}
+
+async fn render(
+    ctx: &Arc<Context>,
+    username: &str,
+    counter: Option<&str>,
+    message: Option<&str>,
+) -> crate::Result<Markup> {
+    let config = ctx.site_config()?;
+    let now = ctx.clock.now();
+    let (queues, points) = {
+        let config = config.clone();
+        ctx.db
+            .read(move |c| {
+                Ok((visits::queues(c, &config, now)?, visits::service_points(c, &config)?))
+            })
+            .await?
+    };
+    let me = config.staff.iter().find(|u| u.username.as_str() == username);
+    let point = counter.and_then(|c| points.iter().find(|p| p.code == c));
+    let current = point.and_then(|p| p.current.clone());
+    let link = ctx.link.borrow().clone();
+    let body = html! {
+        header {
+            span { (config.site.name) " · " (me.map(|u| u.name.clone()).unwrap_or_else(|| username.to_owned())) }
+            span { @if let Some(p) = point { (p.name) } @else { "No counter" } }
+        }
+        main {
+            @if let Some(m) = message { p .message #message { (m) } }
+            h2 { "Current customer" }
+            p .ticket #current-ticket { @if let Some(v) = &current { (v.ticket) } @else { "—" } }
+            @if let Some(v) = &current { p #current-status { (v.status) " · " (v.service) } }
+            @if point.is_some() {
+                form method="post" action="/workstation/action" {
+                    @if current.is_none() {
+                        button .primary #call-next name="action" value="call-next" { "Call next" }
+                    } @else {
+                        button #recall name="action" value="recall" { "Recall" }
+                        button #start-serving name="action" value="start-serving" { "Start serving" }
+                        button #no-show name="action" value="no-show" { "No-show" }
+                        button #recycle name="action" value="recycle" { "Recycle" }
+                        button #park name="action" value="park" { "Park" }
+                        button .primary #end name="action" value="end" { "End" }
+                        br;
+                        select #transfer-queue name="queue" {
+                            @for q in &config.queues { option value=(q.code) { (q.name) } }
+                        }
+                        button #transfer name="action" value="transfer" { "Transfer" }
+                    }
+                }
+            }
+            h2 { "Queues" }
+            table #queues {
+                tr { th { "Queue" } th { "Waiting" } th { "Longest wait" } }
+                @for q in &queues {
+                    tr data-queue=(q.code) { td { (q.name) } td .waiting { (q.waiting) } td { (format!("{} min", q.longest_wait_secs / 60)) } }
+                }
+            }
+            form method="post" action="/workstation/logout" { button #logout type="submit" { "Log out" } }
+        }
+        script { (maud::PreEscaped("new EventSource('/display/events').onmessage = () => { if (!document.activeElement || document.activeElement.tagName !== 'SELECT') location.reload(); };")) }
+    };
+    Ok(layout("Workstation", &link, None, body))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoginForm {
+    username: String,
+    password: String,
+    #[serde(default)]
+    counter: String,
+}
+
+fn session_cookies(
+    token: &str,
+    counter: &str,
+    max_age: i64,
+) -> [(header::HeaderName, HeaderValue); 2] {
+    let mk = |name: &str, value: &str| {
+        HeaderValue::from_str(&format!(
+            "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+        ))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+    };
+    [
+        (header::SET_COOKIE, mk(SESSION_COOKIE, token)),
+        (header::SET_COOKIE, mk(COUNTER_COOKIE, counter)),
+    ]
+}
+
+pub async fn login(State(ctx): State<Arc<Context>>, Form(form): Form<LoginForm>) -> Response {
+    let config = match ctx.site_config() {
+        Ok(c) => c,
+        Err(e) => return from_error(&ctx, e),
+    };
+    if form.username.len() > 64 || form.password.len() > 256 {
+        return login_page(&ctx, StatusCode::UNAUTHORIZED, Some("Unknown user or wrong password."));
+    }
+    let user = config.staff.iter().find(|u| u.username.as_str() == form.username).cloned();
+    let phc = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_default();
+    let password = form.password.clone();
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
+        .await
+        .unwrap_or(false);
+    let (Some(user), true) = (user, ok) else {
+        return login_page(&ctx, StatusCode::UNAUTHORIZED, Some("Unknown user or wrong password."));
+    };
+    let username = user.username.to_string();
+    let counter = form.counter.clone();
+    let now_ms = ctx.clock.now().timestamp_millis();
+    let result = ctx
+        .change(move |c, config, now| {
+            if !counter.is_empty() {
+                visits::open_counter(c, config, &counter, Some(&username), now)?;
+            }
+            auth::create_session(c, &username, now_ms)
+        })
+        .await;
+    match result {
+        Ok((token, _)) => {
+            let cookies = session_cookies(&token, &form.counter, auth::SESSION_TTL.num_seconds());
+            (AppendHeaders(cookies), Redirect::to("/workstation")).into_response()
+        }
+        Err(e) => from_error(&ctx, e),
+    }
+}
+
+pub async fn logout(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
+    if let Some(token) = cookie(&headers, SESSION_COOKIE) {
+        let username = staff(&ctx, &headers).await.ok();
+        let counter = cookie(&headers, COUNTER_COOKIE);
+        let _ = ctx
+            .change(move |c, config, now| {
+                // Leave the counter open only if someone else took it over.
+                if let (Some(counter), Some(user)) = (counter, username) {
+                    let points = visits::service_points(c, config)?;
+                    let mine = points
+                        .iter()
+                        .any(|p| p.code == counter && p.staff.as_deref() == Some(user.as_str()));
+                    if mine && points.iter().any(|p| p.code == counter && p.current.is_none()) {
+                        visits::close_counter(c, config, &counter, now)?;
+                    }
+                }
+                auth::end_session(c, &token)
+            })
+            .await;
+    }
+    (AppendHeaders(session_cookies("", "", 0)), Redirect::to("/workstation")).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ActionForm {
+    action: String,
+    #[serde(default)]
+    queue: String,
+}
+
+pub async fn action(
+    State(ctx): State<Arc<Context>>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if staff(&ctx, &headers).await.is_err() {
+        return Redirect::to("/workstation?msg=Please+log+in").into_response();
+    }
+    let Some(counter) = cookie(&headers, COUNTER_COOKIE) else {
+        return Redirect::to("/workstation?msg=Log+in+at+a+counter+to+call+customers")
+            .into_response();
+    };
+    let action = form.action.clone();
+    let queue = form.queue.clone();
+    let result = ctx
+        .change(move |c, config, now| {
+            if action == "call-next" {
+                return visits::call_next(c, config, &counter, now)
+                    .map(|v| v.map(|_| ()).ok_or(()));
+            }
+            let points = visits::service_points(c, config)?;
+            let current =
+                points.into_iter().find(|p| p.code == counter).and_then(|p| p.current).ok_or_else(
+                    || Error::Conflict("there is no current customer at this counter".into()),
+                )?;
+            let op = match action.as_str() {
+                "recall" => Op::Recall,
+                "start-serving" => Op::StartServing,
+                "no-show" => Op::NoShow,
+                "recycle" => Op::Recycle,
+                "park" => Op::Park,
+                "end" => Op::End,
+                "transfer" => {
+                    let q = Code::parse(&queue).map_err(|e| Error::Validation(e.to_string()))?;
+                    Op::Transfer { to: Location::Queue(q), position: Position::Last }
+                }
+                other => return Err(Error::Validation(format!("unknown action {other:?}"))),
+            };
+            visits::transition(c, config, &current.id, op, vec![], now).map(|_| Ok(()))
+        })
+        .await;
+    let msg = match result {
+        Ok(Ok(())) => return Redirect::to("/workstation").into_response(),
+        Ok(Err(())) => "Nobody is waiting for this counter.".to_owned(),
+        Err(e @ (Error::Conflict(_) | Error::Validation(_) | Error::NotFound(_))) => e.to_string(),
+        Err(e) => return from_error(&ctx, e),
+    };
+    let encoded: String = url_encode(&msg);
+    Redirect::to(&format!("/workstation?msg={encoded}")).into_response()
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b' ' => "+".to_owned(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
