@@ -10,6 +10,7 @@ test: provision fmt-check clippy clean-test-databases unit-and-e2e
 
 provision:
 	bash tests/provision-postgres.sh
+	bash tests/provision-chromium.sh
 
 fmt-check:
 	cargo fmt --all -- --check
