@@ -37,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 /// Outbox events that are not tickets: the agent applies exactly one configuration revision
 /// here, which records one `CONFIG_APPLIED` event.
 const CONFIG_EVENTS: u64 = 1;
+/// The connector API key the load clients present (configured centrally as its hash).
+const CONNECTOR_KEY: &str = "mrd_ck_benchmark_connector_key";
 /// How often conditions are polled while waiting for them.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -65,11 +67,8 @@ struct Params {
 impl Params {
     fn from_env() -> Result<Self> {
         let smoke = std::env::args().any(|a| a == "--smoke") || env_flag("MERIDIAN_BENCH_SMOKE")?;
-        let (tickets, latency_requests, limit) = if smoke {
-            (500, 250, 60)
-        } else {
-            (20_000, 5_000, 300)
-        };
+        let (tickets, latency_requests, limit) =
+            if smoke { (500, 250, 60) } else { (20_000, 5_000, 300) };
         let params = Params {
             smoke,
             tickets: env_number("MERIDIAN_BENCH_TICKETS")?.unwrap_or(tickets),
@@ -79,14 +78,8 @@ impl Params {
                 .unwrap_or(latency_requests),
             phase_limit: Duration::from_secs(limit),
         };
-        ensure!(
-            params.clients >= 1,
-            "MERIDIAN_BENCH_CLIENTS must be at least 1"
-        );
-        ensure!(
-            (1..=100_000).contains(&params.rate),
-            "MERIDIAN_BENCH_RATE must be 1..=100000"
-        );
+        ensure!(params.clients >= 1, "MERIDIAN_BENCH_CLIENTS must be at least 1");
+        ensure!((1..=100_000).contains(&params.rate), "MERIDIAN_BENCH_RATE must be 1..=100000");
         ensure!(
             params.latency_requests <= 100_000,
             "MERIDIAN_BENCH_LATENCY_REQUESTS is at most 100000"
@@ -97,10 +90,7 @@ impl Params {
 
 async fn run() -> Result<()> {
     let params = Params::from_env()?;
-    println!(
-        "Meridian agent ticket benchmark{}",
-        if params.smoke { " (smoke mode)" } else { "" }
-    );
+    println!("Meridian agent ticket benchmark{}", if params.smoke { " (smoke mode)" } else { "" });
     let data_dir = testing::temp_dir("meridian-bench-agent");
     println!("machine: {}", machine_info());
     println!(
@@ -121,10 +111,11 @@ async fn run() -> Result<()> {
     );
 
     let setup_started = Instant::now();
-    let controller = Controller::start(&testing::fresh_sqlite_url()).await?;
+    let controller_url = testing::fresh_sqlite_url();
+    let controller = Controller::start(&controller_url).await?;
     create_site(controller.store.as_ref()).await?;
     let token = enrollment_token(controller.store.as_ref(), "SFO").await?;
-    let agent = Agent::start(&controller.gateway_url, data_dir, token).await?;
+    let agent = Agent::start(&controller.gateway_url, data_dir.clone(), token).await?;
     let http = reqwest::Client::builder()
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
@@ -152,13 +143,8 @@ async fn run() -> Result<()> {
 
     // (a) throughput
     let threads_before = ThreadCpu::sample();
-    let throughput = closed_loop(
-        &visits_url,
-        params.tickets,
-        params.clients,
-        params.phase_limit,
-    )
-    .await?;
+    let throughput =
+        closed_loop(&visits_url, params.tickets, params.clients, params.phase_limit).await?;
     let threads = ThreadCpu::sample().since(&threads_before);
     println!(
         "(a) throughput: {} tickets in {:.3} s = {:.0} tickets/s ({} clients; per-request latency {})",
@@ -168,10 +154,7 @@ async fn run() -> Result<()> {
         params.clients,
         summary(&throughput.latencies),
     );
-    println!(
-        "    CPU by thread while timed: {}",
-        threads.describe(throughput.elapsed)
-    );
+    println!("    CPU by thread while timed: {}", threads.describe(throughput.elapsed));
     let drain_started = Instant::now();
     wait_for_status(
         &http,
@@ -187,13 +170,8 @@ async fn run() -> Result<()> {
     );
 
     // (b) latency
-    let latency = open_loop(
-        &visits_url,
-        params.rate,
-        params.latency_requests,
-        params.phase_limit,
-    )
-    .await?;
+    let latency =
+        open_loop(&visits_url, params.rate, params.latency_requests, params.phase_limit).await?;
     println!(
         "(b) latency, open loop at {} requests/s for {:.1} s ({} requests), from intended send time: {}",
         params.rate,
@@ -229,11 +207,8 @@ async fn run() -> Result<()> {
         .ok_or_else(|| anyhow!("the agent reports no agent id"))?
         .parse()
         .context("the agent's id is not a UUID")?;
-    let central = controller
-        .store
-        .count_events(agent_id)
-        .await
-        .context("counting central events")?;
+    let central =
+        controller.store.count_events(agent_id).await.context("counting central events")?;
     ensure!(
         central == drained.outbox_high_water,
         "the controller stored {central} events of this agent, the agent's high water is {}",
@@ -246,7 +221,16 @@ async fn run() -> Result<()> {
     );
 
     agent.stop().await?;
-    controller.stop().await
+    controller.stop().await?;
+    // Kept on failure, for a look at what happened.
+    let controller_dir = std::path::Path::new(controller_url.trim_start_matches("sqlite://"))
+        .parent()
+        .context("the SQLite URL names no directory")?
+        .to_owned();
+    for dir in [data_dir, controller_dir] {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 // ---------- load ----------
@@ -289,23 +273,10 @@ async fn closed_loop(url: &str, count: usize, clients: usize, limit: Duration) -
         });
     }
     let results = join_all(workers, start + limit).await?;
-    let elapsed = results
-        .iter()
-        .map(|(_, finished)| *finished - start)
-        .max()
-        .unwrap_or_default();
+    let elapsed = results.iter().map(|(_, finished)| *finished - start).max().unwrap_or_default();
     let latencies: Vec<Duration> = results.into_iter().flat_map(|(l, _)| l).collect();
-    ensure!(
-        latencies.len() == count,
-        "{} of {count} tickets issued",
-        latencies.len()
-    );
-    Ok(Measured {
-        elapsed,
-        latencies,
-        from_send: Vec::new(),
-        send_lag: Vec::new(),
-    })
+    ensure!(latencies.len() == count, "{} of {count} tickets issued", latencies.len());
+    Ok(Measured { elapsed, latencies, from_send: Vec::new(), send_lag: Vec::new() })
 }
 
 /// Sends `count` requests at `rate` per second, each at its intended time whether or not the
@@ -321,10 +292,7 @@ async fn open_loop(url: &str, rate: u32, count: usize, limit: Duration) -> Resul
         .context("building the HTTP client")?;
     let interval = Duration::from_secs(1) / rate;
     let duration = interval * count as u32;
-    ensure!(
-        duration < limit,
-        "the open loop would run past its time limit"
-    );
+    ensure!(duration < limit, "the open loop would run past its time limit");
     let start = Instant::now() + Duration::from_millis(10);
     let (due_tx, mut due) = tokio::sync::mpsc::channel::<Instant>(count.max(1));
     let schedule = std::thread::Builder::new()
@@ -349,15 +317,9 @@ async fn open_loop(url: &str, rate: u32, count: usize, limit: Duration) -> Resul
             anyhow::Ok((done - intended, done - sent, sent - intended))
         });
     }
-    schedule
-        .join()
-        .map_err(|_| anyhow!("the schedule thread panicked"))?;
+    schedule.join().map_err(|_| anyhow!("the schedule thread panicked"))?;
     let results = join_all(requests, start + limit).await?;
-    ensure!(
-        results.len() == count,
-        "{} of {count} requests sent",
-        results.len()
-    );
+    ensure!(results.len() == count, "{} of {count} requests sent", results.len());
     Ok(Measured {
         elapsed: start.elapsed(),
         latencies: results.iter().map(|r| r.0).collect(),
@@ -375,10 +337,7 @@ async fn join_all<T: 'static>(mut tasks: JoinSet<Result<T>>, deadline: Instant) 
             Ok(None) => return Ok(results),
             Err(_) => {
                 tasks.abort_all();
-                bail!(
-                    "timed out with {} requests or clients unfinished",
-                    tasks.len()
-                );
+                bail!("timed out with {} requests or clients unfinished", tasks.len());
             }
         };
         match next {
@@ -399,20 +358,15 @@ async fn join_all<T: 'static>(mut tasks: JoinSet<Result<T>>, deadline: Instant) 
 async fn create_visit(client: &reqwest::Client, url: &str) -> Result<()> {
     let response = client
         .post(url)
+        .bearer_auth(CONNECTOR_KEY)
         .json(&serde_json::json!({"service": "GEN"}))
         .send()
         .await
         .context("POST /api/v1/visits failed")?;
     let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .context("reading the visit response")?;
+    let body = response.bytes().await.context("reading the visit response")?;
     if status != reqwest::StatusCode::CREATED {
-        bail!(
-            "POST /api/v1/visits answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        bail!("POST /api/v1/visits answered {status}: {}", String::from_utf8_lossy(&body));
     }
     let visit: serde_json::Value =
         serde_json::from_slice(&body).context("the visit response is not JSON")?;
@@ -452,15 +406,9 @@ struct Controller {
 
 impl Controller {
     async fn start(db_url: &str) -> Result<Controller> {
-        let store = store::open(db_url)
-            .await
-            .context("opening the controller store")?;
-        let api = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the admin API")?;
-        let gateway = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the gateway")?;
+        let store = store::open(db_url).await.context("opening the controller store")?;
+        let api = TcpListener::bind("127.0.0.1:0").await.context("binding the admin API")?;
+        let gateway = TcpListener::bind("127.0.0.1:0").await.context("binding the gateway")?;
         let gateway_url = format!("http://{}", gateway.local_addr()?);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(
@@ -469,12 +417,7 @@ impl Controller {
             Listeners { api, gateway },
             shutdown.clone(),
         ));
-        Ok(Controller {
-            store,
-            gateway_url,
-            shutdown,
-            task,
-        })
+        Ok(Controller { store, gateway_url, shutdown, task })
     }
 
     async fn stop(self) -> Result<()> {
@@ -509,22 +452,11 @@ impl Agent {
         let ctx = meridian_agent::Context::open(&settings, Arc::new(SystemClock))
             .await
             .context("opening the agent's store")?;
-        let http = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the branch server")?;
+        let http = TcpListener::bind("127.0.0.1:0").await.context("binding the branch server")?;
         let base_url = format!("http://{}", http.local_addr()?);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(meridian_agent::run_with(
-            ctx,
-            settings,
-            http,
-            shutdown.clone(),
-        ));
-        Ok(Agent {
-            base_url,
-            shutdown,
-            task,
-        })
+        let task = tokio::spawn(meridian_agent::run_with(ctx, settings, http, shutdown.clone()));
+        Ok(Agent { base_url, shutdown, task })
     }
 
     async fn stop(self) -> Result<()> {
@@ -542,6 +474,8 @@ async fn create_site(store: &dyn Store) -> Result<()> {
         serde_json::json!({"kind": "site", "code": "SFO", "name": "San Francisco", "time_zone": "America/Los_Angeles"}),
         serde_json::json!({"kind": "queue", "site": "SFO", "code": "A", "name": "General", "letter": "A"}),
         serde_json::json!({"kind": "service", "site": "SFO", "code": "GEN", "name": "General", "queue": "A"}),
+        serde_json::json!({"kind": "connector_key", "site": "SFO", "code": "bench", "name": "Benchmark",
+                           "key_hash": auth::hash_secret(CONNECTOR_KEY)}),
     ]
     .into_iter()
     .map(|json| serde_json::from_value::<ResourceInput>(json).context("resource JSON"))
@@ -577,15 +511,8 @@ async fn fetch_status(http: &reqwest::Client, base_url: &str) -> Result<StatusVi
         .send()
         .await
         .context("GET /api/v1/status failed")?;
-    ensure!(
-        response.status().is_success(),
-        "GET /api/v1/status answered {}",
-        response.status()
-    );
-    response
-        .json()
-        .await
-        .context("the agent status is not the expected JSON")
+    ensure!(response.status().is_success(), "GET /api/v1/status answered {}", response.status());
+    response.json().await.context("the agent status is not the expected JSON")
 }
 
 /// Polls the agent's status until `done` holds, or fails at `deadline`.
@@ -621,10 +548,8 @@ impl ThreadCpu {
         };
         for task in tasks.flatten() {
             let dir = task.path();
-            let name = std::fs::read_to_string(dir.join("comm"))
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
+            let name =
+                std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim().to_owned();
             if let Some(seconds) = stat_cpu_seconds(&dir.join("stat")) {
                 *by_name.entry(name).or_insert(0.0) += seconds;
             }
@@ -651,17 +576,10 @@ impl ThreadCpu {
             .iter()
             .take(5)
             .map(|(name, s)| {
-                format!(
-                    "{name} {s:.2} s ({:.0}% of wall)",
-                    *s * 100.0 / wall.as_secs_f64()
-                )
+                format!("{name} {s:.2} s ({:.0}% of wall)", *s * 100.0 / wall.as_secs_f64())
             })
             .collect();
-        format!(
-            "total {total:.2} s over {:.2} s wall; {}",
-            wall.as_secs_f64(),
-            parts.join(", ")
-        )
+        format!("total {total:.2} s over {:.2} s wall; {}", wall.as_secs_f64(), parts.join(", "))
     }
 }
 
@@ -712,8 +630,7 @@ fn filesystem_of(path: &str) -> String {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_, mount, fs) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(mount)
-                .then(|| (mount.len(), fs.to_owned()))
+            path.starts_with(mount).then(|| (mount.len(), fs.to_owned()))
         })
         .max()
         .map_or_else(|| "unknown".into(), |(_, fs)| fs)
@@ -722,10 +639,7 @@ fn filesystem_of(path: &str) -> String {
 /// Median time of 50 appends of 4 KiB, each followed by `fdatasync`, in `dir`.
 fn fsync_probe(dir: &std::path::Path) -> std::io::Result<String> {
     let path = dir.join("fsync-probe");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)?;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
     let block = [0u8; 4096];
     let mut times = Vec::with_capacity(50);
     for _ in 0..50 {
@@ -737,10 +651,7 @@ fn fsync_probe(dir: &std::path::Path) -> std::io::Result<String> {
     drop(file);
     std::fs::remove_file(&path)?;
     times.sort_unstable();
-    Ok(format!(
-        "median {:.2} ms",
-        times[times.len() / 2].as_secs_f64() * 1e3
-    ))
+    Ok(format!("median {:.2} ms", times[times.len() / 2].as_secs_f64() * 1e3))
 }
 
 fn env_flag(name: &str) -> Result<bool> {
@@ -755,9 +666,7 @@ fn env_flag(name: &str) -> Result<bool> {
 fn env_number(name: &str) -> Result<Option<usize>> {
     match std::env::var(name) {
         Ok(v) => {
-            Ok(Some(v.parse().with_context(|| {
-                format!("{name} must be a number, not {v:?}")
-            })?))
+            Ok(Some(v.parse().with_context(|| format!("{name} must be a number, not {v:?}"))?))
         }
         Err(_) => Ok(None),
     }

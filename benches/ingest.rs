@@ -2,9 +2,10 @@
 //!
 //! Starts a controller in-process on a fresh PostgreSQL database, creates one site per
 //! simulated agent, enrolls the agents over gRPC and lets each stream its events through a real
-//! `Session` (batches of 500, up to 10 batches unacknowledged, like the real agent). The rate is
-//! measured from the first batch to the last `EventAck`. The baseline, measured in the same run:
-//! the same rows loaded into a fresh copy of the `events` table with `COPY … FROM STDIN`.
+//! `Session` (batches of 500, up to 10 batches unacknowledged, as the real agent pipelines
+//! its outbox). The rate is measured from the first batch to the last `EventAck`. The
+//! baseline, measured in the same run: the same rows loaded into a fresh copy of the `events`
+//! table with `COPY … FROM STDIN`.
 //! Optionally the session part runs again on the embedded SQLite store (no baseline there).
 //!
 //! `cargo bench --bench ingest` runs the full benchmark; `-- --smoke` (or
@@ -41,7 +42,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Events per batch frame (the real agent's batch size).
 const BATCH_EVENTS: u64 = 500;
-/// Batches sent but not yet acknowledged, at most, per agent.
+/// Batches sent but not yet acknowledged, at most, per agent (the real agent allows 10,000
+/// events, i.e. 20 batches).
 const BATCHES_IN_FLIGHT: u64 = 10;
 /// Largest gRPC message either side accepts (the gateway's limit).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -70,21 +72,11 @@ struct Params {
 impl Params {
     fn from_env() -> Result<Self> {
         let smoke = std::env::args().any(|a| a == "--smoke") || env_flag("MERIDIAN_BENCH_SMOKE")?;
-        let (agents, events, limit) = if smoke {
-            (4, 1_000, 60)
-        } else {
-            (100, 2_000, 600)
-        };
+        let (agents, events, limit) = if smoke { (4, 1_000, 60) } else { (100, 2_000, 600) };
         let agents = env_number("MERIDIAN_BENCH_AGENTS")?.unwrap_or(agents);
         let events_per_agent = env_number("MERIDIAN_BENCH_EVENTS")?.unwrap_or(events);
-        ensure!(
-            (1..=999).contains(&agents),
-            "MERIDIAN_BENCH_AGENTS must be 1..=999"
-        );
-        ensure!(
-            events_per_agent >= 1,
-            "MERIDIAN_BENCH_EVENTS must be at least 1"
-        );
+        ensure!((1..=999).contains(&agents), "MERIDIAN_BENCH_AGENTS must be 1..=999");
+        ensure!(events_per_agent >= 1, "MERIDIAN_BENCH_EVENTS must be at least 1");
         let sqlite = match std::env::var("MERIDIAN_BENCH_SQLITE") {
             Ok(v) => v == "1",
             Err(_) => !smoke,
@@ -148,7 +140,11 @@ async fn run() -> Result<()> {
     let ratio = sessions.rate() / copy.rate();
     println!(
         "ratio sessions/COPY: {ratio:.2} (goal >= 0.50: {})",
-        if ratio >= 0.5 { "met" } else { "NOT met" }
+        match (params.smoke, ratio >= 0.5) {
+            (true, _) => "not judged in smoke mode",
+            (false, true) => "met",
+            (false, false) => "NOT met",
+        }
     );
 
     if params.sqlite {
@@ -168,8 +164,36 @@ async fn run() -> Result<()> {
         );
         sessions.print("SQLite (for information), sessions", "events");
         println!("  verified: events table holds exactly {stored} rows");
+        conn.close().await.context("closing the SQLite database")?;
+        remove_sqlite_dir(&sqlite_url)?;
     }
+    pg.close().await.context("closing the benchmark database")?;
+    drop_database(&db_name).await
+}
+
+/// Drops the benchmark's PostgreSQL database (it holds twice the events); kept on failure.
+async fn drop_database(name: &str) -> Result<()> {
+    ensure!(
+        name.starts_with("meridian_t_")
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+        "refusing to drop unexpected database {name:?}"
+    );
+    let admin = testing::postgres_admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .with_context(|| format!("cannot connect to {admin} to drop {name}"))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("dropping the benchmark database {name}"))?;
     Ok(())
+}
+
+/// Removes the temporary directory of a `testing::fresh_sqlite_url()` database.
+fn remove_sqlite_dir(url: &str) -> Result<()> {
+    let file = std::path::Path::new(url.trim_start_matches("sqlite://"));
+    let dir = file.parent().context("the SQLite URL names no directory")?;
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
 // ---------- the session run ----------
@@ -256,11 +280,7 @@ async fn ingest_over_sessions(
         let agent = timeout_at(deadline, enroll(&controller.gateway_url, index, &token))
             .await
             .map_err(|_| anyhow!("timed out enrolling agent {index}"))??;
-        ensure!(
-            &agent.site == site,
-            "agent {index} enrolled for {} instead of {site}",
-            agent.site
-        );
+        ensure!(&agent.site == site, "agent {index} enrolled for {} instead of {site}", agent.site);
         agents.push(agent);
     }
     let enroll_done = setup_started.elapsed();
@@ -268,10 +288,8 @@ async fn ingest_over_sessions(
     let (ready_tx, mut ready_rx) = mpsc::channel::<usize>(agents.len());
     let (go_tx, go_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let identities: Vec<(String, String)> = agents
-        .iter()
-        .map(|a| (a.agent_id.clone(), a.site.clone()))
-        .collect();
+    let identities: Vec<(String, String)> =
+        agents.iter().map(|a| (a.agent_id.clone(), a.site.clone())).collect();
     for agent in agents {
         let batches = payloads.batches(agent.index, params.events_per_agent);
         let run = simulated_agent(
@@ -333,11 +351,7 @@ async fn ingest_over_sessions(
     let spread = format!(
         "agents finished after: first {:.3} s, median {:.3} s, last {:.3} s",
         finished.first().copied().unwrap_or_default().as_secs_f64(),
-        finished
-            .get(finished.len() / 2)
-            .copied()
-            .unwrap_or_default()
-            .as_secs_f64(),
+        finished.get(finished.len() / 2).copied().unwrap_or_default().as_secs_f64(),
         elapsed.as_secs_f64(),
     );
     let wal_bytes = match lsn_before {
@@ -345,12 +359,14 @@ async fn ingest_over_sessions(
         None => None,
     };
 
-    for agent in controller
-        .store
-        .list_agents()
-        .await
-        .context("listing agents")?
-    {
+    let enrolled = controller.store.list_agents().await.context("listing agents")?;
+    ensure!(
+        enrolled.len() == identities.len(),
+        "the controller lists {} agents, {} were enrolled",
+        enrolled.len(),
+        identities.len()
+    );
+    for agent in enrolled {
         ensure!(
             agent.acked_seq == params.events_per_agent,
             "agent {} of {} is acknowledged up to {}, expected {}",
@@ -391,15 +407,9 @@ struct Controller {
 
 impl Controller {
     async fn start(db_url: &str) -> Result<Controller> {
-        let store = store::open(db_url)
-            .await
-            .context("opening the controller store")?;
-        let api = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the admin API")?;
-        let gateway = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the gateway")?;
+        let store = store::open(db_url).await.context("opening the controller store")?;
+        let api = TcpListener::bind("127.0.0.1:0").await.context("binding the admin API")?;
+        let gateway = TcpListener::bind("127.0.0.1:0").await.context("binding the gateway")?;
         let gateway_url = format!("http://{}", gateway.local_addr()?);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(
@@ -408,12 +418,7 @@ impl Controller {
             Listeners { api, gateway },
             shutdown.clone(),
         ));
-        Ok(Controller {
-            store,
-            gateway_url,
-            shutdown,
-            task,
-        })
+        Ok(Controller { store, gateway_url, shutdown, task })
     }
 
     async fn stop(self) -> Result<()> {
@@ -541,9 +546,7 @@ async fn simulated_agent(
         .map_err(|_| anyhow!("agent {index}: timed out waiting for Welcome"))?
         .with_context(|| format!("agent {index}: session failed before Welcome"))?;
     match welcome {
-        Some(ControllerFrame {
-            body: Some(controller_frame::Body::Welcome(w)),
-        }) => {
+        Some(ControllerFrame { body: Some(controller_frame::Body::Welcome(w)) }) => {
             ensure!(
                 w.acked_event_seq == 0,
                 "agent {index}: fresh agent welcomed with ack {}",
@@ -560,10 +563,7 @@ async fn simulated_agent(
         .await
         .map_err(|_| anyhow!("agent {index}: timed out waiting for its configuration command"))?
         .map_err(|_| anyhow!("agent {index}: session ended before its configuration command"))?;
-    ready
-        .send(index)
-        .await
-        .map_err(|_| anyhow!("agent {index}: the benchmark stopped"))?;
+    ready.send(index).await.map_err(|_| anyhow!("agent {index}: the benchmark stopped"))?;
     timeout_at(deadline, go.wait_for(|go| *go))
         .await
         .map_err(|_| anyhow!("agent {index}: timed out waiting for the start"))?
@@ -590,9 +590,8 @@ async fn simulated_agent(
             ),
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
-                let ended = reader
-                    .await
-                    .with_context(|| format!("agent {index}: reader panicked"))?;
+                let ended =
+                    reader.await.with_context(|| format!("agent {index}: reader panicked"))?;
                 ended.with_context(|| format!("agent {index}: session failed"))?;
                 bail!("agent {index}: the controller closed the session at ack {acked_up_to}");
             }
@@ -653,20 +652,14 @@ struct PayloadGen {
 
 impl PayloadGen {
     fn new() -> Result<Self> {
-        Ok(PayloadGen {
-            service: Code::parse("GEN")?,
-            queue: Code::parse("A")?,
-            base: Utc::now(),
-        })
+        Ok(PayloadGen { service: Code::parse("GEN")?, queue: Code::parse("A")?, base: Utc::now() })
     }
 
     /// The event `seq` of agent `agent`: (occurred at, JSON payload).
     fn payload(&self, agent: usize, seq: u64) -> (DateTime<Utc>, Vec<u8>) {
         let at = self.base + chrono::Duration::milliseconds(seq as i64 * 37);
         let event = AgentEvent::VisitCreated(VisitCreated {
-            visit_id: VisitId(uuid::Uuid::from_u128(
-                ((agent as u128) << 64) | u128::from(seq),
-            )),
+            visit_id: VisitId(uuid::Uuid::from_u128(((agent as u128) << 64) | u128::from(seq))),
             ticket: format_ticket("A", (seq % 999) as u32 + 1),
             service: self.service.clone(),
             queue: self.queue.clone(),
@@ -739,16 +732,12 @@ async fn copy_baseline(
             text.push('\n');
         }
     }
-    sqlx::query("CHECKPOINT")
-        .execute(&mut *pg)
-        .await
-        .context("CHECKPOINT")?;
+    sqlx::query("CHECKPOINT").execute(&mut *pg).await.context("CHECKPOINT")?;
 
     let cpu_before = Cpu::sample(Some(db_name));
     let threads_before = ThreadCpu::sample();
-    let lsn_before: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&mut *pg)
-        .await?;
+    let lsn_before: String =
+        sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut *pg).await?;
     let start = Instant::now();
     let load = async {
         let mut copy = pg
@@ -778,13 +767,9 @@ async fn copy_baseline(
         "COPY loaded {rows} rows, expected {}",
         params.total_events()
     );
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events_copy")
-        .fetch_one(&mut *pg)
-        .await?;
-    ensure!(
-        stored as u64 == rows,
-        "events_copy holds {stored} rows after COPY of {rows}"
-    );
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events_copy").fetch_one(&mut *pg).await?;
+    ensure!(stored as u64 == rows, "events_copy holds {stored} rows after COPY of {rows}");
     Ok(Measured {
         rows,
         elapsed,
@@ -816,13 +801,8 @@ fn push_copy_text(out: &mut String, s: &str) {
 
 async fn checkpoint_and_wal_lsn(db_url: &str) -> Result<String> {
     let mut conn = sqlx::PgConnection::connect(db_url).await?;
-    sqlx::query("CHECKPOINT")
-        .execute(&mut conn)
-        .await
-        .context("CHECKPOINT")?;
-    Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&mut conn)
-        .await?)
+    sqlx::query("CHECKPOINT").execute(&mut conn).await.context("CHECKPOINT")?;
+    Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut conn).await?)
 }
 
 async fn wal_since(db_url: &str, lsn: &str) -> Result<u64> {
@@ -852,10 +832,7 @@ struct Cpu {
 
 impl Cpu {
     fn sample(db_name: Option<&str>) -> Cpu {
-        let mut cpu = Cpu {
-            process: proc_cpu_seconds("self").unwrap_or(0.0),
-            ..Cpu::default()
-        };
+        let mut cpu = Cpu { process: proc_cpu_seconds("self").unwrap_or(0.0), ..Cpu::default() };
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return cpu;
         };
@@ -919,10 +896,7 @@ impl ThreadCpu {
 
     fn since(&self, before: &ThreadCpu) -> ThreadCpu {
         let used = self.0.iter().map(|(name, seconds)| {
-            (
-                name.clone(),
-                seconds - before.0.get(name).copied().unwrap_or(0.0),
-            )
+            (name.clone(), seconds - before.0.get(name).copied().unwrap_or(0.0))
         });
         ThreadCpu(used.filter(|(_, s)| *s > 0.0).collect())
     }
@@ -930,16 +904,9 @@ impl ThreadCpu {
     fn describe(&self) -> String {
         let mut threads: Vec<(&String, &f64)> = self.0.iter().collect();
         threads.sort_by(|a, b| b.1.total_cmp(a.1));
-        let parts: Vec<String> = threads
-            .iter()
-            .take(4)
-            .map(|(name, s)| format!("{name} {s:.2} s"))
-            .collect();
-        if parts.is_empty() {
-            "-".into()
-        } else {
-            parts.join(", ")
-        }
+        let parts: Vec<String> =
+            threads.iter().take(4).map(|(name, s)| format!("{name} {s:.2} s")).collect();
+        if parts.is_empty() { "-".into() } else { parts.join(", ") }
     }
 }
 
@@ -983,35 +950,20 @@ fn machine_info() -> String {
 }
 
 async fn postgres_info(pg: &mut sqlx::PgConnection) -> Result<String> {
-    let version: String = sqlx::query_scalar("SHOW server_version")
-        .fetch_one(&mut *pg)
-        .await?;
+    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut *pg).await?;
     let mut settings = Vec::new();
-    for name in [
-        "synchronous_commit",
-        "fsync",
-        "shared_buffers",
-        "max_wal_size",
-        "wal_compression",
-    ] {
-        let value: String = sqlx::query_scalar("SELECT current_setting($1)")
-            .bind(name)
-            .fetch_one(&mut *pg)
-            .await?;
+    for name in ["synchronous_commit", "fsync", "shared_buffers", "max_wal_size", "wal_compression"]
+    {
+        let value: String =
+            sqlx::query_scalar("SELECT current_setting($1)").bind(name).fetch_one(&mut *pg).await?;
         settings.push(format!("{name}={value}"));
     }
     let data_dir: Option<String> = sqlx::query_scalar("SELECT current_setting('data_directory')")
         .fetch_one(&mut *pg)
         .await
         .ok();
-    let fs = data_dir
-        .as_deref()
-        .map(filesystem_of)
-        .unwrap_or_else(|| "unknown".into());
-    Ok(format!(
-        "{version} on the same machine ({}; data directory on {fs})",
-        settings.join(", ")
-    ))
+    let fs = data_dir.as_deref().map(filesystem_of).unwrap_or_else(|| "unknown".into());
+    Ok(format!("{version} on the same machine ({}; data directory on {fs})", settings.join(", ")))
 }
 
 /// The filesystem type of the mount holding `path`, from /proc/mounts.
@@ -1022,8 +974,7 @@ fn filesystem_of(path: &str) -> String {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_, mount, fs) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(mount)
-                .then(|| (mount.len(), fs.to_owned()))
+            path.starts_with(mount).then(|| (mount.len(), fs.to_owned()))
         })
         .max()
         .map_or_else(|| "unknown".into(), |(_, fs)| fs)
@@ -1041,9 +992,7 @@ fn env_flag(name: &str) -> Result<bool> {
 fn env_number(name: &str) -> Result<Option<usize>> {
     match std::env::var(name) {
         Ok(v) => {
-            Ok(Some(v.parse().with_context(|| {
-                format!("{name} must be a number, not {v:?}")
-            })?))
+            Ok(Some(v.parse().with_context(|| format!("{name} must be a number, not {v:?}"))?))
         }
         Err(_) => Ok(None),
     }

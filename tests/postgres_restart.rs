@@ -20,11 +20,8 @@ fn restart_postgres() {
             );
         format!("pg_ctlcluster --skip-systemctl-redirect {version} main restart")
     });
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .status()
-        .expect("run restart command");
+    let status =
+        std::process::Command::new("sh").arg("-c").arg(&cmd).status().expect("run restart command");
     assert!(status.success(), "`{cmd}` failed: {status}");
 }
 
@@ -46,9 +43,7 @@ async fn postgres_restart_mid_stream_loses_and_doubles_nothing() {
     let agent_id = s["agent_id"].as_str().expect("id").to_owned();
 
     proxy.set(Fault::Cut);
-    agent
-        .wait_status("agent offline", |s| s["connected"] == false)
-        .await;
+    agent.wait_status("agent offline", |s| s["connected"] == false).await;
     agent.issue_tickets("GEN", 5_000).await;
     proxy.set(Fault::Pass);
     wait_for("the stream to start", Duration::from_secs(60), || async {
@@ -70,9 +65,5 @@ async fn postgres_restart_mid_stream_loses_and_doubles_nothing() {
     })
     .await;
     assert_eq!(c.4, 5_000, "every visit event exactly once");
-    assert_eq!(
-        (c.0, c.3, c.1, c.2),
-        (high, high, 1, high),
-        "gapless, no duplicates"
-    );
+    assert_eq!((c.0, c.3, c.1, c.2), (high, high, 1, high), "gapless, no duplicates");
 }

@@ -46,14 +46,8 @@ async fn agents_connect_over_tls_with_a_private_ca_and_nothing_else_does() {
     let root = temp_dir("meridian-tls");
     make_pki(&root);
     let env = [
-        (
-            "MERIDIAN_CONTROLLER_TLS_CERT",
-            root.join("cert.pem").display().to_string(),
-        ),
-        (
-            "MERIDIAN_CONTROLLER_TLS_KEY",
-            root.join("key.pem").display().to_string(),
-        ),
+        ("MERIDIAN_CONTROLLER_TLS_CERT", root.join("cert.pem").display().to_string()),
+        ("MERIDIAN_CONTROLLER_TLS_KEY", root.join("key.pem").display().to_string()),
     ];
     let db = format!("sqlite://{}/controller.db", root.display());
     let controller = ControllerProc::start_with(&root.join("controller"), &db, &env).await;
@@ -62,10 +56,7 @@ async fn agents_connect_over_tls_with_a_private_ca_and_nothing_else_does() {
     let token = admin.enrollment_token("SFO").await;
     let port = controller.gateway.port();
 
-    let agent_env = [(
-        "MERIDIAN_AGENT_CA_CERT",
-        root.join("ca.pem").display().to_string(),
-    )];
+    let agent_env = [("MERIDIAN_AGENT_CA_CERT", root.join("ca.pem").display().to_string())];
     let agent = AgentProc::spawn_with(
         &root.join("agent"),
         &format!("https://localhost:{port}"),
@@ -79,16 +70,11 @@ async fn agents_connect_over_tls_with_a_private_ca_and_nothing_else_does() {
         })
         .await;
     agent.issue_tickets("GEN", 10).await;
-    agent
-        .wait_status("events acknowledged over TLS", |s| s["outbox_pending"] == 0)
-        .await;
+    agent.wait_status("events acknowledged over TLS", |s| s["outbox_pending"] == 0).await;
 
     // Plaintext against the TLS gateway fails.
     let plain = Endpoint::from_shared(format!("http://localhost:{port}")).expect("endpoint");
-    assert!(
-        enroll_over(plain).await.is_err(),
-        "plaintext must not reach the TLS gateway"
-    );
+    assert!(enroll_over(plain).await.is_err(), "plaintext must not reach the TLS gateway");
     // A client trusting another CA refuses the controller's certificate.
     let other = temp_dir("meridian-tls-other");
     let other_ca = make_pki(&other);
@@ -99,8 +85,6 @@ async fn agents_connect_over_tls_with_a_private_ca_and_nothing_else_does() {
         .expect("endpoint")
         .tls_config(tls)
         .expect("tls");
-    let err = enroll_over(wrong)
-        .await
-        .expect_err("an untrusted certificate must be refused");
+    let err = enroll_over(wrong).await.expect_err("an untrusted certificate must be refused");
     assert!(!err.is_empty());
 }
