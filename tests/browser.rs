@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use fantoccini::wd::WindowHandle;
 use reqwest::Method;
 use serde_json::json;
-use support::browser::Browser;
+use support::browser::{Browser, PAGE, POLL};
 use support::*;
 
 const SITE: &str = "BRW";
@@ -20,8 +20,6 @@ const COUNTER: &str = "C1";
 
 /// The acceptance criterion: the display shows a call within this long of the click.
 const DISPLAY_LATENCY: Duration = Duration::from_secs(1);
-/// How long a page may take to show what it should (not a performance bound).
-const PAGE: Duration = Duration::from_secs(10);
 /// The whole browser part of the test; a stalled browser fails instead of hanging.
 const WHOLE_TEST: Duration = Duration::from_secs(180);
 
@@ -110,9 +108,8 @@ async fn branch_flow(browser: &Browser, w: &Windows, base: &str, link: Link) -> 
     // b. The kiosk issues a ticket.
     show(browser, &w.kiosk, &format!("{base}/kiosk")).await;
     check_offline_banner(browser, "kiosk", link).await;
-    browser.one(r#"form button[data-service="GEN"]"#).await.click().await.expect("click GEN");
-    let ticket =
-        wait_text(browser, "#ticket-number", "the kiosk's ticket", |t| !t.is_empty()).await;
+    browser.click(r#"form button[data-service="GEN"]"#).await;
+    let ticket = browser.wait_text("#ticket-number", "the kiosk's ticket", |t| !t.is_empty()).await;
     check_offline_banner(browser, "kiosk ticket", link).await;
 
     // c. Staff log in at the workstation and call the next ticket.
@@ -124,27 +121,24 @@ async fn branch_flow(browser: &Browser, w: &Windows, base: &str, link: Link) -> 
     browser.one("#username").await.send_keys(USERNAME).await.expect("type username");
     browser.one("#password").await.send_keys(PASSWORD).await.expect("type password");
     browser.one("#counter").await.select_by_value(COUNTER).await.expect("choose the counter");
-    browser.one("#login-submit").await.click().await.expect("submit login");
-    let call_next = wait_one(browser, "#call-next", "the workstation after logging in").await;
+    browser.click("#login-submit").await;
+    browser.wait_one("#call-next").await;
     check_offline_banner(browser, "workstation", link).await;
-    call_next.click().await.expect("click call next");
+    browser.click("#call-next").await;
     let called = Instant::now();
-    wait_text(browser, "#current-ticket", &format!("{ticket} called"), |t| t == ticket).await;
+    browser.wait_text("#current-ticket", &format!("{ticket} called"), |t| t == ticket).await;
 
     // d. The display shows the call within a second of the click.
     browser.switch_to_window(w.display.clone()).await.expect("switch to the display");
     let shown = format!(r#"li.call[data-ticket="{ticket}"]"#);
-    loop {
-        if !browser.all(&shown).await.is_empty() {
-            break;
-        }
+    while browser.all(&shown).await.is_empty() {
         if called.elapsed() > PAGE {
             panic!(
                 "{link:?}: the display did not show `{shown}` within {PAGE:?}; {}",
                 browser.describe().await
             );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(POLL).await;
     }
     let latency = called.elapsed();
     assert!(
@@ -152,6 +146,14 @@ async fn branch_flow(browser: &Browser, w: &Windows, base: &str, link: Link) -> 
         "{link:?}: the display showed {ticket} {latency:?} after the call, over {DISPLAY_LATENCY:?}"
     );
     eprintln!("{link:?}: ticket {ticket} on the display {latency:?} after the call");
+    check_offline_banner(browser, "display", link).await;
+
+    // Serve and end the visit, freeing the counter to call the next ticket.
+    browser.switch_to_window(w.workstation.clone()).await.expect("switch to the workstation");
+    browser.click("#start-serving").await;
+    browser.wait_text("#current-status", "serving", |t| t.starts_with("serving")).await;
+    browser.click("#end").await;
+    browser.wait_one("#call-next").await;
     ticket
 }
 
@@ -171,51 +173,5 @@ async fn check_offline_banner(browser: &Browser, page: &str, link: Link) {
             visible.len(),
             browser.describe().await
         );
-    }
-}
-
-/// Waits for exactly one element matching `css` on the current page.
-async fn wait_one(browser: &Browser, css: &str, what: &str) -> fantoccini::elements::Element {
-    let until = Instant::now() + PAGE;
-    loop {
-        let mut found = browser.all(css).await;
-        if found.len() == 1 {
-            return found.remove(0);
-        }
-        if Instant::now() > until {
-            panic!(
-                "{what}: expected one `{css}`, found {}; {}",
-                found.len(),
-                browser.describe().await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the trimmed text of the one `css` element satisfies `ok`; returns it.
-async fn wait_text(browser: &Browser, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
-    let until = Instant::now() + PAGE;
-    loop {
-        let found = browser.all(css).await;
-        let mut last = None;
-        if let [element] = found.as_slice() {
-            // The page may be replaced between finding and reading: read again next time.
-            if let Ok(text) = element.text().await {
-                let text = text.trim().to_owned();
-                if ok(&text) {
-                    return text;
-                }
-                last = Some(text);
-            }
-        }
-        if Instant::now() > until {
-            panic!(
-                "{what}: `{css}` ({} found) last read {last:?}; {}",
-                found.len(),
-                browser.describe().await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

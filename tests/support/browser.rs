@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
@@ -18,6 +19,10 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
 /// How long chromedriver may take to answer `/status`, and the browser to open a session.
 const STARTUP: Duration = Duration::from_secs(30);
+/// How long a page may take to show what a test waits for (not a performance bound).
+pub const PAGE: Duration = Duration::from_secs(10);
+/// How often the DOM is polled while waiting.
+pub const POLL: Duration = Duration::from_millis(10);
 
 /// A WebDriver session in a fresh headless Chromium profile. Derefs to the `fantoccini::Client`.
 /// Dropping it kills chromedriver and the browser it started; `close` ends the session first.
@@ -62,11 +67,14 @@ impl Browser {
             },
         });
         let Value::Object(capabilities) = capabilities else { unreachable!("an object") };
-        let session = ClientBuilder::new(HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&driver.url)
-            .await;
-        let client = session.unwrap_or_else(|e| panic!("cannot open a Chromium session: {e}"));
+        let mut builder = ClientBuilder::new(HttpConnector::new());
+        builder.capabilities(capabilities);
+        let session = tokio::time::timeout(STARTUP, builder.connect(&driver.url)).await;
+        let client = match session {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => panic!("cannot open a Chromium session: {e}"),
+            Err(_) => panic!("Chromium did not open a session within {STARTUP:?}"),
+        };
         Browser { client, driver }
     }
 
@@ -78,7 +86,7 @@ impl Browser {
     }
 
     /// The elements matching a CSS selector on the current page (none is not an error).
-    pub async fn all(&self, css: &str) -> Vec<fantoccini::elements::Element> {
+    pub async fn all(&self, css: &str) -> Vec<Element> {
         self.client
             .find_all(Locator::Css(css))
             .await
@@ -87,7 +95,7 @@ impl Browser {
 
     /// The one element matching a CSS selector on the current page; panics with the page's URL
     /// and text when there is none or more than one.
-    pub async fn one(&self, css: &str) -> fantoccini::elements::Element {
+    pub async fn one(&self, css: &str) -> Element {
         let mut found = self.all(css).await;
         if found.len() != 1 {
             panic!(
@@ -97,6 +105,68 @@ impl Browser {
             );
         }
         found.remove(0)
+    }
+
+    /// Waits (up to `PAGE`) for exactly one element matching `css`, e.g. after a navigation.
+    pub async fn wait_one(&self, css: &str) -> Element {
+        let until = tokio::time::Instant::now() + PAGE;
+        loop {
+            let mut found = self.all(css).await;
+            if found.len() == 1 {
+                return found.remove(0);
+            }
+            if tokio::time::Instant::now() > until {
+                panic!(
+                    "expected one `{css}` within {PAGE:?}, found {}; {}",
+                    found.len(),
+                    self.describe().await
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits (up to `PAGE`) until the trimmed text of the one `css` element satisfies `ok`, and
+    /// returns it. A page replaced between finding and reading is read again.
+    pub async fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let until = tokio::time::Instant::now() + PAGE;
+        loop {
+            let found = self.all(css).await;
+            let mut last = None;
+            if let [element] = found.as_slice()
+                && let Ok(text) = element.text().await
+            {
+                let text = text.trim().to_owned();
+                if ok(&text) {
+                    return text;
+                }
+                last = Some(text);
+            }
+            if tokio::time::Instant::now() > until {
+                panic!(
+                    "{what}: `{css}` ({} found) last read {last:?} after {PAGE:?}; {}",
+                    found.len(),
+                    self.describe().await
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Clicks the one element matching `css`, waiting for it (up to `PAGE`). A click that hits a
+    /// page being replaced (stale element) did not happen, so it is retried on the new page.
+    pub async fn click(&self, css: &str) {
+        let until = tokio::time::Instant::now() + PAGE;
+        loop {
+            let element = self.wait_one(css).await;
+            match element.click().await {
+                Ok(()) => return,
+                Err(e) if e.is_stale_element_reference() && tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(e) => panic!("click `{css}`: {e}; {}", self.describe().await),
+            }
+        }
     }
 
     /// The current URL and the visible text of the page, for failure messages.
