@@ -85,6 +85,31 @@ impl Context {
     }
 }
 
+/// How often the end-of-day rule is checked.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Ends visits left open when their business day is over (see `EndOfDay`).
+async fn end_of_day_sweep(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if ctx.site_config().is_err() {
+            continue;
+        }
+        match ctx.change(visits::close_finished_days).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                visits = n,
+                "ended visits left open at the end of their business day"
+            ),
+            Err(e) => tracing::warn!(error = %e, "end-of-day sweep failed; retrying"),
+        }
+    }
+}
+
 /// Runs an agent until `shutdown`: the branch server on `http`, the link in the background.
 pub async fn run(settings: Settings, http: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let ctx = Context::open(&settings, Arc::new(SystemClock)).await?;
@@ -118,6 +143,7 @@ pub async fn run_with(
         },
     };
     let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, shutdown.clone()));
+    let sweep_task = tokio::spawn(end_of_day_sweep(ctx.clone(), shutdown.clone()));
     let addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, "branch server listening");
     if let Some(file) = &settings.ready_file {
@@ -131,5 +157,6 @@ pub async fn run_with(
         .await;
     shutdown.cancel();
     let _ = link_task.await;
+    let _ = sweep_task.await;
     served.map_err(|e| Error::Internal(format!("branch server: {e}")))
 }

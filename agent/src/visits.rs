@@ -732,3 +732,28 @@ pub fn recent_calls(conn: &Connection, limit: u32) -> Result<Vec<Visit>> {
         [limit],
     )
 }
+
+/// Ends every visit whose business day is over under the site's end-of-day rule, with the
+/// outcome `closed_at_end_of_day`; returns how many were ended.
+pub fn close_finished_days(
+    conn: &Connection,
+    config: &SiteConfig,
+    now: DateTime<Utc>,
+) -> Result<usize> {
+    let tz = config.site.tz().map_err(Error::Internal)?;
+    let open = query_visits(conn, "WHERE status != 'ended' ORDER BY sort_key, id", [])?;
+    let mut ended = 0;
+    for v in open {
+        if meridian_shared::business_day::day_is_over(
+            &config.site,
+            tz,
+            v.business_day,
+            v.created_at,
+            now,
+        ) {
+            apply_and_record(conn, config, v, Op::CloseDay, vec![], now)?;
+            ended += 1;
+        }
+    }
+    Ok(ended)
+}

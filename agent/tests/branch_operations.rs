@@ -475,3 +475,29 @@ async fn only_this_sites_keys_and_live_staff_sessions_get_in() {
         "only the one admitted ticket was recorded"
     );
 }
+
+#[tokio::test]
+async fn visits_left_open_are_closed_when_their_day_is_over() {
+    let (ctx, r) = branch().await;
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
+    ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
+    ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
+    ok(&r, Method::POST, "/api/v1/service-points/C1/call-next", None).await;
+    // Nothing is over yet today (the test site has no opening hours; only the date rolls over).
+    let ended = ctx.change(meridian_agent::visits::close_finished_days).await.expect("sweep");
+    assert_eq!(ended, 0);
+    let tomorrow = ctx.clock.now() + chrono::Duration::days(1);
+    let ended = ctx
+        .change(move |c, config, _| {
+            meridian_agent::visits::close_finished_days(c, config, tomorrow)
+        })
+        .await
+        .expect("sweep");
+    assert_eq!(ended, 2, "the waiting and the called visit are both ended");
+    let done = ok(&r, Method::GET, "/api/v1/visits?status=ended", None).await;
+    assert!(done.as_array().expect("list").iter().all(|v| v["outcome"] == "closed_at_end_of_day"));
+    let kinds = outbox_kinds(&ctx).await;
+    assert_eq!(kinds.iter().filter(|k| *k == "VISIT_CLOSED_AT_END_OF_DAY").count(), 2);
+    let points = ok(&r, Method::GET, "/api/v1/service-points", None).await;
+    assert!(points[0].get("current").is_none(), "the counter is free again");
+}

@@ -321,6 +321,7 @@ mod tests {
             business_hours: Default::default(),
             closed_dates: vec![],
             tags: vec![],
+            end_of_day: Default::default(),
         })
     }
 

@@ -169,6 +169,25 @@ pub struct Site {
     pub closed_dates: Vec<NaiveDate>,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// What happens to visits still open when the business day is over.
+    #[serde(default)]
+    pub end_of_day: EndOfDay,
+}
+
+/// The end-of-day rule: open visits are ended with the outcome `closed_at_end_of_day` once the
+/// last opening period of their day has closed plus `grace_minutes` (and always once the site's
+/// next calendar day has begun), unless `close_open_visits` is false.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndOfDay {
+    pub close_open_visits: bool,
+    pub grace_minutes: u32,
+}
+
+impl Default for EndOfDay {
+    fn default() -> Self {
+        EndOfDay { close_open_visits: true, grace_minutes: 30 }
+    }
 }
 
 impl Site {
@@ -595,6 +614,7 @@ mod tests {
             business_hours: BTreeMap::new(),
             closed_dates: vec![],
             tags: vec![],
+            end_of_day: Default::default(),
         })
     }
 

@@ -19,6 +19,7 @@ fn site(code: &str) -> Resource {
         business_hours: Default::default(),
         closed_dates: vec![],
         tags: vec![],
+        end_of_day: Default::default(),
     })
 }
 
