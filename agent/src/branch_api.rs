@@ -38,6 +38,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/service-points/{code}/call", post(call_visit))
         .route("/api/v1/service-points/{code}/walk-direct", post(walk_direct))
         .route("/api/v1/sessions/current", axum::routing::delete(logout))
+        .route("/api/v1/events", get(event_feed))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authenticate));
     Router::new()
         .merge(protected)
@@ -495,4 +496,103 @@ async fn logout(
     };
     ctx.db.write(move |c| auth::end_session(c, &token)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct FeedQuery {
+    /// Resume after this sequence (or send `Last-Event-ID`); without either, only new events.
+    after: Option<u64>,
+}
+
+/// Events per read while catching up.
+const FEED_PAGE: u32 = 200;
+
+/// The live event feed for local subscribers: server-sent events, one per outbox event, with
+/// the event's sequence as SSE id, so a subscriber resumes with `Last-Event-ID` (or `?after=`)
+/// for as long as the branch retains events (`LOCAL_RETENTION`). An older cursor gets
+/// `410 cursor_expired` rather than a silent gap.
+async fn event_feed(
+    State(ctx): State<Arc<Context>>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<FeedQuery>,
+) -> Result<Response, ApiError> {
+    let from_header = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().parse::<u64>())
+        .transpose()
+        .map_err(|_| Error::Validation("Last-Event-ID must be an event sequence number".into()))?;
+    let cursor = q.after.or(from_header);
+    let (high, oldest) =
+        ctx.db.read(|c| Ok((queries::outbox_state(c)?.0, queries::oldest_retained(c)?))).await?;
+    let mut cursor = match cursor {
+        None => high,
+        Some(c) if c > high => {
+            return Err(
+                Error::Validation(format!("cursor {c} is ahead of the last event {high}")).into()
+            );
+        }
+        Some(c) => {
+            let first_needed = c + 1;
+            if first_needed <= high && oldest.is_none_or(|o| o > first_needed) {
+                return Err(ApiError::new(
+                    StatusCode::GONE,
+                    "cursor_expired",
+                    format!(
+                        "events after {c} are no longer retained; resume from {}",
+                        oldest.unwrap_or(high + 1) - 1
+                    ),
+                ));
+            }
+            c
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<axum::response::sse::Event, std::convert::Infallible>,
+    >(16);
+    let mut activity = ctx.activity.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let after = cursor;
+            let page = match ctx.db.read(move |c| queries::outbox_after(c, after, FEED_PAGE)).await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event feed read failed; closing the stream");
+                    return;
+                }
+            };
+            if page.is_empty() {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    changed = activity.changed() => if changed.is_err() { return },
+                }
+                continue;
+            }
+            for e in page {
+                cursor = e.seq;
+                let payload: serde_json::Value =
+                    serde_json::from_slice(&e.payload).unwrap_or_default();
+                let data = serde_json::json!({
+                    "seq": e.seq,
+                    "kind": e.kind,
+                    "occurred_at": chrono::DateTime::from_timestamp_millis(e.occurred_at_ms),
+                    "payload": payload,
+                });
+                let event = axum::response::sse::Event::default()
+                    .id(e.seq.to_string())
+                    .event(e.kind)
+                    .data(data.to_string());
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok(axum::response::sse::Sse::new(stream)
+        .keep_alive(
+            axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)),
+        )
+        .into_response())
 }

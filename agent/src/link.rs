@@ -240,7 +240,8 @@ async fn session(
     let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms))
         .clamp(Duration::from_millis(100), Duration::from_secs(60));
     let acked = welcome.acked_event_seq.min(high_water);
-    ctx.db.write(move |c| queries::ack_outbox(c, acked)).await?;
+    let now = ctx.clock.now();
+    ctx.db.write(move |c| queries::ack_outbox(c, acked, now)).await?;
     tracing::info!(acked, high_water, config_revision, "session established");
     set_link(ctx, true, None);
 
@@ -333,7 +334,8 @@ async fn handle(
             }
             if up_to > c.acked {
                 c.acked = up_to;
-                ctx.db.write(move |conn| queries::ack_outbox(conn, up_to)).await?;
+                let now = ctx.clock.now();
+                ctx.db.write(move |conn| queries::ack_outbox(conn, up_to, now)).await?;
             } else if up_to < c.sent {
                 // A re-acknowledgement below what we sent: resend from there.
                 c.acked = up_to;

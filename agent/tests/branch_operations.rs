@@ -501,3 +501,77 @@ async fn visits_left_open_are_closed_when_their_day_is_over() {
     let points = ok(&r, Method::GET, "/api/v1/service-points", None).await;
     assert!(points[0].get("current").is_none(), "the counter is free again");
 }
+
+/// Reads SSE events (`id`, `event`) from a streaming response until `n` arrived.
+async fn sse_events(
+    router: &Router,
+    path: &str,
+    last_event_id: Option<&str>,
+    n: usize,
+) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    let mut req = Request::builder().uri(path).header("authorization", format!("Bearer {KEY}"));
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let resp =
+        router.clone().oneshot(req.body(Body::empty()).expect("request")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body().into_data_stream();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while events.len() < n {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("events in time")
+            .expect("stream open")
+            .expect("chunk");
+        text.push_str(std::str::from_utf8(&chunk).expect("utf8"));
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned())
+            };
+            if let (Some(id), Some(kind)) = (field("id:"), field("event:")) {
+                events.push((id, kind));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn the_live_event_feed_resumes_from_a_cursor_and_streams_new_events() {
+    let (ctx, r) = branch().await;
+    for _ in 0..3 {
+        ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
+    }
+    let all = sse_events(&r, "/api/v1/events?after=0", None, 4).await;
+    let ids: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["1", "2", "3", "4"]);
+    assert_eq!(all[0].1, "CONFIG_APPLIED");
+    assert_eq!(all[1].1, "VISIT_CREATED");
+    let resumed = sse_events(&r, "/api/v1/events", Some("2"), 2).await;
+    assert_eq!(resumed.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["3", "4"]);
+
+    // Live: a subscriber caught up to the end receives the next event as it happens.
+    let live = {
+        let r = r.clone();
+        tokio::spawn(async move { sse_events(&r, "/api/v1/events?after=4", None, 1).await })
+    };
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
+    let got = live.await.expect("live");
+    assert_eq!(got, [("5".to_owned(), "SERVICE_POINT_OPENED".to_owned())]);
+
+    // Bad and expired cursors.
+    let (status, v) = call(&r, Method::GET, "/api/v1/events?after=999", None).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("validation_failed"))
+    );
+    let later = ctx.clock.now() + chrono::Duration::days(2);
+    ctx.db.write(move |c| queries::ack_outbox(c, 5, later)).await.expect("ack and prune");
+    let (status, v) = call(&r, Method::GET, "/api/v1/events?after=0", None).await;
+    assert_eq!((status, v["code"].as_str()), (StatusCode::GONE, Some("cursor_expired")));
+}

@@ -157,16 +157,27 @@ pub fn outbox_after(conn: &Connection, after: u64, limit: u32) -> Result<Vec<Out
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
-/// Records a cumulative acknowledgement and prunes what it covers. Never moves backwards and
-/// never past the high-water mark.
-pub fn ack_outbox(conn: &Connection, up_to: u64) -> Result<()> {
+/// How long acknowledged events stay in the outbox for local subscribers (the live event feed
+/// and webhooks resume from it).
+pub const LOCAL_RETENTION: chrono::Duration = chrono::Duration::hours(24);
+
+/// Records a cumulative acknowledgement (never backwards, never past the high-water mark) and
+/// prunes acknowledged events older than `LOCAL_RETENTION`.
+pub fn ack_outbox(conn: &Connection, up_to: u64, now: DateTime<Utc>) -> Result<()> {
     conn.execute(
         "UPDATE outbox_state SET acked_seq = ?1 WHERE id = 1 AND acked_seq < ?1 AND ?1 < next_seq",
         [up_to as i64],
     )?;
     conn.execute(
-        "DELETE FROM outbox WHERE seq <= (SELECT acked_seq FROM outbox_state WHERE id = 1)",
-        [],
+        "DELETE FROM outbox WHERE seq <= (SELECT acked_seq FROM outbox_state WHERE id = 1) \
+         AND occurred_at_ms < ?1",
+        [(now - LOCAL_RETENTION).timestamp_millis()],
     )?;
     Ok(())
+}
+
+/// The oldest event still held locally (`None` when the outbox is empty).
+pub fn oldest_retained(conn: &Connection) -> Result<Option<u64>> {
+    let min: Option<i64> = conn.query_row("SELECT MIN(seq) FROM outbox", [], |r| r.get(0))?;
+    Ok(min.map(|m| m as u64))
 }

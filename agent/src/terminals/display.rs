@@ -93,8 +93,9 @@ pub async fn events(
     let mut activity = ctx.activity.subscribe();
     let stream = async_stream(move |tx| async move {
         loop {
-            if activity.changed().await.is_err() {
-                return;
+            tokio::select! {
+                _ = tx.closed() => return,
+                changed = activity.changed() => if changed.is_err() { return },
             }
             if tx.send(Ok(Event::default().data("refresh"))).await.is_err() {
                 return;
