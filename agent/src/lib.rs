@@ -21,6 +21,7 @@ pub mod settings;
 pub mod store;
 pub mod terminals;
 pub mod visits;
+pub mod webhooks;
 
 pub use error::{Error, Result};
 pub use settings::Settings;
@@ -144,6 +145,16 @@ pub async fn run_with(
     };
     let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, shutdown.clone()));
     let sweep_task = tokio::spawn(end_of_day_sweep(ctx.clone(), shutdown.clone()));
+    let webhook_settings = webhooks::WebhookSettings {
+        backoff: BackoffPolicy {
+            base: Duration::from_millis(settings.webhook_backoff_base_ms.max(1)),
+            cap: Duration::from_millis(
+                settings.webhook_backoff_cap_ms.max(settings.webhook_backoff_base_ms.max(1)),
+            ),
+        },
+        timeout: Duration::from_secs(10),
+    };
+    let webhook_task = tokio::spawn(webhooks::run(ctx.clone(), webhook_settings, shutdown.clone()));
     let addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, "branch server listening");
     if let Some(file) = &settings.ready_file {
@@ -158,5 +169,6 @@ pub async fn run_with(
     shutdown.cancel();
     let _ = link_task.await;
     let _ = sweep_task.await;
+    let _ = webhook_task.await;
     served.map_err(|e| Error::Internal(format!("branch server: {e}")))
 }

@@ -25,6 +25,9 @@ pub struct Settings {
     /// full jitter.
     pub backoff_base_ms: u64,
     pub backoff_cap_ms: u64,
+    /// Webhook retry backoff (exponential with full jitter, capped).
+    pub webhook_backoff_base_ms: u64,
+    pub webhook_backoff_cap_ms: u64,
     /// When set, the bound branch server address is written here as JSON once listening.
     pub ready_file: Option<PathBuf>,
     pub log: String,
@@ -41,6 +44,8 @@ impl Default for Settings {
             heartbeat_ms: 3_000,
             backoff_base_ms: 200,
             backoff_cap_ms: 30_000,
+            webhook_backoff_base_ms: 1_000,
+            webhook_backoff_cap_ms: 300_000,
             ready_file: None,
             log: "info".into(),
         }
@@ -76,6 +81,8 @@ impl fmt::Debug for Settings {
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("backoff_base_ms", &self.backoff_base_ms)
             .field("backoff_cap_ms", &self.backoff_cap_ms)
+            .field("webhook_backoff_base_ms", &self.webhook_backoff_base_ms)
+            .field("webhook_backoff_cap_ms", &self.webhook_backoff_cap_ms)
             .field("ready_file", &self.ready_file)
             .field("log", &self.log)
             .finish()

@@ -49,6 +49,10 @@ fn site_config() -> SiteConfig {
         "connector_keys": [
             {"site": "SFO", "code": "kiosk", "name": "Kiosk", "key_hash": meridian_agent::auth::hash(KEY)}
         ],
+        "webhooks": [
+            {"site": "SFO", "code": "crm", "url": "http://127.0.0.1:9/unused", "secret": "0123456789abcdef-secret",
+             "kinds": ["VISIT_CREATED", "VISIT_CALLED"]}
+        ],
         "staff": [
             {"username": "alice", "name": "Alice", "roles": ["staff"], "sites": ["SFO"],
              "password_hash": password_hash()}
@@ -574,4 +578,109 @@ async fn the_live_event_feed_resumes_from_a_cursor_and_streams_new_events() {
     ctx.db.write(move |c| queries::ack_outbox(c, 5, later)).await.expect("ack and prune");
     let (status, v) = call(&r, Method::GET, "/api/v1/events?after=0", None).await;
     assert_eq!((status, v["code"].as_str()), (StatusCode::GONE, Some("cursor_expired")));
+}
+
+#[tokio::test]
+async fn webhooks_deliver_signed_in_order_and_retry_until_accepted() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Receiver {
+        refuse_first: AtomicUsize,
+        accepted: Mutex<Vec<Value>>,
+        attempts: Mutex<Vec<String>>,
+    }
+    let receiver = Arc::new(Receiver { refuse_first: AtomicUsize::new(2), ..Default::default() });
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State(rx): axum::extract::State<Arc<Receiver>>,
+                 headers: axum::http::HeaderMap,
+                 body: String| async move {
+                    let header = |n: &str| {
+                        headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+                    };
+                    rx.attempts.lock().unwrap().push(header("x-meridian-delivery"));
+                    let sig = header("x-meridian-signature");
+                    let (t, v1) = sig.split_once(",v1=").expect("signature format");
+                    let ts: i64 = t.trim_start_matches("t=").parse().expect("timestamp");
+                    assert_eq!(
+                        v1,
+                        meridian_agent::webhooks::sign("0123456789abcdef-secret", ts, &body),
+                        "valid HMAC"
+                    );
+                    if rx.refuse_first.load(Ordering::SeqCst) > 0 {
+                        rx.refuse_first.fetch_sub(1, Ordering::SeqCst);
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    rx.accepted
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::from_str(&body).expect("json body"));
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (ctx, r) = branch().await;
+    let mut config = site_config();
+    config.webhooks[0].url = url;
+    ctx.config.send_replace(Some(Arc::new(config)));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let settings = meridian_agent::webhooks::WebhookSettings {
+        backoff: meridian_shared::backoff::BackoffPolicy {
+            base: std::time::Duration::from_millis(20),
+            cap: std::time::Duration::from_millis(100),
+        },
+        timeout: std::time::Duration::from_secs(5),
+    };
+    tokio::spawn(meridian_agent::webhooks::run(ctx.clone(), settings, shutdown.clone()));
+    // The webhook starts at the events recorded from now on; wait for its cursor.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let n: i64 = ctx
+            .db
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM webhook_cursors", [], |r| r.get(0))?))
+            .await
+            .expect("cursor");
+        if n == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the webhook never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
+    for _ in 0..3 {
+        ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
+    }
+    ok(&r, Method::POST, "/api/v1/service-points/C1/call-next", None).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while receiver.accepted.lock().unwrap().len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "webhook deliveries did not arrive");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    let accepted = receiver.accepted.lock().unwrap().clone();
+    let kinds: Vec<&str> =
+        accepted.iter().map(|v| v["kind"].as_str().unwrap_or_default()).collect();
+    assert_eq!(
+        kinds,
+        ["VISIT_CREATED", "VISIT_CREATED", "VISIT_CREATED", "VISIT_CALLED"],
+        "filtered by kind, in order"
+    );
+    let seqs: Vec<u64> = accepted.iter().map(|v| v["seq"].as_u64().unwrap_or_default()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    let attempts = receiver.attempts.lock().unwrap().clone();
+    assert_eq!(
+        &attempts[..3],
+        [attempts[0].clone(), attempts[0].clone(), attempts[0].clone()],
+        "the first event was retried until accepted"
+    );
+    assert_eq!(attempts.len(), 6, "each later event delivered once: {attempts:?}");
 }

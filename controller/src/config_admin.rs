@@ -9,7 +9,7 @@ use chrono::Utc;
 use meridian_shared::commands::ControllerCommand;
 use meridian_shared::config::{
     ConfigSet, ConnectorKey, Queue, Resource, ResourceKey, Service, ServicePoint, Site, StaffRole,
-    StaffUser, WorkProfile,
+    StaffUser, Webhook, WorkProfile,
 };
 use meridian_shared::{Code, SiteCode};
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,7 @@ pub enum ResourceInput {
     WorkProfile(WorkProfile),
     StaffUser(StaffUserInput),
     ConnectorKey(ConnectorKey),
+    Webhook(Webhook),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,6 +62,7 @@ impl ResourceInput {
             ResourceInput::ServicePoint(x) => Resource::ServicePoint(x),
             ResourceInput::WorkProfile(x) => Resource::WorkProfile(x),
             ResourceInput::ConnectorKey(x) => Resource::ConnectorKey(x),
+            ResourceInput::Webhook(x) => Resource::Webhook(x),
             ResourceInput::StaffUser(u) => Resource::StaffUser(StaffUser {
                 username: u.username,
                 name: u.name,

@@ -30,10 +30,11 @@ pub enum ResourceKind {
     WorkProfile,
     StaffUser,
     ConnectorKey,
+    Webhook,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 7] = [
+    pub const ALL: [ResourceKind; 8] = [
         ResourceKind::Site,
         ResourceKind::Service,
         ResourceKind::Queue,
@@ -41,6 +42,7 @@ impl ResourceKind {
         ResourceKind::WorkProfile,
         ResourceKind::StaffUser,
         ResourceKind::ConnectorKey,
+        ResourceKind::Webhook,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +54,7 @@ impl ResourceKind {
             ResourceKind::WorkProfile => "work_profile",
             ResourceKind::StaffUser => "staff_user",
             ResourceKind::ConnectorKey => "connector_key",
+            ResourceKind::Webhook => "webhook",
         }
     }
 
@@ -342,6 +345,22 @@ pub struct ConnectorKey {
     pub key_hash: String,
 }
 
+/// An outbound webhook from one site's agent: every event (or those of `kinds`) is POSTed to
+/// `url` in order, signed with HMAC-SHA256 over `"<timestamp>.<body>"` using `secret`, and
+/// retried with backoff until the receiver answers 2xx.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub site: SiteCode,
+    pub code: Code,
+    pub url: String,
+    /// The shared signing secret (16-256 characters).
+    pub secret: String,
+    /// Event kinds to deliver; empty means all.
+    #[serde(default)]
+    pub kinds: Vec<String>,
+}
+
 /// One configuration resource.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -353,6 +372,7 @@ pub enum Resource {
     WorkProfile(WorkProfile),
     StaffUser(StaffUser),
     ConnectorKey(ConnectorKey),
+    Webhook(Webhook),
 }
 
 impl Resource {
@@ -365,6 +385,7 @@ impl Resource {
             Resource::WorkProfile(_) => ResourceKind::WorkProfile,
             Resource::StaffUser(_) => ResourceKind::StaffUser,
             Resource::ConnectorKey(_) => ResourceKind::ConnectorKey,
+            Resource::Webhook(_) => ResourceKind::Webhook,
         }
     }
 
@@ -377,6 +398,7 @@ impl Resource {
             Resource::WorkProfile(w) => (Some(w.site.clone()), w.code.to_string()),
             Resource::StaffUser(u) => (None, u.username.to_string()),
             Resource::ConnectorKey(k) => (Some(k.site.clone()), k.code.to_string()),
+            Resource::Webhook(w) => (Some(w.site.clone()), w.code.to_string()),
         };
         ResourceKey { kind: self.kind(), site, code }
     }
@@ -428,6 +450,29 @@ impl Resource {
                     && k.key_hash.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
                 if !hex {
                     errs.push("key_hash", "must be the lower-case hex SHA-256 of the key");
+                }
+            }
+            Resource::Webhook(w) => {
+                let scheme_ok = w.url.starts_with("https://") || w.url.starts_with("http://");
+                if !scheme_ok || w.url.len() > 2000 || w.url.contains(char::is_whitespace) {
+                    errs.push(
+                        "url",
+                        "must be an http:// or https:// URL of at most 2000 characters",
+                    );
+                }
+                if !(16..=256).contains(&w.secret.len()) {
+                    errs.push("secret", "must be 16-256 characters");
+                }
+                for (i, k) in w.kinds.iter().enumerate() {
+                    if k.is_empty()
+                        || k.len() > 64
+                        || !k.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                    {
+                        errs.push(
+                            format!("kinds[{i}]"),
+                            "event kinds are upper-case names like VISIT_CALLED",
+                        );
+                    }
                 }
             }
             Resource::StaffUser(u) => {
@@ -544,7 +589,7 @@ impl ConfigSet {
                         }
                     }
                 }
-                Resource::Site(_) | Resource::ConnectorKey(_) => {}
+                Resource::Site(_) | Resource::ConnectorKey(_) | Resource::Webhook(_) => {}
             }
         }
         errs.into_result()
@@ -562,6 +607,7 @@ impl ConfigSet {
             work_profiles: vec![],
             staff: vec![],
             connector_keys: vec![],
+            webhooks: vec![],
         };
         for res in self.resources.values() {
             match res {
@@ -571,6 +617,7 @@ impl ConfigSet {
                 Resource::WorkProfile(x) if &x.site == site => snap.work_profiles.push(x.clone()),
                 Resource::StaffUser(u) if u.sites.contains(site) => snap.staff.push(u.clone()),
                 Resource::ConnectorKey(k) if &k.site == site => snap.connector_keys.push(k.clone()),
+                Resource::Webhook(w) if &w.site == site => snap.webhooks.push(w.clone()),
                 _ => {}
             }
         }
@@ -590,6 +637,8 @@ pub struct SiteConfig {
     pub staff: Vec<StaffUser>,
     #[serde(default)]
     pub connector_keys: Vec<ConnectorKey>,
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
 }
 
 impl SiteConfig {

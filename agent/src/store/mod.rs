@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/agent/0001_core.sql")),
     (2, include_str!("../../../migrations/agent/0002_visit_lifecycle.sql")),
     (3, include_str!("../../../migrations/agent/0003_staff_sessions.sql")),
+    (4, include_str!("../../../migrations/agent/0004_webhooks.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;

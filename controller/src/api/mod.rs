@@ -167,12 +167,13 @@ fn kind_from_segment(segment: &str) -> ApiResult<ResourceKind> {
         "service-points" => ResourceKind::ServicePoint,
         "work-profiles" => ResourceKind::WorkProfile,
         "connector-keys" => ResourceKind::ConnectorKey,
+        "webhooks" => ResourceKind::Webhook,
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!(
-                    "unknown collection {other:?}: use services, queues, service-points, work-profiles or connector-keys"
+                    "unknown collection {other:?}: use services, queues, service-points, work-profiles, connector-keys or webhooks"
                 ),
             ));
         }
@@ -189,6 +190,10 @@ fn view(res: &Resource) -> Value {
     let mut v = serde_json::to_value(res).unwrap_or(Value::Null);
     if let Some(obj) = v.as_object_mut() {
         obj.remove("password_hash");
+        // Webhook signing secrets are write-only.
+        if obj.get("kind").and_then(Value::as_str) == Some("webhook") {
+            obj.remove("secret");
+        }
     }
     v
 }
