@@ -43,6 +43,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
     Router::new()
         .merge(protected)
         .route("/api/v1/status", get(status))
+        .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/api/v1/sessions", post(login))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async {

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod branch_api;
 pub mod error;
 pub mod link;
+pub mod openapi;
 pub mod settings;
 pub mod store;
 pub mod terminals;

@@ -684,3 +684,27 @@ async fn webhooks_deliver_signed_in_order_and_retry_until_accepted() {
     );
     assert_eq!(attempts.len(), 6, "each later event delivered once: {attempts:?}");
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_routes_that_exist() {
+    let (_ctx, r) = branch().await;
+    let (status, doc) = call_as(&r, None, Method::GET, "/api/v1/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().expect("paths");
+    assert_eq!(
+        paths.values().map(|p| p.as_object().expect("ops").len()).sum::<usize>(),
+        meridian_agent::openapi::OPERATIONS.len()
+    );
+    for (method, path, ..) in meridian_agent::openapi::OPERATIONS {
+        if *path == "/api/v1/events" {
+            continue; // a stream; exercised by the feed test
+        }
+        let concrete = path.replace("{id}", "no-such-visit").replace("{code}", "C1");
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+        let (status, v) = call(&r, method.clone(), &concrete, None).await;
+        let unrouted = status == StatusCode::METHOD_NOT_ALLOWED
+            || (status == StatusCode::NOT_FOUND && v["message"] == "no such endpoint");
+        assert!(!unrouted, "{method} {path} is documented but not routed ({status}: {v})");
+    }
+}

@@ -1,0 +1,151 @@
+//! The OpenAPI 3.1 description of the branch API, served at `/api/v1/openapi.json`.
+//! `agent/tests/branch_operations.rs` checks that every documented operation exists.
+
+use serde_json::{Value, json};
+
+/// (method, path, summary, request body schema, success status) of every documented operation.
+pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
+    ("get", "/api/v1/status", "Branch and link status (no authentication)", None, 200),
+    (
+        "post",
+        "/api/v1/sessions",
+        "Staff login; returns a session token (no authentication)",
+        Some("Login"),
+        201,
+    ),
+    ("delete", "/api/v1/sessions/current", "Staff logout", None, 204),
+    ("get", "/api/v1/visits", "Visits by status (?status=waiting|called|serving|ended)", None, 200),
+    ("post", "/api/v1/visits", "Take a ticket for a service", Some("NewVisit"), 201),
+    ("get", "/api/v1/visits/{id}", "One visit", None, 200),
+    ("post", "/api/v1/visits/{id}/recall", "Recall a called visit", None, 200),
+    ("post", "/api/v1/visits/{id}/start-serving", "The customer arrived at the counter", None, 200),
+    ("post", "/api/v1/visits/{id}/no-show", "End a called visit as a no-show", None, 200),
+    (
+        "post",
+        "/api/v1/visits/{id}/recycle",
+        "Put a called visit back at the end of its queue",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/v1/visits/{id}/park",
+        "Park a visit in the calling staff member's pool",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/v1/visits/{id}/end",
+        "End a visit as served, with optional marks",
+        Some("EndVisit"),
+        200,
+    ),
+    ("post", "/api/v1/visits/{id}/remove", "Remove a waiting or called visit", None, 200),
+    (
+        "post",
+        "/api/v1/visits/{id}/transfer",
+        "Transfer to a queue (first or last), a counter pool or a staff pool",
+        Some("Transfer"),
+        200,
+    ),
+    ("get", "/api/v1/queues", "Queues with waiting counts and longest wait", None, 200),
+    ("get", "/api/v1/service-points", "Counters: open, staff, current visit", None, 200),
+    (
+        "post",
+        "/api/v1/service-points/{code}/open",
+        "Open a counter, optionally with a staff member",
+        Some("OpenServicePoint"),
+        200,
+    ),
+    (
+        "post",
+        "/api/v1/service-points/{code}/close",
+        "Close a counter (refused while it has a customer)",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/v1/service-points/{code}/call-next",
+        "Call the next visit by the counter's work profile (404 nobody_waiting)",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/v1/service-points/{code}/call",
+        "Call a specific visit by id or ticket",
+        Some("Call"),
+        200,
+    ),
+    (
+        "post",
+        "/api/v1/service-points/{code}/walk-direct",
+        "Create a walk-in visit served at once",
+        Some("NewVisit"),
+        201,
+    ),
+    (
+        "get",
+        "/api/v1/events",
+        "Live event feed (server-sent events); resume with Last-Event-ID or ?after=",
+        None,
+        200,
+    ),
+];
+
+pub fn document() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, body, status) in OPERATIONS {
+        let mut op = json!({
+            "summary": summary,
+            "responses": {
+                status.to_string(): {"description": "success"},
+                "4XX": {"description": "client error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "503": {"description": "branch store unavailable or not yet configured", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            }
+        });
+        let public = matches!(*path, "/api/v1/status" | "/api/v1/sessions");
+        if public {
+            op["security"] = json!([]);
+        }
+        if let Some(schema) = body {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+        }
+        let params: Vec<Value> = ["id", "code"]
+            .iter()
+            .filter(|p| path.contains(&format!("{{{p}}}")))
+            .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        if !params.is_empty() {
+            op["parameters"] = Value::Array(params);
+        }
+        paths.entry(path.to_string()).or_insert_with(|| json!({}))[*method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Meridian branch API", "version": meridian_shared::VERSION,
+                 "description": "Served by the branch agent from its local store; works with the controller unreachable."},
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                "description": "A connector API key of this site, or a staff session token from POST /api/v1/sessions."}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["code", "message"],
+                          "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+                "Login": {"type": "object", "required": ["username", "password"],
+                          "properties": {"username": {"type": "string"}, "password": {"type": "string"}}},
+                "NewVisit": {"type": "object", "required": ["service"], "properties": {"service": {"type": "string"}}},
+                "EndVisit": {"type": "object", "properties": {"marks": {"type": "array", "items": {"type": "string"}}}},
+                "OpenServicePoint": {"type": "object", "properties": {"staff": {"type": "string"}}},
+                "Call": {"type": "object", "properties": {"visit_id": {"type": "string"}, "ticket": {"type": "string"}}},
+                "Transfer": {"type": "object", "required": ["to"], "properties": {
+                    "to": {"type": "object", "required": ["kind", "code"], "properties": {
+                        "kind": {"enum": ["queue", "service_point_pool", "staff_pool"]}, "code": {"type": "string"}}},
+                    "position": {"enum": ["first", "last"]}}}
+            }
+        }
+    })
+}
