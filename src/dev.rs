@@ -110,7 +110,9 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     println!("                     (also in {})", token_file.display());
     println!("  connector API key  {connector_key}");
     println!("                     (all three branches; also in {})", key_file.display());
-    println!("  demo staff         alice, bob, chiyo — password {DEMO_PASSWORD}\n");
+    println!(
+        "  demo staff         alice (SFO), bob (CHI), chiyo (supervisor, all) — password {DEMO_PASSWORD}\n"
+    );
 
     let result = controller.await;
     for agent in agents {
@@ -202,12 +204,12 @@ pub fn demo_resources(connector_key_hash: &str) -> Vec<serde_json::Value> {
             out.push(json!({"kind": "service_point", "site": code, "code": format!("C{n}"), "name": format!("Counter {n}"), "work_profile": "default"}));
         }
     }
-    for (user, name, sites) in [
-        ("alice", "Alice Park", vec!["SFO"]),
-        ("bob", "Bob Novak", vec!["CHI"]),
-        ("chiyo", "Chiyo Sato", vec!["TYO", "SFO"]),
+    for (user, name, roles, sites) in [
+        ("alice", "Alice Park", vec!["staff"], vec!["SFO"]),
+        ("bob", "Bob Novak", vec!["staff"], vec!["CHI"]),
+        ("chiyo", "Chiyo Sato", vec!["staff", "supervisor"], vec!["TYO", "SFO", "CHI"]),
     ] {
-        out.push(json!({"kind": "staff_user", "username": user, "name": name, "roles": ["staff"], "sites": sites, "password": DEMO_PASSWORD}));
+        out.push(json!({"kind": "staff_user", "username": user, "name": name, "roles": roles, "sites": sites, "password": DEMO_PASSWORD}));
     }
     out
 }
