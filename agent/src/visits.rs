@@ -757,3 +757,54 @@ pub fn close_finished_days(
     }
     Ok(ended)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> SiteConfig {
+        serde_json::from_value(serde_json::json!({
+            "revision": 1,
+            "site": {"code": "SFO", "name": "SF", "time_zone": "America/Los_Angeles"},
+            "services": [
+                {"site": "SFO", "code": "GEN", "name": "General", "queue": "general"},
+                {"site": "SFO", "code": "ACC", "name": "Accounts", "queue": "accounts"}
+            ],
+            "queues": [
+                {"site": "SFO", "code": "general", "name": "General", "letter": "A", "first_number": 1, "last_number": 500},
+                {"site": "SFO", "code": "accounts", "name": "Accounts", "letter": "B", "first_number": 100, "last_number": 999}
+            ],
+            "service_points": [], "work_profiles": [], "staff": []
+        }))
+        .expect("config")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Tickets issued in any order across queues and business days never repeat within a
+        /// queue and day (while the day stays within the queue's number range), and restart at
+        /// the first number each day.
+        #[test]
+        fn ticket_numbers_are_unique_per_queue_per_day(
+            steps in proptest::collection::vec((any::<bool>(), 0i64..90), 1..120)
+        ) {
+            let mut conn = Connection::open_in_memory().expect("db");
+            crate::store::migrate(&mut conn).expect("migrate");
+            let config = config();
+            let mut now = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 2, 16, 0, 0).single().expect("t0");
+            let mut seen = std::collections::HashSet::new();
+            let mut days: std::collections::HashMap<(String, NaiveDate), u32> = Default::default();
+            for (general, minutes) in steps {
+                now += chrono::Duration::minutes(minutes);
+                let v = create(&conn, &config, if general { "GEN" } else { "ACC" }, now).expect("ticket");
+                prop_assert!(seen.insert((v.queue.clone(), v.business_day, v.ticket.clone())), "duplicate {}", v.ticket);
+                let n = days.entry((v.queue.clone(), v.business_day)).or_default();
+                *n += 1;
+                if *n == 1 {
+                    prop_assert!(v.ticket == "A001" || v.ticket == "B100", "first of the day: {}", v.ticket);
+                }
+            }
+        }
+    }
+}

@@ -473,6 +473,19 @@ async fn only_this_sites_keys_and_live_staff_sessions_get_in() {
         .expect("session");
     let (status, v) = call_as(&r, Some(&old), Method::GET, visits, None).await;
     assert_eq!((status, v["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("session_expired")));
+    // Oversize bodies.
+    let huge = json!({"service": "x".repeat(100 * 1024)});
+    let (status, v) = call(&r, Method::POST, visits, Some(huge)).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
+    // A key removed centrally stops working as soon as the new configuration is applied.
+    let mut revoked = site_config();
+    revoked.revision = 2;
+    revoked.connector_keys.clear();
+    ctx.config.send_replace(Some(Arc::new(revoked)));
+    check(Some(KEY), "invalid_credentials").await;
     assert_eq!(
         outbox_kinds(&ctx).await.len(),
         before + 1,

@@ -135,7 +135,7 @@ fn set_health(health: &Mutex<Option<String>>, value: Option<String>) {
     }
 }
 
-fn migrate(conn: &mut Connection) -> Result<()> {
+pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (version, sql) in MIGRATIONS {
         if *version > current {
