@@ -625,7 +625,39 @@ pub fn call_next(
                 })
                 .collect()
         });
-    let waiting = list(conn, VisitStatus::Waiting)?;
+    // Only the head (lowest sort key) and the longest-waiting visit of each place the counter
+    // may call from can be chosen, so those are all `choose_next` needs: a handful of indexed
+    // lookups instead of reading every waiting visit.
+    let mut places = Vec::new();
+    if let Some(s) = &staff {
+        places.push(Location::StaffPool(s.clone()));
+    }
+    places.push(Location::ServicePointPool(c.clone()));
+    for entry in &profile {
+        let place = Location::Queue(entry.queue.clone());
+        if !places.contains(&place) {
+            places.push(place);
+        }
+    }
+    let mut waiting: Vec<Visit> = Vec::new();
+    for place in &places {
+        let (kind, code_) = location_parts(Some(place));
+        for order in ["sort_key", "waiting_since_ms"] {
+            let found = query_visits(
+                conn,
+                &format!(
+                    "WHERE status = 'waiting' AND location_kind = ?1 AND location_code = ?2 \
+                     ORDER BY {order}, id LIMIT 1"
+                ),
+                params![kind, code_],
+            )?;
+            for v in found {
+                if !waiting.iter().any(|w| w.id == v.id) {
+                    waiting.push(v);
+                }
+            }
+        }
+    }
     let candidates: Vec<Candidate<usize>> = waiting
         .iter()
         .enumerate()

@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../../migrations/agent/0002_visit_lifecycle.sql")),
     (3, include_str!("../../../migrations/agent/0003_staff_sessions.sql")),
     (4, include_str!("../../../migrations/agent/0004_webhooks.sql")),
+    (5, include_str!("../../../migrations/agent/0005_waiting_order_index.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;
