@@ -34,7 +34,8 @@ fn config() -> meridian_shared::config::SiteConfig {
 }
 
 async fn start_branch() -> String {
-    let dir = std::env::temp_dir().join(format!("meridian-bench-{}", uuid::Uuid::new_v4().simple()));
+    let dir =
+        std::env::temp_dir().join(format!("meridian-bench-{}", uuid::Uuid::new_v4().simple()));
     let settings = Settings { data_dir: dir, ..Settings::default() };
     let ctx = Context::open(&settings, Arc::new(SystemClock)).await.expect("open agent store");
     let config = config();
@@ -69,7 +70,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let smoke = std::env::args().any(|a| a == "--smoke") || std::env::var("MERIDIAN_BENCH_SMOKE").is_ok_and(|v| v == "1");
+    let smoke = std::env::args().any(|a| a == "--smoke")
+        || std::env::var("MERIDIAN_BENCH_SMOKE").is_ok_and(|v| v == "1");
     let (lifecycles, latency_calls) = if smoke { (400, 200) } else { (10_000, 2_000) };
     let base = start_branch().await;
     let http = reqwest::Client::new();
@@ -85,12 +87,21 @@ async fn main() {
             let (http, base) = (http.clone(), base.clone());
             tokio::spawn(async move {
                 for _ in 0..per {
-                    let (s, _) = post_json(&http, &format!("{base}/api/v1/visits"), Some(json!({"service": "GEN"}))).await;
+                    let (s, _) = post_json(
+                        &http,
+                        &format!("{base}/api/v1/visits"),
+                        Some(json!({"service": "GEN"})),
+                    )
+                    .await;
                     assert_eq!(s, 201);
-                    let (s, v) = post(&http, &format!("{base}/api/v1/service-points/C{c}/call-next")).await;
+                    let (s, v) =
+                        post(&http, &format!("{base}/api/v1/service-points/C{c}/call-next")).await;
                     assert_eq!(s, 200, "{v}");
                     let id = v["id"].as_str().expect("id").to_owned();
-                    assert_eq!(post(&http, &format!("{base}/api/v1/visits/{id}/start-serving")).await.0, 200);
+                    assert_eq!(
+                        post(&http, &format!("{base}/api/v1/visits/{id}/start-serving")).await.0,
+                        200
+                    );
                     assert_eq!(post(&http, &format!("{base}/api/v1/visits/{id}/end")).await.0, 200);
                 }
             })
@@ -105,7 +116,12 @@ async fn main() {
 
     // (b) call-next latency at 200 requests/s, open loop, counters C17..C40 in rotation.
     for _ in 0..latency_calls {
-        assert_eq!(post_json(&http, &format!("{base}/api/v1/visits"), Some(json!({"service": "GEN"}))).await.0, 201);
+        assert_eq!(
+            post_json(&http, &format!("{base}/api/v1/visits"), Some(json!({"service": "GEN"})))
+                .await
+                .0,
+            201
+        );
     }
     let interval = Duration::from_millis(5);
     let t0 = Instant::now() + Duration::from_millis(50);
@@ -117,7 +133,9 @@ async fn main() {
             tokio::spawn(async move {
                 tokio::time::sleep_until(intended.into()).await;
                 // One counter serves one customer at a time: free it before calling again.
-                let (s, v) = post(&http, &format!("{base}/api/v1/service-points/C{counter}/call-next")).await;
+                let (s, v) =
+                    post(&http, &format!("{base}/api/v1/service-points/C{counter}/call-next"))
+                        .await;
                 let latency = intended.elapsed();
                 (s, v, latency)
             })
@@ -138,12 +156,25 @@ async fn main() {
     latencies.sort();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     println!("Meridian branch lifecycle benchmark{}", if smoke { " (smoke)" } else { "" });
-    println!("machine: {} cores, {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    println!("lifecycles: {done} complete (create, call, serve, end = 4 durable transactions each) in {:.2} s with {COUNTERS} counters", elapsed.as_secs_f64());
-    println!("  => {rate:.0} lifecycles/s ({:.0} transactions/s); goal >= 1000 lifecycles/s", rate * 4.0);
+    println!(
+        "machine: {} cores, {cpu}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    println!(
+        "lifecycles: {done} complete (create, call, serve, end = 4 durable transactions each) in {:.2} s with {COUNTERS} counters",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  => {rate:.0} lifecycles/s ({:.0} transactions/s); goal >= 1000 lifecycles/s",
+        rate * 4.0
+    );
     println!(
         "call-next at 200/s: {} calls (+{refused} refused: counter still busy), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; goal p99 < 10 ms",
         latencies.len(),
