@@ -48,11 +48,10 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
 pub fn create_session(conn: &Connection, username: &str, now_ms: i64) -> Result<(String, i64)> {
     let token = new_token();
     let expires = now_ms + SESSION_TTL.num_milliseconds();
-    conn.execute(
-        "INSERT INTO staff_sessions (token_hash, username, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![hash(&token), username, now_ms, expires],
+    conn.prepare_cached("INSERT INTO staff_sessions (token_hash, username, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4)")?.execute(params![hash(&token), username, now_ms, expires],
     )?;
-    conn.execute("DELETE FROM staff_sessions WHERE expires_at_ms < ?1", [now_ms])?;
+    conn.prepare_cached("DELETE FROM staff_sessions WHERE expires_at_ms < ?1")?
+        .execute([now_ms])?;
     Ok((token, expires))
 }
 
@@ -77,6 +76,7 @@ pub fn session_user(
 }
 
 pub fn end_session(conn: &Connection, token: &str) -> Result<()> {
-    conn.execute("DELETE FROM staff_sessions WHERE token_hash = ?1", [hash(token)])?;
+    conn.prepare_cached("DELETE FROM staff_sessions WHERE token_hash = ?1")?
+        .execute([hash(token)])?;
     Ok(())
 }

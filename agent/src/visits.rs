@@ -202,11 +202,9 @@ pub fn open_by_ticket(conn: &Connection, ticket: &str, day: NaiveDate) -> Result
 
 fn save(conn: &Connection, v: &Visit) -> Result<()> {
     let (kind, loc) = location_parts(v.location.as_ref());
-    conn.execute(
-        "UPDATE visits SET status = ?2, outcome = ?3, queue = ?4, location_kind = ?5, location_code = ?6, \
+    conn.prepare_cached("UPDATE visits SET status = ?2, outcome = ?3, queue = ?4, location_kind = ?5, location_code = ?6, \
          sort_key = ?7, waiting_since_ms = ?8, counter = ?9, staff = ?10, recalls = ?11, \
-         called_at_ms = ?12, serving_at_ms = ?13, ended_at_ms = ?14 WHERE id = ?1",
-        params![
+         called_at_ms = ?12, serving_at_ms = ?13, ended_at_ms = ?14 WHERE id = ?1")?.execute(params![
             v.id,
             v.status.as_str(),
             v.outcome.map(|o| o.as_str()),
@@ -265,30 +263,30 @@ pub fn create(
         .optional()?;
     let number =
         next_ticket_number(previous.map(|n| n as u32), queue.first_number, queue.last_number);
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO ticket_counters (queue, business_day, last_number) VALUES (?1, ?2, ?3) \
          ON CONFLICT (queue, business_day) DO UPDATE SET last_number = excluded.last_number",
-        params![queue.code.as_str(), day_s, number],
-    )?;
+    )?
+    .execute(params![queue.code.as_str(), day_s, number])?;
     let id = VisitId::new();
     let ticket = format_ticket(&queue.letter, number);
     let now_ms = now.timestamp_millis();
     let sort_key = last_key(conn, &Location::Queue(queue.code.clone()), now_ms)?;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO visits (id, ticket, service, queue, business_day, status, created_at, \
          location_kind, location_code, sort_key, waiting_since_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5, 'waiting', ?6, 'queue', ?4, ?7, ?8)",
-        params![
-            id.to_string(),
-            ticket,
-            svc.code.as_str(),
-            queue.code.as_str(),
-            day_s,
-            now.to_rfc3339(),
-            sort_key,
-            now_ms
-        ],
-    )?;
+    )?
+    .execute(params![
+        id.to_string(),
+        ticket,
+        svc.code.as_str(),
+        queue.code.as_str(),
+        day_s,
+        now.to_rfc3339(),
+        sort_key,
+        now_ms
+    ])?;
     append_event(
         conn,
         &AgentEvent::VisitCreated(VisitCreated {
@@ -433,9 +431,7 @@ fn apply_and_record(
 /// A sort key after everything waiting at `loc` (strictly, even within one millisecond).
 fn last_key(conn: &Connection, loc: &Location, now_ms: i64) -> Result<i64> {
     let (kind, code_) = location_parts(Some(loc));
-    let max: Option<i64> = conn.query_row(
-        "SELECT MAX(sort_key) FROM visits WHERE status = 'waiting' AND location_kind = ?1 AND location_code = ?2",
-        params![kind, code_],
+    let max: Option<i64> = conn.prepare_cached("SELECT MAX(sort_key) FROM visits WHERE status = 'waiting' AND location_kind = ?1 AND location_code = ?2")?.query_row(params![kind, code_],
         |r| r.get(0),
     )?;
     Ok(max.map_or(now_ms, |m| now_ms.max(m + 1)))
@@ -444,9 +440,7 @@ fn last_key(conn: &Connection, loc: &Location, now_ms: i64) -> Result<i64> {
 /// A sort key that puts a visit before everything waiting at `loc`.
 fn first_key(conn: &Connection, loc: &Location) -> Result<i64> {
     let (kind, code_) = location_parts(Some(loc));
-    let min: Option<i64> = conn.query_row(
-        "SELECT MIN(sort_key) FROM visits WHERE status = 'waiting' AND location_kind = ?1 AND location_code = ?2",
-        params![kind, code_],
+    let min: Option<i64> = conn.prepare_cached("SELECT MIN(sort_key) FROM visits WHERE status = 'waiting' AND location_kind = ?1 AND location_code = ?2")?.query_row(params![kind, code_],
         |r| r.get(0),
     )?;
     Ok(min.map(|m| m - 1).unwrap_or(i64::MAX))
@@ -537,10 +531,8 @@ pub fn open_counter(
             record_counter(conn, ServicePointEventKind::StaffLoggedIn, &c, Some(s), now)?;
         }
     }
-    conn.execute(
-        "INSERT INTO service_points (code, open, staff, changed_at) VALUES (?1, 1, ?2, ?3) \
-         ON CONFLICT (code) DO UPDATE SET open = 1, staff = excluded.staff, changed_at = excluded.changed_at",
-        params![counter, staff, now.to_rfc3339()],
+    conn.prepare_cached("INSERT INTO service_points (code, open, staff, changed_at) VALUES (?1, 1, ?2, ?3) \
+         ON CONFLICT (code) DO UPDATE SET open = 1, staff = excluded.staff, changed_at = excluded.changed_at")?.execute(params![counter, staff, now.to_rfc3339()],
     )?;
     service_points(conn, config)?
         .into_iter()
@@ -569,11 +561,11 @@ pub fn close_counter(
     if was_open {
         record_counter(conn, ServicePointEventKind::Closed, &c, None, now)?;
     }
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO service_points (code, open, staff, changed_at) VALUES (?1, 0, NULL, ?2) \
          ON CONFLICT (code) DO UPDATE SET open = 0, staff = NULL, changed_at = excluded.changed_at",
-        params![counter, now.to_rfc3339()],
-    )?;
+    )?
+    .execute(params![counter, now.to_rfc3339()])?;
     service_points(conn, config)?
         .into_iter()
         .find(|p| p.code == counter)
@@ -747,12 +739,12 @@ pub fn people_ahead(conn: &Connection, v: &Visit) -> Result<u32> {
         return Ok(0);
     }
     let (kind, code_) = location_parts(v.location.as_ref());
-    let n: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM visits WHERE status = 'waiting' AND location_kind = ?1 \
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM visits WHERE status = 'waiting' AND location_kind = ?1 \
          AND location_code = ?2 AND sort_key < ?3",
-        params![kind, code_, v.sort_key],
-        |r| r.get(0),
-    )?;
+        )?
+        .query_row(params![kind, code_, v.sort_key], |r| r.get(0))?;
     Ok(n as u32)
 }
 

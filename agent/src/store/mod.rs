@@ -57,6 +57,8 @@ impl Db {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement the store runs stays compiled (the hot paths use `prepare_cached`).
+        conn.set_prepared_statement_cache_capacity(256);
         let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         let health = Arc::new(Mutex::new(None));
         if check != "ok" {
@@ -165,7 +167,7 @@ fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>, health: Arc<Mutex
 }
 
 fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<String>>) {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
         let msg = e.to_string();
         tracing::error!(error = %msg, "agent store cannot begin a transaction");
         set_health(health, Some(msg.clone()));
@@ -184,7 +186,7 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
             drop(job);
             continue;
         }
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = exec(conn, "SAVEPOINT job") {
             failure = Some(e.to_string());
             drop(job);
             continue;
@@ -197,8 +199,12 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
             let msg = failure.clone().unwrap_or_else(|| "the transaction was rolled back".into());
             aborted = Some(format!("not recorded: {msg}"));
         } else {
-            let end = if outcome.ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-            if let Err(e) = conn.execute_batch(end) {
+            let end = if outcome.ok {
+                exec(conn, "RELEASE job")
+            } else {
+                exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"))
+            };
+            if let Err(e) = end {
                 failure = Some(e.to_string());
             }
         }
@@ -206,7 +212,7 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
     }
     let commit_error = match aborted {
         Some(msg) => Some(msg),
-        None => conn.execute_batch("COMMIT").err().map(|e| e.to_string()),
+        None => exec(conn, "COMMIT").err().map(|e| e.to_string()),
     };
     if commit_error.is_some() && !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
@@ -221,6 +227,11 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
     for outcome in outcomes {
         (outcome.finish)(commit_error.clone());
     }
+}
+
+/// Runs one statement through the statement cache (the batch loop runs these for every job).
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// Whether `e` means the store itself is failing (as opposed to a rejected statement).

@@ -19,13 +19,14 @@ pub struct Identity {
 }
 
 fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
-    Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?)
 }
 
 fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [key, value],
+    conn.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")?.execute([key, value],
     )?;
     Ok(())
 }
@@ -48,8 +49,10 @@ pub fn save_identity(conn: &Connection, id: &Identity) -> Result<()> {
 // ---------- configuration and commands ----------
 
 pub fn site_config(conn: &Connection) -> Result<Option<SiteConfig>> {
-    let body: Option<String> =
-        conn.query_row("SELECT body FROM site_config WHERE id = 1", [], |r| r.get(0)).optional()?;
+    let body: Option<String> = conn
+        .prepare_cached("SELECT body FROM site_config WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
     body.map(|b| {
         serde_json::from_str(&b)
             .map_err(|e| Error::Internal(format!("stored configuration is unreadable: {e}")))
@@ -72,10 +75,8 @@ pub fn apply_config(conn: &Connection, snapshot: &SiteConfig, now: DateTime<Utc>
         return Ok(false);
     }
     let body = serde_json::to_string(snapshot).map_err(|e| Error::Internal(e.to_string()))?;
-    conn.execute(
-        "INSERT INTO site_config (id, revision, body, applied_at) VALUES (1, ?1, ?2, ?3) \
-         ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, body = excluded.body, applied_at = excluded.applied_at",
-        params![snapshot.revision as i64, body, now.to_rfc3339()],
+    conn.prepare_cached("INSERT INTO site_config (id, revision, body, applied_at) VALUES (1, ?1, ?2, ?3) \
+         ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, body = excluded.body, applied_at = excluded.applied_at")?.execute(params![snapshot.revision as i64, body, now.to_rfc3339()],
     )?;
     append_event(
         conn,
@@ -89,8 +90,9 @@ pub fn apply_config(conn: &Connection, snapshot: &SiteConfig, now: DateTime<Utc>
 }
 
 pub fn last_applied_command(conn: &Connection) -> Result<u64> {
-    let seq: Option<i64> =
-        conn.query_row("SELECT MAX(seq) FROM applied_commands", [], |r| r.get(0))?;
+    let seq: Option<i64> = conn
+        .prepare_cached("SELECT MAX(seq) FROM applied_commands")?
+        .query_row([], |r| r.get(0))?;
     Ok(seq.unwrap_or(0) as u64)
 }
 
@@ -101,10 +103,10 @@ pub fn record_command(
     error: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO applied_commands (seq, kind, applied_at, error) VALUES (?1, ?2, ?3, ?4)",
-        params![seq as i64, kind, now.to_rfc3339(), error],
-    )?;
+    )?
+    .execute(params![seq as i64, kind, now.to_rfc3339(), error])?;
     Ok(())
 }
 
@@ -121,24 +123,23 @@ pub struct OutboxEvent {
 
 /// Appends `event` with the next gapless sequence; call inside the job that makes the change.
 pub fn append_event(conn: &Connection, event: &AgentEvent, now: DateTime<Utc>) -> Result<u64> {
-    let seq: i64 = conn.query_row(
-        "UPDATE outbox_state SET next_seq = next_seq + 1 WHERE id = 1 RETURNING next_seq - 1",
-        [],
-        |r| r.get(0),
-    )?;
-    conn.execute(
+    let seq: i64 = conn
+        .prepare_cached(
+            "UPDATE outbox_state SET next_seq = next_seq + 1 WHERE id = 1 RETURNING next_seq - 1",
+        )?
+        .query_row([], |r| r.get(0))?;
+    conn.prepare_cached(
         "INSERT INTO outbox (seq, kind, occurred_at_ms, payload) VALUES (?1, ?2, ?3, ?4)",
-        params![seq, event.kind(), now.timestamp_millis(), event.payload()],
-    )?;
+    )?
+    .execute(params![seq, event.kind(), now.timestamp_millis(), event.payload()])?;
     Ok(seq as u64)
 }
 
 /// `(high_water, acked)`: the last sequence assigned and the last acknowledged centrally.
 pub fn outbox_state(conn: &Connection) -> Result<(u64, u64)> {
-    let (next, acked): (i64, i64) =
-        conn.query_row("SELECT next_seq, acked_seq FROM outbox_state WHERE id = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+    let (next, acked): (i64, i64) = conn
+        .prepare_cached("SELECT next_seq, acked_seq FROM outbox_state WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(((next - 1) as u64, acked as u64))
 }
 
@@ -164,20 +165,21 @@ pub const LOCAL_RETENTION: chrono::Duration = chrono::Duration::hours(24);
 /// Records a cumulative acknowledgement (never backwards, never past the high-water mark) and
 /// prunes acknowledged events older than `LOCAL_RETENTION`.
 pub fn ack_outbox(conn: &Connection, up_to: u64, now: DateTime<Utc>) -> Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "UPDATE outbox_state SET acked_seq = ?1 WHERE id = 1 AND acked_seq < ?1 AND ?1 < next_seq",
-        [up_to as i64],
-    )?;
-    conn.execute(
+    )?
+    .execute([up_to as i64])?;
+    conn.prepare_cached(
         "DELETE FROM outbox WHERE seq <= (SELECT acked_seq FROM outbox_state WHERE id = 1) \
          AND occurred_at_ms < ?1",
-        [(now - LOCAL_RETENTION).timestamp_millis()],
-    )?;
+    )?
+    .execute([(now - LOCAL_RETENTION).timestamp_millis()])?;
     Ok(())
 }
 
 /// The oldest event still held locally (`None` when the outbox is empty).
 pub fn oldest_retained(conn: &Connection) -> Result<Option<u64>> {
-    let min: Option<i64> = conn.query_row("SELECT MIN(seq) FROM outbox", [], |r| r.get(0))?;
+    let min: Option<i64> =
+        conn.prepare_cached("SELECT MIN(seq) FROM outbox")?.query_row([], |r| r.get(0))?;
     Ok(min.map(|m| m as u64))
 }

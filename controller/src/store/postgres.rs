@@ -36,6 +36,9 @@ impl PgStore {
         Ok(self.pool.begin().await?)
     }
 
+    /// Inserts events the caller has already filtered to `seq > acked_seq` while holding the
+    /// agent's row lock, so no row can conflict; the primary key still refuses a duplicate
+    /// loudly should that invariant ever break (no `ON CONFLICT`, which costs ~30% of ingest).
     async fn insert_events(
         tx: &mut Transaction<'static, Postgres>,
         agent_id: &str,
@@ -51,8 +54,7 @@ impl PgStore {
             "INSERT INTO events (agent_id, seq, site, kind, occurred_at, received_at, payload) \
              SELECT $1, t.seq, $2, t.kind, t.occurred_at, $3, t.payload::jsonb \
              FROM UNNEST($4::bigint[], $5::text[], $6::timestamptz[], $7::text[]) \
-               AS t(seq, kind, occurred_at, payload) \
-             ON CONFLICT (agent_id, seq) DO NOTHING",
+               AS t(seq, kind, occurred_at, payload)",
         )
         .bind(agent_id)
         .bind(site)
