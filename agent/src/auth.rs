@@ -45,6 +45,26 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The staff member of this site with `username` when `password` is theirs. Oversized input is
+/// refused outright; the hash is checked (off the async threads) even for unknown users, so
+/// timing does not reveal which usernames exist.
+pub async fn verify_staff(
+    config: &meridian_shared::config::SiteConfig,
+    username: &str,
+    password: &str,
+) -> Option<meridian_shared::config::StaffUser> {
+    if username.len() > 64 || password.len() > 256 {
+        return None;
+    }
+    let user = config.staff.iter().find(|u| u.username.as_str() == username).cloned();
+    let phc = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_default();
+    let password = password.to_owned();
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+        .await
+        .unwrap_or(false);
+    user.filter(|_| ok)
+}
+
 pub fn create_session(conn: &Connection, username: &str, now_ms: i64) -> Result<(String, i64)> {
     let token = new_token();
     let expires = now_ms + SESSION_TTL.num_milliseconds();

@@ -230,22 +230,13 @@ async fn visit_action(
     Path((id, action)): Path<(String, String)>,
     body: Option<Json<EndVisit>>,
 ) -> Result<Json<Visit>, ApiError> {
-    let op = match action.as_str() {
-        "recall" => Op::Recall,
-        "start-serving" => Op::StartServing,
-        "no-show" => Op::NoShow,
-        "recycle" => Op::Recycle,
-        "park" => Op::Park,
-        "end" => Op::End,
-        "remove" => Op::Remove,
-        other => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("unknown visit action {other:?}"),
-            ));
-        }
-    };
+    let op = Op::from_action(&action).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("unknown visit action {action:?}"),
+        )
+    })?;
     let marks = body.map(|Json(b)| b.marks).unwrap_or_default();
     if marks.len() > 20 || marks.iter().any(|m| m.is_empty() || m.len() > 100) {
         return Err(Error::Validation("at most 20 marks of 1-100 characters".into()).into());
@@ -460,18 +451,8 @@ async fn login(
     body: Result<Json<LoginRequest>, JsonRejection>,
 ) -> Json201<Session> {
     let Json(req) = body?;
-    if req.username.len() > 64 || req.password.len() > 256 {
-        return Err(refused(Refusal::Invalid));
-    }
     let config = config(&ctx)?;
-    let user = config.staff.iter().find(|u| u.username.as_str() == req.username).cloned();
-    let phc = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_default();
-    let password = req.password.clone();
-    // Verify even for unknown users, so timing does not reveal which usernames exist.
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
-        .await
-        .map_err(|e| Error::Internal(format!("password check: {e}")))?;
-    let (Some(user), true) = (user, ok) else {
+    let Some(user) = auth::verify_staff(&config, &req.username, &req.password).await else {
         return Err(refused(Refusal::Invalid));
     };
     let username = user.username.to_string();

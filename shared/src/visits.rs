@@ -153,6 +153,21 @@ pub enum Op {
 }
 
 impl Op {
+    /// The argument-free operations by the action word the APIs use (`recall`,
+    /// `start-serving`, `no-show`, `recycle`, `park`, `end`, `remove`).
+    pub fn from_action(action: &str) -> Option<Op> {
+        Some(match action {
+            "recall" => Op::Recall,
+            "start-serving" => Op::StartServing,
+            "no-show" => Op::NoShow,
+            "recycle" => Op::Recycle,
+            "park" => Op::Park,
+            "end" => Op::End,
+            "remove" => Op::Remove,
+            _ => return None,
+        })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Op::Call { .. } => "call",

@@ -189,16 +189,7 @@ pub async fn login(State(ctx): State<Arc<Context>>, Form(form): Form<LoginForm>)
         Ok(c) => c,
         Err(e) => return from_error(&ctx, e),
     };
-    if form.username.len() > 64 || form.password.len() > 256 {
-        return login_page(&ctx, StatusCode::UNAUTHORIZED, Some("Unknown user or wrong password."));
-    }
-    let user = config.staff.iter().find(|u| u.username.as_str() == form.username).cloned();
-    let phc = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_default();
-    let password = form.password.clone();
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
-        .await
-        .unwrap_or(false);
-    let (Some(user), true) = (user, ok) else {
+    let Some(user) = auth::verify_staff(&config, &form.username, &form.password).await else {
         return login_page(&ctx, StatusCode::UNAUTHORIZED, Some("Unknown user or wrong password."));
     };
     let username = user.username.to_string();
@@ -277,17 +268,12 @@ pub async fn action(
                     || Error::Conflict("there is no current customer at this counter".into()),
                 )?;
             let op = match action.as_str() {
-                "recall" => Op::Recall,
-                "start-serving" => Op::StartServing,
-                "no-show" => Op::NoShow,
-                "recycle" => Op::Recycle,
-                "park" => Op::Park,
-                "end" => Op::End,
                 "transfer" => {
                     let q = Code::parse(&queue).map_err(|e| Error::Validation(e.to_string()))?;
                     Op::Transfer { to: Location::Queue(q), position: Position::Last }
                 }
-                other => return Err(Error::Validation(format!("unknown action {other:?}"))),
+                other => Op::from_action(other)
+                    .ok_or_else(|| Error::Validation(format!("unknown action {other:?}")))?,
             };
             visits::transition(c, config, &current.id, op, vec![], now).map(|_| Ok(()))
         })
