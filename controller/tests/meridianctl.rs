@@ -394,3 +394,33 @@ fn the_deploy_example_settings_load() {
     assert!(settings.tls_cert.is_some() && settings.tls_key.is_some());
     assert!(!settings.dev_mode);
 }
+
+#[tokio::test]
+async fn connector_keys_are_generated_once_and_stored_as_hashes_and_webhook_secrets_are_write_only()
+{
+    let server = TestServer::start().await;
+    let client = server.client();
+    ctl::apply(&client, MANIFEST, false).await.expect("apply");
+    let created = ctl::create_connector_key(&client, "SFO", "kiosk-1", "Entrance kiosk")
+        .await
+        .expect("create");
+    let secret = created["secret"].as_str().expect("secret shown once").to_owned();
+    assert!(secret.starts_with("mrd_ck_"));
+    assert_eq!(
+        created["key_hash"].as_str(),
+        Some(meridian_controller::auth::hash_secret(&secret).as_str())
+    );
+    let listed = ctl::list(&client, Listing::ConnectorKeys, Some("SFO")).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].get("secret").is_none(), "the secret is never listed");
+    let again = ctl::create_connector_key(&client, "SFO", "kiosk-1", "Again").await;
+    assert_eq!(api_code(again).0, "conflict");
+
+    let hook = "kind: webhook\nsite: SFO\ncode: crm\nurl: https://crm.example.com/meridian\nsecret: a-long-shared-secret\n";
+    ctl::apply(&client, hook, false).await.expect("apply webhook");
+    let hooks = ctl::list(&client, Listing::Webhooks, Some("SFO")).await.expect("list");
+    assert_eq!(hooks[0]["url"], "https://crm.example.com/meridian");
+    assert!(hooks[0].get("secret").is_none(), "webhook secrets are write-only");
+    let bad = "kind: webhook\nsite: SFO\ncode: bad\nurl: ftp://x\nsecret: short\n";
+    assert_eq!(api_code(ctl::apply(&client, bad, false).await).0, "validation_failed");
+}

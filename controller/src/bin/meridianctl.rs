@@ -60,6 +60,28 @@ enum Command {
     /// Admin API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Connector API keys for a site's local systems (kiosks, displays, CRM).
+    #[command(subcommand)]
+    ConnectorKey(ConnectorKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum ConnectorKeyCommand {
+    /// Create a key; its secret is printed once (only its hash is kept and synced).
+    Create {
+        #[arg(long)]
+        site: String,
+        /// The key's code, e.g. `kiosk-1`.
+        code: String,
+        /// A description, e.g. "Entrance kiosk".
+        #[arg(long)]
+        name: String,
+    },
+    /// List keys (never their secrets).
+    List {
+        #[arg(long)]
+        site: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -185,6 +207,16 @@ async fn run(cli: Cli) -> ctl::Result<String> {
             ctl::render_api_token(&ctl::create_api_token(&client, &name, &role).await?, out)
         }
         Command::Token(TokenCommand::List) => list(Listing::ApiTokens, None).await,
+        Command::ConnectorKey(ConnectorKeyCommand::Create { site, code, name }) => {
+            let created = ctl::create_connector_key(&client, &site, &code, &name).await?;
+            Ok(format!(
+                "connector key {code} created for {site}\nsecret: {}\n(shown only now; give it to the local system as `Authorization: Bearer <secret>`)\n",
+                created.get("secret").and_then(|s| s.as_str()).unwrap_or_default()
+            ))
+        }
+        Command::ConnectorKey(ConnectorKeyCommand::List { site }) => {
+            list(Listing::ConnectorKeys, site).await
+        }
         Command::Token(TokenCommand::Delete { id }) => {
             ctl::delete_api_token(&client, &id).await?;
             Ok(format!("API token {id} deleted\n"))

@@ -148,6 +148,10 @@ pub enum Listing {
     WorkProfiles,
     #[value(alias = "staff-users", alias = "staff-user")]
     Staff,
+    #[value(alias = "connector-key")]
+    ConnectorKeys,
+    #[value(alias = "webhook")]
+    Webhooks,
     #[value(alias = "agent")]
     Agents,
     #[value(alias = "enrollment-token")]
@@ -168,6 +172,8 @@ impl Listing {
             Listing::ServicePoints => Some(ResourceKind::ServicePoint),
             Listing::WorkProfiles => Some(ResourceKind::WorkProfile),
             Listing::Staff => Some(ResourceKind::StaffUser),
+            Listing::ConnectorKeys => Some(ResourceKind::ConnectorKey),
+            Listing::Webhooks => Some(ResourceKind::Webhook),
             _ => None,
         }
     }
@@ -179,6 +185,8 @@ impl Listing {
             Listing::Queues => Some("queues"),
             Listing::ServicePoints => Some("service-points"),
             Listing::WorkProfiles => Some("work-profiles"),
+            Listing::ConnectorKeys => Some("connector-keys"),
+            Listing::Webhooks => Some("webhooks"),
             _ => None,
         }
     }
@@ -377,26 +385,29 @@ pub async fn list(client: &Client, listing: Listing, site: Option<&str>) -> Resu
             Some(site) => Ok(vec![client.call(Method::GET, &["sites", site], None).await?]),
             None => client.call(Method::GET, &["sites"], None).await,
         },
-        Listing::Services | Listing::Queues | Listing::ServicePoints | Listing::WorkProfiles => {
-            match (site_str, listing.site_segment(), listing.resource_kind()) {
-                (Some(site), Some(segment), _) => {
-                    client.call(Method::GET, &["sites", site, segment], None).await
-                }
-                (_, _, Some(kind)) => {
-                    #[derive(Deserialize)]
-                    struct Export {
-                        resources: Vec<Value>,
-                    }
-                    let export: Export = client.call(Method::GET, &["config"], None).await?;
-                    Ok(export
-                        .resources
-                        .into_iter()
-                        .filter(|r| r.get("kind").and_then(Value::as_str) == Some(kind.as_str()))
-                        .collect())
-                }
-                _ => Ok(vec![]),
+        Listing::Services
+        | Listing::Queues
+        | Listing::ServicePoints
+        | Listing::WorkProfiles
+        | Listing::ConnectorKeys
+        | Listing::Webhooks => match (site_str, listing.site_segment(), listing.resource_kind()) {
+            (Some(site), Some(segment), _) => {
+                client.call(Method::GET, &["sites", site, segment], None).await
             }
-        }
+            (_, _, Some(kind)) => {
+                #[derive(Deserialize)]
+                struct Export {
+                    resources: Vec<Value>,
+                }
+                let export: Export = client.call(Method::GET, &["config"], None).await?;
+                Ok(export
+                    .resources
+                    .into_iter()
+                    .filter(|r| r.get("kind").and_then(Value::as_str) == Some(kind.as_str()))
+                    .collect())
+            }
+            _ => Ok(vec![]),
+        },
         Listing::Staff => Ok(of_site(client.call(Method::GET, &["staff"], None).await?, "sites")),
         Listing::Agents => {
             let mut agents = of_site(client.call(Method::GET, &["agents"], None).await?, "site");
@@ -483,6 +494,18 @@ pub fn render_report(report: &ChangeReport, output: Output) -> Result<String> {
         Output::Table => Ok(render::report(report)),
         _ => structured(report, output),
     }
+}
+
+/// Creates a connector key (the controller generates the secret and returns it once).
+pub async fn create_connector_key(
+    client: &Client,
+    site: &str,
+    code: &str,
+    name: &str,
+) -> Result<Value> {
+    let site = site_arg(site)?;
+    let body = json!({ "code": code, "name": name });
+    client.call(Method::POST, &["sites", site.as_str(), "connector-keys"], Some(&body)).await
 }
 
 /// A new enrollment token, as `POST /api/v1/enrollment-tokens` returns it (the token is shown

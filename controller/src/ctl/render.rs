@@ -48,6 +48,10 @@ pub fn table(listing: Listing, items: &[Value], now: DateTime<Utc>) -> String {
             Listing::Staff => {
                 vec![text(v, "username"), text(v, "name"), text(v, "roles"), text(v, "sites")]
             }
+            Listing::ConnectorKeys => vec![text(v, "site"), text(v, "code"), text(v, "name")],
+            Listing::Webhooks => {
+                vec![text(v, "site"), text(v, "code"), text(v, "url"), text(v, "kinds")]
+            }
             Listing::Agents => vec![
                 text(v, "site"),
                 short_id(&text(v, "id")),
@@ -99,6 +103,8 @@ pub fn headers(listing: Listing) -> &'static [&'static str] {
         Listing::ServicePoints => &["SITE", "CODE", "NAME", "WORK PROFILE"],
         Listing::WorkProfiles => &["SITE", "CODE", "NAME", "QUEUES"],
         Listing::Staff => &["USERNAME", "NAME", "ROLES", "SITES"],
+        Listing::ConnectorKeys => &["SITE", "CODE", "NAME"],
+        Listing::Webhooks => &["SITE", "CODE", "URL", "KINDS"],
         Listing::Agents => &[
             "SITE",
             "ID",
