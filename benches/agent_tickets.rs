@@ -14,6 +14,8 @@
 //! Parameters: `MERIDIAN_BENCH_TICKETS` (default 20000), `MERIDIAN_BENCH_CLIENTS` (32),
 //! `MERIDIAN_BENCH_RATE` (requests/s, 500), `MERIDIAN_BENCH_LATENCY_REQUESTS` (5000).
 
+mod common;
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,14 +23,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use chrono::Utc;
+use common::{
+    Controller, ThreadCpu, enrollment_token, env_flag, env_number, filesystem_of, init_tracing,
+    machine_info,
+};
 use meridian_agent::branch_api::StatusView;
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
-use meridian_controller::server::{Listeners, serve};
-use meridian_controller::store::{self, EnrollmentToken, Store};
-use meridian_controller::{Settings, auth, testing};
+use meridian_controller::store::Store;
+use meridian_controller::{auth, testing};
+use meridian_shared::AgentId;
 use meridian_shared::clock::SystemClock;
-use meridian_shared::{AgentId, SiteCode};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
@@ -154,7 +158,7 @@ async fn run() -> Result<()> {
         params.clients,
         summary(&throughput.latencies),
     );
-    println!("    CPU by thread while timed: {}", threads.describe(throughput.elapsed));
+    println!("    CPU by thread while timed: {}", describe_threads(&threads, throughput.elapsed));
     let drain_started = Instant::now();
     wait_for_status(
         &http,
@@ -396,40 +400,6 @@ fn summary(latencies: &[Duration]) -> String {
 
 // ---------- the system under test ----------
 
-/// A controller served in-process on loopback, port 0.
-struct Controller {
-    store: Arc<dyn Store>,
-    gateway_url: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<meridian_controller::Result<()>>,
-}
-
-impl Controller {
-    async fn start(db_url: &str) -> Result<Controller> {
-        let store = store::open(db_url).await.context("opening the controller store")?;
-        let api = TcpListener::bind("127.0.0.1:0").await.context("binding the admin API")?;
-        let gateway = TcpListener::bind("127.0.0.1:0").await.context("binding the gateway")?;
-        let gateway_url = format!("http://{}", gateway.local_addr()?);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(
-            Settings::default(),
-            store.clone(),
-            Listeners { api, gateway },
-            shutdown.clone(),
-        ));
-        Ok(Controller { store, gateway_url, shutdown, task })
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        let served = tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .context("the controller did not stop within 30 s")?
-            .context("the controller task panicked")?;
-        served.context("the controller failed")
-    }
-}
-
 /// The real agent, in-process, with its branch server on loopback, port 0.
 struct Agent {
     base_url: String,
@@ -486,25 +456,6 @@ async fn create_site(store: &dyn Store) -> Result<()> {
     Ok(())
 }
 
-/// Creates a one-time enrollment token for `site` and returns its secret.
-async fn enrollment_token(store: &dyn Store, site: &str) -> Result<String> {
-    let token = auth::new_secret("mrd_enr_");
-    let now = Utc::now();
-    store
-        .insert_enrollment_token(&EnrollmentToken {
-            id: uuid::Uuid::new_v4().to_string(),
-            site: SiteCode::parse(site)?,
-            token_hash: auth::hash_secret(&token),
-            created_at: now,
-            expires_at: now + chrono::Duration::hours(1),
-            used_at: None,
-            used_by_agent: None,
-        })
-        .await
-        .with_context(|| format!("creating an enrollment token for {site}"))?;
-    Ok(token)
-}
-
 async fn fetch_status(http: &reqwest::Client, base_url: &str) -> Result<StatusView> {
     let response = http
         .get(format!("{base_url}/api/v1/status"))
@@ -537,104 +488,22 @@ async fn wait_for_status(
 
 // ---------- where the CPU goes ----------
 
-/// CPU seconds per thread name of this process, from /proc/self/task.
-struct ThreadCpu(std::collections::BTreeMap<String, f64>);
-
-impl ThreadCpu {
-    fn sample() -> ThreadCpu {
-        let mut by_name = std::collections::BTreeMap::new();
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return ThreadCpu(by_name);
-        };
-        for task in tasks.flatten() {
-            let dir = task.path();
-            let name =
-                std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim().to_owned();
-            if let Some(seconds) = stat_cpu_seconds(&dir.join("stat")) {
-                *by_name.entry(name).or_insert(0.0) += seconds;
-            }
-        }
-        ThreadCpu(by_name)
-    }
-
-    fn since(&self, before: &ThreadCpu) -> ThreadCpu {
-        let mut diff = std::collections::BTreeMap::new();
-        for (name, seconds) in &self.0 {
-            let used = seconds - before.0.get(name).copied().unwrap_or(0.0);
-            if used > 0.0 {
-                diff.insert(name.clone(), used);
-            }
-        }
-        ThreadCpu(diff)
-    }
-
-    fn describe(&self, wall: Duration) -> String {
-        let mut threads: Vec<(&String, &f64)> = self.0.iter().collect();
-        threads.sort_by(|a, b| b.1.total_cmp(a.1));
-        let total: f64 = self.0.values().sum();
-        let parts: Vec<String> = threads
-            .iter()
-            .take(5)
-            .map(|(name, s)| {
-                format!("{name} {s:.2} s ({:.0}% of wall)", *s * 100.0 / wall.as_secs_f64())
-            })
-            .collect();
-        format!("total {total:.2} s over {:.2} s wall; {}", wall.as_secs_f64(), parts.join(", "))
-    }
-}
-
-/// utime + stime of a `/proc/…/stat` file, in seconds (assuming 100 ticks per second).
-fn stat_cpu_seconds(path: &std::path::Path) -> Option<f64> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+/// Total CPU of the threads against `wall`, and the five busiest, busiest first.
+fn describe_threads(threads: &ThreadCpu, wall: Duration) -> String {
+    let total: f64 = threads.0.values().sum();
+    let mut threads: Vec<(&String, &f64)> = threads.0.iter().collect();
+    threads.sort_by(|a, b| b.1.total_cmp(a.1));
+    let parts: Vec<String> = threads
+        .iter()
+        .take(5)
+        .map(|(name, s)| {
+            format!("{name} {s:.2} s ({:.0}% of wall)", *s * 100.0 / wall.as_secs_f64())
+        })
+        .collect();
+    format!("total {total:.2} s over {:.2} s wall; {}", wall.as_secs_f64(), parts.join(", "))
 }
 
 // ---------- environment ----------
-
-fn machine_info() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_gib = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / (1024.0 * 1024.0));
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "nproc {cpus}, {model}, {mem_gib:.0} GiB RAM, {} {}; load average before the run {} \
-         (other work on this machine skews the results)",
-        std::env::consts::OS,
-        std::env::consts::ARCH,
-        load.join(" "),
-    )
-}
-
-/// The filesystem type of the mount holding `path`, from /proc/mounts.
-fn filesystem_of(path: &str) -> String {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, mount, fs) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(mount).then(|| (mount.len(), fs.to_owned()))
-        })
-        .max()
-        .map_or_else(|| "unknown".into(), |(_, fs)| fs)
-}
 
 /// Median time of 50 appends of 4 KiB, each followed by `fdatasync`, in `dir`.
 fn fsync_probe(dir: &std::path::Path) -> std::io::Result<String> {
@@ -652,32 +521,4 @@ fn fsync_probe(dir: &std::path::Path) -> std::io::Result<String> {
     std::fs::remove_file(&path)?;
     times.sort_unstable();
     Ok(format!("median {:.2} ms", times[times.len() / 2].as_secs_f64() * 1e3))
-}
-
-fn env_flag(name: &str) -> Result<bool> {
-    match std::env::var(name) {
-        Ok(v) if v == "1" || v.eq_ignore_ascii_case("true") => Ok(true),
-        Ok(v) if v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false") => Ok(false),
-        Ok(v) => bail!("{name} must be 0 or 1, not {v:?}"),
-        Err(_) => Ok(false),
-    }
-}
-
-fn env_number(name: &str) -> Result<Option<usize>> {
-    match std::env::var(name) {
-        Ok(v) => {
-            Ok(Some(v.parse().with_context(|| format!("{name} must be a number, not {v:?}"))?))
-        }
-        Err(_) => Ok(None),
-    }
-}
-
-/// Logs go to stderr only when `RUST_LOG` asks for them.
-fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .init();
-    }
 }

@@ -5,6 +5,10 @@
 //!
 //! `cargo bench --bench branch_lifecycles`; `-- --smoke` runs a small version.
 
+// Only `machine_info` is used here; the other shared helpers serve `ingest` and `agent_tickets`.
+#[allow(dead_code)]
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +77,7 @@ async fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke")
         || std::env::var("MERIDIAN_BENCH_SMOKE").is_ok_and(|v| v == "1");
     let (lifecycles, latency_calls) = if smoke { (400, 200) } else { (10_000, 2_000) };
+    let machine = common::machine_info();
     let base = start_branch().await;
     let http = reqwest::Client::new();
     for n in 1..=40 {
@@ -154,19 +159,8 @@ async fn main() {
         }
     }
     latencies.sort();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
     println!("Meridian branch lifecycle benchmark{}", if smoke { " (smoke)" } else { "" });
-    println!(
-        "machine: {} cores, {cpu}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-    );
+    println!("machine: {machine}");
     println!(
         "lifecycles: {done} complete (create, call, serve, end = 4 durable transactions each) in {:.2} s with {COUNTERS} counters",
         elapsed.as_secs_f64()

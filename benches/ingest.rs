@@ -13,30 +13,31 @@
 //! Parameters: `MERIDIAN_BENCH_AGENTS` (default 100), `MERIDIAN_BENCH_EVENTS` (events per agent,
 //! default 2000), `MERIDIAN_BENCH_SQLITE` (`0` skips the SQLite run, `1` forces it in smoke mode).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chrono::{DateTime, SecondsFormat, Utc};
+use common::{
+    Controller, ThreadCpu, enrollment_token, env_flag, env_number, filesystem_of, init_tracing,
+    machine_info, stat_cpu_seconds,
+};
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
-use meridian_controller::server::{Listeners, serve};
-use meridian_controller::store::{self, EnrollmentToken, Store};
-use meridian_controller::{Settings, auth, testing};
+use meridian_controller::store::Store;
+use meridian_controller::testing;
 use meridian_proto::agent_gateway_client::AgentGatewayClient;
 use meridian_proto::{
     AgentFrame, ControllerFrame, EnrollRequest, Event, EventBatch, agent_frame, controller_frame,
 };
 use meridian_shared::business_day::format_ticket;
 use meridian_shared::events::{AgentEvent, VisitCreated};
-use meridian_shared::{Code, SiteCode, VisitId};
+use meridian_shared::{Code, VisitId};
 use sqlx::Connection;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
-use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
@@ -237,7 +238,7 @@ impl Measured {
             "  CPU while timed, this process: {:.2} s ({:.1} us/row); by thread: {}",
             self.cpu.process,
             per_row(self.cpu.process),
-            self.threads.describe(),
+            describe_threads(&self.threads),
         );
         if self.on_postgres {
             println!(
@@ -397,40 +398,6 @@ async fn ingest_over_sessions(
     })
 }
 
-/// A controller served in-process on loopback, port 0.
-struct Controller {
-    store: Arc<dyn Store>,
-    gateway_url: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<meridian_controller::Result<()>>,
-}
-
-impl Controller {
-    async fn start(db_url: &str) -> Result<Controller> {
-        let store = store::open(db_url).await.context("opening the controller store")?;
-        let api = TcpListener::bind("127.0.0.1:0").await.context("binding the admin API")?;
-        let gateway = TcpListener::bind("127.0.0.1:0").await.context("binding the gateway")?;
-        let gateway_url = format!("http://{}", gateway.local_addr()?);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(
-            Settings::default(),
-            store.clone(),
-            Listeners { api, gateway },
-            shutdown.clone(),
-        ));
-        Ok(Controller { store, gateway_url, shutdown, task })
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        let served = tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .context("the controller did not stop within 30 s")?
-            .context("the controller task panicked")?;
-        served.context("the controller failed")
-    }
-}
-
 /// One site per agent, each with a queue and a service, in one configuration change.
 async fn create_sites(store: &dyn Store, sites: &[String]) -> Result<()> {
     let mut inputs = Vec::with_capacity(sites.len() * 3);
@@ -447,25 +414,6 @@ async fn create_sites(store: &dyn Store, sites: &[String]) -> Result<()> {
         .await
         .context("creating the sites")?;
     Ok(())
-}
-
-/// Creates a one-time enrollment token for `site` and returns its secret.
-async fn enrollment_token(store: &dyn Store, site: &str) -> Result<String> {
-    let token = auth::new_secret("mrd_enr_");
-    let now = Utc::now();
-    store
-        .insert_enrollment_token(&EnrollmentToken {
-            id: uuid::Uuid::new_v4().to_string(),
-            site: SiteCode::parse(site)?,
-            token_hash: auth::hash_secret(&token),
-            created_at: now,
-            expires_at: now + chrono::Duration::hours(1),
-            used_at: None,
-            used_by_agent: None,
-        })
-        .await
-        .with_context(|| format!("creating an enrollment token for {site}"))?;
-    Ok(token)
 }
 
 struct EnrolledAgent {
@@ -875,79 +823,21 @@ impl std::ops::Sub for Cpu {
     }
 }
 
-/// CPU seconds per thread name of this process, from /proc/self/task.
-struct ThreadCpu(BTreeMap<String, f64>);
-
-impl ThreadCpu {
-    fn sample() -> ThreadCpu {
-        let mut by_name = BTreeMap::new();
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return ThreadCpu(by_name);
-        };
-        for task in tasks.flatten() {
-            let tid = format!("self/task/{}", task.file_name().to_string_lossy());
-            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if let Some(seconds) = proc_cpu_seconds(&tid) {
-                *by_name.entry(name.trim().to_owned()).or_insert(0.0) += seconds;
-            }
-        }
-        ThreadCpu(by_name)
-    }
-
-    fn since(&self, before: &ThreadCpu) -> ThreadCpu {
-        let used = self.0.iter().map(|(name, seconds)| {
-            (name.clone(), seconds - before.0.get(name).copied().unwrap_or(0.0))
-        });
-        ThreadCpu(used.filter(|(_, s)| *s > 0.0).collect())
-    }
-
-    fn describe(&self) -> String {
-        let mut threads: Vec<(&String, &f64)> = self.0.iter().collect();
-        threads.sort_by(|a, b| b.1.total_cmp(a.1));
-        let parts: Vec<String> =
-            threads.iter().take(4).map(|(name, s)| format!("{name} {s:.2} s")).collect();
-        if parts.is_empty() { "-".into() } else { parts.join(", ") }
-    }
+/// The four threads that used the most CPU, busiest first.
+fn describe_threads(threads: &ThreadCpu) -> String {
+    let mut threads: Vec<(&String, &f64)> = threads.0.iter().collect();
+    threads.sort_by(|a, b| b.1.total_cmp(a.1));
+    let parts: Vec<String> =
+        threads.iter().take(4).map(|(name, s)| format!("{name} {s:.2} s")).collect();
+    if parts.is_empty() { "-".into() } else { parts.join(", ") }
 }
 
-/// utime + stime of `/proc/<pid>/stat`, in seconds (assuming the usual 100 ticks per second).
+/// utime + stime of `/proc/<pid>/stat`, in seconds.
 fn proc_cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+    stat_cpu_seconds(std::path::Path::new(&format!("/proc/{pid}/stat")))
 }
 
 // ---------- environment ----------
-
-fn machine_info() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_gib = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / (1024.0 * 1024.0));
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "nproc {cpus}, {model}, {mem_gib:.0} GiB RAM, {} {}; load average before the run {} \
-         (other work on this machine skews the results)",
-        std::env::consts::OS,
-        std::env::consts::ARCH,
-        load.join(" "),
-    )
-}
 
 async fn postgres_info(pg: &mut sqlx::PgConnection) -> Result<String> {
     let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut *pg).await?;
@@ -964,46 +854,4 @@ async fn postgres_info(pg: &mut sqlx::PgConnection) -> Result<String> {
         .ok();
     let fs = data_dir.as_deref().map(filesystem_of).unwrap_or_else(|| "unknown".into());
     Ok(format!("{version} on the same machine ({}; data directory on {fs})", settings.join(", ")))
-}
-
-/// The filesystem type of the mount holding `path`, from /proc/mounts.
-fn filesystem_of(path: &str) -> String {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, mount, fs) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(mount).then(|| (mount.len(), fs.to_owned()))
-        })
-        .max()
-        .map_or_else(|| "unknown".into(), |(_, fs)| fs)
-}
-
-fn env_flag(name: &str) -> Result<bool> {
-    match std::env::var(name) {
-        Ok(v) if v == "1" || v.eq_ignore_ascii_case("true") => Ok(true),
-        Ok(v) if v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false") => Ok(false),
-        Ok(v) => bail!("{name} must be 0 or 1, not {v:?}"),
-        Err(_) => Ok(false),
-    }
-}
-
-fn env_number(name: &str) -> Result<Option<usize>> {
-    match std::env::var(name) {
-        Ok(v) => {
-            Ok(Some(v.parse().with_context(|| format!("{name} must be a number, not {v:?}"))?))
-        }
-        Err(_) => Ok(None),
-    }
-}
-
-/// Logs go to stderr only when `RUST_LOG` asks for them.
-fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .init();
-    }
 }
