@@ -49,6 +49,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub commands_changed: watch::Receiver<u64>,
     pub heartbeat: Duration,
+    /// Fallback poll for commands committed elsewhere (see `Store::watch_commands`).
+    pub command_poll: Duration,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -305,7 +307,7 @@ impl Session {
         let mut wake = self.gw.commands_changed.clone();
         let mut ping = tokio::time::interval(heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut poll = tokio::time::interval(Duration::from_secs(2));
+        let mut poll = tokio::time::interval(self.gw.command_poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
         let mut nonce = 0u64;

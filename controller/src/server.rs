@@ -104,11 +104,14 @@ pub async fn serve(
         listeners.gateway.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
     let api_addr = listeners.api.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
 
-    let api_state = ApiState {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        commands_changed: Arc::new(commands_tx),
-    };
+    let commands_tx = Arc::new(commands_tx);
+    // Other replicas' commits wake this replica's sessions (LISTEN/NOTIFY on PostgreSQL).
+    tasks.spawn({
+        let (store, wake, shutdown) = (store.clone(), commands_tx.clone(), shutdown.clone());
+        async move { store.watch_commands(wake, shutdown).await }
+    });
+    let api_state =
+        ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: commands_tx };
     let router = api::router(api_state, settings.max_body_bytes);
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
@@ -123,6 +126,7 @@ pub async fn serve(
         metrics,
         commands_changed: commands_rx,
         heartbeat,
+        command_poll: Duration::from_millis(settings.command_poll_ms.max(100)),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     };

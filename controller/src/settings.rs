@@ -23,6 +23,9 @@ pub struct Settings {
     pub dev_mode: bool,
     /// Session heartbeat; a peer silent for three heartbeats is dropped.
     pub heartbeat_ms: u64,
+    /// Sessions look for new commands this often even without a wake-up (a safety net under
+    /// LISTEN/NOTIFY, which wakes them at once).
+    pub command_poll_ms: u64,
     pub max_body_bytes: usize,
     /// Where the bootstrap admin token is written on first start (mode 0600).
     pub bootstrap_token_file: Option<PathBuf>,
@@ -44,6 +47,7 @@ impl Default for Settings {
             tls_key: None,
             dev_mode: false,
             heartbeat_ms: 5_000,
+            command_poll_ms: 2_000,
             max_body_bytes: 1024 * 1024,
             bootstrap_token_file: None,
             ready_file: None,
@@ -104,6 +108,7 @@ impl fmt::Debug for Settings {
             .field("tls_key", &self.tls_key.as_ref().map(|_| "***"))
             .field("dev_mode", &self.dev_mode)
             .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("command_poll_ms", &self.command_poll_ms)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("bootstrap_token_file", &self.bootstrap_token_file)
             .field("ready_file", &self.ready_file)

@@ -230,8 +230,9 @@ impl ControllerProc {
             .spawn()
             .expect("spawn controller");
         let r = read_ready(&ready, &mut child).await;
+        // Only the first controller on a database writes the bootstrap token; replicas share it.
         let token =
-            std::fs::read_to_string(&token_file).expect("bootstrap token").trim().to_owned();
+            std::fs::read_to_string(&token_file).map(|t| t.trim().to_owned()).unwrap_or_default();
         ControllerProc {
             child,
             api: format!("http://{}", r["api"].as_str().expect("api addr")),

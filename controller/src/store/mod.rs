@@ -262,6 +262,15 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<CommandRecord>>;
+    /// Bumps `wake` whenever any controller replica commits new commands or revokes an agent,
+    /// until `shutdown`. PostgreSQL uses LISTEN/NOTIFY; the single-replica SQLite store returns
+    /// at once (its own replica wakes sessions directly). Sessions also poll as a fallback.
+    async fn watch_commands(
+        &self,
+        wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    );
+
     /// Records a cumulative command acknowledgement (never moves backwards).
     async fn ack_commands(&self, agent: AgentId, up_to_seq: u64, error: Option<&str>)
     -> Result<()>;

@@ -32,6 +32,50 @@ impl PgStore {
         &self.pool
     }
 
+    /// Tells every replica (on commit) that commands were enqueued or an agent revoked.
+    async fn notify_commands(tx: &mut Transaction<'static, Postgres>) -> Result<()> {
+        sqlx::query("SELECT pg_notify('meridian_commands', '')").execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    async fn watch_commands_impl(
+        &self,
+        wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let backoff = meridian_shared::backoff::BackoffPolicy::default();
+        let mut attempt = 0u32;
+        loop {
+            let listened = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+                listener.listen("meridian_commands").await?;
+                // Commands may have been committed while we were not listening.
+                wake.send_modify(|n| *n = n.wrapping_add(1));
+                loop {
+                    listener.recv().await?;
+                    attempt = 0;
+                    wake.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = listened => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "LISTEN for commands failed; sessions poll meanwhile");
+                    }
+                }
+            }
+            let delay = backoff.delay(attempt, &mut rand::rng());
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
     async fn tx(&self) -> Result<Transaction<'static, Postgres>> {
         Ok(self.pool.begin().await?)
     }

@@ -203,6 +203,7 @@ macro_rules! impl_store {
                 .bind(at)
                 .execute(&mut **tx)
                 .await?;
+                Self::notify_commands(tx).await?;
                 Ok(seq as u64)
             }
         }
@@ -547,7 +548,20 @@ macro_rules! impl_store {
                 .bind($crate::store::sql_common::agent_key(id))
                 .execute(&self.pool)
                 .await?;
+                if done.rows_affected() > 0 {
+                    let mut tx = self.tx().await?;
+                    Self::notify_commands(&mut tx).await?;
+                    tx.commit().await?;
+                }
                 Ok(done.rows_affected() > 0)
+            }
+
+            async fn watch_commands(
+                &self,
+                wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+                shutdown: tokio_util::sync::CancellationToken,
+            ) {
+                self.watch_commands_impl(wake, shutdown).await
             }
 
             async fn update_agent_status(

@@ -35,6 +35,18 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// One replica only: its own sessions are woken directly.
+    async fn notify_commands(_tx: &mut Transaction<'static, Sqlite>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn watch_commands_impl(
+        &self,
+        _wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+        _shutdown: tokio_util::sync::CancellationToken,
+    ) {
+    }
+
     async fn tx(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
