@@ -58,19 +58,7 @@ impl Default for Settings {
 
 impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
-        let mut builder =
-            config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
-        if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).required(true));
-        }
-        builder
-            .add_source(
-                config::Environment::with_prefix("MERIDIAN_CONTROLLER")
-                    .prefix_separator("_")
-                    .separator("__"),
-            )
-            .build()?
-            .try_deserialize()
+        meridian_shared::settings::load("MERIDIAN_CONTROLLER", file)
     }
 
     /// The database URL to open (the default SQLite file when unset).

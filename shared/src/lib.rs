@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod settings;
 pub mod shutdown;
 pub mod visits;
 

@@ -192,30 +192,8 @@ impl Listing {
     }
 }
 
-/// What a change did, as `POST /api/v1/apply` and `/delete` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Created,
-    Updated,
-    Unchanged,
-    Deleted,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Change {
-    pub resource: String,
-    pub action: Action,
-}
-
-/// The API's change report (`config_admin::ChangeReport` on the wire).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChangeReport {
-    pub revision: u64,
-    pub dry_run: bool,
-    pub changes: Vec<Change>,
-    pub sites_published: Vec<String>,
-}
+/// What a change did and the report of `POST /api/v1/apply` and `/delete` — the API's own types.
+pub use crate::config_admin::{Action, Change, ChangeReport};
 
 /// A connection to one controller's admin API.
 #[derive(Debug, Clone)]
