@@ -245,6 +245,7 @@ async fn session(
     tracing::info!(acked, high_water, config_revision, "session established");
     set_link(ctx, true, None);
 
+    let out = Outbound { tx: out, stall_after: heartbeat * 3 };
     let mut cursors = Cursors { acked, sent: acked };
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,16 +288,24 @@ async fn session(
     }
 }
 
-async fn send(out: &mpsc::Sender<AgentFrame>, body: agent_frame::Body) -> Result<(), LinkError> {
-    out.send(frame(body)).await.map_err(|_| LinkError::Lost("outbound stream closed".into()))
+/// The frames going up to the controller. A send that cannot complete within `stall_after`
+/// (the transport stopped taking data: both directions blocked, or a dead peer the keepalive
+/// has not caught yet) ends the session, so the link never waits forever.
+struct Outbound {
+    tx: mpsc::Sender<AgentFrame>,
+    stall_after: Duration,
+}
+
+async fn send(out: &Outbound, body: agent_frame::Body) -> Result<(), LinkError> {
+    match tokio::time::timeout(out.stall_after, out.tx.send(frame(body))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(LinkError::Lost("outbound stream closed".into())),
+        Err(_) => Err(LinkError::Silent(out.stall_after)),
+    }
 }
 
 /// Sends outbox events after the sent cursor while the in-flight window allows.
-async fn pump(
-    ctx: &Context,
-    out: &mpsc::Sender<AgentFrame>,
-    c: &mut Cursors,
-) -> Result<(), LinkError> {
+async fn pump(ctx: &Context, out: &Outbound, c: &mut Cursors) -> Result<(), LinkError> {
     while c.sent < c.acked + MAX_IN_FLIGHT {
         let after = c.sent;
         let batch = ctx.db.read(move |conn| queries::outbox_after(conn, after, BATCH)).await?;
@@ -319,7 +328,7 @@ async fn pump(
 async fn handle(
     ctx: &Arc<Context>,
     identity: &Identity,
-    out: &mpsc::Sender<AgentFrame>,
+    out: &Outbound,
     c: &mut Cursors,
     f: ControllerFrame,
 ) -> Result<(), LinkError> {

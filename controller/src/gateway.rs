@@ -244,8 +244,16 @@ impl Session {
         }
     }
 
+    /// Sends one frame; a send the transport does not take within three heartbeats (both
+    /// directions blocked, or a peer the keepalive has not declared dead yet) ends the session
+    /// instead of waiting forever.
     async fn send(&self, body: controller_frame::Body) -> Result<(), End> {
-        self.outbound.send(Ok(frame(body))).await.map_err(|_| End::AgentClosed)
+        match tokio::time::timeout(self.gw.heartbeat * 3, self.outbound.send(Ok(frame(body)))).await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::AgentClosed),
+            Err(_) => Err(End::Silent),
+        }
     }
 
     async fn serve(&mut self) -> End {
