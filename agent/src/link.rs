@@ -33,6 +33,9 @@ const BATCH: u32 = 500;
 const MAX_IN_FLIGHT: u64 = 10_000;
 /// Outbound frames buffered towards the transport; when full the link waits.
 const OUTBOUND_BUFFER: usize = 64;
+/// Heartbeats the controller may leave events in flight unacknowledged before the session is
+/// restarted (acknowledgements normally follow within one commit).
+const ACK_PATIENCE: u32 = 10;
 /// A session that lived this long resets the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
@@ -184,6 +187,8 @@ struct Cursors {
     acked: u64,
     /// Highest event sequence sent in this session.
     sent: u64,
+    /// When the acknowledgement last advanced (or nothing was in flight).
+    progress_at: Instant,
 }
 
 async fn session(
@@ -246,7 +251,7 @@ async fn session(
     set_link(ctx, true, None);
 
     let out = Outbound { tx: out, stall_after: heartbeat * 3 };
-    let mut cursors = Cursors { acked, sent: acked };
+    let mut cursors = Cursors { acked, sent: acked, progress_at: Instant::now() };
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -267,6 +272,16 @@ async fn session(
             }
             _ = ctx.outbox_changed.notified() => pump(ctx, &out, &mut cursors).await?,
             _ = tick.tick() => {
+                if cursors.sent == cursors.acked {
+                    cursors.progress_at = Instant::now();
+                } else if cursors.progress_at.elapsed() > heartbeat * ACK_PATIENCE {
+                    // Alive but not acknowledging: start over from the controller's cursor.
+                    return Err(LinkError::Lost(format!(
+                        "no acknowledgement for {:?} with {} events in flight",
+                        cursors.progress_at.elapsed(),
+                        cursors.sent - cursors.acked
+                    )));
+                }
                 if last_heard.elapsed() > heartbeat * 3 {
                     return Err(LinkError::Silent(last_heard.elapsed()));
                 }
@@ -343,6 +358,7 @@ async fn handle(
             }
             if up_to > c.acked {
                 c.acked = up_to;
+                c.progress_at = Instant::now();
                 let now = ctx.clock.now();
                 ctx.db.write(move |conn| queries::ack_outbox(conn, up_to, now)).await?;
             } else if up_to < c.sent {
