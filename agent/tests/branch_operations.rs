@@ -721,3 +721,52 @@ async fn the_openapi_document_describes_routes_that_exist() {
         assert!(!unrouted, "{method} {path} is documented but not routed ({status}: {v})");
     }
 }
+
+#[tokio::test]
+async fn a_configuration_change_applies_live_without_emptying_queues_or_logging_staff_out() {
+    let (ctx, r) = branch().await;
+    let (_, session) = call_as(
+        &r,
+        None,
+        Method::POST,
+        "/api/v1/sessions",
+        Some(json!({"username": "alice", "password": PASSWORD})),
+    )
+    .await;
+    let token = session["token"].as_str().expect("token").to_owned();
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", Some(json!({"staff": "alice"}))).await;
+    for _ in 0..3 {
+        ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
+    }
+    let called = ok(&r, Method::POST, "/api/v1/service-points/C1/call-next", None).await;
+
+    // A new revision renames a queue and adds a service, applied the way the link applies it.
+    let mut next = site_config();
+    next.revision = 2;
+    next.queues[0].name = "General enquiries".into();
+    next.services.push(
+        serde_json::from_value(json!(
+            {"site": "SFO", "code": "NEW", "name": "New service", "queue": "general"}
+        ))
+        .expect("service"),
+    );
+    let applied = next.clone();
+    let now = ctx.clock.now();
+    assert!(ctx.db.write(move |c| queries::apply_config(c, &applied, now)).await.expect("apply"));
+    ctx.config.send_replace(Some(Arc::new(next)));
+
+    let (status, _) = call_as(&r, Some(&token), Method::GET, "/api/v1/visits", None).await;
+    assert_eq!(status, StatusCode::OK, "the staff session survived the change");
+    let waiting = ok(&r, Method::GET, "/api/v1/visits?status=waiting", None).await;
+    assert_eq!(waiting.as_array().expect("list").len(), 2, "the queue was not emptied");
+    let points = ok(&r, Method::GET, "/api/v1/service-points", None).await;
+    assert_eq!(points[0]["staff"], "alice", "the counter keeps its staff");
+    assert_eq!(
+        points[0]["current"]["id"], called["id"],
+        "the called visit is still at the counter"
+    );
+    let queues = ok(&r, Method::GET, "/api/v1/queues", None).await;
+    assert_eq!(queues[0]["name"], "General enquiries");
+    let new = ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "NEW"}))).await;
+    assert_eq!(new["ticket"], "A004", "numbering continues in the same queue and day");
+}
