@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod config_admin;
+pub mod console;
 pub mod ctl;
 pub mod error;
 pub mod gateway;

@@ -112,7 +112,8 @@ pub async fn serve(
     });
     let api_state =
         ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: commands_tx };
-    let router = api::router(api_state, settings.max_body_bytes);
+    let router = api::router(api_state.clone(), settings.max_body_bytes)
+        .merge(crate::console::router(api_state));
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
         axum::serve(listeners.api, router)

@@ -1,0 +1,146 @@
+//! The operations console's fleet view: sign-in with an API token, every site listed with its
+//! agent's status, and no way in without a valid token.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use chrono::Utc;
+use meridian_controller::api::ApiState;
+use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
+use meridian_controller::metrics::Metrics;
+use meridian_controller::store::{self, AgentStatusUpdate, Enrollment, EnrollmentToken, Store};
+use meridian_shared::{AgentId, SiteCode};
+use serde_json::json;
+use tower::ServiceExt;
+
+async fn console() -> (Arc<dyn Store>, Router, String) {
+    let store =
+        store::open(&meridian_controller::testing::fresh_sqlite_url()).await.expect("store");
+    let token = meridian_controller::server::ensure_bootstrap_token(store.as_ref(), None)
+        .await
+        .expect("token")
+        .expect("first token");
+    let state = ApiState {
+        store: store.clone(),
+        metrics: Arc::new(Metrics::default()),
+        commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+    };
+    (store, meridian_controller::console::router(state), token)
+}
+
+async fn get(
+    router: &Router,
+    path: &str,
+    cookie: Option<&str>,
+) -> (StatusCode, Option<String>, String) {
+    let mut req = Request::builder().uri(path);
+    if let Some(c) = cookie {
+        req = req.header(header::COOKIE, c);
+    }
+    send(router, req.body(Body::empty()).expect("request")).await
+}
+
+async fn send(router: &Router, req: Request<Body>) -> (StatusCode, Option<String>, String) {
+    let resp = router.clone().oneshot(req).await.expect("response");
+    let status = resp.status();
+    let location =
+        resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let set_cookie =
+        resp.headers().get(header::SET_COOKIE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+    // A redirect that sets a cookie reports the cookie; other redirects their target.
+    (status, set_cookie.or(location), String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn login(router: &Router, token: &str) -> (StatusCode, Option<String>, String) {
+    let req = Request::post("/console/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("token={token}")))
+        .expect("request");
+    send(router, req).await
+}
+
+#[tokio::test]
+async fn the_fleet_view_lists_every_site_with_its_agent_status_behind_sign_in() {
+    let (store, router, token) = console().await;
+    let resources = [
+        json!({"kind": "site", "code": "SFO", "name": "San Francisco", "time_zone": "America/Los_Angeles"}),
+        json!({"kind": "site", "code": "CHI", "name": "Chicago", "time_zone": "America/Chicago"}),
+        json!({"kind": "site", "code": "TYO", "name": "Tokyo", "time_zone": "Asia/Tokyo"}),
+    ];
+    let inputs: Vec<ResourceInput> =
+        resources.into_iter().map(|r| serde_json::from_value(r).expect("resource")).collect();
+    config_admin::change(store.as_ref(), "test", inputs, vec![], ChangeMode::Upsert)
+        .await
+        .expect("sites");
+    // SFO: connected, current; CHI: enrolled but offline with a backlog; TYO: no agent.
+    for (site, connected, backlog) in [("SFO", true, 0), ("CHI", false, 42)] {
+        let now = Utc::now();
+        store
+            .insert_enrollment_token(&EnrollmentToken {
+                id: format!("t-{site}"),
+                site: SiteCode::parse(site).expect("site"),
+                token_hash: format!("h-{site}"),
+                created_at: now,
+                expires_at: now + chrono::Duration::hours(1),
+                used_at: None,
+                used_by_agent: None,
+            })
+            .await
+            .expect("token");
+        let (revision, payload) =
+            config_admin::current_snapshot(store.as_ref(), &SiteCode::parse(site).expect("site"))
+                .await
+                .expect("snapshot")
+                .expect("site exists");
+        let agent = store
+            .enroll(Enrollment {
+                token_hash: format!("h-{site}"),
+                agent_id: AgentId::new(),
+                credential_hash: format!("c-{site}"),
+                hostname: "branch".into(),
+                version: "1.2.3".into(),
+                expected_revision: revision,
+                initial_config: payload,
+                at: now,
+            })
+            .await
+            .expect("enroll");
+        let status = AgentStatusUpdate {
+            connected,
+            last_seen: Some(now - chrono::Duration::minutes(if connected { 0 } else { 10 })),
+            config_revision: Some(if connected { revision } else { 0 }),
+            outbox_pending: Some(backlog),
+            ..Default::default()
+        };
+        store.update_agent_status(agent.id, &status).await.expect("status");
+    }
+
+    // Not signed in: sent to the sign-in page; a wrong token is refused.
+    let (status, location, _) = get(&router, "/console", None).await;
+    assert_eq!((status, location.as_deref()), (StatusCode::SEE_OTHER, Some("/console/login")));
+    let (status, _, body) = login(&router, "mrd_at_wrong").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("Unknown API token"));
+    let (status, _, _) = get(&router, "/console", Some("meridian_console=mrd_at_wrong")).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+
+    let (status, cookie, _) = login(&router, &token).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cookie = cookie.expect("cookie");
+    let cookie = cookie.split(';').next().expect("pair");
+    assert!(cookie.starts_with("meridian_console="));
+    let (status, _, page) = get(&router, "/console", Some(cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    let row = |site: &str| {
+        let start = page.find(&format!("data-site=\"{site}\"")).expect("site row");
+        let end = page[start..].find("</tr>").map(|e| start + e).expect("row end");
+        page[start..end].to_owned()
+    };
+    assert!(row("SFO").contains("connected") && row("SFO").contains("1.2.3"), "{}", row("SFO"));
+    assert!(row("CHI").contains("offline") && row("CHI").contains("since"), "{}", row("CHI"));
+    assert!(row("CHI").contains("behind") && row("CHI").contains(">42<"), "{}", row("CHI"));
+    assert!(row("TYO").contains("no agent enrolled"), "{}", row("TYO"));
+}
