@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod server;
 pub mod settings;
+pub mod stats;
 pub mod store;
 pub mod testing;
 
