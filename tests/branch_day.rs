@@ -163,4 +163,22 @@ async fn a_full_offline_day_reaches_central_exactly_once() {
     .await
     .expect("outcomes");
     assert_eq!(outcomes as usize, VISITS);
+    // Central statistics derive one fact per visit, each with its one outcome.
+    let (ended, no_show_facts): (i64, i64) = wait_for("visit facts", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        let agent_id = agent_id.clone();
+        async move {
+            let row: (i64, i64) = sqlx::query_as(
+                "SELECT COUNT(*) FILTER (WHERE outcome IS NOT NULL), COUNT(*) FILTER (WHERE outcome = 'no_show') \
+                 FROM visit_facts WHERE agent_id = $1",
+            )
+            .bind(&agent_id)
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (row.0 >= VISITS as i64).then_some(row)
+        }
+    })
+    .await;
+    assert_eq!((ended as usize, no_show_facts as usize), (VISITS, no_shows));
 }

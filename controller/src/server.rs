@@ -105,6 +105,11 @@ pub async fn serve(
     let api_addr = listeners.api.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
 
     let commands_tx = Arc::new(commands_tx);
+    tasks.spawn(crate::stats::run_projector(
+        store.clone(),
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
     // Other replicas' commits wake this replica's sessions (LISTEN/NOTIFY on PostgreSQL).
     tasks.spawn({
         let (store, wake, shutdown) = (store.clone(), commands_tx.clone(), shutdown.clone());

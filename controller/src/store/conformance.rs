@@ -262,6 +262,98 @@ pub async fn agent_status_updates_are_partial(store: &dyn Store) {
     assert_eq!(store.agent(agent.id).await.expect("get").expect("exists").store_error, None);
 }
 
+pub async fn facts_project_events_exactly_once_and_rebuild_identically(store: &dyn Store) {
+    use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated, VisitEventKind};
+    use meridian_shared::visits::Outcome;
+    use meridian_shared::{Code, VisitId};
+
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("c");
+    let agent = enroll_agent(store, "SFO", "f").await;
+    let code = |s: &str| Code::parse(s).expect("code");
+    let (a, b) = (VisitId::new(), VisitId::new());
+    let created = |id: VisitId, ticket: &str| {
+        AgentEvent::VisitCreated(VisitCreated {
+            visit_id: id,
+            ticket: ticket.into(),
+            service: code("GEN"),
+            queue: code("general"),
+            business_day: t0().date_naive(),
+            created_at: t0(),
+        })
+    };
+    let changed =
+        |id: VisitId, kind, minutes: i64, outcome: Option<Outcome>, service_ms: Option<i64>| {
+            AgentEvent::Visit(
+                kind,
+                VisitChanged {
+                    visit_id: id,
+                    ticket: "A001".into(),
+                    service: code("GEN"),
+                    queue: code("general"),
+                    business_day: t0().date_naive(),
+                    counter: Some(code("C1")),
+                    staff: Some(code("alice")),
+                    to: None,
+                    outcome,
+                    at: t0() + Duration::minutes(minutes),
+                    waiting_ms: None,
+                    service_ms,
+                    recalls: 0,
+                    marks: vec![],
+                },
+            )
+        };
+    let timeline = [
+        created(a, "A001"),
+        created(b, "A002"),
+        changed(a, VisitEventKind::Called, 5, None, None),
+        changed(a, VisitEventKind::Serving, 6, None, None),
+        changed(a, VisitEventKind::Ended, 10, Some(Outcome::Served), Some(240_000)),
+        changed(b, VisitEventKind::Called, 11, None, None),
+        changed(b, VisitEventKind::NoShow, 13, Some(Outcome::NoShow), None),
+    ];
+    let incoming: Vec<IncomingEvent> = timeline
+        .iter()
+        .enumerate()
+        .map(|(i, e)| IncomingEvent {
+            seq: i as u64 + 1,
+            kind: e.kind().into(),
+            occurred_at: t0(),
+            payload: String::from_utf8(e.payload()).expect("utf8"),
+        })
+        .collect();
+    // Ingest in two batches and project in small steps: the same facts as one pass.
+    store.ingest_events(agent.id, &incoming[..4], t0()).await.expect("store").expect("ingest");
+    assert_eq!(store.project_facts(agent.id, 3).await.expect("project"), 3);
+    assert_eq!(store.project_facts(agent.id, 3).await.expect("project"), 1);
+    store
+        .ingest_events(agent.id, &incoming[2..], t0())
+        .await
+        .expect("store")
+        .expect("resend overlaps");
+    while store.project_facts(agent.id, 2).await.expect("project") > 0 {}
+    assert_eq!(store.project_facts(agent.id, 100).await.expect("project"), 0, "caught up");
+    let facts = store.visit_facts(Some("SFO")).await.expect("facts");
+    assert_eq!(facts.len(), 2);
+    let fa = facts.iter().find(|f| f.visit_id == a.to_string()).expect("a");
+    let fb = facts.iter().find(|f| f.visit_id == b.to_string()).expect("b");
+    assert_eq!(
+        (fa.outcome.as_deref(), fa.waiting_ms, fa.service_ms),
+        (Some("served"), Some(300_000), 240_000)
+    );
+    assert_eq!((fb.outcome.as_deref(), fb.waiting_ms), (Some("no_show"), Some(660_000)));
+    assert_eq!(store.visit_facts(Some("CHI")).await.expect("facts"), vec![]);
+
+    store.reset_facts().await.expect("reset");
+    assert_eq!(store.visit_facts(None).await.expect("facts"), vec![]);
+    while store.project_facts(agent.id, 1000).await.expect("rebuild") > 0 {}
+    assert_eq!(
+        store.visit_facts(Some("SFO")).await.expect("facts"),
+        facts,
+        "a rebuild from raw events is identical"
+    );
+}
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -274,6 +366,7 @@ macro_rules! store_conformance_suite {
             config_commits_enqueue_commands_for_active_agents,
             ingest_is_idempotent_and_gapless,
             agent_status_updates_are_partial,
+            facts_project_events_exactly_once_and_rebuild_identically,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
