@@ -4,6 +4,7 @@
 //! events (cursor reset) reproduces the same facts.
 
 pub mod facts;
+pub mod report;
 
 use std::sync::Arc;
 use std::time::Duration;

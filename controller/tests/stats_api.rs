@@ -1,0 +1,197 @@
+//! `/api/v1/stats/visits` over projected facts with known answers, on SQLite and PostgreSQL.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use chrono::{Duration, TimeZone, Utc};
+use meridian_controller::api::ApiState;
+use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
+use meridian_controller::metrics::Metrics;
+use meridian_controller::store::{self, Enrollment, EnrollmentToken, IncomingEvent, Store};
+use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated, VisitEventKind};
+use meridian_shared::visits::Outcome;
+use meridian_shared::{AgentId, Code, SiteCode, VisitId};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+async fn seeded(store: Arc<dyn Store>) -> (axum::Router, String) {
+    let token = meridian_controller::server::ensure_bootstrap_token(store.as_ref(), None)
+        .await
+        .expect("token")
+        .expect("first");
+    let resources = [
+        json!({"kind": "site", "code": "SFO", "name": "San Francisco", "time_zone": "America/Los_Angeles"}),
+        json!({"kind": "queue", "site": "SFO", "code": "general", "name": "General", "letter": "A"}),
+        json!({"kind": "service", "site": "SFO", "code": "GEN", "name": "General", "queue": "general", "kpi_wait_minutes": 10}),
+    ];
+    let inputs: Vec<ResourceInput> =
+        resources.into_iter().map(|r| serde_json::from_value(r).expect("resource")).collect();
+    config_admin::change(store.as_ref(), "test", inputs, vec![], ChangeMode::Upsert)
+        .await
+        .expect("config");
+    let t0 = Utc.with_ymd_and_hms(2026, 11, 2, 17, 0, 0).unwrap();
+    store
+        .insert_enrollment_token(&EnrollmentToken {
+            id: "t".into(),
+            site: SiteCode::parse("SFO").expect("site"),
+            token_hash: "h".into(),
+            created_at: t0,
+            expires_at: Utc::now() + Duration::hours(1),
+            used_at: None,
+            used_by_agent: None,
+        })
+        .await
+        .expect("enrollment token");
+    let (revision, payload) =
+        config_admin::current_snapshot(store.as_ref(), &SiteCode::parse("SFO").expect("site"))
+            .await
+            .expect("snapshot")
+            .expect("site");
+    let agent = store
+        .enroll(Enrollment {
+            token_hash: "h".into(),
+            agent_id: AgentId::new(),
+            credential_hash: "c".into(),
+            hostname: "h".into(),
+            version: "1".into(),
+            expected_revision: revision,
+            initial_config: payload,
+            at: Utc::now(),
+        })
+        .await
+        .expect("enroll");
+    // Four visits: waits 2, 4 and 30 minutes served (5 min each), one no-show after 6 minutes.
+    let code = |s: &str| Code::parse(s).expect("code");
+    let mut events = Vec::new();
+    for (wait, outcome) in
+        [(2, Outcome::Served), (4, Outcome::Served), (30, Outcome::Served), (6, Outcome::NoShow)]
+    {
+        let id = VisitId::new();
+        let change = |kind, minutes: i64, outcome: Option<Outcome>, service_ms: Option<i64>| {
+            AgentEvent::Visit(
+                kind,
+                VisitChanged {
+                    visit_id: id,
+                    ticket: "A001".into(),
+                    service: code("GEN"),
+                    queue: code("general"),
+                    business_day: t0.date_naive(),
+                    counter: Some(code("C1")),
+                    staff: Some(code("alice")),
+                    to: None,
+                    outcome,
+                    at: t0 + Duration::minutes(minutes),
+                    waiting_ms: None,
+                    service_ms,
+                    recalls: 0,
+                    marks: vec![],
+                },
+            )
+        };
+        events.push(AgentEvent::VisitCreated(VisitCreated {
+            visit_id: id,
+            ticket: "A001".into(),
+            service: code("GEN"),
+            queue: code("general"),
+            business_day: t0.date_naive(),
+            created_at: t0,
+        }));
+        events.push(change(VisitEventKind::Called, wait, None, None));
+        match outcome {
+            Outcome::Served => events.push(change(
+                VisitEventKind::Ended,
+                wait + 5,
+                Some(Outcome::Served),
+                Some(300_000),
+            )),
+            _ => events.push(change(VisitEventKind::NoShow, wait + 1, Some(Outcome::NoShow), None)),
+        }
+    }
+    let incoming: Vec<IncomingEvent> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| IncomingEvent {
+            seq: i as u64 + 1,
+            kind: e.kind().into(),
+            occurred_at: t0,
+            payload: String::from_utf8(e.payload()).expect("utf8"),
+        })
+        .collect();
+    store.ingest_events(agent.id, &incoming, Utc::now()).await.expect("store").expect("ingest");
+    while store.project_facts(agent.id, 1000).await.expect("project") > 0 {}
+    let state = ApiState {
+        store,
+        metrics: Arc::new(Metrics::default()),
+        commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+    };
+    (meridian_controller::api::router(state, 1 << 20), token)
+}
+
+async fn get(router: &axum::Router, token: &str, path: &str) -> (StatusCode, String) {
+    let req = Request::get(path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .expect("req");
+    let resp = router.clone().oneshot(req).await.expect("resp");
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn check(store: Arc<dyn Store>) {
+    let (router, token) = seeded(store).await;
+    let (status, body) = get(&router, &token, "/api/v1/stats/visits?group_by=service").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let rows: Value = serde_json::from_str(&body).expect("json");
+    let r = &rows[0];
+    assert_eq!(r["group"], "SFO/GEN");
+    assert_eq!(
+        (r["visits"].as_u64(), r["served"].as_u64(), r["no_shows"].as_u64()),
+        (Some(4), Some(3), Some(1))
+    );
+    assert_eq!(r["no_show_pct"], 25.0);
+    assert_eq!(r["waiting_ms"]["p50"], 4 * 60_000);
+    assert_eq!(r["waiting_ms"]["max"], 30 * 60_000);
+    assert_eq!(r["waiting_ms"]["mean"], 10.5 * 60_000.0);
+    assert_eq!(r["service_ms_mean"], 300_000.0);
+    let sl = r["service_level_pct"].as_f64().expect("service level");
+    assert!((sl - 200.0 / 3.0).abs() < 1e-9, "{sl}");
+
+    let (status, csv) = get(&router, &token, "/api/v1/stats/visits?group_by=site&format=csv").await;
+    assert_eq!(status, StatusCode::OK);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("group,visits,served,no_shows"));
+    assert!(
+        lines[1].starts_with("SFO,4,3,1,25.0,630000.0,240000,1800000,1800000,300000.0,66.7"),
+        "{}",
+        lines[1]
+    );
+
+    let (_, empty) = get(&router, &token, "/api/v1/stats/visits?from=2026-11-03").await;
+    assert_eq!(empty, "[]", "the date filter excludes the day");
+    for bad in [
+        "group_by=planet",
+        "from=yesterday",
+        "format=xml",
+        "from=2026-11-05&to=2026-11-01",
+        "site=sfo",
+    ] {
+        let (status, body) = get(&router, &token, &format!("/api/v1/stats/visits?{bad}")).await;
+        assert!(status.is_client_error(), "{bad}: {status}");
+        let v: Value = serde_json::from_str(&body).expect("typed error");
+        assert!(v["code"].is_string() && v["message"].is_string(), "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn visit_statistics_have_known_answers_on_sqlite() {
+    check(store::open(&meridian_controller::testing::fresh_sqlite_url()).await.expect("sqlite"))
+        .await;
+}
+
+#[tokio::test]
+async fn visit_statistics_have_known_answers_on_postgres() {
+    let url = meridian_controller::testing::fresh_postgres_url().await;
+    check(store::open(&url).await.expect("postgres")).await;
+}
