@@ -44,3 +44,68 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
 pub fn fresh_sqlite_url() -> String {
     format!("sqlite://{}/controller.db", temp_dir("meridian-sqlite").display())
 }
+
+/// One visit's events for tests: created at `created_at` in queue `general` (service `GEN`)
+/// at counter `C1` by `alice`, then each `(kind, minutes after creation, outcome, service ms)`.
+pub fn visit_events(
+    visit: meridian_shared::VisitId,
+    created_at: chrono::DateTime<chrono::Utc>,
+    steps: &[(
+        meridian_shared::events::VisitEventKind,
+        i64,
+        Option<meridian_shared::visits::Outcome>,
+        Option<i64>,
+    )],
+) -> Vec<meridian_shared::events::AgentEvent> {
+    use meridian_shared::Code;
+    use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated};
+    let code = |s: &str| Code::parse(s).unwrap_or_else(|e| panic!("test code {s}: {e}"));
+    let mut events = vec![AgentEvent::VisitCreated(VisitCreated {
+        visit_id: visit,
+        ticket: "A001".into(),
+        service: code("GEN"),
+        queue: code("general"),
+        business_day: created_at.date_naive(),
+        created_at,
+    })];
+    for (kind, minutes, outcome, service_ms) in steps {
+        events.push(AgentEvent::Visit(
+            *kind,
+            VisitChanged {
+                visit_id: visit,
+                ticket: "A001".into(),
+                service: code("GEN"),
+                queue: code("general"),
+                business_day: created_at.date_naive(),
+                counter: Some(code("C1")),
+                staff: Some(code("alice")),
+                to: None,
+                outcome: *outcome,
+                at: created_at + chrono::Duration::minutes(*minutes),
+                waiting_ms: None,
+                service_ms: *service_ms,
+                recalls: 0,
+                marks: vec![],
+            },
+        ));
+    }
+    events
+}
+
+/// `events` as the gateway would hand them to the store, numbered from `first_seq`.
+pub fn incoming(
+    events: &[meridian_shared::events::AgentEvent],
+    first_seq: u64,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+) -> Vec<crate::store::IncomingEvent> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| crate::store::IncomingEvent {
+            seq: first_seq + i as u64,
+            kind: e.kind().into(),
+            occurred_at,
+            payload: String::from_utf8(e.payload()).unwrap_or_default(),
+        })
+        .collect()
+}

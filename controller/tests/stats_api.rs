@@ -8,10 +8,11 @@ use chrono::{Duration, TimeZone, Utc};
 use meridian_controller::api::ApiState;
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::metrics::Metrics;
-use meridian_controller::store::{self, Enrollment, EnrollmentToken, IncomingEvent, Store};
-use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated, VisitEventKind};
+use meridian_controller::store::{self, Enrollment, EnrollmentToken, Store};
+use meridian_controller::testing;
+use meridian_shared::events::VisitEventKind;
 use meridian_shared::visits::Outcome;
-use meridian_shared::{AgentId, Code, SiteCode, VisitId};
+use meridian_shared::{AgentId, SiteCode, VisitId};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -62,62 +63,20 @@ async fn seeded(store: Arc<dyn Store>) -> (axum::Router, String) {
         .await
         .expect("enroll");
     // Four visits: waits 2, 4 and 30 minutes served (5 min each), one no-show after 6 minutes.
-    let code = |s: &str| Code::parse(s).expect("code");
     let mut events = Vec::new();
-    for (wait, outcome) in
-        [(2, Outcome::Served), (4, Outcome::Served), (30, Outcome::Served), (6, Outcome::NoShow)]
-    {
-        let id = VisitId::new();
-        let change = |kind, minutes: i64, outcome: Option<Outcome>, service_ms: Option<i64>| {
-            AgentEvent::Visit(
-                kind,
-                VisitChanged {
-                    visit_id: id,
-                    ticket: "A001".into(),
-                    service: code("GEN"),
-                    queue: code("general"),
-                    business_day: t0.date_naive(),
-                    counter: Some(code("C1")),
-                    staff: Some(code("alice")),
-                    to: None,
-                    outcome,
-                    at: t0 + Duration::minutes(minutes),
-                    waiting_ms: None,
-                    service_ms,
-                    recalls: 0,
-                    marks: vec![],
-                },
-            )
+    for (wait, served) in [(2, true), (4, true), (30, true), (6, false)] {
+        let end = if served {
+            (VisitEventKind::Ended, wait + 5, Some(Outcome::Served), Some(300_000))
+        } else {
+            (VisitEventKind::NoShow, wait + 1, Some(Outcome::NoShow), None)
         };
-        events.push(AgentEvent::VisitCreated(VisitCreated {
-            visit_id: id,
-            ticket: "A001".into(),
-            service: code("GEN"),
-            queue: code("general"),
-            business_day: t0.date_naive(),
-            created_at: t0,
-        }));
-        events.push(change(VisitEventKind::Called, wait, None, None));
-        match outcome {
-            Outcome::Served => events.push(change(
-                VisitEventKind::Ended,
-                wait + 5,
-                Some(Outcome::Served),
-                Some(300_000),
-            )),
-            _ => events.push(change(VisitEventKind::NoShow, wait + 1, Some(Outcome::NoShow), None)),
-        }
+        events.extend(testing::visit_events(
+            VisitId::new(),
+            t0,
+            &[(VisitEventKind::Called, wait, None, None), end],
+        ));
     }
-    let incoming: Vec<IncomingEvent> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| IncomingEvent {
-            seq: i as u64 + 1,
-            kind: e.kind().into(),
-            occurred_at: t0,
-            payload: String::from_utf8(e.payload()).expect("utf8"),
-        })
-        .collect();
+    let incoming = testing::incoming(&events, 1, t0);
     store.ingest_events(agent.id, &incoming, Utc::now()).await.expect("store").expect("ingest");
     while store.project_facts(agent.id, 1000).await.expect("project") > 0 {}
     let state = ApiState {

@@ -263,65 +263,35 @@ pub async fn agent_status_updates_are_partial(store: &dyn Store) {
 }
 
 pub async fn facts_project_events_exactly_once_and_rebuild_identically(store: &dyn Store) {
-    use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated, VisitEventKind};
+    use meridian_shared::VisitId;
+    use meridian_shared::events::VisitEventKind;
     use meridian_shared::visits::Outcome;
-    use meridian_shared::{Code, VisitId};
 
     store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("c");
     let agent = enroll_agent(store, "SFO", "f").await;
-    let code = |s: &str| Code::parse(s).expect("code");
     let (a, b) = (VisitId::new(), VisitId::new());
-    let created = |id: VisitId, ticket: &str| {
-        AgentEvent::VisitCreated(VisitCreated {
-            visit_id: id,
-            ticket: ticket.into(),
-            service: code("GEN"),
-            queue: code("general"),
-            business_day: t0().date_naive(),
-            created_at: t0(),
-        })
-    };
-    let changed =
-        |id: VisitId, kind, minutes: i64, outcome: Option<Outcome>, service_ms: Option<i64>| {
-            AgentEvent::Visit(
-                kind,
-                VisitChanged {
-                    visit_id: id,
-                    ticket: "A001".into(),
-                    service: code("GEN"),
-                    queue: code("general"),
-                    business_day: t0().date_naive(),
-                    counter: Some(code("C1")),
-                    staff: Some(code("alice")),
-                    to: None,
-                    outcome,
-                    at: t0() + Duration::minutes(minutes),
-                    waiting_ms: None,
-                    service_ms,
-                    recalls: 0,
-                    marks: vec![],
-                },
-            )
-        };
-    let timeline = [
-        created(a, "A001"),
-        created(b, "A002"),
-        changed(a, VisitEventKind::Called, 5, None, None),
-        changed(a, VisitEventKind::Serving, 6, None, None),
-        changed(a, VisitEventKind::Ended, 10, Some(Outcome::Served), Some(240_000)),
-        changed(b, VisitEventKind::Called, 11, None, None),
-        changed(b, VisitEventKind::NoShow, 13, Some(Outcome::NoShow), None),
-    ];
-    let incoming: Vec<IncomingEvent> = timeline
-        .iter()
-        .enumerate()
-        .map(|(i, e)| IncomingEvent {
-            seq: i as u64 + 1,
-            kind: e.kind().into(),
-            occurred_at: t0(),
-            payload: String::from_utf8(e.payload()).expect("utf8"),
-        })
-        .collect();
+    let mut timeline = crate::testing::visit_events(a, t0(), &[]);
+    timeline.extend(crate::testing::visit_events(b, t0(), &[]));
+    let a_steps = crate::testing::visit_events(
+        a,
+        t0(),
+        &[
+            (VisitEventKind::Called, 5, None, None),
+            (VisitEventKind::Serving, 6, None, None),
+            (VisitEventKind::Ended, 10, Some(Outcome::Served), Some(240_000)),
+        ],
+    );
+    let b_steps = crate::testing::visit_events(
+        b,
+        t0(),
+        &[
+            (VisitEventKind::Called, 11, None, None),
+            (VisitEventKind::NoShow, 13, Some(Outcome::NoShow), None),
+        ],
+    );
+    timeline.extend(a_steps.into_iter().skip(1));
+    timeline.extend(b_steps.into_iter().skip(1));
+    let incoming = crate::testing::incoming(&timeline, 1, t0());
     // Ingest in two batches and project in small steps: the same facts as one pass.
     store.ingest_events(agent.id, &incoming[..4], t0()).await.expect("store").expect("ingest");
     assert_eq!(store.project_facts(agent.id, 3).await.expect("project"), 3);
