@@ -157,21 +157,35 @@ async fn branch_flow(browser: &Browser, w: &Windows, base: &str, link: Link) -> 
     ticket
 }
 
-/// Offline from central: the page shows `#offline-banner`. Online: no visible banner.
+/// Offline from central: the page shows `#offline-banner`. Online: no visible banner. Pages
+/// re-render themselves live (a reload, or the display's board), so the elements are looked up
+/// afresh until the expectation holds or a deadline passes.
 async fn check_offline_banner(browser: &Browser, page: &str, link: Link) {
-    let mut visible = Vec::new();
-    for banner in browser.all("#offline-banner").await {
-        visible.push(banner.is_displayed().await.expect("banner visibility"));
-    }
-    let shown = visible.contains(&true);
     let expected = link == Link::Offline;
-    if shown != expected {
-        panic!(
-            "{link:?}: the {page} page {} the offline banner ({} #offline-banner, visible: \
-             {visible:?}); {}",
-            if shown { "shows" } else { "does not show" },
-            visible.len(),
-            browser.describe().await
-        );
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut visible = Vec::new();
+        let mut stale = false;
+        for banner in browser.all("#offline-banner").await {
+            match banner.is_displayed().await {
+                Ok(v) => visible.push(v),
+                Err(e) if e.is_stale_element_reference() => stale = true,
+                Err(e) => panic!("banner visibility: {e:?}"),
+            }
+        }
+        let shown = visible.contains(&true);
+        if !stale && shown == expected {
+            return;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!(
+                "{link:?}: the {page} page {} the offline banner ({} #offline-banner, visible: \
+                 {visible:?}); {}",
+                if shown { "shows" } else { "does not show" },
+                visible.len(),
+                browser.describe().await
+            );
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
