@@ -14,6 +14,8 @@ use meridian_shared::events::VisitEventKind;
 use meridian_shared::visits::Outcome;
 use meridian_shared::{AgentId, SiteCode, VisitId};
 use serde_json::{Value, json};
+use std::future::IntoFuture;
+
 use tower::ServiceExt;
 
 async fn seeded(store: Arc<dyn Store>) -> (axum::Router, String) {
@@ -126,6 +128,32 @@ async fn check(store: Arc<dyn Store>) {
         "{}",
         lines[1]
     );
+
+    // The same through meridianctl's client, over a real listener.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(axum::serve(listener, router.clone()).into_future());
+    let client =
+        meridian_controller::ctl::Client::new(&server, Some(token.clone())).expect("client");
+    let rows = meridian_controller::ctl::visit_stats(
+        &client,
+        "day",
+        Some("SFO"),
+        Some("2026-11-02"),
+        None,
+    )
+    .await
+    .expect("ctl stats");
+    assert_eq!((rows.len(), rows[0].group.as_str(), rows[0].visits), (1, "2026-11-02", 4));
+    let table =
+        meridian_controller::ctl::render_stats(&rows, meridian_controller::ctl::Output::Table)
+            .expect("table");
+    assert!(
+        table.contains("2026-11-02") && table.contains("66.7%") && table.contains("1 (25.0%)"),
+        "{table}"
+    );
+    let bad = meridian_controller::ctl::visit_stats(&client, "planet", None, None, None).await;
+    assert!(bad.is_err());
 
     let (_, empty) = get(&router, &token, "/api/v1/stats/visits?from=2026-11-03").await;
     assert_eq!(empty, "[]", "the date filter excludes the day");

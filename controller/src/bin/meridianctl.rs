@@ -63,6 +63,27 @@ enum Command {
     /// Connector API keys for a site's local systems (kiosks, displays, CRM).
     #[command(subcommand)]
     ConnectorKey(ConnectorKeyCommand),
+    /// Central statistics.
+    #[command(subcommand)]
+    Stats(StatsCommand),
+}
+
+#[derive(Subcommand)]
+enum StatsCommand {
+    /// Visits, outcomes, waiting and service times, service level.
+    Visits {
+        /// site, service, queue, counter, staff or day.
+        #[arg(long, default_value = "site")]
+        group_by: String,
+        #[arg(long)]
+        site: Option<String>,
+        /// First business day (YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        from: Option<String>,
+        /// Last business day (YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -216,6 +237,17 @@ async fn run(cli: Cli) -> ctl::Result<String> {
         }
         Command::ConnectorKey(ConnectorKeyCommand::List { site }) => {
             list(Listing::ConnectorKeys, site).await
+        }
+        Command::Stats(StatsCommand::Visits { group_by, site, from, to }) => {
+            let rows = ctl::visit_stats(
+                &client,
+                &group_by,
+                site.as_deref(),
+                from.as_deref(),
+                to.as_deref(),
+            )
+            .await?;
+            ctl::render_stats(&rows, out)
         }
         Command::Token(TokenCommand::Delete { id }) => {
             ctl::delete_api_token(&client, &id).await?;

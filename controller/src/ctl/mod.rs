@@ -245,7 +245,15 @@ impl Client {
         segments: &[&str],
         body: Option<&Value>,
     ) -> Result<Option<Value>> {
-        let url = self.url(segments)?;
+        self.send_to(method, self.url(segments)?, body).await
+    }
+
+    async fn send_to(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>> {
         let mut req = self.http.request(method, url);
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
@@ -472,6 +480,64 @@ pub fn render_report(report: &ChangeReport, output: Output) -> Result<String> {
         Output::Table => Ok(render::report(report)),
         _ => structured(report, output),
     }
+}
+
+/// Visit statistics (`GET /api/v1/stats/visits`), grouped as asked, optionally filtered.
+pub async fn visit_stats(
+    client: &Client,
+    group_by: &str,
+    site: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<Vec<crate::stats::report::Row>> {
+    let mut url = client.url(&["stats", "visits"])?;
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("group_by", group_by);
+        for (k, v) in [("site", site), ("from", from), ("to", to)] {
+            if let Some(v) = v {
+                q.append_pair(k, v);
+            }
+        }
+    }
+    let value = client.send_to(Method::GET, url, None).await?.unwrap_or(Value::Null);
+    serde_json::from_value(value).map_err(|e| CtlError::Protocol {
+        server: client.server().to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Statistics rows as a table (times in minutes).
+pub fn render_stats(rows: &[crate::stats::report::Row], output: Output) -> Result<String> {
+    if output != Output::Table {
+        return structured(rows, output);
+    }
+    let min = |ms: f64| format!("{:.1}", ms / 60_000.0);
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header(vec![
+        "GROUP",
+        "VISITS",
+        "SERVED",
+        "NO-SHOWS",
+        "WAIT MEAN",
+        "WAIT P90",
+        "SERVICE MEAN",
+        "SERVICE LEVEL",
+    ]);
+    for r in rows {
+        t.add_row(vec![
+            r.group.clone(),
+            r.visits.to_string(),
+            r.served.to_string(),
+            format!("{} ({:.1}%)", r.no_shows, r.no_show_pct),
+            r.waiting_ms.as_ref().map(|w| min(w.mean)).unwrap_or_else(|| "-".into()),
+            r.waiting_ms.as_ref().map(|w| min(w.p90 as f64)).unwrap_or_else(|| "-".into()),
+            r.service_ms_mean.map(min).unwrap_or_else(|| "-".into()),
+            r.service_level_pct.map(|p| format!("{p:.1}%")).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    Ok(format!("{t}\n(times in minutes)\n"))
 }
 
 /// Creates a connector key (the controller generates the secret and returns it once).
