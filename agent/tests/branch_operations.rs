@@ -114,6 +114,20 @@ async fn ok(router: &Router, method: Method, path: &str, body: Option<Value>) ->
     v
 }
 
+/// Logs the demo staff member in through the API; returns the session token.
+async fn log_in_alice(r: &Router) -> String {
+    let (status, session) = call_as(
+        r,
+        None,
+        Method::POST,
+        "/api/v1/sessions",
+        Some(json!({"username": "alice", "password": PASSWORD})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{session}");
+    session["token"].as_str().expect("token").to_owned()
+}
+
 async fn outbox_kinds(ctx: &Context) -> Vec<String> {
     ctx.db
         .read(|c| Ok(queries::outbox_after(c, 0, 10_000)?.into_iter().map(|e| e.kind).collect()))
@@ -437,16 +451,7 @@ async fn only_this_sites_keys_and_live_staff_sessions_get_in() {
             "{user}"
         );
     }
-    let (status, session) = call_as(
-        &r,
-        None,
-        Method::POST,
-        "/api/v1/sessions",
-        Some(json!({"username": "alice", "password": PASSWORD})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{session}");
-    let token = session["token"].as_str().expect("token").to_owned();
+    let token = log_in_alice(&r).await;
     let (status, _) = call_as(&r, Some(&token), Method::GET, visits, None).await;
     assert_eq!(status, StatusCode::OK);
     // Logout ends the session.
@@ -725,15 +730,7 @@ async fn the_openapi_document_describes_routes_that_exist() {
 #[tokio::test]
 async fn a_configuration_change_applies_live_without_emptying_queues_or_logging_staff_out() {
     let (ctx, r) = branch().await;
-    let (_, session) = call_as(
-        &r,
-        None,
-        Method::POST,
-        "/api/v1/sessions",
-        Some(json!({"username": "alice", "password": PASSWORD})),
-    )
-    .await;
-    let token = session["token"].as_str().expect("token").to_owned();
+    let token = log_in_alice(&r).await;
     ok(&r, Method::POST, "/api/v1/service-points/C1/open", Some(json!({"staff": "alice"}))).await;
     for _ in 0..3 {
         ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
