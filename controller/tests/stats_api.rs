@@ -80,7 +80,9 @@ async fn seeded(store: Arc<dyn Store>) -> (axum::Router, String) {
     }
     let incoming = testing::incoming(&events, 1, t0);
     store.ingest_events(agent.id, &incoming, Utc::now()).await.expect("store").expect("ingest");
-    while store.project_facts(agent.id, 1000).await.expect("project") > 0 {}
+    meridian_controller::stats::catch_up(store.as_ref(), &Default::default())
+        .await
+        .expect("project");
     let state = ApiState {
         store,
         metrics: Arc::new(Metrics::default()),
@@ -122,9 +124,9 @@ async fn check(store: Arc<dyn Store>) {
     let (status, csv) = get(&router, &token, "/api/v1/stats/visits?group_by=site&format=csv").await;
     assert_eq!(status, StatusCode::OK);
     let lines: Vec<&str> = csv.lines().collect();
-    assert!(lines[0].starts_with("group,visits,served,no_shows"));
+    assert!(lines[0].starts_with("group,interval,visits,served,no_shows"));
     assert!(
-        lines[1].starts_with("SFO,4,3,1,25.0,630000.0,240000,1800000,1800000,300000.0,66.7"),
+        lines[1].starts_with("SFO,,4,3,1,25.0,630000.0,240000,1800000,1800000,300000.0,66.7"),
         "{}",
         lines[1]
     );
@@ -135,16 +137,17 @@ async fn check(store: Arc<dyn Store>) {
     tokio::spawn(axum::serve(listener, router.clone()).into_future());
     let client =
         meridian_controller::ctl::Client::new(&server, Some(token.clone())).expect("client");
-    let rows = meridian_controller::ctl::visit_stats(
-        &client,
-        "day",
-        Some("SFO"),
-        Some("2026-11-02"),
-        None,
-    )
-    .await
-    .expect("ctl stats");
-    assert_eq!((rows.len(), rows[0].group.as_str(), rows[0].visits), (1, "2026-11-02", 4));
+    let filter = meridian_controller::ctl::StatsFilter {
+        group_by: "day",
+        site: Some("SFO"),
+        from: Some("2026-11-02"),
+        ..Default::default()
+    };
+    let rows = meridian_controller::ctl::visit_stats(&client, &filter).await.expect("ctl stats");
+    assert_eq!(
+        (rows.len(), rows[0].interval.as_deref(), rows[0].visits),
+        (1, Some("2026-11-02"), 4)
+    );
     let table =
         meridian_controller::ctl::render_stats(&rows, meridian_controller::ctl::Output::Table)
             .expect("table");
@@ -152,7 +155,8 @@ async fn check(store: Arc<dyn Store>) {
         table.contains("2026-11-02") && table.contains("66.7%") && table.contains("1 (25.0%)"),
         "{table}"
     );
-    let bad = meridian_controller::ctl::visit_stats(&client, "planet", None, None, None).await;
+    let planet = meridian_controller::ctl::StatsFilter { group_by: "planet", ..Default::default() };
+    let bad = meridian_controller::ctl::visit_stats(&client, &planet).await;
     assert!(bad.is_err());
 
     let (_, empty) = get(&router, &token, "/api/v1/stats/visits?from=2026-11-03").await;
@@ -163,6 +167,12 @@ async fn check(store: Arc<dyn Store>) {
         "format=xml",
         "from=2026-11-05&to=2026-11-01",
         "site=sfo",
+        "site=LAX",
+        "service=NOPE",
+        "interval=hour",
+        "interval=fortnight",
+        "interval=15m&from=2026-01-01&to=2026-11-02",
+        "from=2000-01-01&to=2026-11-02",
     ] {
         let (status, body) = get(&router, &token, &format!("/api/v1/stats/visits?{bad}")).await;
         assert!(status.is_client_error(), "{bad}: {status}");

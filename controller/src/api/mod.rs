@@ -751,93 +751,37 @@ pub fn new_api_token(name: &str, role: Role) -> (ApiToken, String) {
 
 // ---------- statistics ----------
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StatsQuery {
-    #[serde(default)]
-    group_by: crate::stats::report::GroupBy,
-    site: Option<String>,
-    /// First and last site-local business day, inclusive (YYYY-MM-DD).
-    from: Option<chrono::NaiveDate>,
-    to: Option<chrono::NaiveDate>,
-    /// `json` (default) or `csv`.
-    format: Option<String>,
+fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::from(Error::from(meridian_shared::ValidationError::new("query", e.body_text())))
 }
 
-/// Visit statistics from the projected facts, as JSON rows or CSV.
+fn wants_csv(format: Option<&str>) -> ApiResult<bool> {
+    match format {
+        None | Some("json") => Ok(false),
+        Some("csv") => Ok(true),
+        Some(other) => Err(Error::from(meridian_shared::ValidationError::new(
+            "format",
+            format!("unknown format {other:?}: use json or csv"),
+        ))
+        .into()),
+    }
+}
+
+/// Visit statistics from the rollups (or facts, for intervals within a day), as JSON or CSV.
 async fn visit_stats(
     State(s): State<ApiState>,
-    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<
+        Query<crate::stats::query::StatsRequest>,
+        axum::extract::rejection::QueryRejection,
+    >,
 ) -> ApiResult<Response> {
-    let Query(q) = query.map_err(|e| {
-        ApiError::from(Error::from(meridian_shared::ValidationError::new("query", e.body_text())))
-    })?;
-    let site = q.site.as_deref().map(site_code).transpose()?;
-    if let (Some(from), Some(to)) = (q.from, q.to)
-        && from > to
-    {
-        return Err(Error::from(meridian_shared::ValidationError::new(
-            "from",
-            "must not be after `to`",
-        ))
-        .into());
-    }
-    let csv = match q.format.as_deref() {
-        None | Some("json") => false,
-        Some("csv") => true,
-        Some(other) => {
-            return Err(Error::from(meridian_shared::ValidationError::new(
-                "format",
-                format!("unknown format {other:?}: use json or csv"),
-            ))
-            .into());
-        }
-    };
+    let Query(q) = query.map_err(query_error)?;
+    let csv = wants_csv(q.format.as_deref())?;
     let (_, set) = load_set(&s).await?;
-    let kpis = set
-        .resources
-        .values()
-        .filter_map(|r| match r {
-            meridian_shared::config::Resource::Service(svc) => svc
-                .kpi_wait_minutes
-                .map(|m| ((svc.site.to_string(), svc.code.to_string()), i64::from(m) * 60_000)),
-            _ => None,
-        })
-        .collect();
-    let day = |d: Option<chrono::NaiveDate>| d.map(|d| d.to_string());
-    let (from, to) = (day(q.from), day(q.to));
-    let facts: Vec<_> = s
-        .store
-        .visit_facts(site.as_ref().map(SiteCode::as_str))
-        .await?
-        .into_iter()
-        .filter(|f| from.as_ref().is_none_or(|d| &f.business_day >= d))
-        .filter(|f| to.as_ref().is_none_or(|d| &f.business_day <= d))
-        .collect();
-    let rows = crate::stats::report::aggregate(&facts, q.group_by, &kpis);
+    let rows = crate::stats::query::rows(s.store.as_ref(), &set, &q).await?;
     if !csv {
         return Ok(Json(rows).into_response());
     }
-    let opt = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_default();
-    let mut out = String::from(
-        "group,visits,served,no_shows,no_show_pct,wait_mean_ms,wait_p50_ms,wait_p90_ms,wait_max_ms,service_mean_ms,service_level_pct\n",
-    );
-    for r in rows {
-        let w = r.waiting_ms.as_ref();
-        out.push_str(&format!(
-            "{},{},{},{},{:.1},{},{},{},{},{},{}\n",
-            r.group.replace([',', '"', '\n'], "_"),
-            r.visits,
-            r.served,
-            r.no_shows,
-            r.no_show_pct,
-            opt(w.map(|w| w.mean)),
-            w.map(|w| w.p50.to_string()).unwrap_or_default(),
-            w.map(|w| w.p90.to_string()).unwrap_or_default(),
-            w.map(|w| w.max.to_string()).unwrap_or_default(),
-            opt(r.service_ms_mean),
-            opt(r.service_level_pct),
-        ));
-    }
+    let out = crate::stats::query::csv(&rows);
     Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
 }

@@ -72,11 +72,16 @@ enum Command {
 enum StatsCommand {
     /// Visits, outcomes, waiting and service times, service level.
     Visits {
-        /// site, service, queue, counter, staff or day.
+        /// site, service, queue, counter, staff, all or day.
         #[arg(long, default_value = "site")]
         group_by: String,
+        /// 15m, hour, day or week, in each site's local time.
+        #[arg(long)]
+        interval: Option<String>,
         #[arg(long)]
         site: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
         /// First business day (YYYY-MM-DD), inclusive.
         #[arg(long)]
         from: Option<String>,
@@ -238,15 +243,16 @@ async fn run(cli: Cli) -> ctl::Result<String> {
         Command::ConnectorKey(ConnectorKeyCommand::List { site }) => {
             list(Listing::ConnectorKeys, site).await
         }
-        Command::Stats(StatsCommand::Visits { group_by, site, from, to }) => {
-            let rows = ctl::visit_stats(
-                &client,
-                &group_by,
-                site.as_deref(),
-                from.as_deref(),
-                to.as_deref(),
-            )
-            .await?;
+        Command::Stats(StatsCommand::Visits { group_by, interval, site, service, from, to }) => {
+            let filter = ctl::StatsFilter {
+                group_by: &group_by,
+                interval: interval.as_deref(),
+                site: site.as_deref(),
+                service: service.as_deref(),
+                from: from.as_deref(),
+                to: to.as_deref(),
+            };
+            let rows = ctl::visit_stats(&client, &filter).await?;
             ctl::render_stats(&rows, out)
         }
         Command::Token(TokenCommand::Delete { id }) => {

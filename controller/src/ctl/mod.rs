@@ -482,19 +482,34 @@ pub fn render_report(report: &ChangeReport, output: Output) -> Result<String> {
     }
 }
 
+/// What `meridianctl stats visits` asks for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatsFilter<'a> {
+    pub group_by: &'a str,
+    pub interval: Option<&'a str>,
+    pub site: Option<&'a str>,
+    pub service: Option<&'a str>,
+    pub from: Option<&'a str>,
+    pub to: Option<&'a str>,
+}
+
 /// Visit statistics (`GET /api/v1/stats/visits`), grouped as asked, optionally filtered.
 pub async fn visit_stats(
     client: &Client,
-    group_by: &str,
-    site: Option<&str>,
-    from: Option<&str>,
-    to: Option<&str>,
+    f: &StatsFilter<'_>,
 ) -> Result<Vec<crate::stats::report::Row>> {
     let mut url = client.url(&["stats", "visits"])?;
     {
         let mut q = url.query_pairs_mut();
-        q.append_pair("group_by", group_by);
-        for (k, v) in [("site", site), ("from", from), ("to", to)] {
+        q.append_pair("group_by", f.group_by);
+        let pairs = [
+            ("interval", f.interval),
+            ("site", f.site),
+            ("service", f.service),
+            ("from", f.from),
+            ("to", f.to),
+        ];
+        for (k, v) in pairs {
             if let Some(v) = v {
                 q.append_pair(k, v);
             }
@@ -517,6 +532,7 @@ pub fn render_stats(rows: &[crate::stats::report::Row], output: Output) -> Resul
     t.load_preset(comfy_table::presets::NOTHING);
     t.set_header(vec![
         "GROUP",
+        "INTERVAL",
         "VISITS",
         "SERVED",
         "NO-SHOWS",
@@ -528,6 +544,7 @@ pub fn render_stats(rows: &[crate::stats::report::Row], output: Output) -> Resul
     for r in rows {
         t.add_row(vec![
             r.group.clone(),
+            r.interval.clone().unwrap_or_else(|| "-".into()),
             r.visits.to_string(),
             r.served.to_string(),
             format!("{} ({:.1}%)", r.no_shows, r.no_show_pct),

@@ -1,9 +1,14 @@
-//! Central statistics. `facts` turns the raw event stream into one row per visit; a projector
-//! (see `Store::project_facts`) applies it per agent after a durable cursor, in the same
-//! transaction as the facts, so every event counts exactly once and a rebuild from the raw
-//! events (cursor reset) reproduces the same facts.
+//! Central statistics. `facts` turns the raw event stream into rows per visit, per visit
+//! transaction and per session; the projector (`StatsStore::project_facts`) applies it per agent
+//! after a durable cursor, in the same transaction as the facts, so every event counts exactly
+//! once and a rebuild from the raw events (cursor reset) reproduces the same facts. Every
+//! site-day a projection touches is marked; `refresh_rollups` recomputes its daily and monthly
+//! rollups from the facts, so rollups always equal a recomputation, also after a late backfill.
+//! `report` turns facts or rollups into the rows the API, the CLI and the console show.
 
 pub mod facts;
+pub mod hist;
+pub mod query;
 pub mod report;
 
 use std::sync::Arc;
@@ -14,10 +19,57 @@ use tokio_util::sync::CancellationToken;
 use crate::store::Store;
 
 /// Events projected per transaction.
-const PROJECT_BATCH: u32 = 1_000;
+const PROJECT_BATCH: u32 = 2_000;
+/// Site-days recomputed per pass.
+const REFRESH_BATCH: u32 = 100;
 
-/// Keeps visit facts up to date: every `every`, projects each agent's new events until caught
-/// up. Replicas may run it side by side — each agent's cursor row serializes them.
+/// The time zone of every configured site, for local-time intervals.
+pub async fn zones(store: &dyn Store) -> crate::error::Result<facts::Zones> {
+    let (_, resources) = store.load_config().await?;
+    Ok(resources
+        .iter()
+        .filter_map(|r| match r {
+            meridian_shared::config::Resource::Site(s) => {
+                s.tz().ok().map(|tz| (s.code.to_string(), tz))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+/// Projects every agent's new events until caught up, then recomputes the marked rollups.
+/// Returns how much work it did (0: everything was current).
+pub async fn catch_up(
+    store: &dyn Store,
+    shutdown: &CancellationToken,
+) -> crate::error::Result<usize> {
+    let zones = zones(store).await?;
+    let mut work = 0;
+    for agent in store.list_agents().await? {
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(work);
+            }
+            match store.project_facts(agent.id, PROJECT_BATCH, &zones).await? {
+                0 => break,
+                n => work += n,
+            }
+        }
+    }
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(work);
+        }
+        match store.refresh_rollups(REFRESH_BATCH).await? {
+            0 => break,
+            n => work += n,
+        }
+    }
+    Ok(work)
+}
+
+/// Keeps facts and rollups up to date: every `every`, catches up. Replicas may run it side by
+/// side — each agent's cursor row and each site's rollup lock serialize them.
 pub async fn run_projector(store: Arc<dyn Store>, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -26,27 +78,8 @@ pub async fn run_projector(store: Arc<dyn Store>, every: Duration, shutdown: Can
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let agents = match store.list_agents().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "statistics projector cannot list agents; retrying");
-                continue;
-            }
-        };
-        for agent in agents {
-            loop {
-                if shutdown.is_cancelled() {
-                    return;
-                }
-                match store.project_facts(agent.id, PROJECT_BATCH).await {
-                    Ok(0) => break,
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(agent = %agent.id, error = %e, "statistics projection failed; retrying");
-                        break;
-                    }
-                }
-            }
+        if let Err(e) = catch_up(store.as_ref(), &shutdown).await {
+            tracing::warn!(error = %e, "statistics projection failed; retrying");
         }
     }
 }

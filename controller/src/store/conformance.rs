@@ -20,6 +20,7 @@ fn site(code: &str) -> Resource {
         closed_dates: vec![],
         tags: vec![],
         end_of_day: Default::default(),
+        share_customer_data: false,
     })
 }
 
@@ -291,19 +292,29 @@ pub async fn facts_project_events_exactly_once_and_rebuild_identically(store: &d
     );
     timeline.extend(a_steps.into_iter().skip(1));
     timeline.extend(b_steps.into_iter().skip(1));
+    // A visit event for a visit nobody created: quarantined with its reason, never blocking.
+    let orphan = crate::testing::visit_events(
+        VisitId::new(),
+        t0(),
+        &[(VisitEventKind::Called, 1, None, None)],
+    );
+    timeline.push(orphan[1].clone());
     let incoming = crate::testing::incoming(&timeline, 1, t0());
+    let zones = crate::stats::facts::Zones::new();
+    let sfo = stats::FactFilter { site: Some("SFO".into()), ..Default::default() };
     // Ingest in two batches and project in small steps: the same facts as one pass.
     store.ingest_events(agent.id, &incoming[..4], t0()).await.expect("store").expect("ingest");
-    assert_eq!(store.project_facts(agent.id, 3).await.expect("project"), 3);
-    assert_eq!(store.project_facts(agent.id, 3).await.expect("project"), 1);
+    assert_eq!(store.project_facts(agent.id, 3, &zones).await.expect("project"), 3);
+    assert_eq!(store.project_facts(agent.id, 3, &zones).await.expect("project"), 1);
     store
         .ingest_events(agent.id, &incoming[2..], t0())
         .await
         .expect("store")
         .expect("resend overlaps");
-    while store.project_facts(agent.id, 2).await.expect("project") > 0 {}
-    assert_eq!(store.project_facts(agent.id, 100).await.expect("project"), 0, "caught up");
-    let facts = store.visit_facts(Some("SFO")).await.expect("facts");
+    while store.project_facts(agent.id, 2, &zones).await.expect("project") > 0 {}
+    assert_eq!(store.project_facts(agent.id, 100, &zones).await.expect("project"), 0, "caught up");
+    assert_eq!(store.projection_lag().await.expect("lag"), 0);
+    let facts = store.visit_facts(&sfo).await.expect("facts");
     assert_eq!(facts.len(), 2);
     let fa = facts.iter().find(|f| f.visit_id == a.to_string()).expect("a");
     let fb = facts.iter().find(|f| f.visit_id == b.to_string()).expect("b");
@@ -311,17 +322,54 @@ pub async fn facts_project_events_exactly_once_and_rebuild_identically(store: &d
         (fa.outcome.as_deref(), fa.waiting_ms, fa.service_ms),
         (Some("served"), Some(300_000), 240_000)
     );
+    assert_eq!(fa.created_local, "2026-11-02T09:00");
     assert_eq!((fb.outcome.as_deref(), fb.waiting_ms), (Some("no_show"), Some(660_000)));
-    assert_eq!(store.visit_facts(Some("CHI")).await.expect("facts"), vec![]);
+    let chi = stats::FactFilter { site: Some("CHI".into()), ..Default::default() };
+    assert_eq!(store.visit_facts(&chi).await.expect("facts"), vec![]);
+    let transactions = store.transaction_facts(&sfo).await.expect("transactions");
+    assert_eq!(
+        transactions.iter().map(|t| (t.n, t.outcome.as_deref())).collect::<Vec<_>>(),
+        [(0, Some("served")), (0, Some("no_show"))]
+    );
+    assert_eq!(store.open_transactions(None).await.expect("open"), vec![]);
+    let quarantined = store.quarantined(10).await.expect("quarantine");
+    assert_eq!(
+        quarantined.iter().map(|q| (q.seq, q.reason.as_str())).collect::<Vec<_>>(),
+        [(incoming.len() as u64, "no VISIT_CREATED was received for this visit")]
+    );
+
+    // Rollups: the marked day is recomputed once, and equals the facts.
+    assert_eq!(store.pending_rollups().await.expect("pending"), 1);
+    assert_eq!(store.refresh_rollups(10).await.expect("refresh"), 1);
+    assert_eq!(store.pending_rollups().await.expect("pending"), 0);
+    let day = store.rollups(&stats::RollupQuery::default()).await.expect("rollups");
+    let month = store
+        .rollups(&stats::RollupQuery { monthly: true, ..Default::default() })
+        .await
+        .expect("rollups");
+    let expected = crate::stats::report::rollup(&facts);
+    let as_map = |rows: &[stats::RollupRow]| {
+        rows.iter()
+            .map(|r| (r.dims.clone(), r.tally.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(as_map(&day), expected);
+    assert_eq!(as_map(&month), expected);
+    assert_eq!(day[0].period, "2026-11-02");
+    assert_eq!(month[0].period, "2026-11");
 
     store.reset_facts().await.expect("reset");
-    assert_eq!(store.visit_facts(None).await.expect("facts"), vec![]);
-    while store.project_facts(agent.id, 1000).await.expect("rebuild") > 0 {}
+    assert_eq!(store.visit_facts(&Default::default()).await.expect("facts"), vec![]);
+    assert_eq!(store.rollups(&stats::RollupQuery::default()).await.expect("rollups"), vec![]);
+    while store.project_facts(agent.id, 1000, &zones).await.expect("rebuild") > 0 {}
+    while store.refresh_rollups(10).await.expect("refresh") > 0 {}
+    assert_eq!(store.visit_facts(&sfo).await.expect("facts"), facts, "a rebuild is identical");
+    assert_eq!(store.transaction_facts(&sfo).await.expect("transactions"), transactions);
     assert_eq!(
-        store.visit_facts(Some("SFO")).await.expect("facts"),
-        facts,
-        "a rebuild from raw events is identical"
+        as_map(&store.rollups(&stats::RollupQuery::default()).await.expect("rollups")),
+        expected
     );
+    assert_eq!(store.quarantined(10).await.expect("quarantine").len(), 1, "quarantined once");
 }
 
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that

@@ -26,6 +26,8 @@ pub mod conformance;
 mod postgres;
 mod sql_common;
 mod sqlite;
+pub mod stats;
+mod stats_sql;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -205,7 +207,7 @@ pub enum IngestError {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: stats::StatsStore + Send + Sync + 'static {
     /// `postgres` or `sqlite`.
     fn backend(&self) -> &'static str;
 
@@ -270,15 +272,6 @@ pub trait Store: Send + Sync + 'static {
         wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
         shutdown: tokio_util::sync::CancellationToken,
     );
-
-    // --- statistics ---
-    /// Projects up to `limit` of `agent`'s events after its fact cursor into visit facts, in one
-    /// transaction with the cursor; returns how many events it consumed (0: caught up).
-    async fn project_facts(&self, agent: AgentId, limit: u32) -> Result<usize>;
-    /// Visit facts, optionally of one site, ordered by creation.
-    async fn visit_facts(&self, site: Option<&str>) -> Result<Vec<crate::stats::facts::VisitFact>>;
-    /// Drops every fact and cursor, so the next projection rebuilds them from the raw events.
-    async fn reset_facts(&self) -> Result<()>;
 
     /// Records a cumulative command acknowledgement (never moves backwards).
     async fn ack_commands(&self, agent: AgentId, up_to_seq: u64, error: Option<&str>)

@@ -7,6 +7,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::IncomingEvent;
 use super::sql_common::{Backend, impl_store};
+use super::stats_sql::{Col, JsonTable};
 use crate::error::Result;
 
 pub struct PgStore {
@@ -15,6 +16,31 @@ pub struct PgStore {
 
 impl Backend for PgStore {
     type Db = Postgres;
+    const JSON_IDS: &'static str = "SELECT jsonb_array_elements_text(CAST($1 AS jsonb))";
+    const SITE_LOCK: &'static str =
+        "SELECT pg_advisory_xact_lock(hashtext('meridian_rollup:' || $1))";
+
+    fn upsert_json(table: &JsonTable) -> String {
+        let types: Vec<String> = table
+            .cols
+            .iter()
+            .map(|(c, t)| {
+                let ty = match t {
+                    Col::Text => "text",
+                    Col::Int => "bigint",
+                    Col::Time => "timestamptz",
+                };
+                format!("{c} {ty}")
+            })
+            .collect();
+        format!(
+            "INSERT INTO {} ({cols}) SELECT {cols} FROM jsonb_to_recordset(CAST($1 AS jsonb)) AS j({}) {}",
+            table.name,
+            types.join(", "),
+            table.on_conflict(),
+            cols = table.col_list(),
+        )
+    }
 }
 
 impl PgStore {

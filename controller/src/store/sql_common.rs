@@ -134,9 +134,26 @@ impl EventRow {
         self.seq
     }
 
-    pub(super) fn kind_payload_site(self) -> (String, String, String) {
-        (self.kind, self.payload, self.site)
+    pub(super) fn into_parts(self) -> EventParts {
+        EventParts {
+            seq: self.seq,
+            site: self.site,
+            kind: self.kind,
+            occurred_at: self.occurred_at,
+            received_at: self.received_at,
+            payload: self.payload,
+        }
     }
+}
+
+/// A stored event's columns, for the statistics projector.
+pub struct EventParts {
+    pub seq: i64,
+    pub site: String,
+    pub kind: String,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub payload: String,
 }
 
 impl TryFrom<EventRow> for StoredEvent {
@@ -154,54 +171,6 @@ impl TryFrom<EventRow> for StoredEvent {
         })
     }
 }
-
-#[derive(sqlx::FromRow)]
-pub(super) struct VisitFactRow {
-    visit_id: String,
-    agent_id: String,
-    site: String,
-    ticket: String,
-    service: String,
-    queue: String,
-    business_day: String,
-    created_at: DateTime<Utc>,
-    first_called_at: Option<DateTime<Utc>>,
-    ended_at: Option<DateTime<Utc>>,
-    outcome: Option<String>,
-    waiting_ms: Option<i64>,
-    service_ms: i64,
-    counter: Option<String>,
-    staff: Option<String>,
-    transfers: i32,
-    recalls: i32,
-}
-
-impl From<VisitFactRow> for crate::stats::facts::VisitFact {
-    fn from(r: VisitFactRow) -> Self {
-        crate::stats::facts::VisitFact {
-            visit_id: r.visit_id,
-            agent_id: r.agent_id,
-            site: r.site,
-            ticket: r.ticket,
-            service: r.service,
-            queue: r.queue,
-            business_day: r.business_day,
-            created_at: r.created_at,
-            first_called_at: r.first_called_at,
-            ended_at: r.ended_at,
-            outcome: r.outcome,
-            waiting_ms: r.waiting_ms,
-            service_ms: r.service_ms,
-            counter: r.counter,
-            staff: r.staff,
-            transfers: r.transfers,
-            recalls: r.recalls,
-        }
-    }
-}
-
-pub(super) const FACT_COLUMNS: &str = "visit_id, agent_id, site, ticket, service, queue, business_day, \
-    created_at, first_called_at, ended_at, outcome, waiting_ms, service_ms, counter, staff, transfers, recalls";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct CommandRow {
@@ -236,6 +205,8 @@ pub(super) fn agent_key(id: AgentId) -> String {
 /// Expands to `#[async_trait] impl Store for $ty`, with the SQL shared by both backends.
 macro_rules! impl_store {
     ($ty:ty, backend = $backend:literal, lock = $lock:literal) => {
+        $crate::store::stats_sql::impl_stats_store!($ty, lock = $lock);
+
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.
             async fn enqueue_command(
@@ -721,128 +692,6 @@ macro_rules! impl_store {
                 Ok(n as u64)
             }
 
-            async fn project_facts(
-                &self,
-                agent: meridian_shared::AgentId,
-                limit: u32,
-            ) -> $crate::error::Result<usize> {
-                use $crate::stats::facts::{self, VisitFact};
-                let agent_id = $crate::store::sql_common::agent_key(agent);
-                let mut tx = self.tx().await?;
-                // Create the cursor first so concurrent projectors (replicas) serialize on it.
-                sqlx::query("INSERT INTO fact_cursors (agent_id, seq) VALUES ($1, 0) ON CONFLICT (agent_id) DO NOTHING")
-                    .bind(&agent_id)
-                    .execute(&mut *tx)
-                    .await?;
-                let cursor: i64 = sqlx::query_scalar(concat!(
-                    "SELECT seq FROM fact_cursors WHERE agent_id = $1",
-                    $lock
-                ))
-                .bind(&agent_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                let rows: Vec<$crate::store::sql_common::EventRow> = sqlx::query_as(
-                    "SELECT agent_id, seq, site, kind, occurred_at, received_at, CAST(payload AS TEXT) AS payload \
-                     FROM events WHERE agent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                )
-                .bind(&agent_id)
-                .bind(cursor)
-                .bind(i64::from(limit))
-                .fetch_all(&mut *tx)
-                .await?;
-                let Some(last) = rows.last().map(|r| r.seq()) else {
-                    tx.commit().await?;
-                    return Ok(0);
-                };
-                let consumed = rows.len();
-                let mut touched: std::collections::BTreeMap<String, Option<VisitFact>> = Default::default();
-                for row in rows {
-                    let (kind, payload, site) = row.kind_payload_site();
-                    let event = match meridian_shared::events::AgentEvent::decode(&kind, payload.as_bytes()) {
-                        Ok(Some(e)) => e,
-                        Ok(None) => continue, // a kind this version does not derive facts from
-                        Err(e) => {
-                            tracing::warn!(agent = %agent_id, kind = %kind, error = %e, "stored event does not decode; skipped by statistics");
-                            continue;
-                        }
-                    };
-                    let Some(visit) = facts::visit_of(&event) else { continue };
-                    if !touched.contains_key(&visit) {
-                        let existing: Option<$crate::store::sql_common::VisitFactRow> = sqlx::query_as(
-                            sqlx::AssertSqlSafe(format!(
-                                "SELECT {} FROM visit_facts WHERE visit_id = $1",
-                                $crate::store::sql_common::FACT_COLUMNS
-                            )),
-                        )
-                        .bind(&visit)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                        touched.insert(visit.clone(), existing.map(Into::into));
-                    }
-                    let entry = touched.entry(visit).or_default();
-                    *entry = facts::apply(entry.take(), &agent_id, &site, &event);
-                }
-                for fact in touched.into_values().flatten() {
-                    sqlx::query(
-                        "INSERT INTO visit_facts (visit_id, agent_id, site, ticket, service, queue, business_day, \
-                         created_at, first_called_at, ended_at, outcome, waiting_ms, service_ms, counter, staff, transfers, recalls) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-                         ON CONFLICT (visit_id) DO UPDATE SET first_called_at = excluded.first_called_at, \
-                         ended_at = excluded.ended_at, outcome = excluded.outcome, waiting_ms = excluded.waiting_ms, \
-                         service_ms = excluded.service_ms, counter = excluded.counter, staff = excluded.staff, \
-                         transfers = excluded.transfers, recalls = excluded.recalls",
-                    )
-                    .bind(&fact.visit_id)
-                    .bind(&fact.agent_id)
-                    .bind(&fact.site)
-                    .bind(&fact.ticket)
-                    .bind(&fact.service)
-                    .bind(&fact.queue)
-                    .bind(&fact.business_day)
-                    .bind(fact.created_at)
-                    .bind(fact.first_called_at)
-                    .bind(fact.ended_at)
-                    .bind(&fact.outcome)
-                    .bind(fact.waiting_ms)
-                    .bind(fact.service_ms)
-                    .bind(&fact.counter)
-                    .bind(&fact.staff)
-                    .bind(fact.transfers)
-                    .bind(fact.recalls)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                sqlx::query("UPDATE fact_cursors SET seq = $2 WHERE agent_id = $1")
-                    .bind(&agent_id)
-                    .bind(last)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(consumed)
-            }
-
-            async fn visit_facts(
-                &self,
-                site: Option<&str>,
-            ) -> $crate::error::Result<Vec<$crate::stats::facts::VisitFact>> {
-                let rows: Vec<$crate::store::sql_common::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {} FROM visit_facts WHERE ($1 IS NULL OR site = $1) ORDER BY created_at, visit_id",
-                    $crate::store::sql_common::FACT_COLUMNS
-                )))
-                .bind(site)
-                .fetch_all(&self.pool)
-                .await?;
-                Ok(rows.into_iter().map(Into::into).collect())
-            }
-
-            async fn reset_facts(&self) -> $crate::error::Result<()> {
-                let mut tx = self.tx().await?;
-                sqlx::query("DELETE FROM visit_facts").execute(&mut *tx).await?;
-                sqlx::query("DELETE FROM fact_cursors").execute(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-
             async fn commands_after(
                 &self,
                 agent: meridian_shared::AgentId,
@@ -884,7 +733,14 @@ macro_rules! impl_store {
 
 pub(crate) use impl_store;
 
-/// Names the sqlx database type of a backend, for the shared transaction helpers.
+/// What differs between the backends' SQL: the sqlx database type, how a JSON array of ids or
+/// rows is unpacked, and how a refresher takes a per-site lock.
 pub trait Backend {
     type Db: sqlx::Database;
+    /// A subquery selecting the strings of the JSON array bound as `$1`.
+    const JSON_IDS: &'static str;
+    /// Takes a transaction-scoped lock named by `$1` (a no-op where writers are serialized).
+    const SITE_LOCK: &'static str;
+    /// `INSERT … ON CONFLICT …` of the JSON array of row objects bound as `$1`.
+    fn upsert_json(table: &super::stats_sql::JsonTable) -> String;
 }

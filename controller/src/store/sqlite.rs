@@ -12,6 +12,7 @@ use sqlx::{Sqlite, Transaction};
 
 use super::IncomingEvent;
 use super::sql_common::{Backend, impl_store};
+use super::stats_sql::JsonTable;
 use crate::error::Result;
 
 pub struct SqliteStore {
@@ -20,6 +21,21 @@ pub struct SqliteStore {
 
 impl Backend for SqliteStore {
     type Db = Sqlite;
+    const JSON_IDS: &'static str = "SELECT value FROM json_each($1)";
+    // `BEGIN IMMEDIATE` already makes every write transaction the only writer.
+    const SITE_LOCK: &'static str = "SELECT $1";
+
+    fn upsert_json(table: &JsonTable) -> String {
+        let values: Vec<String> =
+            table.cols.iter().map(|(c, _)| format!("json_extract(value, '$.{c}')")).collect();
+        format!(
+            "INSERT INTO {} ({}) SELECT {} FROM json_each($1) WHERE true {}",
+            table.name,
+            table.col_list(),
+            values.join(", "),
+            table.on_conflict(),
+        )
+    }
 }
 
 impl SqliteStore {

@@ -1,0 +1,170 @@
+//! Waiting-time histograms: fixed buckets that merge by addition, so daily and monthly rollups
+//! can be combined into any range and still give percentiles and service levels. A bucket holds
+//! the waits in `(previous edge, edge]`; edges are every 5 s up to 10 min, every 30 s up to an
+//! hour, every minute up to 4 h, then one overflow bucket. A percentile is the upper edge of the
+//! bucket that holds its rank (capped at the observed maximum), so it is exact for waits on an
+//! edge and otherwise at most one bucket width above the true value; a service level against a
+//! KPI in whole minutes (up to 4 h) is exact.
+
+use std::collections::BTreeMap;
+
+const FINE: i64 = 600_000; // 10 min
+const MEDIUM: i64 = 3_600_000; // 1 h
+const COARSE: i64 = 14_400_000; // 4 h
+const FINE_W: i64 = 5_000;
+const MEDIUM_W: i64 = 30_000;
+const COARSE_W: i64 = 60_000;
+const FINE_N: u32 = (FINE / FINE_W) as u32; // 120
+const MEDIUM_N: u32 = FINE_N + ((MEDIUM - FINE) / MEDIUM_W) as u32; // 220
+const COARSE_N: u32 = MEDIUM_N + ((COARSE - MEDIUM) / COARSE_W) as u32; // 400
+const OVERFLOW: u32 = COARSE_N + 1;
+
+fn ceil_div(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
+}
+
+/// The bucket of a wait in milliseconds.
+pub fn bucket(ms: i64) -> u32 {
+    match ms {
+        ..=0 => 0,
+        1..=FINE => ceil_div(ms, FINE_W) as u32,
+        ..=MEDIUM => FINE_N + ceil_div(ms - FINE, MEDIUM_W) as u32,
+        ..=COARSE => MEDIUM_N + ceil_div(ms - MEDIUM, COARSE_W) as u32,
+        _ => OVERFLOW,
+    }
+}
+
+/// The largest wait a bucket holds (`None` for the overflow bucket).
+pub fn upper_edge(b: u32) -> Option<i64> {
+    match b {
+        0..=FINE_N => Some(i64::from(b) * FINE_W),
+        ..=MEDIUM_N => Some(FINE + i64::from(b - FINE_N) * MEDIUM_W),
+        ..=COARSE_N => Some(MEDIUM + i64::from(b - MEDIUM_N) * COARSE_W),
+        _ => None,
+    }
+}
+
+/// Counts per bucket (only non-empty buckets are held).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Histogram(BTreeMap<u32, u64>);
+
+impl Histogram {
+    pub fn add(&mut self, ms: i64) {
+        *self.0.entry(bucket(ms)).or_default() += 1;
+    }
+
+    pub fn merge(&mut self, other: &Histogram) {
+        for (b, n) in &other.0 {
+            *self.0.entry(*b).or_default() += n;
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// Nearest-rank percentile (`p` in 0..=1), capped at `max`.
+    pub fn percentile(&self, p: f64, max: i64) -> Option<i64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((p * n as f64).ceil() as u64).clamp(1, n);
+        let mut seen = 0;
+        for (b, count) in &self.0 {
+            seen += count;
+            if seen >= rank {
+                return Some(upper_edge(*b).map_or(max, |edge| edge.min(max)));
+            }
+        }
+        Some(max)
+    }
+
+    /// How many waits are at most `limit_ms` (exact when `limit_ms` is an edge).
+    pub fn count_at_most(&self, limit_ms: i64) -> u64 {
+        self.0
+            .iter()
+            .take_while(|(b, _)| upper_edge(**b).is_some_and(|edge| edge <= limit_ms))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The buckets with their upper edges, for charts (`None`: beyond 4 h).
+    pub fn buckets(&self) -> impl Iterator<Item = (Option<i64>, u64)> + '_ {
+        self.0.iter().map(|(b, n)| (upper_edge(*b), *n))
+    }
+
+    /// Compact text form for storage: `bucket:count` pairs joined by commas.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        for (i, (b, n)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&format!("{b}:{n}"));
+        }
+        out
+    }
+
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let mut h = Histogram::default();
+        for pair in text.split(',').filter(|p| !p.is_empty()) {
+            let (b, n) =
+                pair.split_once(':').ok_or_else(|| format!("bad histogram pair {pair:?}"))?;
+            let b: u32 = b.parse().map_err(|_| format!("bad histogram bucket {b:?}"))?;
+            let n: u64 = n.parse().map_err(|_| format!("bad histogram count {n:?}"))?;
+            if b > OVERFLOW {
+                return Err(format!("histogram bucket {b} out of range"));
+            }
+            *h.0.entry(b).or_default() += n;
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edges_are_inclusive_and_round_trip() {
+        for ms in [0, 1, 4_999, 5_000, 5_001, 600_000, 600_001, 3_600_000, 14_400_000, 14_400_001] {
+            let b = bucket(ms);
+            match upper_edge(b) {
+                Some(edge) => {
+                    assert!(ms <= edge, "{ms} ≤ edge {edge}");
+                    assert!(b == 0 || upper_edge(b - 1).is_some_and(|prev| ms > prev), "{ms}");
+                }
+                None => assert!(ms > COARSE),
+            }
+        }
+        // Every whole minute up to 4 h is an edge.
+        for minute in 0..=240 {
+            assert_eq!(upper_edge(bucket(minute * 60_000)), Some(minute * 60_000), "{minute} min");
+        }
+    }
+
+    #[test]
+    fn percentiles_and_service_levels_are_exact_on_edges() {
+        let mut h = Histogram::default();
+        for m in [2, 4, 6, 30] {
+            h.add(m * 60_000);
+        }
+        assert_eq!(h.percentile(0.5, 30 * 60_000), Some(4 * 60_000));
+        assert_eq!(h.percentile(0.9, 30 * 60_000), Some(30 * 60_000));
+        assert_eq!(h.count_at_most(6 * 60_000), 3);
+        assert_eq!(h.count_at_most(5 * 60_000), 2);
+        // Off-edge values round up to their bucket, never beyond the maximum.
+        let mut odd = Histogram::default();
+        odd.add(61_234);
+        assert_eq!(odd.percentile(0.5, 61_234), Some(61_234));
+        odd.add(70_001);
+        assert_eq!(odd.percentile(0.5, 70_001), Some(65_000));
+        let mut merged = h.clone();
+        merged.merge(&odd);
+        assert_eq!(merged.count(), 6);
+        assert_eq!(Histogram::decode(&merged.encode()), Ok(merged));
+        assert!(Histogram::decode("1:2,x").is_err());
+        assert!(Histogram::decode("9999:1").is_err());
+    }
+}

@@ -1,0 +1,905 @@
+//! The statistics SQL both backends share. Facts are written in batches: every row of a table
+//! goes into one statement as a JSON array, which PostgreSQL unpacks with `jsonb_to_recordset`
+//! and SQLite with `json_each` (the backend builds that statement, see [`Backend::upsert_json`]),
+//! so a projected batch costs a handful of round trips, not one per visit.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use super::stats::{QuarantinedEvent, RollupRow};
+use crate::error::{Error, Result};
+use crate::stats::facts::{Quarantined, SessionFact, TransactionFact, VisitFact};
+use crate::stats::hist::Histogram;
+use crate::stats::report::{Dims, Tally};
+
+/// How a column is typed in the JSON rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Col {
+    Text,
+    Int,
+    Time,
+}
+
+/// A table written from JSON rows: its columns, conflict key, and whether a conflicting row is
+/// updated (`true`) or left alone.
+pub struct JsonTable {
+    pub name: &'static str,
+    pub cols: &'static [(&'static str, Col)],
+    pub key: &'static [&'static str],
+    pub update: bool,
+}
+
+impl JsonTable {
+    pub fn col_list(&self) -> String {
+        self.cols.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+    }
+
+    pub fn on_conflict(&self) -> String {
+        let key = self.key.join(", ");
+        if !self.update {
+            return format!("ON CONFLICT ({key}) DO NOTHING");
+        }
+        let set: Vec<String> = self
+            .cols
+            .iter()
+            .filter(|(c, _)| !self.key.contains(c))
+            .map(|(c, _)| format!("{c} = excluded.{c}"))
+            .collect();
+        format!("ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", "))
+    }
+}
+
+use Col::{Int, Text, Time};
+
+pub const VISIT_FACTS: JsonTable = JsonTable {
+    name: "visit_facts",
+    cols: &[
+        ("visit_id", Text),
+        ("agent_id", Text),
+        ("site", Text),
+        ("ticket", Text),
+        ("service", Text),
+        ("queue", Text),
+        ("business_day", Text),
+        ("created_at", Time),
+        ("created_local", Text),
+        ("first_called_at", Time),
+        ("ended_at", Time),
+        ("outcome", Text),
+        ("waiting_ms", Int),
+        ("service_ms", Int),
+        ("counter", Text),
+        ("staff", Text),
+        ("transfers", Int),
+        ("recalls", Int),
+    ],
+    key: &["visit_id"],
+    update: true,
+};
+
+pub const TRANSACTION_FACTS: JsonTable = JsonTable {
+    name: "transaction_facts",
+    cols: &[
+        ("visit_id", Text),
+        ("n", Int),
+        ("agent_id", Text),
+        ("site", Text),
+        ("service", Text),
+        ("queue", Text),
+        ("place", Text),
+        ("business_day", Text),
+        ("entered_at", Time),
+        ("entered_local", Text),
+        ("called_at", Time),
+        ("ended_at", Time),
+        ("outcome", Text),
+        ("waiting_ms", Int),
+        ("service_ms", Int),
+        ("counter", Text),
+        ("staff", Text),
+    ],
+    key: &["visit_id", "n"],
+    update: true,
+};
+
+pub const SESSION_FACTS: JsonTable = JsonTable {
+    name: "session_facts",
+    cols: &[
+        ("agent_id", Text),
+        ("kind", Text),
+        ("subject", Text),
+        ("opened_at", Time),
+        ("opened_local", Text),
+        ("site", Text),
+        ("other", Text),
+        ("closed_at", Time),
+        ("serving_ms", Int),
+        ("served", Int),
+    ],
+    key: &["agent_id", "kind", "subject", "opened_at"],
+    update: true,
+};
+
+pub const QUARANTINE: JsonTable = JsonTable {
+    name: "quarantined_events",
+    cols: &[
+        ("agent_id", Text),
+        ("seq", Int),
+        ("site", Text),
+        ("kind", Text),
+        ("stage", Text),
+        ("reason", Text),
+        ("payload", Text),
+        ("occurred_at", Time),
+        ("received_at", Time),
+    ],
+    key: &["agent_id", "seq"],
+    update: false,
+};
+
+pub const DIRTY: JsonTable = JsonTable {
+    name: "rollup_dirty",
+    cols: &[("site", Text), ("day", Text)],
+    key: &["site", "day"],
+    update: false,
+};
+
+const TALLY_COLS: [(&str, Col); 13] = [
+    ("service", Text),
+    ("queue", Text),
+    ("counter", Text),
+    ("staff", Text),
+    ("visits", Int),
+    ("served", Int),
+    ("no_shows", Int),
+    ("waited", Int),
+    ("wait_sum_ms", Int),
+    ("wait_max_ms", Int),
+    ("waits", Text),
+    ("served_waits", Text),
+    ("service_sum_ms", Int),
+];
+
+const fn rollup_cols(period: &'static str) -> [(&'static str, Col); 15] {
+    let mut out = [("site", Text); 15];
+    out[1] = (period, Text);
+    let mut i = 0;
+    while i < TALLY_COLS.len() {
+        out[i + 2] = TALLY_COLS[i];
+        i += 1;
+    }
+    out
+}
+
+const DAY_COLS: [(&str, Col); 15] = rollup_cols("day");
+const MONTH_COLS: [(&str, Col); 15] = rollup_cols("month");
+
+pub const ROLLUP_DAY: JsonTable = JsonTable {
+    name: "rollup_day",
+    cols: &DAY_COLS,
+    key: &["site", "day", "service", "queue", "counter", "staff"],
+    update: true,
+};
+
+pub const ROLLUP_MONTH: JsonTable = JsonTable {
+    name: "rollup_month",
+    cols: &MONTH_COLS,
+    key: &["site", "month", "service", "queue", "counter", "staff"],
+    update: true,
+};
+
+/// Timestamps in JSON rows: one fixed format, so SQLite's text columns sort correctly.
+fn ts(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn ts_opt(t: Option<DateTime<Utc>>) -> Value {
+    t.map_or(Value::Null, |t| Value::String(ts(t)))
+}
+
+pub fn visit_json(f: &VisitFact) -> Value {
+    json!({
+        "visit_id": f.visit_id, "agent_id": f.agent_id, "site": f.site, "ticket": f.ticket,
+        "service": f.service, "queue": f.queue, "business_day": f.business_day,
+        "created_at": ts(f.created_at), "created_local": f.created_local,
+        "first_called_at": ts_opt(f.first_called_at), "ended_at": ts_opt(f.ended_at),
+        "outcome": f.outcome, "waiting_ms": f.waiting_ms, "service_ms": f.service_ms,
+        "counter": f.counter, "staff": f.staff, "transfers": f.transfers, "recalls": f.recalls,
+    })
+}
+
+pub fn transaction_json(t: &TransactionFact) -> Value {
+    json!({
+        "visit_id": t.visit_id, "n": t.n, "agent_id": t.agent_id, "site": t.site,
+        "service": t.service, "queue": t.queue, "place": t.place, "business_day": t.business_day,
+        "entered_at": ts(t.entered_at), "entered_local": t.entered_local,
+        "called_at": ts_opt(t.called_at), "ended_at": ts_opt(t.ended_at), "outcome": t.outcome,
+        "waiting_ms": t.waiting_ms, "service_ms": t.service_ms, "counter": t.counter,
+        "staff": t.staff,
+    })
+}
+
+pub fn session_json(s: &SessionFact) -> Value {
+    json!({
+        "agent_id": s.agent_id, "kind": s.kind, "subject": s.subject,
+        "opened_at": ts(s.opened_at), "opened_local": s.opened_local, "site": s.site,
+        "other": s.other, "closed_at": ts_opt(s.closed_at), "serving_ms": s.serving_ms,
+        "served": s.served,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn quarantine_json(
+    q: &Quarantined,
+    stage: &str,
+    payload: &str,
+    occurred_at: Option<DateTime<Utc>>,
+    received_at: DateTime<Utc>,
+) -> Value {
+    json!({
+        "agent_id": q.agent_id, "seq": q.seq, "site": q.site, "kind": q.kind, "stage": stage,
+        "reason": q.reason, "payload": payload, "occurred_at": ts_opt(occurred_at),
+        "received_at": ts(received_at),
+    })
+}
+
+pub fn rollup_json(site: &str, period_col: &str, period: &str, dims: &Dims, t: &Tally) -> Value {
+    let mut v = json!({
+        "site": site, "service": dims.service, "queue": dims.queue, "counter": dims.counter,
+        "staff": dims.staff, "visits": t.visits, "served": t.served, "no_shows": t.no_shows,
+        "waited": t.waited, "wait_sum_ms": t.wait_sum_ms, "wait_max_ms": t.wait_max_ms,
+        "waits": t.waits.encode(), "served_waits": t.served_waits.encode(),
+        "service_sum_ms": t.service_sum_ms,
+    });
+    v[period_col] = Value::String(period.to_owned());
+    v
+}
+
+pub const FACT_COLUMNS: &str = "visit_id, agent_id, site, ticket, service, queue, business_day, \
+    created_at, created_local, first_called_at, ended_at, outcome, waiting_ms, service_ms, counter, \
+    staff, transfers, recalls";
+
+#[derive(sqlx::FromRow)]
+pub struct VisitFactRow {
+    visit_id: String,
+    agent_id: String,
+    site: String,
+    ticket: String,
+    service: String,
+    queue: String,
+    business_day: String,
+    created_at: DateTime<Utc>,
+    created_local: String,
+    first_called_at: Option<DateTime<Utc>>,
+    ended_at: Option<DateTime<Utc>>,
+    outcome: Option<String>,
+    waiting_ms: Option<i64>,
+    service_ms: i64,
+    counter: Option<String>,
+    staff: Option<String>,
+    transfers: i32,
+    recalls: i32,
+}
+
+impl From<VisitFactRow> for VisitFact {
+    fn from(r: VisitFactRow) -> Self {
+        VisitFact {
+            visit_id: r.visit_id,
+            agent_id: r.agent_id,
+            site: r.site,
+            ticket: r.ticket,
+            service: r.service,
+            queue: r.queue,
+            business_day: r.business_day,
+            created_at: r.created_at,
+            created_local: r.created_local,
+            first_called_at: r.first_called_at,
+            ended_at: r.ended_at,
+            outcome: r.outcome,
+            waiting_ms: r.waiting_ms,
+            service_ms: r.service_ms,
+            counter: r.counter,
+            staff: r.staff,
+            transfers: r.transfers,
+            recalls: r.recalls,
+        }
+    }
+}
+
+pub const TRANSACTION_COLUMNS: &str = "visit_id, n, agent_id, site, service, queue, place, \
+    business_day, entered_at, entered_local, called_at, ended_at, outcome, waiting_ms, service_ms, \
+    counter, staff";
+
+#[derive(sqlx::FromRow)]
+pub struct TransactionRow {
+    visit_id: String,
+    n: i32,
+    agent_id: String,
+    site: String,
+    service: String,
+    queue: String,
+    place: String,
+    business_day: String,
+    entered_at: DateTime<Utc>,
+    entered_local: String,
+    called_at: Option<DateTime<Utc>>,
+    ended_at: Option<DateTime<Utc>>,
+    outcome: Option<String>,
+    waiting_ms: Option<i64>,
+    service_ms: i64,
+    counter: Option<String>,
+    staff: Option<String>,
+}
+
+impl From<TransactionRow> for TransactionFact {
+    fn from(r: TransactionRow) -> Self {
+        TransactionFact {
+            visit_id: r.visit_id,
+            n: r.n,
+            agent_id: r.agent_id,
+            site: r.site,
+            service: r.service,
+            queue: r.queue,
+            place: r.place,
+            business_day: r.business_day,
+            entered_at: r.entered_at,
+            entered_local: r.entered_local,
+            called_at: r.called_at,
+            ended_at: r.ended_at,
+            outcome: r.outcome,
+            waiting_ms: r.waiting_ms,
+            service_ms: r.service_ms,
+            counter: r.counter,
+            staff: r.staff,
+        }
+    }
+}
+
+pub const SESSION_COLUMNS: &str =
+    "agent_id, kind, subject, opened_at, opened_local, site, other, closed_at, serving_ms, served";
+
+#[derive(sqlx::FromRow)]
+pub struct SessionRow {
+    agent_id: String,
+    kind: String,
+    subject: String,
+    opened_at: DateTime<Utc>,
+    opened_local: String,
+    site: String,
+    other: Option<String>,
+    closed_at: Option<DateTime<Utc>>,
+    serving_ms: i64,
+    served: i32,
+}
+
+impl From<SessionRow> for SessionFact {
+    fn from(r: SessionRow) -> Self {
+        SessionFact {
+            agent_id: r.agent_id,
+            site: r.site,
+            kind: r.kind,
+            subject: r.subject,
+            other: r.other,
+            opened_at: r.opened_at,
+            opened_local: r.opened_local,
+            closed_at: r.closed_at,
+            serving_ms: r.serving_ms,
+            served: r.served,
+        }
+    }
+}
+
+/// Rollup columns with the period column aliased to `period`.
+pub fn rollup_select(table: &JsonTable) -> String {
+    let cols: Vec<String> = table
+        .cols
+        .iter()
+        .enumerate()
+        .map(|(i, (c, _))| if i == 1 { format!("{c} AS period") } else { (*c).to_owned() })
+        .collect();
+    format!("SELECT {} FROM {}", cols.join(", "), table.name)
+}
+
+#[derive(sqlx::FromRow)]
+pub struct RollupSqlRow {
+    site: String,
+    period: String,
+    service: String,
+    queue: String,
+    counter: String,
+    staff: String,
+    visits: i64,
+    served: i64,
+    no_shows: i64,
+    waited: i64,
+    wait_sum_ms: i64,
+    wait_max_ms: i64,
+    waits: String,
+    served_waits: String,
+    service_sum_ms: i64,
+}
+
+impl TryFrom<RollupSqlRow> for RollupRow {
+    type Error = Error;
+    fn try_from(r: RollupSqlRow) -> Result<Self> {
+        let hist = |text: &str| {
+            Histogram::decode(text)
+                .map_err(|e| Error::Internal(format!("corrupt rollup histogram: {e}")))
+        };
+        Ok(RollupRow {
+            tally: Tally {
+                visits: r.visits as u64,
+                served: r.served as u64,
+                no_shows: r.no_shows as u64,
+                waited: r.waited as u64,
+                wait_sum_ms: r.wait_sum_ms,
+                wait_max_ms: r.wait_max_ms,
+                waits: hist(&r.waits)?,
+                served_waits: hist(&r.served_waits)?,
+                service_sum_ms: r.service_sum_ms,
+            },
+            dims: Dims {
+                site: r.site,
+                service: r.service,
+                queue: r.queue,
+                counter: r.counter,
+                staff: r.staff,
+            },
+            period: r.period,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub struct QuarantineRow {
+    agent_id: String,
+    seq: i64,
+    site: String,
+    kind: String,
+    reason: String,
+    payload: String,
+    occurred_at: Option<DateTime<Utc>>,
+    received_at: DateTime<Utc>,
+}
+
+impl From<QuarantineRow> for QuarantinedEvent {
+    fn from(r: QuarantineRow) -> Self {
+        QuarantinedEvent {
+            agent_id: r.agent_id,
+            seq: r.seq as u64,
+            site: r.site,
+            kind: r.kind,
+            reason: r.reason,
+            payload: r.payload,
+            occurred_at: r.occurred_at,
+            received_at: r.received_at,
+        }
+    }
+}
+
+/// Merges daily rollup rows into the month's rows.
+pub fn month_of(rows: Vec<RollupRow>) -> BTreeMap<Dims, Tally> {
+    let mut out: BTreeMap<Dims, Tally> = BTreeMap::new();
+    for r in rows {
+        out.entry(r.dims).or_default().merge(&r.tally);
+    }
+    out
+}
+
+/// The day after a `YYYY-MM-DD` day, for exclusive upper bounds on local timestamps.
+pub fn next_day(day: &str) -> Option<String> {
+    let d: chrono::NaiveDate = day.parse().ok()?;
+    d.succ_opt().map(|d| d.to_string())
+}
+
+/// Expands to `#[async_trait] impl StatsStore for $ty`.
+macro_rules! impl_stats_store {
+    ($ty:ty, lock = $lock:literal) => {
+        impl $ty {
+            /// Writes `rows` into `table` in one statement.
+            async fn write_json(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                table: &$crate::store::stats_sql::JsonTable,
+                rows: Vec<serde_json::Value>,
+            ) -> $crate::error::Result<()> {
+                if rows.is_empty() {
+                    return Ok(());
+                }
+                let sql = <$ty as $crate::store::sql_common::Backend>::upsert_json(table);
+                let body = serde_json::Value::Array(rows).to_string();
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(body).execute(&mut **tx).await?;
+                Ok(())
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::stats::StatsStore for $ty {
+            async fn project_facts(
+                &self,
+                agent: meridian_shared::AgentId,
+                limit: u32,
+                zones: &$crate::stats::facts::Zones,
+            ) -> $crate::error::Result<usize> {
+                use $crate::store::stats_sql as sql;
+                use $crate::stats::facts::{self, Projection, Quarantined, VisitState};
+                use $crate::store::sql_common::Backend;
+                let agent_id = $crate::store::sql_common::agent_key(agent);
+                let mut tx = self.tx().await?;
+                // Create the cursor first so concurrent projectors (replicas) serialize on it.
+                sqlx::query("INSERT INTO fact_cursors (agent_id, seq) VALUES ($1, 0) ON CONFLICT (agent_id) DO NOTHING")
+                    .bind(&agent_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let cursor: i64 = sqlx::query_scalar(concat!(
+                    "SELECT seq FROM fact_cursors WHERE agent_id = $1",
+                    $lock
+                ))
+                .bind(&agent_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                // Read the acknowledgement before the events: every event up to it is visible to
+                // the next statement, so a short read covers it (some sequences never reach the
+                // events table: the gateway quarantined them).
+                let acked: i64 = sqlx::query_scalar("SELECT acked_seq FROM agents WHERE id = $1")
+                    .bind(&agent_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .unwrap_or(0);
+                let rows: Vec<$crate::store::sql_common::EventRow> = sqlx::query_as(
+                    "SELECT agent_id, seq, site, kind, occurred_at, received_at, CAST(payload AS TEXT) AS payload \
+                     FROM events WHERE agent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                )
+                .bind(&agent_id)
+                .bind(cursor)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+                let consumed = rows.len();
+                let mut next_cursor = rows.last().map_or(cursor, |r| r.seq());
+                if consumed < limit as usize {
+                    next_cursor = next_cursor.max(acked);
+                }
+                if consumed == 0 {
+                    if next_cursor != cursor {
+                        sqlx::query("UPDATE fact_cursors SET seq = $2 WHERE agent_id = $1")
+                            .bind(&agent_id)
+                            .bind(next_cursor)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await?;
+                    return Ok(0);
+                }
+                let decoded: Vec<_> = rows
+                    .into_iter()
+                    .map(|row| {
+                        let parts = row.into_parts();
+                        let event = meridian_shared::events::AgentEvent::decode(&parts.kind, parts.payload.as_bytes());
+                        (parts, event)
+                    })
+                    .collect();
+                let ids: std::collections::BTreeSet<String> = decoded
+                    .iter()
+                    .filter_map(|(_, e)| e.as_ref().ok().and_then(|e| e.as_ref()).and_then(facts::visit_of))
+                    .collect();
+                let mut p = Projection::default();
+                if !ids.is_empty() {
+                    let ids_json = serde_json::to_string(&ids).map_err(|e| $crate::error::Error::Internal(e.to_string()))?;
+                    let stored: Vec<sql::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM visit_facts WHERE visit_id IN ({})",
+                        sql::FACT_COLUMNS,
+                        <$ty as Backend>::JSON_IDS
+                    )))
+                    .bind(&ids_json)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let stints: Vec<sql::TransactionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM transaction_facts WHERE visit_id IN ({}) ORDER BY visit_id, n",
+                        sql::TRANSACTION_COLUMNS,
+                        <$ty as Backend>::JSON_IDS
+                    )))
+                    .bind(&ids_json)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for f in stored {
+                        let fact: facts::VisitFact = f.into();
+                        p.visits.insert(fact.visit_id.clone(), VisitState { fact, stints: vec![] });
+                    }
+                    for t in stints {
+                        let t: facts::TransactionFact = t.into();
+                        if let Some(v) = p.visits.get_mut(&t.visit_id) {
+                            v.stints.push(t);
+                        }
+                    }
+                }
+                let open: Vec<sql::SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM session_facts WHERE agent_id = $1 AND closed_at IS NULL",
+                    sql::SESSION_COLUMNS
+                )))
+                .bind(&agent_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for s in open {
+                    let s: facts::SessionFact = s.into();
+                    p.open.insert((s.kind.clone(), s.subject.clone()), s);
+                }
+                let mut quarantine = Vec::new();
+                let mut payloads = std::collections::HashMap::new();
+                for (parts, event) in &decoded {
+                    let before = p.quarantined.len();
+                    match event {
+                        Ok(Some(e)) => p.apply(&agent_id, parts.seq as u64, &parts.site, e, zones),
+                        Ok(None) => {} // a kind this version derives no facts from
+                        Err(e) => p.quarantined.push(Quarantined {
+                            agent_id: agent_id.clone(),
+                            seq: parts.seq as u64,
+                            site: parts.site.clone(),
+                            kind: parts.kind.clone(),
+                            reason: format!("the payload does not decode: {e}"),
+                        }),
+                    }
+                    if p.quarantined.len() > before {
+                        payloads.insert(parts.seq as u64, parts);
+                    }
+                }
+                for q in &p.quarantined {
+                    if let Some(parts) = payloads.get(&q.seq) {
+                        tracing::warn!(agent = %agent_id, seq = q.seq, kind = %q.kind, reason = %q.reason, "event quarantined by statistics");
+                        quarantine.push(sql::quarantine_json(q, "projection", &parts.payload, Some(parts.occurred_at), parts.received_at));
+                    }
+                }
+                let visits: Vec<_> = p.touched.iter().filter_map(|id| p.visits.get(id)).collect();
+                let visit_rows = visits.iter().map(|v| sql::visit_json(&v.fact)).collect();
+                let stint_rows = visits.iter().flat_map(|v| v.stints.iter().map(sql::transaction_json)).collect();
+                let session_rows = p.sessions().map(sql::session_json).collect();
+                let dirty_rows = p.dirty_days.iter().map(|(site, day)| serde_json::json!({"site": site, "day": day})).collect();
+                Self::write_json(&mut tx, &sql::VISIT_FACTS, visit_rows).await?;
+                Self::write_json(&mut tx, &sql::TRANSACTION_FACTS, stint_rows).await?;
+                Self::write_json(&mut tx, &sql::SESSION_FACTS, session_rows).await?;
+                Self::write_json(&mut tx, &sql::QUARANTINE, quarantine).await?;
+                Self::write_json(&mut tx, &sql::DIRTY, dirty_rows).await?;
+                sqlx::query("UPDATE fact_cursors SET seq = $2 WHERE agent_id = $1")
+                    .bind(&agent_id)
+                    .bind(next_cursor)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(consumed)
+            }
+
+            async fn refresh_rollups(&self, limit: u32) -> $crate::error::Result<usize> {
+                use $crate::store::stats_sql as sql;
+                use $crate::store::sql_common::Backend;
+                let dirty: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT site, day FROM rollup_dirty ORDER BY day, site LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                let mut done = 0;
+                for (site, day) in dirty {
+                    let mut tx = self.tx().await?;
+                    // One refresher per site at a time, so month rows are never computed from a
+                    // stale view of their days.
+                    sqlx::query(<$ty as Backend>::SITE_LOCK).bind(&site).execute(&mut *tx).await?;
+                    let claimed = sqlx::query("DELETE FROM rollup_dirty WHERE site = $1 AND day = $2")
+                        .bind(&site)
+                        .bind(&day)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if claimed == 0 {
+                        tx.commit().await?;
+                        continue;
+                    }
+                    let facts: Vec<sql::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {} FROM visit_facts WHERE site = $1 AND business_day = $2",
+                        sql::FACT_COLUMNS
+                    )))
+                    .bind(&site)
+                    .bind(&day)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let facts: Vec<$crate::stats::facts::VisitFact> = facts.into_iter().map(Into::into).collect();
+                    let rows = $crate::stats::report::rollup(&facts);
+                    sqlx::query("DELETE FROM rollup_day WHERE site = $1 AND day = $2")
+                        .bind(&site)
+                        .bind(&day)
+                        .execute(&mut *tx)
+                        .await?;
+                    let json = rows.iter().map(|(d, t)| sql::rollup_json(&site, "day", &day, d, t)).collect();
+                    Self::write_json(&mut tx, &sql::ROLLUP_DAY, json).await?;
+                    let month = day.get(..7).unwrap_or(&day).to_owned();
+                    let days: Vec<sql::RollupSqlRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "{} WHERE site = $1 AND day >= $2 AND day <= $3",
+                        sql::rollup_select(&sql::ROLLUP_DAY)
+                    )))
+                    .bind(&site)
+                    .bind(format!("{month}-01"))
+                    .bind(format!("{month}-31"))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let days = days.into_iter().map(TryInto::try_into).collect::<$crate::error::Result<Vec<_>>>()?;
+                    let merged = sql::month_of(days);
+                    sqlx::query("DELETE FROM rollup_month WHERE site = $1 AND month = $2")
+                        .bind(&site)
+                        .bind(&month)
+                        .execute(&mut *tx)
+                        .await?;
+                    let json = merged.iter().map(|(d, t)| sql::rollup_json(&site, "month", &month, d, t)).collect();
+                    Self::write_json(&mut tx, &sql::ROLLUP_MONTH, json).await?;
+                    tx.commit().await?;
+                    done += 1;
+                }
+                Ok(done)
+            }
+
+            async fn pending_rollups(&self) -> $crate::error::Result<u64> {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollup_dirty")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(n as u64)
+            }
+
+            async fn projection_lag(&self) -> $crate::error::Result<u64> {
+                let n: Option<i64> = sqlx::query_scalar(
+                    "SELECT CAST(SUM(a.acked_seq - COALESCE(c.seq, 0)) AS BIGINT) FROM agents a \
+                     LEFT JOIN fact_cursors c ON c.agent_id = a.id WHERE a.acked_seq > COALESCE(c.seq, 0)",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(n.unwrap_or(0).max(0) as u64)
+            }
+
+            async fn visit_facts(
+                &self,
+                filter: &$crate::store::stats::FactFilter,
+            ) -> $crate::error::Result<Vec<$crate::stats::facts::VisitFact>> {
+                use $crate::store::stats_sql as sql;
+                let rows: Vec<sql::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM visit_facts WHERE ($1 IS NULL OR site = $1) AND ($2 IS NULL OR service = $2) \
+                     AND ($3 IS NULL OR business_day >= $3) AND ($4 IS NULL OR business_day <= $4) \
+                     ORDER BY created_at, visit_id",
+                    sql::FACT_COLUMNS
+                )))
+                .bind(&filter.site)
+                .bind(&filter.service)
+                .bind(&filter.from_day)
+                .bind(&filter.to_day)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn transaction_facts(
+                &self,
+                filter: &$crate::store::stats::FactFilter,
+            ) -> $crate::error::Result<Vec<$crate::stats::facts::TransactionFact>> {
+                use $crate::store::stats_sql as sql;
+                let rows: Vec<sql::TransactionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM transaction_facts WHERE ($1 IS NULL OR site = $1) AND ($2 IS NULL OR service = $2) \
+                     AND ($3 IS NULL OR business_day >= $3) AND ($4 IS NULL OR business_day <= $4) \
+                     ORDER BY entered_at, visit_id, n",
+                    sql::TRANSACTION_COLUMNS
+                )))
+                .bind(&filter.site)
+                .bind(&filter.service)
+                .bind(&filter.from_day)
+                .bind(&filter.to_day)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn session_facts(
+                &self,
+                filter: &$crate::store::stats::FactFilter,
+            ) -> $crate::error::Result<Vec<$crate::stats::facts::SessionFact>> {
+                use $crate::store::stats_sql as sql;
+                let until = filter.to_day.as_deref().and_then(sql::next_day);
+                let rows: Vec<sql::SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM session_facts WHERE ($1 IS NULL OR site = $1) \
+                     AND ($2 IS NULL OR opened_local >= $2) AND ($3 IS NULL OR opened_local < $3) \
+                     ORDER BY opened_at, kind, subject",
+                    sql::SESSION_COLUMNS
+                )))
+                .bind(&filter.site)
+                .bind(&filter.from_day)
+                .bind(until)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn open_transactions(
+                &self,
+                site: Option<&str>,
+            ) -> $crate::error::Result<Vec<$crate::stats::facts::TransactionFact>> {
+                use $crate::store::stats_sql as sql;
+                let rows: Vec<sql::TransactionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM transaction_facts WHERE outcome IS NULL AND ($1 IS NULL OR site = $1) \
+                     ORDER BY entered_at",
+                    sql::TRANSACTION_COLUMNS
+                )))
+                .bind(site)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn open_sessions(
+                &self,
+                site: Option<&str>,
+            ) -> $crate::error::Result<Vec<$crate::stats::facts::SessionFact>> {
+                use $crate::store::stats_sql as sql;
+                let rows: Vec<sql::SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM session_facts WHERE closed_at IS NULL AND ($1 IS NULL OR site = $1) \
+                     ORDER BY site, kind, subject",
+                    sql::SESSION_COLUMNS
+                )))
+                .bind(site)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn rollups(
+                &self,
+                q: &$crate::store::stats::RollupQuery,
+            ) -> $crate::error::Result<Vec<$crate::store::stats::RollupRow>> {
+                use $crate::store::stats_sql as sql;
+                let (table, col) = if q.monthly { (&sql::ROLLUP_MONTH, "month") } else { (&sql::ROLLUP_DAY, "day") };
+                let rows: Vec<sql::RollupSqlRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE ($1 IS NULL OR site = $1) AND ($2 IS NULL OR service = $2) \
+                     AND ($3 IS NULL OR {col} >= $3) AND ($4 IS NULL OR {col} <= $4)",
+                    sql::rollup_select(table)
+                )))
+                .bind(&q.site)
+                .bind(&q.service)
+                .bind(&q.from)
+                .bind(&q.to)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn quarantined(
+                &self,
+                limit: u32,
+            ) -> $crate::error::Result<Vec<$crate::store::stats::QuarantinedEvent>> {
+                let rows: Vec<$crate::store::stats_sql::QuarantineRow> = sqlx::query_as(
+                    "SELECT agent_id, seq, site, kind, reason, payload, occurred_at, received_at \
+                     FROM quarantined_events ORDER BY received_at DESC, agent_id, seq DESC LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn reset_facts(&self) -> $crate::error::Result<()> {
+                let mut tx = self.tx().await?;
+                for table in [
+                    "visit_facts",
+                    "transaction_facts",
+                    "session_facts",
+                    "rollup_day",
+                    "rollup_month",
+                    "rollup_dirty",
+                    "fact_cursors",
+                ] {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}"))).execute(&mut *tx).await?;
+                }
+                sqlx::query("DELETE FROM quarantined_events WHERE stage = 'projection'")
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use impl_stats_store;
