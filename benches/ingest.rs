@@ -613,6 +613,7 @@ impl PayloadGen {
             queue: self.queue.clone(),
             business_day: at.date_naive(),
             created_at: at,
+            customer: None,
         });
         (at, event.payload())
     }

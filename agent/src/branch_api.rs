@@ -1,7 +1,8 @@
 //! The branch LAN HTTP server: `GET /api/v1/status`, `POST /api/v1/visits`,
 //! `GET /api/v1/visits?status=waiting`. Works from the local store whether or not the
-//! controller is reachable. Errors are typed JSON bodies `{"code","message"}`; a client's
-//! mistake is a 4xx and is not logged at error level.
+//! controller is reachable. Errors are typed JSON bodies `{"code","message","details"?}`
+//! (`details` lists invalid fields); a client's mistake is a 4xx and is not logged at error
+//! level.
 
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ use crate::auth::{self, Caller, Refusal};
 use crate::error::Error;
 use crate::store::queries;
 use crate::visits::{self, QueueState, ServicePointState, Visit};
+use meridian_shared::ValidationError;
+use meridian_shared::customer::{Customer, CustomerInput};
 use meridian_shared::visits::{Location, Op, Position, VisitStatus};
 
 /// Largest accepted request body.
@@ -59,11 +62,14 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Field by field, for invalid input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<Vec<ValidationError>>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), details: None }
     }
 }
 
@@ -81,6 +87,10 @@ impl From<Error> for ApiError {
             Error::Validation(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
             }
+            Error::InvalidFields(errs) => ApiError {
+                details: Some(errs.0),
+                ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
+            },
             Error::NotConfigured => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_configured", message)
             }
@@ -154,6 +164,23 @@ async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, Api
 #[serde(deny_unknown_fields)]
 struct NewVisit {
     service: String,
+    /// Optional customer fields (personal data; see `meridian_shared::customer`).
+    #[serde(default)]
+    customer: Option<CustomerInput>,
+}
+
+impl NewVisit {
+    /// The service code and the validated customer, or every problem at once.
+    fn validate(self) -> Result<(String, Option<Customer>), Error> {
+        check_code("service", &self.service)?;
+        let customer = match self.customer {
+            Some(input) => {
+                input.validate().map_err(|errs| Error::InvalidFields(errs.nest("customer")))?
+            }
+            None => None,
+        };
+        Ok((self.service, customer))
+    }
 }
 
 type Json201<T> = Result<(StatusCode, Json<T>), ApiError>;
@@ -189,9 +216,11 @@ async fn create_visit(
     body: Result<Json<NewVisit>, JsonRejection>,
 ) -> Json201<Visit> {
     let Json(req) = body?;
-    check_code("service", &req.service)?;
-    let visit =
-        change(&ctx, move |c, config, now| visits::create(c, config, &req.service, now)).await?;
+    let (service, customer) = req.validate()?;
+    let visit = change(&ctx, move |c, config, now| {
+        visits::create(c, config, &service, customer.as_ref(), now)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(visit)))
 }
 
@@ -367,9 +396,9 @@ async fn walk_direct(
     body: Result<Json<NewVisit>, JsonRejection>,
 ) -> Json201<Visit> {
     let Json(req) = body?;
-    check_code("service", &req.service)?;
+    let (service, customer) = req.validate()?;
     let visit = change(&ctx, move |c, config, now| {
-        visits::walk_direct(c, config, &code, &req.service, now)
+        visits::walk_direct(c, config, &code, &service, customer.as_ref(), now)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(visit)))
@@ -492,7 +521,9 @@ const FEED_PAGE: u32 = 200;
 /// The live event feed for local subscribers: server-sent events, one per outbox event, with
 /// the event's sequence as SSE id, so a subscriber resumes with `Last-Event-ID` (or `?after=`)
 /// for as long as the branch retains events (`LOCAL_RETENTION`). An older cursor gets
-/// `410 cursor_expired` rather than a silent gap.
+/// `410 cursor_expired` rather than a silent gap. A local integration: `VISIT_CREATED` carries
+/// the visit's customer fields whether or not the site shares them with central
+/// (`visits::for_local_subscribers`).
 async fn event_feed(
     State(ctx): State<Arc<Context>>,
     headers: axum::http::HeaderMap,
@@ -536,7 +567,12 @@ async fn event_feed(
     tokio::spawn(async move {
         loop {
             let after = cursor;
-            let page = match ctx.db.read(move |c| queries::outbox_after(c, after, FEED_PAGE)).await
+            let page = match ctx
+                .db
+                .read(move |c| {
+                    visits::for_local_subscribers(c, queries::outbox_after(c, after, FEED_PAGE)?)
+                })
+                .await
             {
                 Ok(p) => p,
                 Err(e) => {

@@ -6,6 +6,9 @@ pub enum Error {
     NotFound(String),
     #[error("invalid input: {0}")]
     Validation(String),
+    /// Invalid input, field by field (the connector API lists them in `details`).
+    #[error("invalid input: {0}")]
+    InvalidFields(meridian_shared::ValidationErrors),
     /// The operation is not allowed in the current state (illegal transition, closed counter).
     #[error("{0}")]
     Conflict(String),

@@ -1,6 +1,9 @@
 //! The OpenAPI 3.1 description of the branch API, served at `/api/v1/openapi.json`.
 //! `agent/tests/branch_operations.rs` checks that every documented operation exists.
 
+use meridian_shared::customer::{
+    MAX_CUSTOMER_EMAIL, MAX_CUSTOMER_NAME, MAX_CUSTOMER_NOTE, MAX_CUSTOMER_PHONE,
+};
 use serde_json::{Value, json};
 
 /// (method, path, summary, request body schema, success status) of every documented operation.
@@ -15,7 +18,13 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     ("delete", "/api/v1/sessions/current", "Staff logout", None, 204),
     ("get", "/api/v1/visits", "Visits by status (?status=waiting|called|serving|ended)", None, 200),
-    ("post", "/api/v1/visits", "Take a ticket for a service", Some("NewVisit"), 201),
+    (
+        "post",
+        "/api/v1/visits",
+        "Take a ticket for a service, optionally with customer fields",
+        Some("NewVisit"),
+        201,
+    ),
     ("get", "/api/v1/visits/{id}", "One visit", None, 200),
     ("post", "/api/v1/visits/{id}/recall", "Recall a called visit", None, 200),
     ("post", "/api/v1/visits/{id}/start-serving", "The customer arrived at the counter", None, 200),
@@ -134,10 +143,22 @@ pub fn document() -> Value {
                 "description": "A connector API key of this site, or a staff session token from POST /api/v1/sessions."}},
             "schemas": {
                 "Error": {"type": "object", "required": ["code", "message"],
-                          "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+                          "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                         "details": {"type": "array", "description": "invalid fields (validation_failed)",
+                                                     "items": {"type": "object", "required": ["field", "message"],
+                                                               "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}}}},
                 "Login": {"type": "object", "required": ["username", "password"],
                           "properties": {"username": {"type": "string"}, "password": {"type": "string"}}},
-                "NewVisit": {"type": "object", "required": ["service"], "properties": {"service": {"type": "string"}}},
+                "NewVisit": {"type": "object", "required": ["service"], "additionalProperties": false, "properties": {
+                    "service": {"type": "string"},
+                    "customer": {"$ref": "#/components/schemas/Customer"}}},
+                "Customer": {"type": "object", "additionalProperties": false,
+                    "description": "Personal data, all optional; trimmed, empty fields dropped. Kept at the branch; sent to central only when the site's configuration sets share_customer_data. Returned in a visit's `customer`.",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": MAX_CUSTOMER_NAME},
+                        "phone": {"type": "string", "maxLength": MAX_CUSTOMER_PHONE},
+                        "email": {"type": "string", "maxLength": MAX_CUSTOMER_EMAIL, "description": "name@domain.tld (a light check)"},
+                        "note": {"type": "string", "maxLength": MAX_CUSTOMER_NOTE}}},
                 "EndVisit": {"type": "object", "properties": {"marks": {"type": "array", "items": {"type": "string"}}}},
                 "OpenServicePoint": {"type": "object", "properties": {"staff": {"type": "string"}}},
                 "Call": {"type": "object", "properties": {"visit_id": {"type": "string"}, "ticket": {"type": "string"}}},

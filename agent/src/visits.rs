@@ -7,6 +7,7 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use meridian_shared::business_day::{format_ticket, next_ticket_number};
 use meridian_shared::config::SiteConfig;
+use meridian_shared::customer::Customer;
 use meridian_shared::events::{
     AgentEvent, ServicePointChanged, ServicePointEventKind, VisitChanged, VisitCreated,
     VisitEventKind,
@@ -19,7 +20,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::store::queries::append_event;
+use crate::store::queries::{OutboxEvent, append_event};
 
 /// A visit as the branch API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -48,13 +49,17 @@ pub struct Visit {
     pub serving_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<DateTime<Utc>>,
+    /// Personal data: shown at the branch, sent to central only if the site shares it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<Customer>,
     #[serde(skip)]
     sort_key: i64,
 }
 
 const COLUMNS: &str = "id, ticket, service, queue, business_day, status, created_at, outcome, \
     location_kind, location_code, sort_key, waiting_since_ms, counter, staff, recalls, \
-    called_at_ms, serving_at_ms, ended_at_ms";
+    called_at_ms, serving_at_ms, ended_at_ms, customer_name, customer_phone, customer_email, \
+    customer_note";
 
 fn ms(t: Option<i64>) -> Option<DateTime<Utc>> {
     t.and_then(DateTime::from_timestamp_millis)
@@ -102,6 +107,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVisit> {
         called_at_ms: r.get(15)?,
         serving_at_ms: r.get(16)?,
         ended_at_ms: r.get(17)?,
+        customer: customer_from(r, 18)?,
     })
 }
 
@@ -124,6 +130,18 @@ struct RawVisit {
     called_at_ms: Option<i64>,
     serving_at_ms: Option<i64>,
     ended_at_ms: Option<i64>,
+    customer: Option<Customer>,
+}
+
+/// The four customer columns starting at `first`; `None` when all are empty.
+fn customer_from(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Option<Customer>> {
+    let customer = Customer {
+        name: r.get(first)?,
+        phone: r.get(first + 1)?,
+        email: r.get(first + 2)?,
+        note: r.get(first + 3)?,
+    };
+    Ok((customer != Customer::default()).then_some(customer))
 }
 
 impl TryFrom<RawVisit> for Visit {
@@ -153,6 +171,7 @@ impl TryFrom<RawVisit> for Visit {
             counter: r.counter,
             staff: r.staff,
             recalls: r.recalls as u32,
+            customer: r.customer,
             sort_key: r.sort_key,
         })
     }
@@ -243,11 +262,14 @@ fn service_and_queue<'a>(
 }
 
 /// Issues a ticket for `service`: the next number of its queue for the site-local business
-/// day, a visit waiting at the end of the queue, and `VISIT_CREATED`.
+/// day, a visit waiting at the end of the queue (with its `customer` fields, if any), and
+/// `VISIT_CREATED` — which carries the customer only if the site's configuration shares
+/// customer data with central.
 pub fn create(
     conn: &Connection,
     config: &SiteConfig,
     service: &str,
+    customer: Option<&Customer>,
     now: DateTime<Utc>,
 ) -> Result<Visit> {
     let (svc, queue) = service_and_queue(config, service)?;
@@ -274,8 +296,9 @@ pub fn create(
     let sort_key = last_key(conn, &Location::Queue(queue.code.clone()), now_ms)?;
     conn.prepare_cached(
         "INSERT INTO visits (id, ticket, service, queue, business_day, status, created_at, \
-         location_kind, location_code, sort_key, waiting_since_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, 'waiting', ?6, 'queue', ?4, ?7, ?8)",
+         location_kind, location_code, sort_key, waiting_since_ms, customer_name, \
+         customer_phone, customer_email, customer_note) \
+         VALUES (?1, ?2, ?3, ?4, ?5, 'waiting', ?6, 'queue', ?4, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?
     .execute(params![
         id.to_string(),
@@ -285,7 +308,11 @@ pub fn create(
         day_s,
         now.to_rfc3339(),
         sort_key,
-        now_ms
+        now_ms,
+        customer.and_then(|c| c.name.as_deref()),
+        customer.and_then(|c| c.phone.as_deref()),
+        customer.and_then(|c| c.email.as_deref()),
+        customer.and_then(|c| c.note.as_deref()),
     ])?;
     append_event(
         conn,
@@ -296,6 +323,8 @@ pub fn create(
             queue: queue.code.clone(),
             business_day: day,
             created_at: now,
+            // The personal data rule: customer fields leave the site only if it shares them.
+            customer: customer.filter(|_| config.site.share_customer_data).cloned(),
         }),
         now,
     )?;
@@ -687,10 +716,11 @@ pub fn walk_direct(
     config: &SiteConfig,
     counter: &str,
     service: &str,
+    customer: Option<&Customer>,
     now: DateTime<Utc>,
 ) -> Result<Visit> {
     let (c, staff) = ready_counter(conn, config, counter)?;
-    let visit = create(conn, config, service, now)?;
+    let visit = create(conn, config, service, customer, now)?;
     apply_and_record(conn, config, visit, Op::WalkDirect { counter: c, staff }, vec![], now)
 }
 
@@ -731,6 +761,38 @@ pub fn queues(
             })
         })
         .collect()
+}
+
+/// Outbox events as the site's own subscribers receive them (the live event feed and
+/// webhooks): a `VISIT_CREATED` whose visit has customer fields carries them even when the
+/// site does not share customer data with central — these are local integrations. The outbox
+/// itself, which is what the controller receives, is left as recorded.
+pub fn for_local_subscribers(
+    conn: &Connection,
+    mut events: Vec<OutboxEvent>,
+) -> Result<Vec<OutboxEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT customer_name, customer_phone, customer_email, customer_note FROM visits \
+         WHERE id = ?1",
+    )?;
+    for e in events.iter_mut().filter(|e| e.kind == "VISIT_CREATED") {
+        let Ok(serde_json::Value::Object(mut payload)) = serde_json::from_slice(&e.payload) else {
+            continue;
+        };
+        if payload.contains_key("customer") {
+            continue;
+        }
+        let Some(id) = payload.get("visit_id").and_then(|v| v.as_str()) else { continue };
+        let customer = stmt.query_row([id], |r| customer_from(r, 0)).optional()?.flatten();
+        if let Some(customer) = customer {
+            let value =
+                serde_json::to_value(customer).map_err(|err| Error::Internal(err.to_string()))?;
+            payload.insert("customer".into(), value);
+            e.payload =
+                serde_json::to_vec(&payload).map_err(|err| Error::Internal(err.to_string()))?;
+        }
+    }
+    Ok(events)
 }
 
 /// How many visits wait ahead of `v` where it waits (0 unless it is waiting).
@@ -821,7 +883,7 @@ mod tests {
             let mut days: std::collections::HashMap<(String, NaiveDate), u32> = Default::default();
             for (general, minutes) in steps {
                 now += chrono::Duration::minutes(minutes);
-                let v = create(&conn, &config, if general { "GEN" } else { "ACC" }, now).expect("ticket");
+                let v = create(&conn, &config, if general { "GEN" } else { "ACC" }, None, now).expect("ticket");
                 prop_assert!(seen.insert((v.queue.clone(), v.business_day, v.ticket.clone())), "duplicate {}", v.ticket);
                 let n = days.entry((v.queue.clone(), v.business_day)).or_default();
                 *n += 1;

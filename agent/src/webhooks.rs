@@ -6,6 +6,11 @@
 //! jitter, without holding up the others. Delivery resumes from a durable per-webhook cursor
 //! over the locally retained events; a receiver that stays down longer than the retention
 //! loses the oldest events, which is logged at error level.
+//!
+//! Personal data: a webhook is a receiver the site's configuration names, so its deliveries
+//! carry the visit's customer fields on `VISIT_CREATED` whether or not the site shares them
+//! with central (`visits::for_local_subscribers`). Point webhooks only at receivers allowed
+//! to hold customers' personal data.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,7 +153,8 @@ async fn deliver_pending(
         let (page, oldest) = ctx
             .db
             .read(move |c| {
-                Ok((queries::outbox_after(c, after, PAGE)?, queries::oldest_retained(c)?))
+                let page = queries::outbox_after(c, after, PAGE)?;
+                Ok((crate::visits::for_local_subscribers(c, page)?, queries::oldest_retained(c)?))
             })
             .await?;
         if let Some(oldest) = oldest

@@ -1,5 +1,6 @@
 //! Branch operations through the connector API (`Router::oneshot`, no controller): the visit
-//! lifecycle, counters, work profiles, illegal transitions and concurrent counters.
+//! lifecycle, counters, work profiles, illegal transitions and concurrent counters, customer
+//! fields and the personal data rule.
 
 use std::sync::Arc;
 
@@ -531,6 +532,20 @@ async fn sse_events(
     last_event_id: Option<&str>,
     n: usize,
 ) -> Vec<(String, String)> {
+    sse_events_with_data(router, path, last_event_id, n)
+        .await
+        .into_iter()
+        .map(|(id, kind, _)| (id, kind))
+        .collect()
+}
+
+/// Reads SSE events (`id`, `event`, `data` as JSON) until `n` arrived.
+async fn sse_events_with_data(
+    router: &Router,
+    path: &str,
+    last_event_id: Option<&str>,
+    n: usize,
+) -> Vec<(String, String, Value)> {
     use futures::StreamExt;
     let mut req = Request::builder().uri(path).header("authorization", format!("Bearer {KEY}"));
     if let Some(id) = last_event_id {
@@ -556,7 +571,9 @@ async fn sse_events(
                 block.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned())
             };
             if let (Some(id), Some(kind)) = (field("id:"), field("event:")) {
-                events.push((id, kind));
+                let data = field("data:")
+                    .map_or(Value::Null, |d| serde_json::from_str(&d).expect("event data is JSON"));
+                events.push((id, kind, data));
             }
         }
     }
@@ -674,7 +691,10 @@ async fn webhooks_deliver_signed_in_order_and_retry_until_accepted() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
-    for _ in 0..3 {
+    // A webhook is a local integration: it receives the customer fields the controller does not.
+    ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN", "customer": ada()})))
+        .await;
+    for _ in 0..2 {
         ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
     }
     ok(&r, Method::POST, "/api/v1/service-points/C1/call-next", None).await;
@@ -692,6 +712,8 @@ async fn webhooks_deliver_signed_in_order_and_retry_until_accepted() {
         ["VISIT_CREATED", "VISIT_CREATED", "VISIT_CREATED", "VISIT_CALLED"],
         "filtered by kind, in order"
     );
+    assert_eq!(accepted[0]["payload"]["customer"], ada(), "{}", accepted[0]);
+    assert!(accepted[1]["payload"].get("customer").is_none(), "{}", accepted[1]);
     let seqs: Vec<u64> = accepted.iter().map(|v| v["seq"].as_u64().unwrap_or_default()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
     let attempts = receiver.attempts.lock().unwrap().clone();
@@ -766,4 +788,229 @@ async fn a_configuration_change_applies_live_without_emptying_queues_or_logging_
     assert_eq!(queues[0]["name"], "General enquiries");
     let new = ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "NEW"}))).await;
     assert_eq!(new["ticket"], "A004", "numbering continues in the same queue and day");
+}
+
+/// Customer fields used by the personal-data tests; every value is distinctive, so finding
+/// any of them in a serialized payload means it leaked.
+fn ada() -> Value {
+    json!({"name": "Ada Quixotica Lovelace", "phone": "+1 415 555 0199",
+           "email": "ada.quixotica@example.org", "note": "prefers the step-free entrance"})
+}
+
+/// The `VISIT_CREATED` payloads in the outbox (what the link streams to the controller), as
+/// raw text, oldest first.
+async fn created_payloads(ctx: &Context) -> Vec<String> {
+    ctx.db
+        .read(|c| {
+            Ok(queries::outbox_after(c, 0, 10_000)?
+                .into_iter()
+                .filter(|e| e.kind == "VISIT_CREATED")
+                .map(|e| String::from_utf8(e.payload).expect("utf8 payload"))
+                .collect())
+        })
+        .await
+        .expect("outbox")
+}
+
+/// Applies the next revision of the test configuration with `share_customer_data` set, the
+/// way the link applies a snapshot.
+async fn share_customer_data(ctx: &Context, share: bool) {
+    let mut next = site_config();
+    next.revision = ctx.site_config().expect("config").revision + 1;
+    next.site.share_customer_data = share;
+    let applied = next.clone();
+    let now = ctx.clock.now();
+    assert!(ctx.db.write(move |c| queries::apply_config(c, &applied, now)).await.expect("apply"));
+    ctx.config.send_replace(Some(Arc::new(next)));
+}
+
+#[tokio::test]
+async fn customer_fields_stay_at_the_site_unless_its_configuration_shares_them() {
+    let (ctx, r) = branch().await;
+    let customer = ada();
+    let secrets: Vec<String> = customer
+        .as_object()
+        .expect("object")
+        .values()
+        .map(|v| v.as_str().expect("text").to_owned())
+        .collect();
+
+    // Not shared (the default): the visit keeps its customer fields at the branch...
+    let kept = ok(
+        &r,
+        Method::POST,
+        "/api/v1/visits",
+        Some(json!({"service": "GEN", "customer": customer})),
+    )
+    .await;
+    assert_eq!(kept["customer"], customer, "{kept}");
+    let id = kept["id"].as_str().expect("id").to_owned();
+    assert_eq!(ok(&r, Method::GET, &format!("/api/v1/visits/{id}"), None).await["customer"], ada());
+    // ...but the event queued for the controller carries none of them.
+    let payloads = created_payloads(&ctx).await;
+    assert_eq!(payloads.len(), 1);
+    let event: Value = serde_json::from_str(&payloads[0]).expect("payload");
+    assert_eq!(event["visit_id"], kept["id"]);
+    assert!(event.get("customer").is_none(), "{event}");
+    for secret in &secrets {
+        assert!(!payloads[0].contains(secret.as_str()), "{secret:?} leaked into {}", payloads[0]);
+    }
+    // The site's own live feed is a local integration: it shows the customer.
+    let feed = sse_events_with_data(&r, "/api/v1/events?after=0", None, 2).await;
+    assert_eq!(feed[1].1, "VISIT_CREATED");
+    assert_eq!(feed[1].2["payload"]["customer"], ada(), "{}", feed[1].2);
+
+    // Shared: the event carries them. The rule is applied when the event is recorded, so the
+    // earlier event stays as it was.
+    share_customer_data(&ctx, true).await;
+    let shared = ok(
+        &r,
+        Method::POST,
+        "/api/v1/visits",
+        Some(json!({"service": "ACC", "customer": {"name": "Grace Hopper", "email": ""}})),
+    )
+    .await;
+    assert_eq!(shared["customer"], json!({"name": "Grace Hopper"}), "empty fields are dropped");
+    let payloads = created_payloads(&ctx).await;
+    assert_eq!(payloads.len(), 2);
+    let event: Value = serde_json::from_str(&payloads[1]).expect("payload");
+    assert_eq!(event["visit_id"], shared["id"]);
+    assert_eq!(event["customer"], json!({"name": "Grace Hopper"}));
+    assert!(!payloads[0].contains(secrets[0].as_str()), "recorded events are not rewritten");
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
+    let walk_in = ok(
+        &r,
+        Method::POST,
+        "/api/v1/service-points/C1/walk-direct",
+        Some(json!({"service": "GEN", "customer": customer})),
+    )
+    .await;
+    let payloads = created_payloads(&ctx).await;
+    let event: Value = serde_json::from_str(&payloads[2]).expect("payload");
+    assert_eq!((&event["visit_id"], &event["customer"]), (&walk_in["id"], &ada()));
+
+    // Sharing switched off again: back to nothing.
+    share_customer_data(&ctx, false).await;
+    ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN", "customer": customer})))
+        .await;
+    let payloads = created_payloads(&ctx).await;
+    assert_eq!(payloads.len(), 4);
+    assert!(!payloads[3].contains("customer") && !payloads[3].contains(secrets[0].as_str()));
+    // A visit without customer fields shows none.
+    let plain = ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "GEN"}))).await;
+    assert!(plain.get("customer").is_none(), "{plain}");
+}
+
+#[tokio::test]
+async fn bad_customer_fields_are_refused_field_by_field_and_create_nothing() {
+    let (ctx, r) = branch().await;
+    ok(&r, Method::POST, "/api/v1/service-points/C1/open", None).await;
+    let before = outbox_kinds(&ctx).await;
+    let long_name = "x".repeat(meridian_shared::customer::MAX_CUSTOMER_NAME + 1);
+    let cases: Vec<(&str, Value, &str, &[&str])> = vec![
+        (
+            "/api/v1/visits",
+            json!({"service": "GEN", "customer": {"name": long_name, "email": "ada@"}}),
+            "validation_failed",
+            &["customer.name", "customer.email"],
+        ),
+        (
+            "/api/v1/visits",
+            json!({"service": "GEN", "customer": {"email": "not an address"}}),
+            "validation_failed",
+            &["customer.email"],
+        ),
+        (
+            "/api/v1/service-points/C1/walk-direct",
+            json!({"service": "GEN", "customer": {"note": "n".repeat(501)}}),
+            "validation_failed",
+            &["customer.note"],
+        ),
+        (
+            "/api/v1/visits",
+            json!({"service": "GEN", "customer": {"name": "Ada", "birthday": "1815-12-10"}}),
+            "invalid_body",
+            &[],
+        ),
+        ("/api/v1/visits", json!({"service": "GEN", "customer": "Ada"}), "invalid_body", &[]),
+    ];
+    for (path, body, code, fields) in cases {
+        let (status, v) = call(&r, Method::POST, path, Some(body.clone())).await;
+        assert_eq!((status, v["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(code)));
+        let got: Vec<&str> = v["details"]
+            .as_array()
+            .map(|d| d.iter().map(|e| e["field"].as_str().expect("field")).collect())
+            .unwrap_or_default();
+        assert_eq!(got, fields, "{body}: {v}");
+        assert!(v["message"].is_string());
+    }
+    assert_eq!(outbox_kinds(&ctx).await, before, "no event recorded");
+    for status in ["waiting", "serving"] {
+        let listed = ok(&r, Method::GET, &format!("/api/v1/visits?status={status}"), None).await;
+        assert_eq!(listed, json!([]), "no visit created");
+    }
+}
+
+/// The `name=value` pairs a response sets as cookies.
+fn set_cookies(resp: &axum::response::Response) -> String {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[tokio::test]
+async fn the_workstation_shows_staff_the_current_customers_name_and_the_display_does_not() {
+    let (ctx, r) = branch().await;
+    let terminals = meridian_agent::terminals::router(ctx.clone());
+    ok(&r, Method::POST, "/api/v1/visits", Some(json!({"service": "ACC", "customer": ada()})))
+        .await;
+    let form = |path: &str, cookies: &str, body: &str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("cookie", cookies)
+            .body(Body::from(body.to_owned()))
+            .expect("request")
+    };
+    let login = terminals
+        .clone()
+        .oneshot(form("/workstation/login", "", "username=alice&password=correct+horse&counter=C1"))
+        .await
+        .expect("login");
+    assert_eq!(login.status(), StatusCode::SEE_OTHER);
+    let cookies = set_cookies(&login);
+    let page = |cookies: String| {
+        let terminals = terminals.clone();
+        async move {
+            let req = Request::builder().uri("/workstation").header("cookie", cookies);
+            let resp = terminals.oneshot(req.body(Body::empty()).expect("request")).await;
+            let body = axum::body::to_bytes(resp.expect("page").into_body(), 1 << 20).await;
+            String::from_utf8(body.expect("body").to_vec()).expect("html")
+        }
+    };
+    assert!(!page(cookies.clone()).await.contains("Ada Quixotica"), "nobody called yet");
+    let called = terminals
+        .clone()
+        .oneshot(form("/workstation/action", &cookies, "action=call-next"))
+        .await
+        .expect("call next");
+    assert_eq!(called.headers()["location"], "/workstation", "called without a message");
+    let html = page(cookies).await;
+    assert!(
+        html.contains(r#"id="current-customer-name">Ada Quixotica Lovelace<"#),
+        "the name is shown: {html}"
+    );
+    assert!(html.contains("prefers the step-free entrance"), "and the note");
+    // The public "now serving" display shows tickets, never names.
+    let board = terminals
+        .oneshot(Request::builder().uri("/display/board").body(Body::empty()).expect("request"))
+        .await
+        .expect("board");
+    let board = axum::body::to_bytes(board.into_body(), 1 << 20).await.expect("body");
+    let board = String::from_utf8(board.to_vec()).expect("html");
+    assert!(board.contains("B001") && !board.contains("Ada"), "{board}");
 }

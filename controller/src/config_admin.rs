@@ -324,6 +324,7 @@ mod tests {
             closed_dates: vec![],
             tags: vec![],
             end_of_day: Default::default(),
+            share_customer_data: false,
         })
     }
 

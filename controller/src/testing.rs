@@ -67,6 +67,7 @@ pub fn visit_events(
         queue: code("general"),
         business_day: created_at.date_naive(),
         created_at,
+        customer: None,
     })];
     for (kind, minutes, outcome, service_ms) in steps {
         events.push(AgentEvent::Visit(

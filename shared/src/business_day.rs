@@ -105,6 +105,7 @@ mod tests {
             closed_dates: closed.to_vec(),
             tags: vec![],
             end_of_day: Default::default(),
+            share_customer_data: false,
         }
     }
 

@@ -175,6 +175,12 @@ pub struct Site {
     /// What happens to visits still open when the business day is over.
     #[serde(default)]
     pub end_of_day: EndOfDay,
+    /// Whether visits' customer fields (name, phone, email, note) may leave the site: when
+    /// true, the agent includes them in the `VISIT_CREATED` events it streams to the
+    /// controller. Off by default; central statistics never need them. Local integrations at
+    /// the site (the connector API, its live event feed, webhooks) see them either way.
+    #[serde(default)]
+    pub share_customer_data: bool,
 }
 
 /// The end-of-day rule: open visits are ended with the outcome `closed_at_end_of_day` once the
@@ -664,6 +670,7 @@ mod tests {
             closed_dates: vec![],
             tags: vec![],
             end_of_day: Default::default(),
+            share_customer_data: false,
         })
     }
 
@@ -732,6 +739,19 @@ mod tests {
         );
         let errs = Resource::Site(s).validate().unwrap_err();
         assert_eq!(errs.0[0].field, "business_hours.mon");
+    }
+
+    #[test]
+    fn sites_keep_customer_data_unless_configured_to_share_it() {
+        let site = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"code": "SFO", "name": "SF", "time_zone": "UTC"});
+            v.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+            serde_json::from_value::<Site>(v)
+        };
+        assert!(!site(serde_json::json!({})).expect("site").share_customer_data);
+        let sharing = site(serde_json::json!({"share_customer_data": true})).expect("site");
+        assert!(sharing.share_customer_data);
+        assert!(site(serde_json::json!({"share_customer": true})).is_err(), "unknown field");
     }
 
     #[test]

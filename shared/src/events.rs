@@ -6,6 +6,7 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::customer::Customer;
 use crate::{Code, VisitId};
 
 /// Largest accepted event payload, in bytes.
@@ -32,6 +33,10 @@ pub struct VisitCreated {
     /// The site-local date the ticket is numbered in.
     pub business_day: NaiveDate,
     pub created_at: DateTime<Utc>,
+    /// The visit's customer fields, present only when the site's configuration shares them
+    /// with central (`Site::share_customer_data`); central statistics never need them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<Customer>,
 }
 
 /// The visit transitions after creation.
@@ -240,5 +245,30 @@ mod tests {
         assert!(matches!(check("CONFIG_APPLIED", b"{}"), WireEventError::Payload(_)));
         let big = format!("{{\"a\":\"{}\"}}", "x".repeat(MAX_EVENT_PAYLOAD));
         assert!(matches!(check("X", big.as_bytes()), WireEventError::TooLarge));
+    }
+
+    #[test]
+    fn visit_created_carries_a_customer_only_when_given_one() {
+        let mut created = VisitCreated {
+            visit_id: VisitId::new(),
+            ticket: "A001".into(),
+            service: Code::parse("GEN").expect("code"),
+            queue: Code::parse("general").expect("code"),
+            business_day: NaiveDate::from_ymd_opt(2026, 11, 2).expect("date"),
+            created_at: DateTime::from_timestamp(1_800_000_000, 0).expect("time"),
+            customer: None,
+        };
+        let without = AgentEvent::VisitCreated(created.clone()).payload();
+        let json: serde_json::Value = serde_json::from_slice(&without).expect("json");
+        assert!(json.get("customer").is_none(), "{json}");
+        // Events from agents that predate customer fields decode unchanged.
+        assert_eq!(
+            AgentEvent::decode("VISIT_CREATED", &without).expect("decode"),
+            Some(AgentEvent::VisitCreated(created.clone()))
+        );
+        created.customer = Some(Customer { name: Some("Ada".into()), ..Default::default() });
+        let with = AgentEvent::VisitCreated(created.clone());
+        assert!(validate_wire_event(with.kind(), &with.payload()).is_ok());
+        assert_eq!(AgentEvent::decode(with.kind(), &with.payload()).expect("decode"), Some(with));
     }
 }

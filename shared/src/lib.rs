@@ -1,5 +1,5 @@
 //! Domain types shared by the controller and the agent: ids, the configuration model and its
-//! validation, agent events, controller commands, business-day arithmetic and the reconnect
+//! validation, customer fields of a visit, agent events, controller commands, business-day arithmetic and the reconnect
 //! backoff policy. Nothing here does I/O.
 #![forbid(unsafe_code)]
 
@@ -8,6 +8,7 @@ pub mod business_day;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod customer;
 pub mod error;
 pub mod events;
 pub mod ids;

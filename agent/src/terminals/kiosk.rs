@@ -43,7 +43,7 @@ pub async fn take_ticket(
     Form(form): Form<TicketForm>,
 ) -> Response {
     let service = form.service;
-    match ctx.change(move |c, config, now| visits::create(c, config, &service, now)).await {
+    match ctx.change(move |c, config, now| visits::create(c, config, &service, None, now)).await {
         Ok(v) => Redirect::to(&format!("/kiosk/tickets/{}", v.id)).into_response(),
         Err(e) => from_error(&ctx, e),
     }

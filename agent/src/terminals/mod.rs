@@ -116,7 +116,9 @@ fn error_page(ctx: &Context, status: StatusCode, message: &str) -> Response {
 fn from_error(ctx: &Context, e: Error) -> Response {
     let (status, message) = match &e {
         Error::NotFound(_) => (StatusCode::NOT_FOUND, e.to_string()),
-        Error::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Error::Validation(_) | Error::InvalidFields(_) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
         Error::Conflict(_) => (StatusCode::CONFLICT, e.to_string()),
         Error::NotConfigured => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Error::Store(_) | Error::StoreGone(_) | Error::Internal(_) => {

@@ -126,6 +126,10 @@ async fn render(
             h2 { "Current customer" }
             p .ticket #current-ticket { @if let Some(v) = &current { (v.ticket) } @else { "—" } }
             @if let Some(v) = &current { p #current-status { (v.status) " · " (v.service) } }
+            @if let Some(c) = current.as_ref().and_then(|v| v.customer.as_ref()) {
+                @if let Some(name) = &c.name { p #current-customer-name { (name) } }
+                @if let Some(note) = &c.note { p .muted #current-customer-note { (note) } }
+            }
             @if point.is_some() {
                 form method="post" action="/workstation/action" {
                     @if current.is_none() {
@@ -281,7 +285,12 @@ pub async fn action(
     let msg = match result {
         Ok(Ok(())) => return Redirect::to("/workstation").into_response(),
         Ok(Err(())) => "Nobody is waiting for this counter.".to_owned(),
-        Err(e @ (Error::Conflict(_) | Error::Validation(_) | Error::NotFound(_))) => e.to_string(),
+        Err(
+            e @ (Error::Conflict(_)
+            | Error::Validation(_)
+            | Error::InvalidFields(_)
+            | Error::NotFound(_)),
+        ) => e.to_string(),
         Err(e) => return from_error(&ctx, e),
     };
     let encoded: String = url_encode(&msg);
