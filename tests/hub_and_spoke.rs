@@ -208,6 +208,17 @@ async fn session(
     credential: &str,
     frames: Vec<AgentFrame>,
 ) -> Result<Vec<ControllerFrame>, tonic::Status> {
+    session_until(controller, credential, frames, |_| false).await
+}
+
+/// Opens a session, sends `frames`, and collects what comes back until a protocol error, the
+/// end of the stream, a frame `stop` accepts, or 10 s of silence.
+async fn session_until(
+    controller: &ControllerProc,
+    credential: &str,
+    frames: Vec<AgentFrame>,
+    stop: impl Fn(&ControllerFrame) -> bool,
+) -> Result<Vec<ControllerFrame>, tonic::Status> {
     let mut req =
         tonic::Request::new(futures::stream::iter(frames).chain(futures::stream::pending()));
     req.metadata_mut()
@@ -217,7 +228,7 @@ async fn session(
     loop {
         match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Ok(Ok(Some(f))) => {
-                let end = matches!(f.body, Some(controller_frame::Body::Error(_)));
+                let end = matches!(f.body, Some(controller_frame::Body::Error(_))) || stop(&f);
                 got.push(f);
                 if end {
                     return Ok(got);
@@ -316,12 +327,28 @@ async fn refused_credentials_tokens_and_frames_change_nothing() {
             ],
         })),
     };
-    let got = session(&controller, cred, vec![hello(id, "SFO"), bad_event]).await.expect("session");
-    assert_eq!(protocol_error(&got).as_deref(), Some("malformed_event"));
+    // Malformed events are acknowledged and quarantined with their reason: they never end the
+    // session (the agent would resend them forever) and never reach the statistics.
+    let acked = |f: &ControllerFrame| matches!(&f.body, Some(controller_frame::Body::EventAck(a)) if a.up_to_seq == 2);
+    let got = session_until(&controller, cred, vec![hello(id, "SFO"), bad_event], acked)
+        .await
+        .expect("session");
+    assert_eq!(protocol_error(&got), None);
+    assert!(got.iter().any(acked), "the malformed batch is acknowledged: {got:?}");
+    let quarantined = admin.ok(Method::GET, "/api/v1/stats/quarantine", None).await;
+    let reasons: Vec<(u64, String)> = quarantined
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|q| (q["seq"].as_u64().unwrap_or(0), q["reason"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{quarantined}");
+    assert!(reasons.iter().any(|(seq, r)| *seq == 1 && r.contains("missing field")), "{reasons:?}");
+    assert!(reasons.iter().any(|(seq, r)| *seq == 2 && r.contains("kind")), "{reasons:?}");
     let empty = AgentFrame { body: None };
     let got = session(&controller, cred, vec![hello(id, "SFO"), empty]).await.expect("session");
     assert_eq!(protocol_error(&got).as_deref(), Some("empty_frame"));
-    assert_eq!(central_events(&db, id).await.0, 0, "nothing from a refused batch is stored");
+    assert_eq!(central_events(&db, id).await.0, 0, "no malformed event is stored as an event");
 
     // Revocation: the credential stops working.
     admin.ok(Method::POST, &format!("/api/v1/agents/{id}/revoke"), None).await;

@@ -20,7 +20,7 @@ use meridian_proto::{
     AgentFrame, ControllerFrame, EnrollRequest, EnrollResponse, agent_frame, controller_frame,
 };
 use meridian_shared::AgentId;
-use meridian_shared::events::validate_wire_event;
+use meridian_shared::events::{MAX_EVENT_KIND, MAX_EVENT_PAYLOAD, validate_wire_event};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -445,22 +445,42 @@ impl Session {
             ));
         }
         let mut events = Vec::with_capacity(batch.events.len());
+        let mut quarantined = 0;
         for e in batch.events {
-            if let Err(err) = validate_wire_event(&e.kind, &e.payload) {
-                self.gw.metrics.event_batches_refused.inc();
-                return Err(End::Protocol("malformed_event", format!("event {}: {err}", e.seq)));
+            // Malformed content never ends the session (the agent would resend it forever):
+            // the event is acknowledged and kept aside with the reason, for admins.
+            let mut problem = validate_wire_event(&e.kind, &e.payload).err().map(|e| e.to_string());
+            let occurred_at = DateTime::<Utc>::from_timestamp_millis(e.occurred_at_ms)
+                .unwrap_or_else(|| {
+                    problem.get_or_insert_with(|| "occurred_at out of range".into());
+                    Utc::now()
+                });
+            let payload = match String::from_utf8(e.payload) {
+                Ok(p) => p,
+                Err(err) => {
+                    problem.get_or_insert_with(|| "payload is not UTF-8".into());
+                    String::from_utf8_lossy(err.as_bytes()).into_owned()
+                }
+            };
+            if problem.is_none() && payload.contains("\\u0000") {
+                problem =
+                    Some("the payload holds a \\u0000 escape, which the store cannot keep".into());
             }
-            let occurred_at =
-                DateTime::<Utc>::from_timestamp_millis(e.occurred_at_ms).ok_or_else(|| {
-                    End::Protocol(
-                        "malformed_event",
-                        format!("event {}: occurred_at out of range", e.seq),
-                    )
-                })?;
-            let payload = String::from_utf8(e.payload).map_err(|_| {
-                End::Protocol("malformed_event", format!("event {}: payload is not UTF-8", e.seq))
-            })?;
-            events.push(IncomingEvent { seq: e.seq, kind: e.kind, occurred_at, payload });
+            let (kind, payload) = if problem.is_some() {
+                quarantined += 1;
+                // Text columns refuse NUL; keep everything else as it arrived.
+                let clean = |s: &str, max| truncate(&s.replace('\0', "\u{FFFD}"), max);
+                (clean(&e.kind, MAX_EVENT_KIND), clean(&payload, MAX_EVENT_PAYLOAD))
+            } else {
+                (e.kind, payload)
+            };
+            events.push(IncomingEvent {
+                seq: e.seq,
+                kind,
+                occurred_at,
+                payload,
+                quarantine: problem,
+            });
         }
         let n = events.len() as u64;
         let acked = match self
@@ -471,7 +491,11 @@ impl Session {
             .map_err(End::Store)?
         {
             Ok(acked) => {
-                self.gw.metrics.events_ingested.inc_by(n);
+                self.gw.metrics.events_ingested.inc_by(n - quarantined);
+                self.gw.metrics.events_quarantined.inc_by(quarantined);
+                if quarantined > 0 {
+                    tracing::warn!(agent = %self.agent, quarantined, "malformed events quarantined");
+                }
                 acked
             }
             Err(IngestError::UnknownAgent) => return Err(End::Revoked),

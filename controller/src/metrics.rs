@@ -11,6 +11,7 @@ pub struct Metrics {
     pub sessions_opened: Counter,
     pub events_ingested: Counter,
     pub event_batches_refused: Counter,
+    pub events_quarantined: Counter,
     pub commands_sent: Counter,
     pub enrollments: Counter,
     pub enrollments_refused: Counter,
@@ -24,6 +25,7 @@ impl Default for Metrics {
             sessions_opened: Counter::default(),
             events_ingested: Counter::default(),
             event_batches_refused: Counter::default(),
+            events_quarantined: Counter::default(),
             commands_sent: Counter::default(),
             enrollments: Counter::default(),
             enrollments_refused: Counter::default(),
@@ -36,6 +38,11 @@ impl Default for Metrics {
             "event_batches_refused",
             "Event batches refused (gaps, malformed)",
             m.event_batches_refused.clone(),
+        );
+        registry.register(
+            "events_quarantined",
+            "Malformed events set aside at ingest (acknowledged, kept with the reason)",
+            m.events_quarantined.clone(),
         );
         registry.register("commands_sent", "Commands sent to agents", m.commands_sent.clone());
         registry.register("enrollments", "Agents enrolled", m.enrollments.clone());

@@ -107,6 +107,7 @@ pub fn incoming(
             kind: e.kind().into(),
             occurred_at,
             payload: String::from_utf8(e.payload()).unwrap_or_default(),
+            quarantine: None,
         })
         .collect()
 }

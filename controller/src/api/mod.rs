@@ -66,6 +66,11 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/api-tokens", get(list_api_tokens).post(create_api_token))
         .route("/api-tokens/{id}", axum::routing::delete(delete_api_token))
         .route("/stats/visits", get(visit_stats))
+        .route("/stats/sessions", get(session_stats))
+        .route("/stats/live", get(live_panel))
+        .route("/stats/status", get(stats_status))
+        .route("/stats/quarantine", get(quarantine))
+        .route("/stats/rebuild", post(rebuild_stats))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .nest("/api/v1", api)
@@ -784,4 +789,121 @@ async fn visit_stats(
     }
     let out = crate::stats::query::csv(&rows);
     Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionQuery {
+    #[serde(default)]
+    group_by: crate::stats::live::SessionGroup,
+    site: Option<String>,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+}
+
+/// Counter and staff sessions: open, serving and idle time, on the given site-local days.
+async fn session_stats(
+    State(s): State<ApiState>,
+    query: Result<Query<SessionQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Vec<crate::stats::live::SessionRow>>> {
+    let Query(q) = query.map_err(query_error)?;
+    let (_, set) = load_set(&s).await?;
+    // The same checks as visit statistics (site known, range sane).
+    let check = crate::stats::query::StatsRequest {
+        site: q.site.clone(),
+        from: q.from,
+        to: q.to,
+        ..Default::default()
+    };
+    check.validate(&set)?;
+    let filter = crate::store::stats::FactFilter {
+        site: q.site,
+        service: None,
+        from_day: q.from.map(|d| d.to_string()),
+        to_day: q.to.map(|d| d.to_string()),
+    };
+    let sessions = s.store.session_facts(&filter).await?;
+    Ok(Json(crate::stats::live::session_rows(&sessions, q.group_by, Utc::now())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SiteQuery {
+    site: Option<String>,
+}
+
+/// The live branch panel of every site (or one): queues, longest waits, open counters.
+pub async fn live(
+    store: &dyn Store,
+    site: Option<&str>,
+) -> crate::error::Result<Vec<crate::stats::live::SiteLive>> {
+    let (_, resources) = store.load_config().await?;
+    let set = ConfigSet::from_resources(resources);
+    let sites: Vec<String> =
+        set.sites().map(|s| s.code.to_string()).filter(|c| site.is_none_or(|s| s == c)).collect();
+    if let Some(site) = site
+        && sites.is_empty()
+    {
+        return Err(Error::from(meridian_shared::ValidationError::new(
+            "site",
+            format!("unknown site {site:?}"),
+        )));
+    }
+    let agents = store.list_agents().await?;
+    let open = store.open_transactions(site).await?;
+    let sessions = store.open_sessions(site).await?;
+    Ok(crate::stats::live::panel(&sites, &agents, &open, &sessions, Utc::now()))
+}
+
+async fn live_panel(
+    State(s): State<ApiState>,
+    query: Result<Query<SiteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Vec<crate::stats::live::SiteLive>>> {
+    let Query(q) = query.map_err(query_error)?;
+    Ok(Json(live(s.store.as_ref(), q.site.as_deref()).await?))
+}
+
+/// How current the statistics are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsStatus {
+    /// Events stored but not yet folded into facts.
+    pub projection_lag: u64,
+    /// Site-days whose rollups wait to be recomputed.
+    pub pending_rollups: u64,
+}
+
+async fn stats_status(State(s): State<ApiState>) -> ApiResult<Json<StatsStatus>> {
+    Ok(Json(StatsStatus {
+        projection_lag: s.store.projection_lag().await?,
+        pending_rollups: s.store.pending_rollups().await?,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    limit: Option<u32>,
+}
+
+/// Events statistics set aside, newest first, with why.
+async fn quarantine(
+    State(s): State<ApiState>,
+    query: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Vec<crate::store::stats::QuarantinedEvent>>> {
+    let Query(q) = query.map_err(query_error)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::from(meridian_shared::ValidationError::new(
+            "limit",
+            "between 1 and 1000",
+        ))
+        .into());
+    }
+    Ok(Json(s.store.quarantined(limit).await?))
+}
+
+/// Drops facts and rollups; the projector rebuilds them from the raw events (admin only).
+async fn rebuild_stats(State(s): State<ApiState>) -> ApiResult<StatusCode> {
+    s.store.reset_facts().await?;
+    Ok(StatusCode::ACCEPTED)
 }

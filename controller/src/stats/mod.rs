@@ -8,6 +8,7 @@
 
 pub mod facts;
 pub mod hist;
+pub mod live;
 pub mod query;
 pub mod report;
 
