@@ -5,6 +5,16 @@
 //! - `/console` — the fleet view: every site with its agent's status (connected or offline
 //!   since when, version, configuration applied vs current, outbox backlog, clock skew, store
 //!   health), refreshed every few seconds.
+//! - `/console/live` — the live branch panel: queues, longest waits, open counters per site,
+//!   marked stale for offline sites.
+//! - `/console/stats` — the statistics dashboard (SVG charts with their numbers as tables and
+//!   CSV), filtered by date range and site; admins can rebuild statistics from raw events.
+//! - `/console/quarantine` — events set aside, with the reason.
+//!
+//! Viewers see everything and change nothing: every changing action checks the admin role.
+
+mod charts;
+mod dashboard;
 
 use axum::Form;
 use axum::extract::State;
@@ -26,6 +36,11 @@ const COOKIE: &str = "meridian_console";
 pub fn router(state: ApiState) -> Router {
     let signed_in = Router::new()
         .route("/console", get(fleet))
+        .route("/console/live", get(dashboard::live_page))
+        .route("/console/stats", get(dashboard::stats_page))
+        .route("/console/stats.csv", get(dashboard::stats_csv))
+        .route("/console/stats/rebuild", post(dashboard::rebuild))
+        .route("/console/quarantine", get(dashboard::quarantine_page))
         .route("/console/logout", post(logout))
         .layer(middleware::from_fn_with_state(state.clone(), require_sign_in));
     Router::new()
@@ -43,7 +58,28 @@ td, th { padding: .45rem .7rem; border-bottom: 1px solid #dde; text-align: left;
 .online { color: #137333; font-weight: 600; } .offline { color: #b3261e; font-weight: 600; }
 .stale { color: #b06000; } .message { background: #fff3cd; padding: .6rem 1rem; border-radius: .4rem; }
 button { padding: .5rem 1rem; }
+nav a { color: #cfd8ea; margin-right: 1rem; text-decoration: none; } nav a.active { color: #fff; font-weight: 600; }
+section.chart, section.site-live { background: #fff; margin: 1rem 0; padding: .8rem; border-radius: .4rem; }
+section.chart table { margin-top: .5rem; } #filters { margin-bottom: 1rem; }
 "#;
+
+/// The page header: where you are, the navigation, who is signed in.
+fn shell(who: Option<&ApiToken>, active: &str) -> Markup {
+    let links = [
+        ("fleet", "/console", "Fleet"),
+        ("live", "/console/live", "Live"),
+        ("stats", "/console/stats", "Statistics"),
+        ("quarantine", "/console/quarantine", "Quarantine"),
+    ];
+    html! {
+        header {
+            span { "Meridian console" }
+            nav { @for (key, href, label) in links { a href=(href) .active[key == active] { (label) } } }
+            span { @if let Some(t) = who { span #who { (t.name) " (" (t.role.as_str()) ")" } } " "
+                form method="post" action="/console/logout" style="display:inline" { button #logout { "Sign out" } } }
+        }
+    }
+}
 
 fn page(title: &str, head: Option<Markup>, body: Markup) -> Markup {
     html! {
@@ -135,9 +171,7 @@ async fn logout() -> Response {
 }
 
 async fn fleet(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let who = signed_in_token(&state, &headers)
-        .await
-        .map(|t| format!("{} ({})", t.name, t.role.as_str()));
+    let who = signed_in_token(&state, &headers).await;
     let loaded = async {
         let (_, resources) = state.store.load_config().await?;
         let agents = state.store.list_agents().await?;
@@ -159,11 +193,7 @@ async fn fleet(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     };
     let now = Utc::now();
     let body = html! {
-        header {
-            span { "Meridian console · fleet" }
-            span { (who.unwrap_or_default()) " "
-                form method="post" action="/console/logout" style="display:inline" { button #logout { "Sign out" } } }
-        }
+        (shell(who.as_ref(), "fleet"))
         main {
             table #fleet {
                 tr { th { "Site" } th { "Name" } th { "Agent" } th { "Link" } th { "Version" } th { "Configuration" }
