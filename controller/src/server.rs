@@ -110,6 +110,13 @@ pub async fn serve(
         Duration::from_secs(1),
         shutdown.clone(),
     ));
+    // Monthly partitions ahead of time (PostgreSQL) and retention: at start-up, then hourly.
+    tasks.spawn(crate::store::maintenance::run_maintenance(
+        store.clone(),
+        settings.retention(),
+        crate::store::maintenance::MAINTENANCE_EVERY,
+        shutdown.clone(),
+    ));
     // Other replicas' commits wake this replica's sessions (LISTEN/NOTIFY on PostgreSQL).
     tasks.spawn({
         let (store, wake, shutdown) = (store.clone(), commands_tx.clone(), shutdown.clone());

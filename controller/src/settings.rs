@@ -34,6 +34,13 @@ pub struct Settings {
     pub ready_file: Option<PathBuf>,
     /// `tracing` filter, e.g. `info` or `meridian_controller=debug`.
     pub log: String,
+    /// Raw events are kept this many days (rounded out to whole UTC months), then removed
+    /// once projected into facts; 0 keeps them forever. Facts hold the statistics, so raw
+    /// events are needed only to rebuild facts and for audits.
+    pub retention_events_days: u32,
+    /// Visit, transaction and session facts and quarantined events are kept this many days
+    /// (whole UTC months); 0 (the default) keeps them forever. Rollups are always kept.
+    pub retention_facts_days: u32,
 }
 
 impl Default for Settings {
@@ -52,6 +59,8 @@ impl Default for Settings {
             bootstrap_token_file: None,
             ready_file: None,
             log: "info".into(),
+            retention_events_days: 400,
+            retention_facts_days: 0,
         }
     }
 }
@@ -59,6 +68,14 @@ impl Default for Settings {
 impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
         meridian_shared::settings::load("MERIDIAN_CONTROLLER", file)
+    }
+
+    /// What `store::maintenance` removes.
+    pub fn retention(&self) -> crate::store::maintenance::RetentionPolicy {
+        crate::store::maintenance::RetentionPolicy {
+            events_days: self.retention_events_days,
+            facts_days: self.retention_facts_days,
+        }
     }
 
     /// The database URL to open (the default SQLite file when unset).
@@ -101,6 +118,8 @@ impl fmt::Debug for Settings {
             .field("bootstrap_token_file", &self.bootstrap_token_file)
             .field("ready_file", &self.ready_file)
             .field("log", &self.log)
+            .field("retention_events_days", &self.retention_events_days)
+            .field("retention_facts_days", &self.retention_facts_days)
             .finish()
     }
 }

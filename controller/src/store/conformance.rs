@@ -80,6 +80,7 @@ fn events(range: std::ops::RangeInclusive<u64>) -> Vec<IncomingEvent> {
             kind: "VISIT_CREATED".into(),
             occurred_at: t0() + Duration::seconds(seq as i64),
             payload: format!("{{\"n\":{seq}}}"),
+            quarantine: None,
         })
         .collect()
 }
@@ -372,6 +373,170 @@ pub async fn facts_project_events_exactly_once_and_rebuild_identically(store: &d
     assert_eq!(store.quarantined(10).await.expect("quarantine").len(), 1, "quarantined once");
 }
 
+/// Ingests `events` after the agent's acknowledgement, all occurring (and received) at `at`;
+/// returns their sequences.
+async fn ingest_at(
+    store: &dyn Store,
+    agent: AgentId,
+    events: &[meridian_shared::events::AgentEvent],
+    at: DateTime<Utc>,
+) -> Vec<u64> {
+    let first = store.agent(agent).await.expect("get").expect("exists").acked_seq + 1;
+    let incoming = crate::testing::incoming(events, first, at);
+    let acked = store.ingest_events(agent, &incoming, at).await.expect("store").expect("ingest");
+    (first..=acked).collect()
+}
+
+pub async fn retention_removes_old_months_but_never_unprojected_events(store: &dyn Store) {
+    use std::collections::BTreeSet;
+
+    use meridian_shared::events::{
+        AgentEvent, ServicePointChanged, ServicePointEventKind, VisitEventKind,
+    };
+    use meridian_shared::visits::Outcome;
+    use meridian_shared::{Code, VisitId};
+
+    use super::maintenance::RetentionPolicy;
+
+    let at = |month: u32, day: u32| {
+        Utc.with_ymd_and_hms(2026, month, day, 9, 0, 0).single().expect("valid time")
+    };
+    let counter = |kind, at| {
+        AgentEvent::ServicePoint(
+            kind,
+            ServicePointChanged {
+                service_point: Code::parse("C1").expect("code"),
+                staff: None,
+                at,
+            },
+        )
+    };
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("c");
+    let agent = enroll_agent(store, "SFO", "r").await;
+    // PostgreSQL: partitions for June to August; May and September land in the DEFAULT
+    // partitions, so both ways of removing rows are exercised. SQLite: nothing to prepare.
+    store.prepare_partitions(at(6, 15)).await.expect("partitions");
+    assert_eq!(store.prepare_partitions(at(6, 15)).await.expect("again"), Vec::<String>::new());
+
+    // One served visit, one counter session and (in May and August) one quarantined event per
+    // month, May to September.
+    let mut visits = std::collections::BTreeMap::new();
+    let mut seqs_by_month = std::collections::BTreeMap::new();
+    for month in 5..=9 {
+        let visit = VisitId::new();
+        let mut timeline = crate::testing::visit_events(
+            visit,
+            at(month, 10),
+            &[
+                (VisitEventKind::Called, 5, None, None),
+                (VisitEventKind::Ended, 10, Some(Outcome::Served), Some(300_000)),
+            ],
+        );
+        timeline.push(counter(ServicePointEventKind::Opened, at(month, 10)));
+        timeline.push(counter(ServicePointEventKind::Closed, at(month, 10) + Duration::hours(8)));
+        if month == 5 || month == 8 {
+            let orphan = crate::testing::visit_events(
+                VisitId::new(),
+                at(month, 10),
+                &[(VisitEventKind::Called, 1, None, None)],
+            );
+            timeline.push(orphan[1].clone());
+        }
+        visits.insert(month, visit.to_string());
+        seqs_by_month.insert(month, ingest_at(store, agent.id, &timeline, at(month, 10)).await);
+    }
+    crate::stats::catch_up(store, &Default::default()).await.expect("project");
+    assert_eq!(store.projection_lag().await.expect("lag"), 0);
+    let rollups_before = store.rollups(&stats::RollupQuery::default()).await.expect("rollups");
+    assert_eq!(rollups_before.len(), 5);
+
+    let stored_seqs = || async {
+        store
+            .events_after(agent.id, 0, 10_000)
+            .await
+            .expect("events")
+            .iter()
+            .map(|e| e.seq)
+            .collect::<BTreeSet<u64>>()
+    };
+    let seqs_of = |months: &[u32]| -> BTreeSet<u64> {
+        months.iter().flat_map(|m| seqs_by_month[m].iter().copied()).collect()
+    };
+    let visit_ids = |facts: Vec<String>| facts.into_iter().collect::<BTreeSet<_>>();
+    let visits_of =
+        |months: &[u32]| -> BTreeSet<String> { months.iter().map(|m| visits[m].clone()).collect() };
+
+    // Events: kept 60 days at 20 September = from 1 July; facts: 100 days = from 1 June.
+    let policy = RetentionPolicy { events_days: 60, facts_days: 100 };
+    let report = store.apply_retention(&policy, at(9, 20)).await.expect("retention");
+    assert_eq!(report.unprojected_kept, 0);
+    assert_eq!(report.events_removed as usize, seqs_of(&[5, 6]).len());
+    assert_eq!(stored_seqs().await, seqs_of(&[7, 8, 9]), "exactly the events before July go");
+    let all = stats::FactFilter::default();
+    let facts = store.visit_facts(&all).await.expect("facts");
+    assert_eq!(
+        visit_ids(facts.into_iter().map(|f| f.visit_id).collect()),
+        visits_of(&[6, 7, 8, 9]),
+        "exactly the visits before June go"
+    );
+    let transactions = store.transaction_facts(&all).await.expect("transactions");
+    assert_eq!(
+        visit_ids(transactions.into_iter().map(|t| t.visit_id).collect()),
+        visits_of(&[6, 7, 8, 9])
+    );
+    let sessions = store.session_facts(&all).await.expect("sessions");
+    assert_eq!(
+        sessions.iter().map(|s| s.opened_at).collect::<Vec<_>>(),
+        [at(6, 10), at(7, 10), at(8, 10), at(9, 10)]
+    );
+    let quarantined = store.quarantined(10).await.expect("quarantine");
+    assert_eq!(
+        quarantined.iter().map(|q| q.seq).collect::<Vec<_>>(),
+        [*seqs_by_month[&8].last().expect("orphan")],
+        "the May quarantine goes, August's stays"
+    );
+    assert_eq!(
+        store.rollups(&stats::RollupQuery::default()).await.expect("rollups"),
+        rollups_before,
+        "rollups are kept"
+    );
+    let again = store.apply_retention(&policy, at(9, 20)).await.expect("retention again");
+    assert!(again.is_empty(), "nothing more to remove: {again:?}");
+
+    // Events the projector has not consumed yet stay, whatever their age: a visit in July (now
+    // past the cut-off) and one in April (long past it).
+    let late_july = ingest_at(
+        store,
+        agent.id,
+        &crate::testing::visit_events(VisitId::new(), at(7, 12), &[]),
+        at(7, 12),
+    )
+    .await;
+    let late_april = ingest_at(
+        store,
+        agent.id,
+        &crate::testing::visit_events(VisitId::new(), at(4, 12), &[]),
+        at(4, 12),
+    )
+    .await;
+    let events_only = RetentionPolicy { events_days: 60, facts_days: 0 };
+    let report = store.apply_retention(&events_only, at(10, 20)).await.expect("retention");
+    assert_eq!(report.unprojected_kept as usize, late_july.len() + late_april.len());
+    let stored = stored_seqs().await;
+    assert!(
+        late_july.iter().chain(&late_april).all(|seq| stored.contains(seq)),
+        "unprojected events are kept: {stored:?}"
+    );
+    assert!(seqs_of(&[8, 9]).is_subset(&stored), "events from August on are kept");
+    assert_eq!(store.visit_facts(&all).await.expect("facts").len(), 4, "facts kept forever");
+
+    // Once projected they go like the rest.
+    crate::stats::catch_up(store, &Default::default()).await.expect("project");
+    let report = store.apply_retention(&events_only, at(10, 20)).await.expect("retention");
+    assert_eq!(report.unprojected_kept, 0);
+    assert_eq!(stored_seqs().await, seqs_of(&[8, 9]), "exactly the events before August go");
+}
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -385,6 +550,7 @@ macro_rules! store_conformance_suite {
             ingest_is_idempotent_and_gapless,
             agent_status_updates_are_partial,
             facts_project_events_exactly_once_and_rebuild_identically,
+            retention_removes_old_months_but_never_unprojected_events,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

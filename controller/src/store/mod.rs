@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::error::{EnrollError, Error, Result};
 
 pub mod conformance;
+pub mod maintenance;
 mod postgres;
 mod sql_common;
 mod sqlite;
@@ -166,14 +167,17 @@ pub struct AgentStatusUpdate {
     pub store_error: Option<String>,
 }
 
-/// An event as received from an agent, already validated at the edge.
+/// An event as received from an agent, validated at the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingEvent {
     pub seq: u64,
     pub kind: String,
     pub occurred_at: DateTime<Utc>,
-    /// A JSON object, UTF-8.
+    /// A JSON object, UTF-8 (for a quarantined event: whatever arrived, lossily decoded).
     pub payload: String,
+    /// Why the edge refused the event's content: it is acknowledged like any other (so it never
+    /// blocks the agent's stream) but kept in `quarantined_events` instead of `events`.
+    pub quarantine: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -276,6 +280,20 @@ pub trait Store: stats::StatsStore + Send + Sync + 'static {
     /// Records a cumulative command acknowledgement (never moves backwards).
     async fn ack_commands(&self, agent: AgentId, up_to_seq: u64, error: Option<&str>)
     -> Result<()>;
+
+    // --- maintenance (see `maintenance`) ---
+    /// Creates the monthly time partitions for the month of `now` and the next two
+    /// (PostgreSQL; SQLite is not partitioned). Idempotent, safe on several replicas at once;
+    /// returns the partitions it created.
+    async fn prepare_partitions(&self, now: DateTime<Utc>) -> Result<Vec<String>>;
+    /// Removes raw events, facts and quarantined events older than `policy` allows at `now`
+    /// (whole UTC months, `maintenance::cutoff`), never an event the statistics projector has
+    /// not consumed yet. Rollups are kept.
+    async fn apply_retention(
+        &self,
+        policy: &maintenance::RetentionPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<maintenance::RetentionReport>;
 }
 
 pub(crate) fn enroll_error(e: EnrollError) -> Error {

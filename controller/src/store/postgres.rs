@@ -1,14 +1,21 @@
 //! The PostgreSQL backend (production). Shared SQL lives in `sql_common`; here: connection,
-//! migrations, row locking (`FOR UPDATE`) and the batched event insert.
+//! migrations, row locking (`FOR UPDATE`), the batched event insert, and maintenance of the
+//! monthly time partitions of `events`, `visit_facts` and `transaction_facts` (creation ahead
+//! of time, retention by dropping whole partitions; see `maintenance`).
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::IncomingEvent;
+use super::maintenance::{self, RetentionPolicy, RetentionReport};
 use super::sql_common::{Backend, impl_store};
 use super::stats_sql::{Col, JsonTable};
 use crate::error::Result;
+
+/// How long maintenance waits for a table lock before giving up until its next run: while it
+/// waits, ingest and projection queue behind it.
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '10s'";
 
 pub struct PgStore {
     pool: PgPool,
@@ -106,9 +113,147 @@ impl PgStore {
         Ok(self.pool.begin().await?)
     }
 
+    /// Creates the missing partitions of the months ahead through `meridian_month_partition`
+    /// (migration 0004), one replica at a time.
+    async fn prepare_partitions_impl(&self, now: DateTime<Utc>) -> Result<Vec<String>> {
+        let mut tx = self.tx().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('meridian_partitions'))")
+            .execute(&mut *tx)
+            .await?;
+        // Creating a partition locks its parent: never queue ingest behind it for long.
+        sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
+        let mut created = Vec::new();
+        for (table, column) in maintenance::PARTITIONED {
+            for month in maintenance::months_ahead(now) {
+                let name: Option<String> =
+                    sqlx::query_scalar("SELECT meridian_month_partition($1, $2, $3)")
+                        .bind(table)
+                        .bind(column)
+                        .bind(month)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                created.extend(name);
+            }
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn apply_retention_impl(
+        &self,
+        policy: &RetentionPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<RetentionReport> {
+        let mut report = RetentionReport::default();
+        if let Some(cut) = maintenance::cutoff(now, policy.events_days) {
+            for name in self.expired_partitions("events", cut).await? {
+                // One scan outside any lock: the size for the report and whether the projector
+                // is done with the partition.
+                let (rows, unprojected): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE e.seq > COALESCE(c.seq, 0))                      FROM {name} e LEFT JOIN fact_cursors c ON c.agent_id = e.agent_id"
+                )))
+                .fetch_one(&self.pool)
+                .await?;
+                if unprojected > 0 {
+                    tracing::warn!(partition = %name, events = unprojected, "retention keeps a partition: the statistics projector has not consumed all its events yet");
+                    report.unprojected_kept += unprojected as u64;
+                    continue;
+                }
+                // Under the parent's lock (taken first, as ingest does) nothing new can land in
+                // the partition between the last check and the drop.
+                let mut tx = self.tx().await?;
+                sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
+                sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await?;
+                let late: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT EXISTS (SELECT 1 FROM agents a LEFT JOIN fact_cursors c ON c.agent_id = a.id                      WHERE EXISTS (SELECT 1 FROM {name} e WHERE e.agent_id = a.id AND e.seq > COALESCE(c.seq, 0)))"
+                )))
+                .fetch_one(&mut *tx)
+                .await?;
+                if late {
+                    tracing::warn!(partition = %name, "retention keeps a partition: unprojected events arrived meanwhile");
+                    continue;
+                }
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                report.events_removed += rows as u64;
+                report.partitions_dropped.push(name);
+            }
+            let kept: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(
+                maintenance::count_unprojected_events("events_default"),
+            ))
+            .bind(cut)
+            .fetch_one(&self.pool)
+            .await?;
+            report.unprojected_kept += kept as u64;
+            report.events_removed += sqlx::query(sqlx::AssertSqlSafe(
+                maintenance::delete_projected_events("events_default"),
+            ))
+            .bind(cut)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        if let Some(cut) = maintenance::cutoff(now, policy.facts_days) {
+            for (table, column) in &maintenance::PARTITIONED[1..] {
+                for name in self.expired_partitions(table, cut).await? {
+                    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT COUNT(*) FROM {name}"
+                    )))
+                    .fetch_one(&self.pool)
+                    .await?;
+                    let mut tx = self.tx().await?;
+                    sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    report.facts_removed += rows as u64;
+                    report.partitions_dropped.push(name);
+                }
+                report.facts_removed += sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table}_default WHERE {column} < $1"
+                )))
+                .bind(cut)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            }
+            for statement in [
+                "DELETE FROM session_facts WHERE opened_at < $1 AND closed_at IS NOT NULL",
+                "DELETE FROM quarantined_events WHERE received_at < $1",
+            ] {
+                report.facts_removed +=
+                    sqlx::query(statement).bind(cut).execute(&self.pool).await?.rows_affected();
+            }
+        }
+        Ok(report)
+    }
+
+    /// `table`'s monthly partitions whose whole month lies before `cut`, oldest first.
+    async fn expired_partitions(&self, table: &str, cut: DateTime<Utc>) -> Result<Vec<String>> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = CAST($1 AS regclass) ORDER BY c.relname",
+        )
+        .bind(table)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(names
+            .into_iter()
+            .filter(|name| {
+                maintenance::partition_month(table, name)
+                    .is_some_and(|month| maintenance::partition_expired(month, cut))
+            })
+            .collect())
+    }
+
     /// Inserts events the caller has already filtered to `seq > acked_seq` while holding the
-    /// agent's row lock, so no row can conflict; the primary key still refuses a duplicate
-    /// loudly should that invariant ever break (no `ON CONFLICT`, which costs ~30% of ingest).
+    /// agent's row lock, so no row can conflict; the primary key (agent, seq, occurred_at: it
+    /// must contain the partition key) still refuses a resent duplicate, which carries the same
+    /// occurred_at, loudly should that invariant ever break (no `ON CONFLICT`, which costs ~30%
+    /// of ingest).
     async fn insert_events(
         tx: &mut Transaction<'static, Postgres>,
         agent_id: &str,

@@ -1,7 +1,9 @@
 //! The SQL both backends share, written once. `impl_store!` expands to the whole `Store`
 //! implementation for a backend type; the backend supplies only what truly differs:
 //! `tx()` (how a write transaction starts and locks), the `FOR UPDATE` suffix, and
-//! `insert_events` (PostgreSQL inserts a batch with one `UNNEST`, SQLite row by row).
+//! `insert_events` (PostgreSQL inserts a batch with one `UNNEST`, SQLite row by row), and
+//! maintenance (`prepare_partitions_impl`, `apply_retention_impl`: PostgreSQL partitions by
+//! month, SQLite is not partitioned).
 
 use chrono::{DateTime, Utc};
 use meridian_shared::{AgentId, SiteCode};
@@ -593,6 +595,21 @@ macro_rules! impl_store {
                 self.watch_commands_impl(wake, shutdown).await
             }
 
+            async fn prepare_partitions(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<Vec<String>> {
+                self.prepare_partitions_impl(now).await
+            }
+
+            async fn apply_retention(
+                &self,
+                policy: &$crate::store::maintenance::RetentionPolicy,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<$crate::store::maintenance::RetentionReport> {
+                self.apply_retention_impl(policy, now).await
+            }
+
             async fn update_agent_status(
                 &self,
                 id: meridian_shared::AgentId,
@@ -656,7 +673,25 @@ macro_rules! impl_store {
                     return Ok(Ok(acked));
                 };
                 let new_acked = last.seq;
-                Self::insert_events(&mut tx, &agent_id, &site, &fresh, received_at).await?;
+                let (refused, fresh): (Vec<_>, Vec<_>) =
+                    fresh.into_iter().partition(|e| e.quarantine.is_some());
+                if !fresh.is_empty() {
+                    Self::insert_events(&mut tx, &agent_id, &site, &fresh, received_at).await?;
+                }
+                let refused = refused
+                    .iter()
+                    .map(|e| {
+                        let q = $crate::stats::facts::Quarantined {
+                            agent_id: agent_id.clone(),
+                            seq: e.seq,
+                            site: site.clone(),
+                            kind: e.kind.clone(),
+                            reason: e.quarantine.clone().unwrap_or_default(),
+                        };
+                        $crate::store::stats_sql::quarantine_json(&q, "ingest", &e.payload, Some(e.occurred_at), received_at)
+                    })
+                    .collect();
+                Self::write_json(&mut tx, &$crate::store::stats_sql::QUARANTINE, refused).await?;
                 sqlx::query("UPDATE agents SET acked_seq = $2 WHERE id = $1")
                     .bind(&agent_id)
                     .bind(new_acked as i64)

@@ -1,6 +1,7 @@
 //! The embedded SQLite backend (evaluation and small single-replica installs). Shared SQL lives
 //! in `sql_common`; here: connection (WAL, durable commits), migrations, `BEGIN IMMEDIATE`
-//! write transactions (SQLite has no row locks; one writer at a time) and the event insert.
+//! write transactions (SQLite has no row locks; one writer at a time), the event insert and
+//! retention by `DELETE` (no partitions).
 
 use std::str::FromStr;
 
@@ -11,6 +12,7 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use super::IncomingEvent;
+use super::maintenance::{self, RetentionPolicy, RetentionReport};
 use super::sql_common::{Backend, impl_store};
 use super::stats_sql::JsonTable;
 use crate::error::Result;
@@ -65,6 +67,51 @@ impl SqliteStore {
 
     async fn tx(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// SQLite is not partitioned.
+    async fn prepare_partitions_impl(&self, _now: DateTime<Utc>) -> Result<Vec<String>> {
+        Ok(vec![])
+    }
+
+    /// Deletes old rows in one write transaction. Times are compared as text: the cut-off is a
+    /// whole second (a month start) and both stored formats (sqlx's RFC 3339 and the facts'
+    /// `…Z`) start with the same `YYYY-MM-DDTHH:MM:SS`, so text order is time order here.
+    async fn apply_retention_impl(
+        &self,
+        policy: &RetentionPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<RetentionReport> {
+        let mut report = RetentionReport::default();
+        let mut tx = self.tx().await?;
+        if let Some(cut) = maintenance::cutoff(now, policy.events_days) {
+            let kept: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(
+                maintenance::count_unprojected_events("events"),
+            ))
+            .bind(cut)
+            .fetch_one(&mut *tx)
+            .await?;
+            report.unprojected_kept = kept as u64;
+            report.events_removed =
+                sqlx::query(sqlx::AssertSqlSafe(maintenance::delete_projected_events("events")))
+                    .bind(cut)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+        }
+        if let Some(cut) = maintenance::cutoff(now, policy.facts_days) {
+            for statement in [
+                "DELETE FROM visit_facts WHERE created_at < $1",
+                "DELETE FROM transaction_facts WHERE entered_at < $1",
+                "DELETE FROM session_facts WHERE opened_at < $1 AND closed_at IS NOT NULL",
+                "DELETE FROM quarantined_events WHERE received_at < $1",
+            ] {
+                report.facts_removed +=
+                    sqlx::query(statement).bind(cut).execute(&mut *tx).await?.rows_affected();
+            }
+        }
+        tx.commit().await?;
+        Ok(report)
     }
 
     async fn insert_events(

@@ -75,7 +75,8 @@ pub const VISIT_FACTS: JsonTable = JsonTable {
         ("transfers", Int),
         ("recalls", Int),
     ],
-    key: &["visit_id"],
+    // The partition column is part of the key: PostgreSQL partitions by it (0004).
+    key: &["visit_id", "created_at"],
     update: true,
 };
 
@@ -100,7 +101,8 @@ pub const TRANSACTION_FACTS: JsonTable = JsonTable {
         ("counter", Text),
         ("staff", Text),
     ],
-    key: &["visit_id", "n"],
+    // The partition column is part of the key: PostgreSQL partitions by it (0004).
+    key: &["visit_id", "n", "entered_at"],
     update: true,
 };
 
