@@ -3,7 +3,8 @@
 //! Starts a controller in-process on a fresh PostgreSQL database, creates one site per
 //! simulated agent, enrolls the agents over gRPC and lets each stream its events through a real
 //! `Session` (batches of 500, up to 10 batches unacknowledged, as the real agent pipelines
-//! its outbox). The rate is measured from the first batch to the last `EventAck`. The
+//! its outbox). The rate is measured from the first batch until every event is acknowledged
+//! and folded into the statistics (visit facts, transaction facts, rollups). The
 //! baseline, measured in the same run: the same rows loaded into a fresh copy of the `events`
 //! table with `COPY … FROM STDIN`.
 //! Optionally the session part runs again on the embedded SQLite store (no baseline there).
@@ -140,8 +141,8 @@ async fn run() -> Result<()> {
     copy.print("PostgreSQL, COPY baseline", "rows");
     let ratio = sessions.rate() / copy.rate();
     println!(
-        "ratio sessions/COPY: {ratio:.2} (goal >= 0.50: {})",
-        match (params.smoke, ratio >= 0.5) {
+        "ratio sessions incl. fact maintenance/COPY: {ratio:.2} (goal >= 0.40: {})",
+        match (params.smoke, ratio >= 0.4) {
             (true, _) => "not judged in smoke mode",
             (false, true) => "met",
             (false, false) => "NOT met",
@@ -345,14 +346,43 @@ async fn ingest_over_sessions(
             }
         }
     }
+    finished.sort_unstable();
+    let last_ack = finished.last().copied().unwrap_or_default();
+    // Ingest counts as done when statistics are current too: every event folded into facts and
+    // every touched site-day's rollups recomputed (the controller's projector works during the
+    // run; this finishes whatever is left).
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    loop {
+        meridian_controller::stats::catch_up(controller.store.as_ref(), &shutdown)
+            .await
+            .context("projecting facts")?;
+        let lag = controller.store.projection_lag().await.context("projection lag")?;
+        let pending = controller.store.pending_rollups().await.context("pending rollups")?;
+        if lag == 0 && pending == 0 {
+            break;
+        }
+        ensure!(start.elapsed() < params.phase_limit, "statistics did not catch up in time");
+    }
+    let elapsed = start.elapsed();
     let cpu = Cpu::sample(pg_db) - cpu_before;
     let threads = ThreadCpu::sample().since(&threads_before);
-    finished.sort_unstable();
-    let elapsed = finished.last().copied().unwrap_or_default();
+    let facts = controller
+        .store
+        .visit_facts(&Default::default())
+        .await
+        .context("reading visit facts")?
+        .len() as u64;
+    ensure!(
+        facts == params.total_events(),
+        "{facts} visit facts for {} VISIT_CREATED events",
+        params.total_events()
+    );
     let spread = format!(
-        "agents finished after: first {:.3} s, median {:.3} s, last {:.3} s",
+        "agents acknowledged after: first {:.3} s, median {:.3} s, last {:.3} s; statistics \
+         current (one visit fact per event, rollups recomputed) after {:.3} s",
         finished.first().copied().unwrap_or_default().as_secs_f64(),
         finished.get(finished.len() / 2).copied().unwrap_or_default().as_secs_f64(),
+        last_ack.as_secs_f64(),
         elapsed.as_secs_f64(),
     );
     let wal_bytes = match lsn_before {

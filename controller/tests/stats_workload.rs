@@ -32,7 +32,9 @@ const KPI_MIN: i64 = 10;
 
 fn days() -> Vec<NaiveDate> {
     // Oct 29 – Nov 2 2026: a month boundary, and US daylight saving ends on Nov 1.
-    (0..5).map(|d| NaiveDate::from_ymd_opt(2026, 10, 29).unwrap() + Duration::days(d)).collect()
+    (0..5)
+        .map(|d| NaiveDate::from_ymd_opt(2026, 10, 29).expect("test data") + Duration::days(d))
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,15 +83,19 @@ fn plan() -> Vec<Planned> {
 }
 
 fn tz(site: &str) -> Tz {
-    SITES.iter().find(|(s, _)| *s == site).map(|(_, z)| z.parse().unwrap()).unwrap()
+    SITES
+        .iter()
+        .find(|(s, _)| *s == site)
+        .map(|(_, z)| z.parse().expect("test data"))
+        .expect("test data")
 }
 
 fn code(s: &str) -> Code {
-    Code::parse(s).unwrap()
+    Code::parse(s).expect("test data")
 }
 
 fn arrival(p: &Planned) -> DateTime<Utc> {
-    let local = p.day.and_hms_opt(9, 0, 0).unwrap() + Duration::minutes(p.arrival_min);
+    let local = p.day.and_hms_opt(9, 0, 0).expect("test data") + Duration::minutes(p.arrival_min);
     tz(p.site).from_local_datetime(&local).single().expect("unambiguous").with_timezone(&Utc)
 }
 
@@ -189,7 +195,7 @@ fn expected<'a>(visits: impl Iterator<Item = &'a Planned>) -> Expected {
         wait_mean_ms: micro(waits.iter().sum::<i64>() as f64 / waits.len() as f64),
         p50_ms: rank(0.5),
         p90_ms: rank(0.9),
-        max_ms: *waits.last().unwrap(),
+        max_ms: *waits.last().expect("test data"),
         service_mean_ms: micro(service_total as f64 / served.len() as f64),
         service_level: (!gen_served.is_empty())
             .then(|| micro(100.0 * within as f64 / gen_served.len() as f64)),
@@ -198,14 +204,14 @@ fn expected<'a>(visits: impl Iterator<Item = &'a Planned>) -> Expected {
 
 fn actual(row: &Value) -> Expected {
     Expected {
-        visits: row["visits"].as_u64().unwrap(),
-        served: row["served"].as_u64().unwrap(),
-        no_shows: row["no_shows"].as_u64().unwrap(),
-        wait_mean_ms: micro(row["waiting_ms"]["mean"].as_f64().unwrap()),
-        p50_ms: row["waiting_ms"]["p50"].as_i64().unwrap(),
-        p90_ms: row["waiting_ms"]["p90"].as_i64().unwrap(),
-        max_ms: row["waiting_ms"]["max"].as_i64().unwrap(),
-        service_mean_ms: micro(row["service_ms_mean"].as_f64().unwrap()),
+        visits: row["visits"].as_u64().expect("test data"),
+        served: row["served"].as_u64().expect("test data"),
+        no_shows: row["no_shows"].as_u64().expect("test data"),
+        wait_mean_ms: micro(row["waiting_ms"]["mean"].as_f64().expect("test data")),
+        p50_ms: row["waiting_ms"]["p50"].as_i64().expect("test data"),
+        p90_ms: row["waiting_ms"]["p90"].as_i64().expect("test data"),
+        max_ms: row["waiting_ms"]["max"].as_i64().expect("test data"),
+        service_mean_ms: micro(row["service_ms_mean"].as_f64().expect("test data")),
         service_level: row["service_level_pct"].as_f64().map(micro),
     }
 }
@@ -370,7 +376,7 @@ async fn known_answers(store: Arc<dyn Store>) {
     let rows = fleet.rows("group_by=site&from=2026-10-29&to=2026-11-02").await;
     assert_eq!(rows.len(), 3);
     for row in &rows {
-        let site = row["group"].as_str().unwrap();
+        let site = row["group"].as_str().expect("test data");
         assert_eq!(actual(row), expected(plan.iter().filter(|p| p.site == site)), "{site}");
     }
     // The same through monthly rollups only (whole months), and with no range at all.
@@ -380,7 +386,7 @@ async fn known_answers(store: Arc<dyn Store>) {
     // A range that cuts both months: monthly rollups are not usable, days are.
     let cut = fleet.rows("group_by=site&from=2026-10-30&to=2026-11-01").await;
     for row in &cut {
-        let site = row["group"].as_str().unwrap();
+        let site = row["group"].as_str().expect("test data");
         let want = expected(
             plan.iter().filter(|p| p.site == site && p.day >= days()[1] && p.day <= days()[3]),
         );
@@ -390,7 +396,10 @@ async fn known_answers(store: Arc<dyn Store>) {
     let daily = fleet.rows("group_by=site&interval=day").await;
     assert_eq!(daily.len(), 15);
     for row in &daily {
-        let (site, day) = (row["group"].as_str().unwrap(), row["interval"].as_str().unwrap());
+        let (site, day) = (
+            row["group"].as_str().expect("test data"),
+            row["interval"].as_str().expect("test data"),
+        );
         let want = expected(plan.iter().filter(|p| p.site == site && p.day.to_string() == day));
         assert_eq!(actual(row), want, "{site} {day}");
     }
@@ -403,14 +412,24 @@ async fn known_answers(store: Arc<dyn Store>) {
     }
     let got: BTreeMap<String, u64> = hourly
         .iter()
-        .map(|r| (r["interval"].as_str().unwrap().to_owned(), r["visits"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r["interval"].as_str().expect("test data").to_owned(),
+                r["visits"].as_u64().expect("test data"),
+            )
+        })
         .collect();
     assert_eq!(got, want, "local hours: 09:00 is 09:00 on both sides of the change");
     // Weekly intervals: Oct 29 – Nov 1 are in the week of Monday Oct 26, Nov 2 starts a week.
     let weekly = fleet.rows("group_by=all&interval=week").await;
     let weeks: Vec<(String, u64)> = weekly
         .iter()
-        .map(|r| (r["interval"].as_str().unwrap().to_owned(), r["visits"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r["interval"].as_str().expect("test data").to_owned(),
+                r["visits"].as_u64().expect("test data"),
+            )
+        })
         .collect();
     let before = plan.iter().filter(|p| p.day < days()[4]).count() as u64;
     assert_eq!(
@@ -420,7 +439,7 @@ async fn known_answers(store: Arc<dyn Store>) {
     // By service at one site, and filtered to one service.
     let services = fleet.rows("group_by=service&site=TYO").await;
     for row in &services {
-        let service = row["group"].as_str().unwrap().trim_start_matches("TYO/");
+        let service = row["group"].as_str().expect("test data").trim_start_matches("TYO/");
         let want = expected(plan.iter().filter(|p| p.site == "TYO" && p.service == service));
         assert_eq!(actual(row), want, "TYO/{service}");
     }
@@ -456,7 +475,7 @@ async fn backfill(store: Arc<dyn Store>) {
         fleet.catch_up().await;
         let rows = fleet.rows("group_by=site").await;
         assert_eq!(
-            rows.iter().map(|r| r["group"].as_str().unwrap()).collect::<Vec<_>>(),
+            rows.iter().map(|r| r["group"].as_str().expect("test data")).collect::<Vec<_>>(),
             ["CHI", "SFO"]
         );
     }
@@ -466,7 +485,7 @@ async fn backfill(store: Arc<dyn Store>) {
     let backlog_end = tyo
         .iter()
         .position(|e| matches!(e, AgentEvent::VisitCreated(c) if c.business_day >= days[3]))
-        .unwrap();
+        .expect("test data");
     let first = testing::incoming(&tyo[..40], 1, Utc::now());
     let agent = fleet.agents["TYO"];
     fleet.store.ingest_events(agent, &first, Utc::now()).await.expect("store").expect("ingest");
@@ -487,13 +506,16 @@ async fn backfill(store: Arc<dyn Store>) {
     let daily = fleet.rows("group_by=site&interval=day").await;
     assert_eq!(daily.len(), 15);
     for row in &daily {
-        let (site, day) = (row["group"].as_str().unwrap(), row["interval"].as_str().unwrap());
+        let (site, day) = (
+            row["group"].as_str().expect("test data"),
+            row["interval"].as_str().expect("test data"),
+        );
         let want = expected(plan.iter().filter(|p| p.site == site && p.day.to_string() == day));
         assert_eq!(actual(row), want, "{site} {day}");
     }
     let totals = fleet.rows("group_by=site").await;
     for row in &totals {
-        let site = row["group"].as_str().unwrap();
+        let site = row["group"].as_str().expect("test data");
         assert_eq!(actual(row), expected(plan.iter().filter(|p| p.site == site)), "{site}");
     }
     let after = fleet.rollups().await;

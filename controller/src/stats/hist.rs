@@ -25,22 +25,29 @@ fn ceil_div(a: i64, b: i64) -> i64 {
 
 /// The bucket of a wait in milliseconds.
 pub fn bucket(ms: i64) -> u32 {
-    match ms {
-        ..=0 => 0,
-        1..=FINE => ceil_div(ms, FINE_W) as u32,
-        ..=MEDIUM => FINE_N + ceil_div(ms - FINE, MEDIUM_W) as u32,
-        ..=COARSE => MEDIUM_N + ceil_div(ms - MEDIUM, COARSE_W) as u32,
-        _ => OVERFLOW,
+    if ms <= 0 {
+        0
+    } else if ms <= FINE {
+        ceil_div(ms, FINE_W) as u32
+    } else if ms <= MEDIUM {
+        FINE_N + ceil_div(ms - FINE, MEDIUM_W) as u32
+    } else if ms <= COARSE {
+        MEDIUM_N + ceil_div(ms - MEDIUM, COARSE_W) as u32
+    } else {
+        OVERFLOW
     }
 }
 
 /// The largest wait a bucket holds (`None` for the overflow bucket).
 pub fn upper_edge(b: u32) -> Option<i64> {
-    match b {
-        0..=FINE_N => Some(i64::from(b) * FINE_W),
-        ..=MEDIUM_N => Some(FINE + i64::from(b - FINE_N) * MEDIUM_W),
-        ..=COARSE_N => Some(MEDIUM + i64::from(b - MEDIUM_N) * COARSE_W),
-        _ => None,
+    if b <= FINE_N {
+        Some(i64::from(b) * FINE_W)
+    } else if b <= MEDIUM_N {
+        Some(FINE + i64::from(b - FINE_N) * MEDIUM_W)
+    } else if b <= COARSE_N {
+        Some(MEDIUM + i64::from(b - MEDIUM_N) * COARSE_W)
+    } else {
+        None
     }
 }
 
