@@ -23,7 +23,9 @@ pub struct PgStore {
 
 impl Backend for PgStore {
     type Db = Postgres;
-    const JSON_IDS: &'static str = "SELECT jsonb_array_elements_text(CAST($1 AS jsonb))";
+    fn in_json_ids(column: &str) -> String {
+        format!("{column} = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST($1 AS jsonb))))")
+    }
     const SITE_LOCK: &'static str =
         "SELECT pg_advisory_xact_lock(hashtext('meridian_rollup:' || $1))";
 

@@ -772,8 +772,9 @@ pub(crate) use impl_store;
 /// rows is unpacked, and how a refresher takes a per-site lock.
 pub trait Backend {
     type Db: sqlx::Database;
-    /// A subquery selecting the strings of the JSON array bound as `$1`.
-    const JSON_IDS: &'static str;
+    /// A predicate: `column` is one of the strings of the JSON array bound as `$1` (written so
+    /// the planner uses the column's index).
+    fn in_json_ids(column: &str) -> String;
     /// Takes a transaction-scoped lock named by `$1` (a no-op where writers are serialized).
     const SITE_LOCK: &'static str;
     /// `INSERT … ON CONFLICT …` of the JSON array of row objects bound as `$1`.

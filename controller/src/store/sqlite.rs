@@ -23,7 +23,9 @@ pub struct SqliteStore {
 
 impl Backend for SqliteStore {
     type Db = Sqlite;
-    const JSON_IDS: &'static str = "SELECT value FROM json_each($1)";
+    fn in_json_ids(column: &str) -> String {
+        format!("{column} IN (SELECT value FROM json_each($1))")
+    }
     // `BEGIN IMMEDIATE` already makes every write transaction the only writer.
     const SITE_LOCK: &'static str = "SELECT $1";
 

@@ -590,17 +590,17 @@ macro_rules! impl_stats_store {
                 if !ids.is_empty() {
                     let ids_json = serde_json::to_string(&ids).map_err(|e| $crate::error::Error::Internal(e.to_string()))?;
                     let stored: Vec<sql::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM visit_facts WHERE visit_id IN ({})",
+                        "SELECT {} FROM visit_facts WHERE {}",
                         sql::FACT_COLUMNS,
-                        <$ty as Backend>::JSON_IDS
+                        <$ty as Backend>::in_json_ids("visit_id")
                     )))
                     .bind(&ids_json)
                     .fetch_all(&mut *tx)
                     .await?;
                     let stints: Vec<sql::TransactionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM transaction_facts WHERE visit_id IN ({}) ORDER BY visit_id, n",
+                        "SELECT {} FROM transaction_facts WHERE {} ORDER BY visit_id, n",
                         sql::TRANSACTION_COLUMNS,
-                        <$ty as Backend>::JSON_IDS
+                        <$ty as Backend>::in_json_ids("visit_id")
                     )))
                     .bind(&ids_json)
                     .fetch_all(&mut *tx)
