@@ -34,3 +34,4 @@ run:
 bench:
 	cargo bench --bench ingest
 	cargo bench --bench agent_tickets
+	cargo bench --bench stats_query
