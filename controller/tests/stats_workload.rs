@@ -16,7 +16,7 @@ use chrono_tz::Tz;
 use meridian_controller::api::ApiState;
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::metrics::Metrics;
-use meridian_controller::store::stats::RollupQuery;
+use meridian_controller::store::stats::{Grain, RollupQuery};
 use meridian_controller::store::{self, Enrollment, EnrollmentToken, Store};
 use meridian_controller::testing;
 use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated, VisitEventKind};
@@ -349,18 +349,28 @@ impl Fleet {
         serde_json::from_str::<Value>(&body).expect("json").as_array().expect("rows").clone()
     }
 
-    async fn rollups(&self) -> (Vec<String>, Vec<String>) {
-        let dump = |monthly| async move {
+    async fn rollups(&self) -> Vec<Vec<String>> {
+        let dump = |grain, by_service| async move {
             let rows = self
                 .store
-                .rollups(&RollupQuery { monthly, ..Default::default() })
+                .rollups(&RollupQuery { grain, by_service, ..Default::default() })
                 .await
                 .expect("rollups");
             let mut out: Vec<String> = rows.iter().map(|r| format!("{r:?}")).collect();
             out.sort();
             out
         };
-        (dump(false).await, dump(true).await)
+        let mut all = Vec::new();
+        for (grain, by_service) in [
+            (Grain::Day, false),
+            (Grain::Month, false),
+            (Grain::Day, true),
+            (Grain::Week, true),
+            (Grain::Month, true),
+        ] {
+            all.push(dump(grain, by_service).await);
+        }
+        all
     }
 }
 
@@ -435,6 +445,20 @@ async fn known_answers(store: Arc<dyn Store>) {
     assert_eq!(
         weeks,
         [("2026-10-26".to_owned(), before), ("2026-11-02".to_owned(), plan.len() as u64 - before)]
+    );
+    // Weeks cut by the range come from days, whole weeks from weekly rollups: the same answer.
+    let cut_weeks = fleet.rows("group_by=all&interval=week&from=2026-10-29&to=2026-11-02").await;
+    assert_eq!(cut_weeks, weekly);
+    // Counters read the full rollups: the called visits at C1, the uncalled ones at none ("-").
+    let counters = fleet.rows("group_by=counter&site=SFO").await;
+    let called = plan.iter().filter(|p| p.site == "SFO" && p.wait_min.is_some()).count() as u64;
+    let uncalled = plan.iter().filter(|p| p.site == "SFO" && p.wait_min.is_none()).count() as u64;
+    assert_eq!(
+        counters
+            .iter()
+            .map(|r| (r["group"].as_str().unwrap_or(""), r["visits"].as_u64()))
+            .collect::<Vec<_>>(),
+        [("SFO/-", Some(uncalled)), ("SFO/C1", Some(called))]
     );
     // By service at one site, and filtered to one service.
     let services = fleet.rows("group_by=service&site=TYO").await;

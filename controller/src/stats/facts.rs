@@ -392,6 +392,15 @@ fn place_of(to: Option<&Location>, queue: &meridian_shared::Code) -> String {
     }
 }
 
+/// The business day of the visit an event is about, if any.
+pub fn day_of(event: &AgentEvent) -> Option<chrono::NaiveDate> {
+    match event {
+        AgentEvent::VisitCreated(e) => Some(e.business_day),
+        AgentEvent::Visit(_, e) => Some(e.business_day),
+        _ => None,
+    }
+}
+
 /// The visit an event is about, if any.
 pub fn visit_of(event: &AgentEvent) -> Option<String> {
     match event {

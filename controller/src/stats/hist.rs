@@ -6,8 +6,6 @@
 //! edge and otherwise at most one bucket width above the true value; a service level against a
 //! KPI in whole minutes (up to 4 h) is exact.
 
-use std::collections::BTreeMap;
-
 const FINE: i64 = 600_000; // 10 min
 const MEDIUM: i64 = 3_600_000; // 1 h
 const COARSE: i64 = 14_400_000; // 4 h
@@ -51,23 +49,38 @@ pub fn upper_edge(b: u32) -> Option<i64> {
     }
 }
 
-/// Counts per bucket (only non-empty buckets are held).
+/// Counts per bucket, indexed by bucket (trailing empty buckets are not held).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Histogram(BTreeMap<u32, u64>);
+pub struct Histogram(Vec<u64>);
 
 impl Histogram {
+    fn slot(&mut self, b: u32) -> &mut u64 {
+        let i = b as usize;
+        if self.0.len() <= i {
+            self.0.resize(i + 1, 0);
+        }
+        &mut self.0[i]
+    }
+
     pub fn add(&mut self, ms: i64) {
-        *self.0.entry(bucket(ms)).or_default() += 1;
+        *self.slot(bucket(ms)) += 1;
     }
 
     pub fn merge(&mut self, other: &Histogram) {
-        for (b, n) in &other.0 {
-            *self.0.entry(*b).or_default() += n;
+        if self.0.len() < other.0.len() {
+            self.0.resize(other.0.len(), 0);
+        }
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            *mine += theirs;
         }
     }
 
     pub fn count(&self) -> u64 {
-        self.0.values().sum()
+        self.0.iter().sum()
+    }
+
+    fn nonempty(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.0.iter().enumerate().filter(|(_, n)| **n > 0).map(|(b, n)| (b as u32, *n))
     }
 
     /// Nearest-rank percentile (`p` in 0..=1), capped at `max`.
@@ -78,10 +91,10 @@ impl Histogram {
         }
         let rank = ((p * n as f64).ceil() as u64).clamp(1, n);
         let mut seen = 0;
-        for (b, count) in &self.0 {
+        for (b, count) in self.nonempty() {
             seen += count;
             if seen >= rank {
-                return Some(upper_edge(*b).map_or(max, |edge| edge.min(max)));
+                return Some(upper_edge(b).map_or(max, |edge| edge.min(max)));
             }
         }
         Some(max)
@@ -89,41 +102,49 @@ impl Histogram {
 
     /// How many waits are at most `limit_ms` (exact when `limit_ms` is an edge).
     pub fn count_at_most(&self, limit_ms: i64) -> u64 {
-        self.0
-            .iter()
-            .take_while(|(b, _)| upper_edge(**b).is_some_and(|edge| edge <= limit_ms))
+        self.nonempty()
+            .take_while(|(b, _)| upper_edge(*b).is_some_and(|edge| edge <= limit_ms))
             .map(|(_, n)| n)
             .sum()
     }
 
     /// The buckets with their upper edges, for charts (`None`: beyond 4 h).
     pub fn buckets(&self) -> impl Iterator<Item = (Option<i64>, u64)> + '_ {
-        self.0.iter().map(|(b, n)| (upper_edge(*b), *n))
+        self.nonempty().map(|(b, n)| (upper_edge(b), n))
     }
 
-    /// Compact text form for storage: `bucket:count` pairs joined by commas.
+    /// Compact text form for storage: runs of consecutive buckets, `first:count,count,…`,
+    /// joined by `;` (rollup rows hold many of these; the runs keep them short).
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        for (i, (b, n)) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
+        let mut previous: Option<u32> = None;
+        for (b, n) in self.nonempty() {
+            match previous {
+                Some(p) if p + 1 == b => out.push(','),
+                Some(_) => out.push_str(&format!(";{b}:")),
+                None => out.push_str(&format!("{b}:")),
             }
-            out.push_str(&format!("{b}:{n}"));
+            out.push_str(&n.to_string());
+            previous = Some(b);
         }
         out
     }
 
     pub fn decode(text: &str) -> Result<Self, String> {
         let mut h = Histogram::default();
-        for pair in text.split(',').filter(|p| !p.is_empty()) {
-            let (b, n) =
-                pair.split_once(':').ok_or_else(|| format!("bad histogram pair {pair:?}"))?;
-            let b: u32 = b.parse().map_err(|_| format!("bad histogram bucket {b:?}"))?;
-            let n: u64 = n.parse().map_err(|_| format!("bad histogram count {n:?}"))?;
-            if b > OVERFLOW {
-                return Err(format!("histogram bucket {b} out of range"));
+        for run in text.split(';').filter(|r| !r.is_empty()) {
+            let (first, counts) =
+                run.split_once(':').ok_or_else(|| format!("bad histogram run {run:?}"))?;
+            let first: u32 =
+                first.parse().map_err(|_| format!("bad histogram bucket {first:?}"))?;
+            for (i, n) in counts.split(',').enumerate() {
+                let n: u64 = n.parse().map_err(|_| format!("bad histogram count {n:?}"))?;
+                let b = first + i as u32;
+                if b > OVERFLOW {
+                    return Err(format!("histogram bucket {b} out of range"));
+                }
+                *h.slot(b) += n;
             }
-            *h.0.entry(b).or_default() += n;
         }
         Ok(h)
     }
@@ -170,6 +191,9 @@ mod tests {
         let mut merged = h.clone();
         merged.merge(&odd);
         assert_eq!(merged.count(), 6);
+        merged.add(60_000);
+        merged.add(74_000);
+        assert_eq!(merged.encode(), "12:1,1;15:2;24:1;48:1;72:1;160:1");
         assert_eq!(Histogram::decode(&merged.encode()), Ok(merged));
         assert!(Histogram::decode("1:2,x").is_err());
         assert!(Histogram::decode("9999:1").is_err());

@@ -15,12 +15,15 @@ pub mod report;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
 
 /// Events projected per transaction.
 const PROJECT_BATCH: u32 = 2_000;
+/// Agents projected concurrently.
+const PROJECT_PARALLEL: usize = 4;
 /// Site-days recomputed per pass.
 const REFRESH_BATCH: u32 = 100;
 
@@ -46,17 +49,29 @@ pub async fn catch_up(
 ) -> crate::error::Result<usize> {
     let zones = zones(store).await?;
     let mut work = 0;
-    for agent in store.list_agents().await? {
-        loop {
-            if shutdown.is_cancelled() {
-                return Ok(work);
+    let started = std::time::Instant::now();
+    // Agents are independent (each has its own cursor): project a few at a time, so the
+    // database and this process work in parallel.
+    let agents = store.list_agents().await?;
+    let zones = &zones;
+    let mut runs = futures::stream::iter(agents)
+        .map(|agent| async move {
+            let mut done = 0;
+            while !shutdown.is_cancelled() {
+                match store.project_facts(agent.id, PROJECT_BATCH, zones).await? {
+                    0 => break,
+                    n => done += n,
+                }
             }
-            match store.project_facts(agent.id, PROJECT_BATCH, &zones).await? {
-                0 => break,
-                n => work += n,
-            }
-        }
+            Ok::<usize, crate::error::Error>(done)
+        })
+        .buffer_unordered(PROJECT_PARALLEL);
+    while let Some(done) = runs.next().await {
+        work += done?;
     }
+    drop(runs);
+    let projected = started.elapsed();
+    let events = work;
     loop {
         if shutdown.is_cancelled() {
             return Ok(work);
@@ -65,6 +80,15 @@ pub async fn catch_up(
             0 => break,
             n => work += n,
         }
+    }
+    if work > 0 {
+        tracing::debug!(
+            events,
+            projected_ms = projected.as_millis() as u64,
+            site_days = work - events,
+            refreshed_ms = (started.elapsed() - projected).as_millis() as u64,
+            "statistics caught up"
+        );
     }
     Ok(work)
 }

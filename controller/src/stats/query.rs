@@ -1,7 +1,8 @@
 //! A statistics request, checked against the configuration, answered from the cheapest source:
-//! monthly rollups for the whole months of an interval-less range, daily rollups for its edges
-//! and for daily or weekly intervals, and the visit facts for 15-minute and hourly intervals
-//! (whose ranges are therefore bounded).
+//! monthly rollups for the whole months of an interval-less range, weekly rollups for the whole
+//! weeks of weekly intervals, daily rollups for the edges and for daily intervals, and the visit
+//! facts for 15-minute and hourly intervals (whose ranges are therefore bounded). Rollups kept by
+//! service and queue answer every grouping but counter and staff, which read the full ones.
 
 use std::collections::HashMap;
 
@@ -13,7 +14,7 @@ use serde::Deserialize;
 use super::report::{GroupBy, Interval, Report, Row};
 use crate::error::{Error, Result};
 use crate::store::Store;
-use crate::store::stats::{FactFilter, RollupQuery};
+use crate::store::stats::{FactFilter, Grain, RollupQuery};
 
 /// Longest range of any request, in days.
 pub const MAX_RANGE_DAYS: i64 = 3_700;
@@ -143,46 +144,87 @@ pub async fn run<'k>(
         }
         return Ok(report);
     }
-    let rollups = |monthly: bool, from: Option<String>, to: Option<String>| RollupQuery {
-        monthly,
+    // Counters and staff need the full rollups; everything else reads the far smaller rollups
+    // kept by service and queue.
+    let by_service = !matches!(req.group_by, GroupBy::Counter | GroupBy::Staff);
+    let rollups = |grain: Grain, from: Option<String>, to: Option<String>| RollupQuery {
+        grain,
+        by_service,
         site: req.site.clone(),
         service: req.service.clone(),
         from,
         to,
     };
     let mut queries = Vec::new();
-    if report.interval().is_some() {
-        queries.push(rollups(false, day(req.from), day(req.to)));
-    } else {
-        // Whole months from the monthly rollups, the partial months at either end from days.
-        let first_full = req.from.map(|f| {
-            let (start, end) = month_bounds(f);
-            if f == start { start } else { end.succ_opt().unwrap_or(end) }
-        });
-        let last_full = req.to.map(|t| {
-            let (start, end) = month_bounds(t);
-            if t == end { end } else { start.pred_opt().unwrap_or(start) }
-        });
-        match (first_full, last_full) {
-            (Some(a), Some(b)) if a > b => queries.push(rollups(false, day(req.from), day(req.to))),
-            _ => {
-                queries.push(rollups(true, first_full.map(month_key), last_full.map(month_key)));
-                if let (Some(from), Some(a)) = (req.from, first_full)
-                    && from < a
-                {
-                    queries.push(rollups(false, day(Some(from)), day(a.pred_opt())));
+    match report.interval() {
+        Some(Interval::Week) if by_service => {
+            // Whole weeks from the weekly rollups, the partial weeks at either end from days.
+            let first_full = req.from.map(|f| {
+                let m = super::report::monday(f);
+                if m == f { m } else { m + chrono::Duration::days(7) }
+            });
+            let last_full = req.to.map(|t| {
+                let m = super::report::monday(t);
+                if t == m + chrono::Duration::days(6) { m } else { m - chrono::Duration::days(7) }
+            });
+            match (first_full, last_full) {
+                (Some(a), Some(b)) if a > b => {
+                    queries.push(rollups(Grain::Day, day(req.from), day(req.to)));
                 }
-                if let (Some(to), Some(b)) = (req.to, last_full)
-                    && b < to
-                {
-                    queries.push(rollups(false, day(b.succ_opt()), day(Some(to))));
+                _ => {
+                    queries.push(rollups(Grain::Week, day(first_full), day(last_full)));
+                    if let (Some(from), Some(a)) = (req.from, first_full)
+                        && from < a
+                    {
+                        queries.push(rollups(Grain::Day, day(Some(from)), day(a.pred_opt())));
+                    }
+                    if let (Some(to), Some(b)) = (req.to, last_full)
+                        && b + chrono::Duration::days(6) < to
+                    {
+                        let after = b + chrono::Duration::days(7);
+                        queries.push(rollups(Grain::Day, day(Some(after)), day(Some(to))));
+                    }
+                }
+            }
+        }
+        Some(_) => queries.push(rollups(Grain::Day, day(req.from), day(req.to))),
+        None => {
+            // Whole months from the monthly rollups, the partial months at either end from days.
+            let first_full = req.from.map(|f| {
+                let (start, end) = month_bounds(f);
+                if f == start { start } else { end.succ_opt().unwrap_or(end) }
+            });
+            let last_full = req.to.map(|t| {
+                let (start, end) = month_bounds(t);
+                if t == end { end } else { start.pred_opt().unwrap_or(start) }
+            });
+            match (first_full, last_full) {
+                (Some(a), Some(b)) if a > b => {
+                    queries.push(rollups(Grain::Day, day(req.from), day(req.to)));
+                }
+                _ => {
+                    let months = (first_full.map(month_key), last_full.map(month_key));
+                    queries.push(rollups(Grain::Month, months.0, months.1));
+                    if let (Some(from), Some(a)) = (req.from, first_full)
+                        && from < a
+                    {
+                        queries.push(rollups(Grain::Day, day(Some(from)), day(a.pred_opt())));
+                    }
+                    if let (Some(to), Some(b)) = (req.to, last_full)
+                        && b < to
+                    {
+                        queries.push(rollups(Grain::Day, day(b.succ_opt()), day(Some(to))));
+                    }
                 }
             }
         }
     }
     for q in queries {
         for row in store.rollups(&q).await? {
-            let day = if q.monthly { None } else { row.period.parse().ok() };
+            let day = match q.grain {
+                Grain::Month => None,
+                Grain::Day | Grain::Week => row.period.parse().ok(),
+            };
             report.add_tally(&row.dims, day, &row.tally);
         }
     }

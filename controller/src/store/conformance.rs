@@ -345,7 +345,7 @@ pub async fn facts_project_events_exactly_once_and_rebuild_identically(store: &d
     assert_eq!(store.pending_rollups().await.expect("pending"), 0);
     let day = store.rollups(&stats::RollupQuery::default()).await.expect("rollups");
     let month = store
-        .rollups(&stats::RollupQuery { monthly: true, ..Default::default() })
+        .rollups(&stats::RollupQuery { grain: stats::Grain::Month, ..Default::default() })
         .await
         .expect("rollups");
     let expected = crate::stats::report::rollup(&facts);

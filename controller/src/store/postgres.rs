@@ -4,7 +4,9 @@
 //! of time, retention by dropping whole partitions; see `maintenance`).
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::IncomingEvent;
@@ -54,10 +56,13 @@ impl Backend for PgStore {
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self> {
+        // No JIT: the controller runs short OLTP statements, whose planned cost can still cross
+        // the JIT threshold on large tables and then pay 100+ ms of compilation per statement.
+        let options = PgConnectOptions::from_str(url)?.options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options)
             .await?;
         sqlx::migrate!("../migrations/controller-postgres").run(&pool).await?;
         Ok(Self { pool })

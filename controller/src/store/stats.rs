@@ -20,10 +20,24 @@ pub struct FactFilter {
     pub to_day: Option<String>,
 }
 
-/// Which rollup rows to read: daily rows (`YYYY-MM-DD` bounds) or monthly rows (`YYYY-MM`).
+/// The period of a rollup row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Grain {
+    /// `YYYY-MM-DD` bounds.
+    #[default]
+    Day,
+    /// Keyed by the Monday (`YYYY-MM-DD`); kept by service only.
+    Week,
+    /// `YYYY-MM` bounds.
+    Month,
+}
+
+/// Which rollup rows to read: by site, service, queue, counter and staff, or (`by_service`) by
+/// site, service and queue only — far fewer rows, enough unless counters or staff are asked for.
 #[derive(Debug, Clone, Default)]
 pub struct RollupQuery {
-    pub monthly: bool,
+    pub grain: Grain,
+    pub by_service: bool,
     pub site: Option<String>,
     pub service: Option<String>,
     pub from: Option<String>,

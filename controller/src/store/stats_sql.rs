@@ -192,6 +192,59 @@ pub const ROLLUP_MONTH: JsonTable = JsonTable {
     update: true,
 };
 
+/// The service-level columns: the fine ones without counter and staff.
+const fn service_cols(period: &'static str) -> [(&'static str, Col); 13] {
+    let fine = rollup_cols(period);
+    let mut out = [("site", Text); 13];
+    let (mut i, mut j) = (0, 0);
+    while i < fine.len() {
+        if i != 4 && i != 5 {
+            out[j] = fine[i];
+            j += 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+const SERVICE_DAY_COLS: [(&str, Col); 13] = service_cols("day");
+const SERVICE_WEEK_COLS: [(&str, Col); 13] = service_cols("week");
+const SERVICE_MONTH_COLS: [(&str, Col); 13] = service_cols("month");
+
+pub const SERVICE_DAY: JsonTable = JsonTable {
+    name: "rollup_service_day",
+    cols: &SERVICE_DAY_COLS,
+    key: &["site", "day", "service", "queue"],
+    update: true,
+};
+
+pub const SERVICE_WEEK: JsonTable = JsonTable {
+    name: "rollup_service_week",
+    cols: &SERVICE_WEEK_COLS,
+    key: &["site", "week", "service", "queue"],
+    update: true,
+};
+
+pub const SERVICE_MONTH: JsonTable = JsonTable {
+    name: "rollup_service_month",
+    cols: &SERVICE_MONTH_COLS,
+    key: &["site", "month", "service", "queue"],
+    update: true,
+};
+
+/// The rollup table a query reads.
+pub fn rollup_table(q: &super::stats::RollupQuery) -> Option<&'static JsonTable> {
+    use super::stats::Grain;
+    match (q.by_service, q.grain) {
+        (false, Grain::Day) => Some(&ROLLUP_DAY),
+        (false, Grain::Month) => Some(&ROLLUP_MONTH),
+        (false, Grain::Week) => None,
+        (true, Grain::Day) => Some(&SERVICE_DAY),
+        (true, Grain::Week) => Some(&SERVICE_WEEK),
+        (true, Grain::Month) => Some(&SERVICE_MONTH),
+    }
+}
+
 /// Timestamps in JSON rows: one fixed format, so SQLite's text columns sort correctly.
 fn ts(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
@@ -283,6 +336,12 @@ pub struct VisitFactRow {
     staff: Option<String>,
     transfers: i32,
     recalls: i32,
+}
+
+impl VisitFactRow {
+    pub fn visit_id(&self) -> &str {
+        &self.visit_id
+    }
 }
 
 impl From<VisitFactRow> for VisitFact {
@@ -393,15 +452,37 @@ impl From<SessionRow> for SessionFact {
     }
 }
 
-/// Rollup columns with the period column aliased to `period`.
+/// Rollup columns with the period column aliased to `period` (and empty counter and staff for
+/// the service-level tables).
 pub fn rollup_select(table: &JsonTable) -> String {
-    let cols: Vec<String> = table
-        .cols
-        .iter()
-        .enumerate()
-        .map(|(i, (c, _))| if i == 1 { format!("{c} AS period") } else { (*c).to_owned() })
-        .collect();
-    format!("SELECT {} FROM {}", cols.join(", "), table.name)
+    let has = |c: &str| table.cols.iter().any(|(name, _)| *name == c);
+    let dim = |c: &str| if has(c) { c.to_owned() } else { format!("'' AS {c}") };
+    format!(
+        "SELECT site, {} AS period, service, queue, {}, {}, visits, served, no_shows, waited, \
+         wait_sum_ms, wait_max_ms, waits, served_waits, service_sum_ms FROM {}",
+        table.cols[1].0,
+        dim("counter"),
+        dim("staff"),
+        table.name
+    )
+}
+
+/// Merges rows into one tally per (service, queue): the service-level rollup.
+pub fn by_service<'a>(
+    rows: impl IntoIterator<Item = (&'a Dims, &'a Tally)>,
+) -> BTreeMap<Dims, Tally> {
+    let mut out: BTreeMap<Dims, Tally> = BTreeMap::new();
+    for (d, t) in rows {
+        let key = Dims {
+            site: d.site.clone(),
+            service: d.service.clone(),
+            queue: d.queue.clone(),
+            counter: String::new(),
+            staff: String::new(),
+        };
+        out.entry(key).or_default().merge(t);
+    }
+    out
 }
 
 #[derive(sqlx::FromRow)]
@@ -481,7 +562,7 @@ impl From<QuarantineRow> for QuarantinedEvent {
     }
 }
 
-/// Merges daily rollup rows into the month's rows.
+/// Merges daily rollup rows into one tally per dimensions: a week's or a month's rows.
 pub fn month_of(rows: Vec<RollupRow>) -> BTreeMap<Dims, Tally> {
     let mut out: BTreeMap<Dims, Tally> = BTreeMap::new();
     for r in rows {
@@ -582,37 +663,54 @@ macro_rules! impl_stats_store {
                         (parts, event)
                     })
                     .collect();
-                let ids: std::collections::BTreeSet<String> = decoded
+                let visit_events: Vec<(String, chrono::NaiveDate)> = decoded
                     .iter()
-                    .filter_map(|(_, e)| e.as_ref().ok().and_then(|e| e.as_ref()).and_then(facts::visit_of))
+                    .filter_map(|(_, e)| e.as_ref().ok().and_then(|e| e.as_ref()))
+                    .filter_map(|e| Some((facts::visit_of(e)?, facts::day_of(e)?)))
                     .collect();
+                let ids: std::collections::BTreeSet<&String> = visit_events.iter().map(|(id, _)| id).collect();
                 let mut p = Projection::default();
                 if !ids.is_empty() {
+                    // A visit's creation lies within a day of its business day (time zones), so
+                    // the lookups only touch the partitions of those days.
+                    let days = visit_events.iter().map(|(_, d)| *d);
+                    let (first, last) = days.fold((chrono::NaiveDate::MAX, chrono::NaiveDate::MIN), |(a, b), d| (a.min(d), b.max(d)));
+                    let since = (first - chrono::Duration::days(1)).and_time(chrono::NaiveTime::MIN).and_utc();
+                    let until = (last + chrono::Duration::days(2)).and_time(chrono::NaiveTime::MIN).and_utc();
                     let ids_json = serde_json::to_string(&ids).map_err(|e| $crate::error::Error::Internal(e.to_string()))?;
                     let stored: Vec<sql::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM visit_facts WHERE {}",
+                        "SELECT {} FROM visit_facts WHERE {} AND created_at >= $2 AND created_at < $3",
                         sql::FACT_COLUMNS,
                         <$ty as Backend>::in_json_ids("visit_id")
                     )))
                     .bind(&ids_json)
+                    .bind(since)
+                    .bind(until)
                     .fetch_all(&mut *tx)
                     .await?;
-                    let stints: Vec<sql::TransactionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM transaction_facts WHERE {} ORDER BY visit_id, n",
-                        sql::TRANSACTION_COLUMNS,
-                        <$ty as Backend>::in_json_ids("visit_id")
-                    )))
-                    .bind(&ids_json)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for f in stored {
-                        let fact: facts::VisitFact = f.into();
-                        p.visits.insert(fact.visit_id.clone(), VisitState { fact, stints: vec![] });
-                    }
-                    for t in stints {
-                        let t: facts::TransactionFact = t.into();
-                        if let Some(v) = p.visits.get_mut(&t.visit_id) {
-                            v.stints.push(t);
+                    if !stored.is_empty() {
+                        let known: Vec<&str> = stored.iter().map(|f| f.visit_id()).collect();
+                        let known_json = serde_json::to_string(&known).map_err(|e| $crate::error::Error::Internal(e.to_string()))?;
+                        let stints: Vec<sql::TransactionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                            "SELECT {} FROM transaction_facts WHERE {} AND entered_at >= $2 AND entered_at < $3 \
+                             ORDER BY visit_id, n",
+                            sql::TRANSACTION_COLUMNS,
+                            <$ty as Backend>::in_json_ids("visit_id")
+                        )))
+                        .bind(&known_json)
+                        .bind(since)
+                        .bind(until)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        for f in stored {
+                            let fact: facts::VisitFact = f.into();
+                            p.visits.insert(fact.visit_id.clone(), VisitState { fact, stints: vec![] });
+                        }
+                        for t in stints {
+                            let t: facts::TransactionFact = t.into();
+                            if let Some(v) = p.visits.get_mut(&t.visit_id) {
+                                v.stints.push(t);
+                            }
                         }
                     }
                 }
@@ -674,66 +772,88 @@ macro_rules! impl_stats_store {
             async fn refresh_rollups(&self, limit: u32) -> $crate::error::Result<usize> {
                 use $crate::store::stats_sql as sql;
                 use $crate::store::sql_common::Backend;
-                let dirty: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT site, day FROM rollup_dirty ORDER BY day, site LIMIT $1",
+                let sites: Vec<String> = sqlx::query_scalar(
+                    "SELECT DISTINCT site FROM rollup_dirty ORDER BY site LIMIT $1",
                 )
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?;
                 let mut done = 0;
-                for (site, day) in dirty {
+                for site in sites {
                     let mut tx = self.tx().await?;
-                    // One refresher per site at a time, so month rows are never computed from a
-                    // stale view of their days.
+                    // One refresher per site at a time, so week and month rows are never computed
+                    // from a stale view of their days.
                     sqlx::query(<$ty as Backend>::SITE_LOCK).bind(&site).execute(&mut *tx).await?;
-                    let claimed = sqlx::query("DELETE FROM rollup_dirty WHERE site = $1 AND day = $2")
+                    let mut days: Vec<String> =
+                        sqlx::query_scalar("DELETE FROM rollup_dirty WHERE site = $1 RETURNING day")
+                            .bind(&site)
+                            .fetch_all(&mut *tx)
+                            .await?;
+                    days.sort();
+                    let mut months = std::collections::BTreeSet::new();
+                    let mut weeks = std::collections::BTreeSet::new();
+                    for day in &days {
+                        let facts: Vec<sql::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                            "SELECT {} FROM visit_facts WHERE site = $1 AND business_day = $2",
+                            sql::FACT_COLUMNS
+                        )))
                         .bind(&site)
-                        .bind(&day)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    if claimed == 0 {
-                        tx.commit().await?;
-                        continue;
+                        .bind(day)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        let facts: Vec<$crate::stats::facts::VisitFact> = facts.into_iter().map(Into::into).collect();
+                        let fine = $crate::stats::report::rollup(&facts);
+                        let coarse = sql::by_service(&fine);
+                        for (table, rows) in [(&sql::ROLLUP_DAY, &fine), (&sql::SERVICE_DAY, &coarse)] {
+                            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {} WHERE site = $1 AND day = $2", table.name)))
+                                .bind(&site)
+                                .bind(day)
+                                .execute(&mut *tx)
+                                .await?;
+                            let json = rows.iter().map(|(d, t)| sql::rollup_json(&site, "day", day, d, t)).collect();
+                            Self::write_json(&mut tx, table, json).await?;
+                        }
+                        months.insert(day.get(..7).unwrap_or(day).to_owned());
+                        if let Ok(d) = day.parse::<chrono::NaiveDate>() {
+                            weeks.insert($crate::stats::report::monday(d));
+                        }
                     }
-                    let facts: Vec<sql::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {} FROM visit_facts WHERE site = $1 AND business_day = $2",
-                        sql::FACT_COLUMNS
-                    )))
-                    .bind(&site)
-                    .bind(&day)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    let facts: Vec<$crate::stats::facts::VisitFact> = facts.into_iter().map(Into::into).collect();
-                    let rows = $crate::stats::report::rollup(&facts);
-                    sqlx::query("DELETE FROM rollup_day WHERE site = $1 AND day = $2")
+                    // Each touched month and week once, from its days.
+                    let mut periods: Vec<(&sql::JsonTable, &sql::JsonTable, &str, String, String, String)> = Vec::new();
+                    for month in &months {
+                        let (from, to) = (format!("{month}-01"), format!("{month}-31"));
+                        periods.push((&sql::ROLLUP_DAY, &sql::ROLLUP_MONTH, "month", month.clone(), from.clone(), to.clone()));
+                        periods.push((&sql::SERVICE_DAY, &sql::SERVICE_MONTH, "month", month.clone(), from, to));
+                    }
+                    for monday in &weeks {
+                        let to = (*monday + chrono::Duration::days(6)).to_string();
+                        periods.push((&sql::SERVICE_DAY, &sql::SERVICE_WEEK, "week", monday.to_string(), monday.to_string(), to));
+                    }
+                    for (source, target, column, period, from, to) in periods {
+                        let rows: Vec<sql::RollupSqlRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                            "{} WHERE site = $1 AND day >= $2 AND day <= $3",
+                            sql::rollup_select(source)
+                        )))
                         .bind(&site)
-                        .bind(&day)
+                        .bind(&from)
+                        .bind(&to)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        let rows = rows.into_iter().map(TryInto::try_into).collect::<$crate::error::Result<Vec<_>>>()?;
+                        let merged = sql::month_of(rows);
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DELETE FROM {} WHERE site = $1 AND {column} = $2",
+                            target.name
+                        )))
+                        .bind(&site)
+                        .bind(&period)
                         .execute(&mut *tx)
                         .await?;
-                    let json = rows.iter().map(|(d, t)| sql::rollup_json(&site, "day", &day, d, t)).collect();
-                    Self::write_json(&mut tx, &sql::ROLLUP_DAY, json).await?;
-                    let month = day.get(..7).unwrap_or(&day).to_owned();
-                    let days: Vec<sql::RollupSqlRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "{} WHERE site = $1 AND day >= $2 AND day <= $3",
-                        sql::rollup_select(&sql::ROLLUP_DAY)
-                    )))
-                    .bind(&site)
-                    .bind(format!("{month}-01"))
-                    .bind(format!("{month}-31"))
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    let days = days.into_iter().map(TryInto::try_into).collect::<$crate::error::Result<Vec<_>>>()?;
-                    let merged = sql::month_of(days);
-                    sqlx::query("DELETE FROM rollup_month WHERE site = $1 AND month = $2")
-                        .bind(&site)
-                        .bind(&month)
-                        .execute(&mut *tx)
-                        .await?;
-                    let json = merged.iter().map(|(d, t)| sql::rollup_json(&site, "month", &month, d, t)).collect();
-                    Self::write_json(&mut tx, &sql::ROLLUP_MONTH, json).await?;
+                        let json = merged.iter().map(|(d, t)| sql::rollup_json(&site, column, &period, d, t)).collect();
+                        Self::write_json(&mut tx, target, json).await?;
+                    }
                     tx.commit().await?;
-                    done += 1;
+                    done += days.len();
                 }
                 Ok(done)
             }
@@ -852,7 +972,10 @@ macro_rules! impl_stats_store {
                 q: &$crate::store::stats::RollupQuery,
             ) -> $crate::error::Result<Vec<$crate::store::stats::RollupRow>> {
                 use $crate::store::stats_sql as sql;
-                let (table, col) = if q.monthly { (&sql::ROLLUP_MONTH, "month") } else { (&sql::ROLLUP_DAY, "day") };
+                let table = sql::rollup_table(q).ok_or_else(|| {
+                    $crate::error::Error::Internal("weekly rollups are kept by service only".into())
+                })?;
+                let col = table.cols[1].0;
                 let rows: Vec<sql::RollupSqlRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "{} WHERE ($1 IS NULL OR site = $1) AND ($2 IS NULL OR service = $2) \
                      AND ($3 IS NULL OR {col} >= $3) AND ($4 IS NULL OR {col} <= $4)",
@@ -889,6 +1012,9 @@ macro_rules! impl_stats_store {
                     "session_facts",
                     "rollup_day",
                     "rollup_month",
+                    "rollup_service_day",
+                    "rollup_service_week",
+                    "rollup_service_month",
                     "rollup_dirty",
                     "fact_cursors",
                 ] {
