@@ -563,17 +563,17 @@ fn cases(site: &str) -> Vec<Case> {
     vec![
         Case {
             label: "(a) whole year, group_by=site, all sites",
-            source: "monthly rollups",
+            source: "monthly rollups by service",
             req: req(GroupBy::Site, None, None, first_day(), last_day()),
         },
         Case {
             label: "(b) whole year, group_by=service, interval=week",
-            source: "daily rollups",
+            source: "weekly + daily-edge rollups by service",
             req: req(GroupBy::Service, Some(Interval::Week), None, first_day(), last_day()),
         },
         Case {
             label: "(c) one month (June), group_by=site, interval=day",
-            source: "daily rollups",
+            source: "daily rollups by service",
             req: req(GroupBy::Site, Some(Interval::Day), None, date(6, 1), date(6, 30)),
         },
         Case {
@@ -589,8 +589,13 @@ fn cases(site: &str) -> Vec<Case> {
         },
         Case {
             label: "(e) Jan 15 - Dec 14, group_by=site, all sites",
-            source: "monthly rollups + daily edges",
+            source: "monthly + daily-edge rollups by service",
             req: req(GroupBy::Site, None, None, date(1, 15), date(12, 14)),
+        },
+        Case {
+            label: "(f) whole year, group_by=counter, all sites",
+            source: "monthly rollups by counter and staff",
+            req: req(GroupBy::Counter, None, None, first_day(), last_day()),
         },
     ]
 }
@@ -635,7 +640,7 @@ async fn measure(params: &Params, store: Arc<dyn Store>, pg: &mut PgConnection) 
             }
             shape = (rows.len(), rows.iter().map(|r| r.visits).sum::<u64>());
         }
-        if case.label.starts_with("(a)") || case.label.starts_with("(b)") {
+        if ["(a)", "(b)", "(f)"].iter().any(|p| case.label.starts_with(p)) {
             ensure!(
                 shape.1 == facts as u64,
                 "{}: the rows add up to {} visits, the facts table holds {facts}",
@@ -743,7 +748,7 @@ async fn http_timing(params: &Params, store: Arc<dyn Store>, case: &Case) -> Res
     server.abort();
     Ok(Timing {
         label: "(a) again, through GET /api/v1/stats/visits".into(),
-        source: "monthly rollups (+ config, JSON)".into(),
+        source: "monthly rollups by service (+ config, JSON)".into(),
         rows: shape.0,
         visits: shape.1,
         samples,
@@ -760,7 +765,14 @@ mod query_row {
 
 async fn report_sizes(pg: &mut PgConnection) -> Result<()> {
     println!("data size:");
-    for table in ["visit_facts", "rollup_day", "rollup_month"] {
+    for table in [
+        "visit_facts",
+        "rollup_day",
+        "rollup_month",
+        "rollup_service_day",
+        "rollup_service_week",
+        "rollup_service_month",
+    ] {
         let (rows, bytes): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT (SELECT count(*) FROM {table}), \
              CAST(greatest(pg_total_relation_size('{table}'), \
@@ -771,21 +783,21 @@ async fn report_sizes(pg: &mut PgConnection) -> Result<()> {
         .await
         .with_context(|| format!("sizing {table}"))?;
         println!(
-            "  {table:<13} {rows:>11} rows  {:>9.1} MiB (pg_total_relation_size with indexes, \
+            "  {table:<20} {rows:>11} rows  {:>9.1} MiB (pg_total_relation_size with indexes, \
              partitions summed)",
             bytes as f64 / (1024.0 * 1024.0)
         );
     }
     let dead: Vec<(String, i64)> = sqlx::query_as(
         "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables \
-         WHERE relname IN ('rollup_day', 'rollup_month') ORDER BY relname",
+         WHERE relname LIKE 'rollup%' ORDER BY relname",
     )
     .fetch_all(&mut *pg)
     .await?;
     let dead: Vec<String> = dead.iter().map(|(t, n)| format!("{t} {n}")).collect();
     println!(
-        "  dead row versions not yet vacuumed (pg_stat_user_tables; refresh_rollups rewrites a \
-         site's whole month on every site-day it recomputes): {}",
+        "  dead row versions not yet vacuumed (pg_stat_user_tables; refresh_rollups rewrites the \
+         weeks and months of the days it recomputes, once per batch): {}",
         dead.join(", ")
     );
     let per_day: Option<f64> = sqlx::query_scalar(
