@@ -28,6 +28,7 @@ impl Backend for PgStore {
     fn in_json_ids(column: &str) -> String {
         format!("{column} = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST($1 AS jsonb))))")
     }
+    const LOCK_OR_SKIP: &'static str = " FOR UPDATE SKIP LOCKED";
     const SITE_LOCK: &'static str =
         "SELECT pg_advisory_xact_lock(hashtext('meridian_rollup:' || $1))";
 

@@ -775,6 +775,9 @@ pub trait Backend {
     /// A predicate: `column` is one of the strings of the JSON array bound as `$1` (written so
     /// the planner uses the column's index).
     fn in_json_ids(column: &str) -> String;
+    /// Appended to a `SELECT … FOR` a row this transaction will change: lock it, or skip it when
+    /// another transaction holds it (empty where writers are serialized anyway).
+    const LOCK_OR_SKIP: &'static str;
     /// Takes a transaction-scoped lock named by `$1` (a no-op where writers are serialized).
     const SITE_LOCK: &'static str;
     /// `INSERT … ON CONFLICT …` of the JSON array of row objects bound as `$1`.

@@ -27,6 +27,7 @@ impl Backend for SqliteStore {
         format!("{column} IN (SELECT value FROM json_each($1))")
     }
     // `BEGIN IMMEDIATE` already makes every write transaction the only writer.
+    const LOCK_OR_SKIP: &'static str = "";
     const SITE_LOCK: &'static str = "SELECT $1";
 
     fn upsert_json(table: &JsonTable) -> String {

@@ -71,7 +71,7 @@ pub trait StatsStore: Send + Sync {
     /// Projects up to `limit` of `agent`'s events after its fact cursor into facts, in one
     /// transaction with the cursor (so each event counts once), quarantining what cannot be
     /// folded and marking the site-days whose rollups must be recomputed. Returns how many events
-    /// it consumed (0: caught up).
+    /// it consumed (0: caught up, or another projector is working on this agent right now).
     async fn project_facts(&self, agent: AgentId, limit: u32, zones: &Zones) -> Result<usize>;
     /// Recomputes the rollups of up to `limit` marked site-days (and their months) from the
     /// facts; returns how many it recomputed.

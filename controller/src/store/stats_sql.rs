@@ -609,19 +609,25 @@ macro_rules! impl_stats_store {
                 use $crate::stats::facts::{self, Projection, Quarantined, VisitState};
                 use $crate::store::sql_common::Backend;
                 let agent_id = $crate::store::sql_common::agent_key(agent);
-                let mut tx = self.tx().await?;
-                // Create the cursor first so concurrent projectors (replicas) serialize on it.
+                // The cursor row exists before any projection (committed at once, so concurrent
+                // projectors never wait on each other's insert); the projection then locks it,
+                // skipping an agent another projector (a replica) is working on right now.
                 sqlx::query("INSERT INTO fact_cursors (agent_id, seq) VALUES ($1, 0) ON CONFLICT (agent_id) DO NOTHING")
                     .bind(&agent_id)
-                    .execute(&mut *tx)
+                    .execute(&self.pool)
                     .await?;
-                let cursor: i64 = sqlx::query_scalar(concat!(
-                    "SELECT seq FROM fact_cursors WHERE agent_id = $1",
-                    $lock
-                ))
+                let mut tx = self.tx().await?;
+                let cursor: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT seq FROM fact_cursors WHERE agent_id = $1{}",
+                    <$ty as Backend>::LOCK_OR_SKIP
+                )))
                 .bind(&agent_id)
-                .fetch_one(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
+                let Some(cursor) = cursor else {
+                    tx.commit().await?;
+                    return Ok(0);
+                };
                 // Read the acknowledgement before the events: every event up to it is visible to
                 // the next statement, so a short read covers it (some sequences never reach the
                 // events table: the gateway quarantined them).
