@@ -111,3 +111,40 @@ pub fn incoming(
         })
         .collect()
 }
+
+/// Enrolls an agent for `site` (already configured) directly through the store, as the gateway
+/// would after a valid enrollment token: for tests that feed events without a real agent.
+pub async fn enroll_agent(
+    store: &dyn crate::store::Store,
+    site: &str,
+) -> crate::error::Result<crate::store::AgentRecord> {
+    use chrono::{Duration, Utc};
+    let code = meridian_shared::SiteCode::parse(site)?;
+    let token_hash = format!("test-token-{site}-{}", uuid::Uuid::new_v4());
+    store
+        .insert_enrollment_token(&crate::store::EnrollmentToken {
+            id: token_hash.clone(),
+            site: code.clone(),
+            token_hash: token_hash.clone(),
+            created_at: Utc::now(),
+            expires_at: Utc::now() + Duration::hours(1),
+            used_at: None,
+            used_by_agent: None,
+        })
+        .await?;
+    let (revision, payload) = crate::config_admin::current_snapshot(store, &code)
+        .await?
+        .ok_or_else(|| crate::error::Error::Internal(format!("site {site} is not configured")))?;
+    store
+        .enroll(crate::store::Enrollment {
+            token_hash,
+            agent_id: meridian_shared::AgentId::new(),
+            credential_hash: format!("test-credential-{}", uuid::Uuid::new_v4()),
+            hostname: site.to_owned(),
+            version: "test".into(),
+            expected_revision: revision,
+            initial_config: payload,
+            at: Utc::now(),
+        })
+        .await
+}

@@ -4,15 +4,15 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use chrono::{Duration, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use meridian_controller::api::ApiState;
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::metrics::Metrics;
-use meridian_controller::store::{self, Enrollment, EnrollmentToken, Store};
+use meridian_controller::store::{self, Store};
 use meridian_controller::testing;
+use meridian_shared::VisitId;
 use meridian_shared::events::VisitEventKind;
 use meridian_shared::visits::Outcome;
-use meridian_shared::{AgentId, SiteCode, VisitId};
 use serde_json::{Value, json};
 use std::future::IntoFuture;
 
@@ -34,36 +34,7 @@ async fn seeded(store: Arc<dyn Store>) -> (axum::Router, String) {
         .await
         .expect("config");
     let t0 = Utc.with_ymd_and_hms(2026, 11, 2, 17, 0, 0).unwrap();
-    store
-        .insert_enrollment_token(&EnrollmentToken {
-            id: "t".into(),
-            site: SiteCode::parse("SFO").expect("site"),
-            token_hash: "h".into(),
-            created_at: t0,
-            expires_at: Utc::now() + Duration::hours(1),
-            used_at: None,
-            used_by_agent: None,
-        })
-        .await
-        .expect("enrollment token");
-    let (revision, payload) =
-        config_admin::current_snapshot(store.as_ref(), &SiteCode::parse("SFO").expect("site"))
-            .await
-            .expect("snapshot")
-            .expect("site");
-    let agent = store
-        .enroll(Enrollment {
-            token_hash: "h".into(),
-            agent_id: AgentId::new(),
-            credential_hash: "c".into(),
-            hostname: "h".into(),
-            version: "1".into(),
-            expected_revision: revision,
-            initial_config: payload,
-            at: Utc::now(),
-        })
-        .await
-        .expect("enroll");
+    let agent = testing::enroll_agent(store.as_ref(), "SFO").await.expect("enroll");
     // Four visits: waits 2, 4 and 30 minutes served (5 min each), one no-show after 6 minutes.
     let mut events = Vec::new();
     for (wait, served) in [(2, true), (4, true), (30, true), (6, false)] {

@@ -17,11 +17,11 @@ use meridian_controller::api::ApiState;
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::metrics::Metrics;
 use meridian_controller::store::stats::{Grain, RollupQuery};
-use meridian_controller::store::{self, Enrollment, EnrollmentToken, Store};
+use meridian_controller::store::{self, Store};
 use meridian_controller::testing;
 use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated, VisitEventKind};
 use meridian_shared::visits::Outcome;
-use meridian_shared::{AgentId, Code, SiteCode, VisitId};
+use meridian_shared::{AgentId, Code, VisitId};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -246,36 +246,7 @@ async fn fleet(store: Arc<dyn Store>) -> Fleet {
         .expect("config");
     let mut agents = HashMap::new();
     for (site, _) in SITES {
-        let code = SiteCode::parse(site).expect("site");
-        store
-            .insert_enrollment_token(&EnrollmentToken {
-                id: format!("t-{site}"),
-                site: code.clone(),
-                token_hash: format!("h-{site}"),
-                created_at: Utc::now(),
-                expires_at: Utc::now() + Duration::hours(1),
-                used_at: None,
-                used_by_agent: None,
-            })
-            .await
-            .expect("enrollment token");
-        let (revision, payload) = config_admin::current_snapshot(store.as_ref(), &code)
-            .await
-            .expect("snapshot")
-            .expect("site");
-        let agent = store
-            .enroll(Enrollment {
-                token_hash: format!("h-{site}"),
-                agent_id: AgentId::new(),
-                credential_hash: format!("c-{site}"),
-                hostname: site.into(),
-                version: "1".into(),
-                expected_revision: revision,
-                initial_config: payload,
-                at: Utc::now(),
-            })
-            .await
-            .expect("enroll");
+        let agent = testing::enroll_agent(store.as_ref(), site).await.expect("enroll");
         agents.insert(site, agent.id);
     }
     let mut streams: HashMap<&'static str, Vec<AgentEvent>> = HashMap::new();
@@ -374,6 +345,21 @@ impl Fleet {
     }
 }
 
+/// Daily rows per site: every site-local business day in its own row, each as planned.
+async fn every_site_day_is_exact(fleet: &Fleet, plan: &[Planned]) -> Vec<Value> {
+    let daily = fleet.rows("group_by=site&interval=day").await;
+    assert_eq!(daily.len(), 15);
+    for row in &daily {
+        let (site, day) = (
+            row["group"].as_str().expect("test data"),
+            row["interval"].as_str().expect("test data"),
+        );
+        let want = expected(plan.iter().filter(|p| p.site == site && p.day.to_string() == day));
+        assert_eq!(actual(row), want, "{site} {day}");
+    }
+    daily
+}
+
 async fn known_answers(store: Arc<dyn Store>) {
     let fleet = fleet(store).await;
     for (site, _) in SITES {
@@ -403,16 +389,7 @@ async fn known_answers(store: Arc<dyn Store>) {
         assert_eq!(actual(row), want, "{site} 30 Oct – 1 Nov");
     }
     // Daily intervals, per site: every site-local business day in its own row.
-    let daily = fleet.rows("group_by=site&interval=day").await;
-    assert_eq!(daily.len(), 15);
-    for row in &daily {
-        let (site, day) = (
-            row["group"].as_str().expect("test data"),
-            row["interval"].as_str().expect("test data"),
-        );
-        let want = expected(plan.iter().filter(|p| p.site == site && p.day.to_string() == day));
-        assert_eq!(actual(row), want, "{site} {day}");
-    }
+    every_site_day_is_exact(&fleet, &plan).await;
     // Hourly intervals in site-local time, on the day daylight saving ends in the US.
     let hourly = fleet.rows("site=SFO&interval=hour&from=2026-11-01&to=2026-11-01").await;
     let mut want: BTreeMap<String, u64> = BTreeMap::new();
@@ -527,16 +504,7 @@ async fn backfill(store: Arc<dyn Store>) {
     fleet.catch_up().await;
 
     // Every day of every site is right, TYO's three late days included.
-    let daily = fleet.rows("group_by=site&interval=day").await;
-    assert_eq!(daily.len(), 15);
-    for row in &daily {
-        let (site, day) = (
-            row["group"].as_str().expect("test data"),
-            row["interval"].as_str().expect("test data"),
-        );
-        let want = expected(plan.iter().filter(|p| p.site == site && p.day.to_string() == day));
-        assert_eq!(actual(row), want, "{site} {day}");
-    }
+    let daily = every_site_day_is_exact(&fleet, &plan).await;
     let totals = fleet.rows("group_by=site").await;
     for row in &totals {
         let site = row["group"].as_str().expect("test data");
