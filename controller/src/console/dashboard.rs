@@ -57,6 +57,7 @@ struct Dashboard {
     from: NaiveDate,
     to: NaiveDate,
     site: Option<String>,
+    set: ConfigSet,
     charts: Vec<Chart>,
 }
 
@@ -89,113 +90,123 @@ async fn build(state: &ApiState, f: &Filters) -> Result<Dashboard, (StatusCode, 
     let store = state.store.as_ref();
     let ask = |group_by, interval| StatsRequest { group_by, interval, ..base.clone() };
 
-    // Volumes by hour of day (site-local), summed over the range; by day beyond 92 days.
-    let hourly = (to - from).num_days() < query::MAX_HOUR_DAYS;
-    let interval = if hourly { Interval::Hour } else { Interval::Day };
-    let volume_rows = query::run(store, &ask(GroupBy::All, Some(interval)), &kpis)
-        .await
-        .map_err(internal)?
-        .rows();
-    let mut volumes: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
-    for r in &volume_rows {
-        let label = r.interval.clone().unwrap_or_default();
-        let key = if hourly { label.get(11..13).unwrap_or("").to_owned() } else { label };
-        let v = volumes.entry(key).or_default();
-        v.0 += r.visits;
-        v.1 += r.served;
-        v.2 += r.no_shows;
+    // A CSV download asks for one chart: compute only that one.
+    let want = |id: &str| f.chart.is_empty() || id.strip_prefix("chart-") == Some(f.chart.as_str());
+    let mut charts = Vec::new();
+    if want("chart-volumes") {
+        // Volumes by hour of day (site-local), summed over the range; by day beyond 92 days.
+        let hourly = (to - from).num_days() < query::MAX_HOUR_DAYS;
+        let interval = if hourly { Interval::Hour } else { Interval::Day };
+        let volume_rows = query::run(store, &ask(GroupBy::All, Some(interval)), &kpis)
+            .await
+            .map_err(internal)?
+            .rows();
+        let mut volumes: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
+        for r in &volume_rows {
+            let label = r.interval.clone().unwrap_or_default();
+            let key = if hourly { label.get(11..13).unwrap_or("").to_owned() } else { label };
+            let v = volumes.entry(key).or_default();
+            v.0 += r.visits;
+            v.1 += r.served;
+            v.2 += r.no_shows;
+        }
+        charts.push(Chart {
+            id: "chart-volumes",
+            title: if hourly { "Visits per hour of day" } else { "Visits per day" },
+            unit: "",
+            header: vec![if hourly { "Hour" } else { "Day" }, "Visits", "Served", "No-shows"],
+            rows: volumes
+                .iter()
+                .map(|(k, (v, s, n))| vec![k.clone(), v.to_string(), s.to_string(), n.to_string()])
+                .collect(),
+            bars: volumes.iter().map(|(k, (v, _, _))| (k.clone(), *v as f64)).collect(),
+        });
     }
-    let volume_chart = Chart {
-        id: "chart-volumes",
-        title: if hourly { "Visits per hour of day" } else { "Visits per day" },
-        unit: "",
-        header: vec![if hourly { "Hour" } else { "Day" }, "Visits", "Served", "No-shows"],
-        rows: volumes
-            .iter()
-            .map(|(k, (v, s, n))| vec![k.clone(), v.to_string(), s.to_string(), n.to_string()])
-            .collect(),
-        bars: volumes.iter().map(|(k, (v, _, _))| (k.clone(), *v as f64)).collect(),
-    };
-
-    // Waiting-time distribution over every called visit in the range.
-    let all = query::run(store, &ask(GroupBy::All, None), &kpis).await.map_err(internal)?;
-    let mut bands = [0u64; WAIT_BANDS.len()];
-    for (edge, n) in all.waits().buckets() {
-        let minutes_edge = edge.unwrap_or(i64::MAX);
-        let band = WAIT_BANDS
-            .iter()
-            .position(|(upper, _)| *upper == i64::MAX || minutes_edge <= upper * 60_000)
-            .unwrap_or(WAIT_BANDS.len() - 1);
-        bands[band] += n;
+    // The per-site report also holds every called visit's wait (its groups together).
+    if want("chart-waits") || want("chart-no-shows") {
+        let by_site =
+            query::run(store, &ask(GroupBy::Site, None), &kpis).await.map_err(internal)?;
+        if want("chart-waits") {
+            // Waiting-time distribution over every called visit in the range.
+            let mut bands = [0u64; WAIT_BANDS.len()];
+            for (edge, n) in by_site.waits().buckets() {
+                let minutes_edge = edge.unwrap_or(i64::MAX);
+                let band = WAIT_BANDS
+                    .iter()
+                    .position(|(upper, _)| *upper == i64::MAX || minutes_edge <= upper * 60_000)
+                    .unwrap_or(WAIT_BANDS.len() - 1);
+                bands[band] += n;
+            }
+            charts.push(Chart {
+                id: "chart-waits",
+                title: "Waiting time (minutes)",
+                unit: "",
+                header: vec!["Wait (min)", "Visits"],
+                rows: WAIT_BANDS
+                    .iter()
+                    .zip(bands)
+                    .map(|((_, l), n)| vec![(*l).to_owned(), n.to_string()])
+                    .collect(),
+                bars: WAIT_BANDS
+                    .iter()
+                    .zip(bands)
+                    .map(|((_, l), n)| ((*l).to_owned(), n as f64))
+                    .collect(),
+            });
+        }
+        if want("chart-no-shows") {
+            let site_rows = by_site.rows();
+            charts.push(Chart {
+                id: "chart-no-shows",
+                title: "No-show rate by site (%)",
+                unit: "%",
+                header: vec!["Site", "Visits", "Served", "No-shows", "No-show %", "P90 wait (min)"],
+                rows: site_rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.group.clone(),
+                            r.visits.to_string(),
+                            r.served.to_string(),
+                            r.no_shows.to_string(),
+                            value_label(r.no_show_pct),
+                            r.waiting_ms
+                                .as_ref()
+                                .map(|w| value_label(w.p90 as f64 / 60_000.0))
+                                .unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect(),
+                bars: site_rows.iter().map(|r| (r.group.clone(), r.no_show_pct)).collect(),
+            });
+        }
     }
-    let wait_chart = Chart {
-        id: "chart-waits",
-        title: "Waiting time (minutes)",
-        unit: "",
-        header: vec!["Wait (min)", "Visits"],
-        rows: WAIT_BANDS
-            .iter()
-            .zip(bands)
-            .map(|((_, l), n)| vec![(*l).to_owned(), n.to_string()])
-            .collect(),
-        bars: WAIT_BANDS.iter().zip(bands).map(|((_, l), n)| ((*l).to_owned(), n as f64)).collect(),
-    };
-
-    let by_service =
-        query::run(store, &ask(GroupBy::Service, None), &kpis).await.map_err(internal)?.rows();
-    let service_level = Chart {
-        id: "chart-service-level",
-        title: "Service level by site and service (% served within KPI)",
-        unit: "%",
-        header: vec!["Site/service", "Served", "Service level %", "Mean wait (min)"],
-        rows: by_service
-            .iter()
-            .map(|r| {
-                vec![
-                    r.group.clone(),
-                    r.served.to_string(),
-                    r.service_level_pct.map(value_label).unwrap_or_else(|| "-".into()),
-                    mean_minutes(r),
-                ]
-            })
-            .collect(),
-        bars: by_service
-            .iter()
-            .filter_map(|r| Some((r.group.clone(), r.service_level_pct?)))
-            .collect(),
-    };
-
-    let by_site =
-        query::run(store, &ask(GroupBy::Site, None), &kpis).await.map_err(internal)?.rows();
-    let no_shows = Chart {
-        id: "chart-no-shows",
-        title: "No-show rate by site (%)",
-        unit: "%",
-        header: vec!["Site", "Visits", "Served", "No-shows", "No-show %", "P90 wait (min)"],
-        rows: by_site
-            .iter()
-            .map(|r| {
-                vec![
-                    r.group.clone(),
-                    r.visits.to_string(),
-                    r.served.to_string(),
-                    r.no_shows.to_string(),
-                    value_label(r.no_show_pct),
-                    r.waiting_ms
-                        .as_ref()
-                        .map(|w| value_label(w.p90 as f64 / 60_000.0))
-                        .unwrap_or_else(|| "-".into()),
-                ]
-            })
-            .collect(),
-        bars: by_site.iter().map(|r| (r.group.clone(), r.no_show_pct)).collect(),
-    };
-    Ok(Dashboard {
-        from,
-        to,
-        site,
-        charts: vec![volume_chart, wait_chart, service_level, no_shows],
-    })
+    if want("chart-service-level") {
+        let by_service =
+            query::run(store, &ask(GroupBy::Service, None), &kpis).await.map_err(internal)?.rows();
+        charts.push(Chart {
+            id: "chart-service-level",
+            title: "Service level by site and service (% served within KPI)",
+            unit: "%",
+            header: vec!["Site/service", "Served", "Service level %", "Mean wait (min)"],
+            rows: by_service
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.group.clone(),
+                        r.served.to_string(),
+                        r.service_level_pct.map(value_label).unwrap_or_else(|| "-".into()),
+                        mean_minutes(r),
+                    ]
+                })
+                .collect(),
+            bars: by_service
+                .iter()
+                .filter_map(|r| Some((r.group.clone(), r.service_level_pct?)))
+                .collect(),
+        });
+    }
+    Ok(Dashboard { from, to, site, set, charts })
 }
 
 fn mean_minutes(r: &Row) -> String {
@@ -217,11 +228,7 @@ pub async fn stats_page(
         Ok(d) => d,
         Err((status, m)) => return error_page(status, &m),
     };
-    let (_, resources) = match state.store.load_config().await {
-        Ok(x) => x,
-        Err(_) => return error_page(StatusCode::SERVICE_UNAVAILABLE, "The store is unavailable."),
-    };
-    let set = ConfigSet::from_resources(resources);
+    let set = &d.set;
     let site_q = d.site.clone().unwrap_or_default();
     let csv_link = |chart: &str| {
         format!("/console/stats.csv?chart={chart}&from={}&to={}&site={site_q}", d.from, d.to)

@@ -11,7 +11,7 @@ use meridian_shared::ValidationError;
 use meridian_shared::config::{ConfigSet, Resource};
 use serde::Deserialize;
 
-use super::report::{GroupBy, Interval, Report, Row};
+use super::report::{GroupBy, Interval, Report, Row, monday};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::store::stats::{FactFilter, Grain, RollupQuery};
@@ -118,6 +118,50 @@ fn month_bounds(d: NaiveDate) -> (NaiveDate, NaiveDate) {
     (first, next.and_then(|n| n.pred_opt()).unwrap_or(first))
 }
 
+/// The first and last day of the period a day falls in.
+type Bounds = fn(NaiveDate) -> (NaiveDate, NaiveDate);
+
+/// The Monday and Sunday of `d`'s ISO week.
+fn week_bounds(d: NaiveDate) -> (NaiveDate, NaiveDate) {
+    let first = monday(d);
+    (first, first + chrono::Duration::days(6))
+}
+
+/// A range cut into whole periods and the partial ones at either end.
+#[derive(Debug, PartialEq)]
+struct WholePeriods {
+    /// First day of the first whole period and last day of the last (None: unbounded).
+    first: Option<NaiveDate>,
+    last: Option<NaiveDate>,
+    /// The days before the first whole period and after the last.
+    head: Option<(NaiveDate, NaiveDate)>,
+    tail: Option<(NaiveDate, NaiveDate)>,
+}
+
+/// Cuts `[from, to]` by the periods `bounds` gives a day; `None` when no whole period fits.
+fn whole_periods(
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+    bounds: Bounds,
+) -> Option<WholePeriods> {
+    let first = from.map(|f| {
+        let (start, end) = bounds(f);
+        if f == start { start } else { end.succ_opt().unwrap_or(end) }
+    });
+    let last = to.map(|t| {
+        let (start, end) = bounds(t);
+        if t == end { end } else { start.pred_opt().unwrap_or(start) }
+    });
+    if let (Some(a), Some(b)) = (first, last)
+        && a > b
+    {
+        return None;
+    }
+    let head = from.zip(first).filter(|(f, a)| f < a).and_then(|(f, a)| Some((f, a.pred_opt()?)));
+    let tail = to.zip(last).filter(|(t, b)| b < t).and_then(|(t, b)| Some((b.succ_opt()?, t)));
+    Some(WholePeriods { first, last, head, tail })
+}
+
 fn month_key(d: NaiveDate) -> String {
     format!("{:04}-{:02}", d.year(), d.month())
 }
@@ -155,67 +199,23 @@ pub async fn run<'k>(
         from,
         to,
     };
+    // Whole weeks (weekly intervals) or months (no interval) from their own rollups, the partial
+    // periods at either end from days.
+    let (grain, bounds, key): (Grain, Bounds, fn(NaiveDate) -> String) = match report.interval() {
+        Some(Interval::Week) if by_service => (Grain::Week, week_bounds, |d| monday(d).to_string()),
+        Some(_) => (Grain::Day, |d| (d, d), |d| d.to_string()),
+        None => (Grain::Month, month_bounds, month_key),
+    };
     let mut queries = Vec::new();
-    match report.interval() {
-        Some(Interval::Week) if by_service => {
-            // Whole weeks from the weekly rollups, the partial weeks at either end from days.
-            let first_full = req.from.map(|f| {
-                let m = super::report::monday(f);
-                if m == f { m } else { m + chrono::Duration::days(7) }
-            });
-            let last_full = req.to.map(|t| {
-                let m = super::report::monday(t);
-                if t == m + chrono::Duration::days(6) { m } else { m - chrono::Duration::days(7) }
-            });
-            match (first_full, last_full) {
-                (Some(a), Some(b)) if a > b => {
-                    queries.push(rollups(Grain::Day, day(req.from), day(req.to)));
-                }
-                _ => {
-                    queries.push(rollups(Grain::Week, day(first_full), day(last_full)));
-                    if let (Some(from), Some(a)) = (req.from, first_full)
-                        && from < a
-                    {
-                        queries.push(rollups(Grain::Day, day(Some(from)), day(a.pred_opt())));
-                    }
-                    if let (Some(to), Some(b)) = (req.to, last_full)
-                        && b + chrono::Duration::days(6) < to
-                    {
-                        let after = b + chrono::Duration::days(7);
-                        queries.push(rollups(Grain::Day, day(Some(after)), day(Some(to))));
-                    }
-                }
+    match whole_periods(req.from, req.to, bounds) {
+        None => queries.push(rollups(Grain::Day, day(req.from), day(req.to))),
+        Some(w) => {
+            queries.push(rollups(grain, w.first.map(key), w.last.map(key)));
+            if let Some((a, b)) = w.head {
+                queries.push(rollups(Grain::Day, day(Some(a)), day(Some(b))));
             }
-        }
-        Some(_) => queries.push(rollups(Grain::Day, day(req.from), day(req.to))),
-        None => {
-            // Whole months from the monthly rollups, the partial months at either end from days.
-            let first_full = req.from.map(|f| {
-                let (start, end) = month_bounds(f);
-                if f == start { start } else { end.succ_opt().unwrap_or(end) }
-            });
-            let last_full = req.to.map(|t| {
-                let (start, end) = month_bounds(t);
-                if t == end { end } else { start.pred_opt().unwrap_or(start) }
-            });
-            match (first_full, last_full) {
-                (Some(a), Some(b)) if a > b => {
-                    queries.push(rollups(Grain::Day, day(req.from), day(req.to)));
-                }
-                _ => {
-                    let months = (first_full.map(month_key), last_full.map(month_key));
-                    queries.push(rollups(Grain::Month, months.0, months.1));
-                    if let (Some(from), Some(a)) = (req.from, first_full)
-                        && from < a
-                    {
-                        queries.push(rollups(Grain::Day, day(Some(from)), day(a.pred_opt())));
-                    }
-                    if let (Some(to), Some(b)) = (req.to, last_full)
-                        && b < to
-                    {
-                        queries.push(rollups(Grain::Day, day(b.succ_opt()), day(Some(to))));
-                    }
-                }
+            if let Some((a, b)) = w.tail {
+                queries.push(rollups(Grain::Day, day(Some(a)), day(Some(b))));
             }
         }
     }
@@ -275,5 +275,22 @@ mod tests {
         assert_eq!(month_bounds(d("2026-02-14")), (d("2026-02-01"), d("2026-02-28")));
         assert_eq!(month_bounds(d("2026-12-31")), (d("2026-12-01"), d("2026-12-31")));
         assert_eq!(month_key(d("2026-03-09")), "2026-03");
+        assert_eq!(week_bounds(d("2026-11-01")), (d("2026-10-26"), d("2026-11-01")));
+        // Oct 29 – Nov 16: whole weeks Nov 2–15, with Oct 29 – Nov 1 and Nov 16 at the edges.
+        assert_eq!(
+            whole_periods(Some(d("2026-10-29")), Some(d("2026-11-16")), week_bounds),
+            Some(WholePeriods {
+                first: Some(d("2026-11-02")),
+                last: Some(d("2026-11-15")),
+                head: Some((d("2026-10-29"), d("2026-11-01"))),
+                tail: Some((d("2026-11-16"), d("2026-11-16"))),
+            })
+        );
+        assert_eq!(whole_periods(Some(d("2026-10-29")), Some(d("2026-11-02")), month_bounds), None);
+        let open = whole_periods(None, Some(d("2026-11-30")), month_bounds).unwrap();
+        assert_eq!(
+            (open.first, open.last, open.head, open.tail),
+            (None, Some(d("2026-11-30")), None, None)
+        );
     }
 }

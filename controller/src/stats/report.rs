@@ -209,13 +209,7 @@ impl<'k> Report<'k> {
             (Some(_), Some(d)) => Some(d.to_string()),
             (Some(_), None) => None,
         };
-        let kpi = self.kpi_wait_ms.get(&(dims.site.clone(), dims.service.clone())).copied();
-        let acc = self.groups.entry((self.key(dims), label)).or_default();
-        acc.tally.merge(tally);
-        if let Some(kpi) = kpi {
-            acc.kpi_n += tally.served;
-            acc.kpi_ok += tally.served_waits.count_at_most(kpi);
-        }
+        self.merge(dims, label, tally);
     }
 
     /// Adds one visit fact (for intervals within a day, or small ranges).
@@ -225,19 +219,19 @@ impl<'k> Report<'k> {
         let dims = Dims::of(f);
         match self.interval {
             Some(i) if i.within_day() => {
-                let label = local_label(&f.created_local, i);
-                let kpi = self.kpi_wait_ms.get(&(dims.site.clone(), dims.service.clone())).copied();
-                let acc = self.groups.entry((self.key(&dims), Some(label))).or_default();
-                acc.tally.merge(&one);
-                if let Some(kpi) = kpi {
-                    acc.kpi_n += one.served;
-                    acc.kpi_ok += one.served_waits.count_at_most(kpi);
-                }
+                self.merge(&dims, Some(local_label(&f.created_local, i)), &one);
             }
-            _ => {
-                let day = f.business_day.parse().ok();
-                self.add_tally(&dims, day, &one);
-            }
+            _ => self.add_tally(&dims, f.business_day.parse().ok(), &one),
+        }
+    }
+
+    fn merge(&mut self, dims: &Dims, label: Option<String>, tally: &Tally) {
+        let kpi = self.kpi_wait_ms.get(&(dims.site.clone(), dims.service.clone())).copied();
+        let acc = self.groups.entry((self.key(dims), label)).or_default();
+        acc.tally.merge(tally);
+        if let Some(kpi) = kpi {
+            acc.kpi_n += tally.served;
+            acc.kpi_ok += tally.served_waits.count_at_most(kpi);
         }
     }
 

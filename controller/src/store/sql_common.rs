@@ -207,7 +207,7 @@ pub(super) fn agent_key(id: AgentId) -> String {
 /// Expands to `#[async_trait] impl Store for $ty`, with the SQL shared by both backends.
 macro_rules! impl_store {
     ($ty:ty, backend = $backend:literal, lock = $lock:literal) => {
-        $crate::store::stats_sql::impl_stats_store!($ty, lock = $lock);
+        $crate::store::stats_sql::impl_stats_store!($ty);
 
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.

@@ -285,7 +285,6 @@ pub fn session_json(s: &SessionFact) -> Value {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn quarantine_json(
     q: &Quarantined,
     stage: &str,
@@ -563,7 +562,7 @@ impl From<QuarantineRow> for QuarantinedEvent {
 }
 
 /// Merges daily rollup rows into one tally per dimensions: a week's or a month's rows.
-pub fn month_of(rows: Vec<RollupRow>) -> BTreeMap<Dims, Tally> {
+pub fn merge_by_dims(rows: Vec<RollupRow>) -> BTreeMap<Dims, Tally> {
     let mut out: BTreeMap<Dims, Tally> = BTreeMap::new();
     for r in rows {
         out.entry(r.dims).or_default().merge(&r.tally);
@@ -579,7 +578,7 @@ pub fn next_day(day: &str) -> Option<String> {
 
 /// Expands to `#[async_trait] impl StatsStore for $ty`.
 macro_rules! impl_stats_store {
-    ($ty:ty, lock = $lock:literal) => {
+    ($ty:ty) => {
         impl $ty {
             /// Writes `rows` into `table` in one statement.
             async fn write_json(
@@ -846,7 +845,7 @@ macro_rules! impl_stats_store {
                         .fetch_all(&mut *tx)
                         .await?;
                         let rows = rows.into_iter().map(TryInto::try_into).collect::<$crate::error::Result<Vec<_>>>()?;
-                        let merged = sql::month_of(rows);
+                        let merged = sql::merge_by_dims(rows);
                         sqlx::query(sqlx::AssertSqlSafe(format!(
                             "DELETE FROM {} WHERE site = $1 AND {column} = $2",
                             target.name
