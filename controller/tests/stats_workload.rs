@@ -3,8 +3,9 @@
 //!   across a month boundary and a daylight-saving change, known arrivals, waits, outcomes and
 //!   services — gives exactly the expected statistics through the API, whichever source answers
 //!   (monthly rollups, daily rollups, facts);
-//! - one site offline for three days backfills after the others; its days are corrected, the
-//!   rollups equal a recomputation from the raw events, and a resent batch counts nothing twice.
+//! - one site offline for three days backfills after the others (two projectors at once, as two
+//!   controller replicas run them); its days are corrected, the rollups equal a recomputation
+//!   from the raw events, and a resent batch counts nothing twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -295,10 +296,13 @@ impl Fleet {
         seq
     }
 
+    /// Two projectors at once, as two controller replicas run them: each event still counts once.
     async fn catch_up(&self) {
-        meridian_controller::stats::catch_up(self.store.as_ref(), &Default::default())
-            .await
-            .expect("projection");
+        let shutdown = Default::default();
+        let run = || meridian_controller::stats::catch_up(self.store.as_ref(), &shutdown);
+        let (a, b) = tokio::join!(run(), run());
+        a.expect("projection");
+        b.expect("projection");
         assert_eq!(self.store.projection_lag().await.expect("lag"), 0);
         assert_eq!(self.store.pending_rollups().await.expect("pending"), 0);
     }
