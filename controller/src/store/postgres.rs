@@ -11,8 +11,8 @@ use sqlx::{Postgres, Transaction};
 
 use super::IncomingEvent;
 use super::maintenance::{self, RetentionPolicy, RetentionReport};
-use super::sql_common::{Backend, impl_store};
-use super::stats_sql::{Col, JsonTable};
+use super::sql_common::{Backend, Query, impl_store};
+use super::stats_sql::{Col, Column, Rows, Table, Write};
 use crate::error::Result;
 
 /// How long maintenance waits for a table lock before giving up until its next run: while it
@@ -25,33 +25,49 @@ pub struct PgStore {
 
 impl Backend for PgStore {
     type Db = Postgres;
-    fn in_json_ids(column: &str) -> String {
-        format!("{column} = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST($1 AS jsonb))))")
+    type Ids = Vec<String>;
+    fn in_ids(column: &str) -> String {
+        format!("{column} = ANY($1)")
+    }
+    fn ids(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| (*s).to_owned()).collect()
     }
     const LOCK_OR_SKIP: &'static str = " FOR UPDATE SKIP LOCKED";
     const SITE_LOCK: &'static str =
         "SELECT pg_advisory_xact_lock(hashtext('meridian_rollup:' || $1))";
 
-    fn upsert_json(table: &JsonTable) -> String {
-        let types: Vec<String> = table
+    fn insert_rows(table: &Table, write: Write) -> String {
+        let arrays: Vec<String> = table
             .cols
             .iter()
-            .map(|(c, t)| {
+            .enumerate()
+            .map(|(i, (_, t))| {
                 let ty = match t {
                     Col::Text => "text",
                     Col::Int => "bigint",
                     Col::Time => "timestamptz",
                 };
-                format!("{c} {ty}")
+                format!("${}::{ty}[]", i + 1)
             })
             .collect();
         format!(
-            "INSERT INTO {} ({cols}) SELECT {cols} FROM jsonb_to_recordset(CAST($1 AS jsonb)) AS j({}) {}",
+            "INSERT INTO {} ({}) SELECT * FROM UNNEST({}) {}",
             table.name,
-            types.join(", "),
-            table.on_conflict(),
-            cols = table.col_list(),
+            table.col_list(),
+            arrays.join(", "),
+            table.conflict_clause(write),
         )
+    }
+
+    fn bind_rows<'q>(mut query: Query<'q, Postgres>, rows: &Rows) -> Query<'q, Postgres> {
+        for column in &rows.columns {
+            query = match column {
+                Column::Text(v) => query.bind(v),
+                Column::Int(v) => query.bind(v),
+                Column::Time(v) => query.bind(v),
+            };
+        }
+        query
     }
 }
 

@@ -678,20 +678,18 @@ macro_rules! impl_store {
                 if !fresh.is_empty() {
                     Self::insert_events(&mut tx, &agent_id, &site, &fresh, received_at).await?;
                 }
-                let refused = refused
-                    .iter()
-                    .map(|e| {
-                        let q = $crate::stats::facts::Quarantined {
-                            agent_id: agent_id.clone(),
-                            seq: e.seq,
-                            site: site.clone(),
-                            kind: e.kind.clone(),
-                            reason: e.quarantine.clone().unwrap_or_default(),
-                        };
-                        $crate::store::stats_sql::quarantine_json(&q, "ingest", &e.payload, Some(e.occurred_at), received_at)
-                    })
-                    .collect();
-                Self::write_json(&mut tx, &$crate::store::stats_sql::QUARANTINE, refused).await?;
+                let mut rows = $crate::store::stats_sql::Rows::new(&$crate::store::stats_sql::QUARANTINE);
+                for e in &refused {
+                    let q = $crate::stats::facts::Quarantined {
+                        agent_id: agent_id.clone(),
+                        seq: e.seq,
+                        site: site.clone(),
+                        kind: e.kind.clone(),
+                        reason: e.quarantine.clone().unwrap_or_default(),
+                    };
+                    rows.push(&$crate::store::stats_sql::quarantine_cells(&q, "ingest", &e.payload, Some(e.occurred_at), received_at))?;
+                }
+                Self::write_rows(&mut tx, &rows, $crate::store::stats_sql::Write::Upsert).await?;
                 sqlx::query("UPDATE agents SET acked_seq = $2 WHERE id = $1")
                     .bind(&agent_id)
                     .bind(new_acked as i64)
@@ -768,18 +766,30 @@ macro_rules! impl_store {
 
 pub(crate) use impl_store;
 
-/// What differs between the backends' SQL: the sqlx database type, how a JSON array of ids or
-/// rows is unpacked, and how a refresher takes a per-site lock.
+/// A statement being built for backend `DB`.
+pub type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>;
+
+/// What differs between the backends' SQL: the sqlx database type, how a list of ids or a batch
+/// of rows is bound (PostgreSQL: arrays; SQLite: JSON), and how a refresher takes a per-site lock.
 pub trait Backend {
     type Db: sqlx::Database;
-    /// A predicate: `column` is one of the strings of the JSON array bound as `$1` (written so
-    /// the planner uses the column's index).
-    fn in_json_ids(column: &str) -> String;
+    /// A list of ids bound as one parameter (see `in_ids`).
+    type Ids: for<'e> sqlx::Encode<'e, Self::Db> + sqlx::Type<Self::Db> + Send;
+    /// A predicate: `column` is one of the ids bound as `$1` (written so the planner uses the
+    /// column's index).
+    fn in_ids(column: &str) -> String;
+    /// `ids` as the parameter `in_ids` expects.
+    fn ids(ids: &[&str]) -> Self::Ids;
     /// Appended to a `SELECT … FOR` a row this transaction will change: lock it, or skip it when
     /// another transaction holds it (empty where writers are serialized anyway).
     const LOCK_OR_SKIP: &'static str;
     /// Takes a transaction-scoped lock named by `$1` (a no-op where writers are serialized).
     const SITE_LOCK: &'static str;
-    /// `INSERT … ON CONFLICT …` of the JSON array of row objects bound as `$1`.
-    fn upsert_json(table: &super::stats_sql::JsonTable) -> String;
+    /// `INSERT` into `table` of the rows `bind_rows` binds, meeting stored rows as `write` says.
+    fn insert_rows(table: &super::stats_sql::Table, write: super::stats_sql::Write) -> String;
+    /// Binds `rows` to a statement from `insert_rows`.
+    fn bind_rows<'q>(
+        query: Query<'q, Self::Db>,
+        rows: &super::stats_sql::Rows,
+    ) -> Query<'q, Self::Db>;
 }

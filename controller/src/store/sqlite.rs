@@ -13,8 +13,8 @@ use sqlx::{Sqlite, Transaction};
 
 use super::IncomingEvent;
 use super::maintenance::{self, RetentionPolicy, RetentionReport};
-use super::sql_common::{Backend, impl_store};
-use super::stats_sql::JsonTable;
+use super::sql_common::{Backend, Query, impl_store};
+use super::stats_sql::{Rows, Table, Write};
 use crate::error::Result;
 
 pub struct SqliteStore {
@@ -23,14 +23,19 @@ pub struct SqliteStore {
 
 impl Backend for SqliteStore {
     type Db = Sqlite;
-    fn in_json_ids(column: &str) -> String {
+    /// A JSON array of strings.
+    type Ids = String;
+    fn in_ids(column: &str) -> String {
         format!("{column} IN (SELECT value FROM json_each($1))")
+    }
+    fn ids(ids: &[&str]) -> String {
+        serde_json::Value::from(ids.to_vec()).to_string()
     }
     // `BEGIN IMMEDIATE` already makes every write transaction the only writer.
     const LOCK_OR_SKIP: &'static str = "";
     const SITE_LOCK: &'static str = "SELECT $1";
 
-    fn upsert_json(table: &JsonTable) -> String {
+    fn insert_rows(table: &Table, write: Write) -> String {
         let values: Vec<String> =
             table.cols.iter().map(|(c, _)| format!("json_extract(value, '$.{c}')")).collect();
         format!(
@@ -38,8 +43,12 @@ impl Backend for SqliteStore {
             table.name,
             table.col_list(),
             values.join(", "),
-            table.on_conflict(),
+            table.conflict_clause(write),
         )
+    }
+
+    fn bind_rows<'q>(query: Query<'q, Sqlite>, rows: &Rows) -> Query<'q, Sqlite> {
+        query.bind(rows.to_json())
     }
 }
 

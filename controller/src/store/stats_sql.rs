@@ -1,12 +1,13 @@
 //! The statistics SQL both backends share. Facts are written in batches: every row of a table
-//! goes into one statement as a JSON array, which PostgreSQL unpacks with `jsonb_to_recordset`
-//! and SQLite with `json_each` (the backend builds that statement, see [`Backend::upsert_json`]),
-//! so a projected batch costs a handful of round trips, not one per visit.
+//! goes into one statement as [`Rows`], which PostgreSQL receives as one array per column
+//! (`UNNEST`) and SQLite as one JSON array (`json_each`) — the backend builds that statement
+//! and binds the rows, see [`Backend::insert_rows`] — so a projected batch costs a handful of
+//! round trips, not one per visit.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::stats::{QuarantinedEvent, RollupRow};
 use crate::error::{Error, Result};
@@ -14,7 +15,7 @@ use crate::stats::facts::{Quarantined, SessionFact, TransactionFact, VisitFact};
 use crate::stats::hist::Histogram;
 use crate::stats::report::{Dims, Tally};
 
-/// How a column is typed in the JSON rows.
+/// How a column is typed in the rows written to it.
 #[derive(Debug, Clone, Copy)]
 pub enum Col {
     Text,
@@ -22,16 +23,35 @@ pub enum Col {
     Time,
 }
 
-/// A table written from JSON rows: its columns, conflict key, and whether a conflicting row is
-/// updated (`true`) or left alone.
-pub struct JsonTable {
+/// A table written in batches of [`Rows`]: its columns, conflict key, and whether a conflicting
+/// row is updated (`true`) or left alone when written with [`Write::Upsert`].
+#[derive(Debug)]
+pub struct Table {
     pub name: &'static str,
     pub cols: &'static [(&'static str, Col)],
     pub key: &'static [&'static str],
     pub update: bool,
 }
 
-impl JsonTable {
+/// How a batch meets rows already stored under the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// None can exist (new visits, rollups just deleted): a plain insert, which refuses a
+    /// duplicate loudly rather than paying for conflict handling.
+    Insert,
+    /// The table's conflict rule: update the stored row, or leave it.
+    Upsert,
+}
+
+impl Table {
+    /// The conflict clause of `write`.
+    pub fn conflict_clause(&self, write: Write) -> String {
+        match write {
+            Write::Insert => String::new(),
+            Write::Upsert => self.on_conflict(),
+        }
+    }
+
     pub fn col_list(&self) -> String {
         self.cols.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
     }
@@ -53,7 +73,7 @@ impl JsonTable {
 
 use Col::{Int, Text, Time};
 
-pub const VISIT_FACTS: JsonTable = JsonTable {
+pub const VISIT_FACTS: Table = Table {
     name: "visit_facts",
     cols: &[
         ("visit_id", Text),
@@ -80,7 +100,7 @@ pub const VISIT_FACTS: JsonTable = JsonTable {
     update: true,
 };
 
-pub const TRANSACTION_FACTS: JsonTable = JsonTable {
+pub const TRANSACTION_FACTS: Table = Table {
     name: "transaction_facts",
     cols: &[
         ("visit_id", Text),
@@ -106,7 +126,7 @@ pub const TRANSACTION_FACTS: JsonTable = JsonTable {
     update: true,
 };
 
-pub const SESSION_FACTS: JsonTable = JsonTable {
+pub const SESSION_FACTS: Table = Table {
     name: "session_facts",
     cols: &[
         ("agent_id", Text),
@@ -124,7 +144,7 @@ pub const SESSION_FACTS: JsonTable = JsonTable {
     update: true,
 };
 
-pub const QUARANTINE: JsonTable = JsonTable {
+pub const QUARANTINE: Table = Table {
     name: "quarantined_events",
     cols: &[
         ("agent_id", Text),
@@ -141,7 +161,7 @@ pub const QUARANTINE: JsonTable = JsonTable {
     update: false,
 };
 
-pub const DIRTY: JsonTable = JsonTable {
+pub const DIRTY: Table = Table {
     name: "rollup_dirty",
     cols: &[("site", Text), ("day", Text)],
     key: &["site", "day"],
@@ -178,14 +198,14 @@ const fn rollup_cols(period: &'static str) -> [(&'static str, Col); 15] {
 const DAY_COLS: [(&str, Col); 15] = rollup_cols("day");
 const MONTH_COLS: [(&str, Col); 15] = rollup_cols("month");
 
-pub const ROLLUP_DAY: JsonTable = JsonTable {
+pub const ROLLUP_DAY: Table = Table {
     name: "rollup_day",
     cols: &DAY_COLS,
     key: &["site", "day", "service", "queue", "counter", "staff"],
     update: true,
 };
 
-pub const ROLLUP_MONTH: JsonTable = JsonTable {
+pub const ROLLUP_MONTH: Table = Table {
     name: "rollup_month",
     cols: &MONTH_COLS,
     key: &["site", "month", "service", "queue", "counter", "staff"],
@@ -211,21 +231,21 @@ const SERVICE_DAY_COLS: [(&str, Col); 13] = service_cols("day");
 const SERVICE_WEEK_COLS: [(&str, Col); 13] = service_cols("week");
 const SERVICE_MONTH_COLS: [(&str, Col); 13] = service_cols("month");
 
-pub const SERVICE_DAY: JsonTable = JsonTable {
+pub const SERVICE_DAY: Table = Table {
     name: "rollup_service_day",
     cols: &SERVICE_DAY_COLS,
     key: &["site", "day", "service", "queue"],
     update: true,
 };
 
-pub const SERVICE_WEEK: JsonTable = JsonTable {
+pub const SERVICE_WEEK: Table = Table {
     name: "rollup_service_week",
     cols: &SERVICE_WEEK_COLS,
     key: &["site", "week", "service", "queue"],
     update: true,
 };
 
-pub const SERVICE_MONTH: JsonTable = JsonTable {
+pub const SERVICE_MONTH: Table = Table {
     name: "rollup_service_month",
     cols: &SERVICE_MONTH_COLS,
     key: &["site", "month", "service", "queue"],
@@ -233,7 +253,7 @@ pub const SERVICE_MONTH: JsonTable = JsonTable {
 };
 
 /// The rollup table a query reads.
-pub fn rollup_table(q: &super::stats::RollupQuery) -> Option<&'static JsonTable> {
+pub fn rollup_table(q: &super::stats::RollupQuery) -> Option<&'static Table> {
     use super::stats::Grain;
     match (q.by_service, q.grain) {
         (false, Grain::Day) => Some(&ROLLUP_DAY),
@@ -245,70 +265,237 @@ pub fn rollup_table(q: &super::stats::RollupQuery) -> Option<&'static JsonTable>
     }
 }
 
-/// Timestamps in JSON rows: one fixed format, so SQLite's text columns sort correctly.
+/// Timestamps as SQLite stores them: one fixed format, so its text columns sort correctly.
 fn ts(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
-fn ts_opt(t: Option<DateTime<Utc>>) -> Value {
-    t.map_or(Value::Null, |t| Value::String(ts(t)))
+/// One value of a row being written, typed as its column.
+#[derive(Debug, Clone, Copy)]
+pub enum Cell<'a> {
+    Text(Option<&'a str>),
+    Int(Option<i64>),
+    Time(Option<DateTime<Utc>>),
 }
 
-pub fn visit_json(f: &VisitFact) -> Value {
-    json!({
-        "visit_id": f.visit_id, "agent_id": f.agent_id, "site": f.site, "ticket": f.ticket,
-        "service": f.service, "queue": f.queue, "business_day": f.business_day,
-        "created_at": ts(f.created_at), "created_local": f.created_local,
-        "first_called_at": ts_opt(f.first_called_at), "ended_at": ts_opt(f.ended_at),
-        "outcome": f.outcome, "waiting_ms": f.waiting_ms, "service_ms": f.service_ms,
-        "counter": f.counter, "staff": f.staff, "transfers": f.transfers, "recalls": f.recalls,
-    })
+fn text(s: &str) -> Cell<'_> {
+    Cell::Text(Some(s))
 }
 
-pub fn transaction_json(t: &TransactionFact) -> Value {
-    json!({
-        "visit_id": t.visit_id, "n": t.n, "agent_id": t.agent_id, "site": t.site,
-        "service": t.service, "queue": t.queue, "place": t.place, "business_day": t.business_day,
-        "entered_at": ts(t.entered_at), "entered_local": t.entered_local,
-        "called_at": ts_opt(t.called_at), "ended_at": ts_opt(t.ended_at), "outcome": t.outcome,
-        "waiting_ms": t.waiting_ms, "service_ms": t.service_ms, "counter": t.counter,
-        "staff": t.staff,
-    })
+fn opt_text(s: &Option<String>) -> Cell<'_> {
+    Cell::Text(s.as_deref())
 }
 
-pub fn session_json(s: &SessionFact) -> Value {
-    json!({
-        "agent_id": s.agent_id, "kind": s.kind, "subject": s.subject,
-        "opened_at": ts(s.opened_at), "opened_local": s.opened_local, "site": s.site,
-        "other": s.other, "closed_at": ts_opt(s.closed_at), "serving_ms": s.serving_ms,
-        "served": s.served,
-    })
+fn int(n: impl Into<i64>) -> Cell<'static> {
+    Cell::Int(Some(n.into()))
 }
 
-pub fn quarantine_json(
-    q: &Quarantined,
-    stage: &str,
-    payload: &str,
+fn time(t: DateTime<Utc>) -> Cell<'static> {
+    Cell::Time(Some(t))
+}
+
+/// The values of one column of [`Rows`].
+#[derive(Debug, Clone)]
+pub enum Column {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Time(Vec<Option<DateTime<Utc>>>),
+}
+
+/// Rows for one table, held column by column: PostgreSQL binds each column as one array
+/// (`UNNEST`, no text parsing on either side), SQLite reads them as one JSON array of objects.
+#[derive(Debug, Clone)]
+pub struct Rows {
+    pub table: &'static Table,
+    pub columns: Vec<Column>,
+    len: usize,
+}
+
+impl Rows {
+    pub fn new(table: &'static Table) -> Self {
+        let columns = table
+            .cols
+            .iter()
+            .map(|(_, ty)| match ty {
+                Col::Text => Column::Text(Vec::new()),
+                Col::Int => Column::Int(Vec::new()),
+                Col::Time => Column::Time(Vec::new()),
+            })
+            .collect();
+        Rows { table, columns, len: 0 }
+    }
+
+    /// Appends one row; its cells are in the table's column order and of their types.
+    pub fn push(&mut self, cells: &[Cell<'_>]) -> Result<()> {
+        let mismatch = |i: usize| {
+            Error::Internal(format!(
+                "row for {}: cell {i} does not fit column {:?}",
+                self.table.name,
+                self.table.cols.get(i).map(|(c, _)| *c)
+            ))
+        };
+        if cells.len() != self.columns.len() {
+            return Err(mismatch(cells.len()));
+        }
+        // Check every cell before changing anything, so a bad row leaves no partial row behind.
+        for (i, (column, cell)) in self.columns.iter().zip(cells).enumerate() {
+            match (column, cell) {
+                (Column::Text(_), Cell::Text(_))
+                | (Column::Int(_), Cell::Int(_))
+                | (Column::Time(_), Cell::Time(_)) => {}
+                _ => return Err(mismatch(i)),
+            }
+        }
+        for (column, cell) in self.columns.iter_mut().zip(cells) {
+            match (column, *cell) {
+                (Column::Text(v), Cell::Text(s)) => v.push(s.map(str::to_owned)),
+                (Column::Int(v), Cell::Int(n)) => v.push(n),
+                (Column::Time(v), Cell::Time(t)) => v.push(t),
+                _ => {}
+            }
+        }
+        self.len += 1;
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The rows as a JSON array of objects keyed by column (SQLite's `json_each`).
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::with_capacity(self.len);
+        for i in 0..self.len {
+            let mut row = serde_json::Map::with_capacity(self.columns.len());
+            for ((name, _), column) in self.table.cols.iter().zip(&self.columns) {
+                let value = match column {
+                    Column::Text(v) => v[i].clone().map_or(Value::Null, Value::String),
+                    Column::Int(v) => v[i].map_or(Value::Null, Value::from),
+                    Column::Time(v) => v[i].map_or(Value::Null, |t| Value::String(ts(t))),
+                };
+                row.insert((*name).to_owned(), value);
+            }
+            out.push(Value::Object(row));
+        }
+        Value::Array(out).to_string()
+    }
+}
+
+pub fn visit_cells(f: &VisitFact) -> [Cell<'_>; 18] {
+    [
+        text(&f.visit_id),
+        text(&f.agent_id),
+        text(&f.site),
+        text(&f.ticket),
+        text(&f.service),
+        text(&f.queue),
+        text(&f.business_day),
+        time(f.created_at),
+        text(&f.created_local),
+        Cell::Time(f.first_called_at),
+        Cell::Time(f.ended_at),
+        opt_text(&f.outcome),
+        Cell::Int(f.waiting_ms),
+        int(f.service_ms),
+        opt_text(&f.counter),
+        opt_text(&f.staff),
+        int(f.transfers),
+        int(f.recalls),
+    ]
+}
+
+pub fn transaction_cells(t: &TransactionFact) -> [Cell<'_>; 17] {
+    [
+        text(&t.visit_id),
+        int(t.n),
+        text(&t.agent_id),
+        text(&t.site),
+        text(&t.service),
+        text(&t.queue),
+        text(&t.place),
+        text(&t.business_day),
+        time(t.entered_at),
+        text(&t.entered_local),
+        Cell::Time(t.called_at),
+        Cell::Time(t.ended_at),
+        opt_text(&t.outcome),
+        Cell::Int(t.waiting_ms),
+        int(t.service_ms),
+        opt_text(&t.counter),
+        opt_text(&t.staff),
+    ]
+}
+
+pub fn session_cells(s: &SessionFact) -> [Cell<'_>; 10] {
+    [
+        text(&s.agent_id),
+        text(&s.kind),
+        text(&s.subject),
+        time(s.opened_at),
+        text(&s.opened_local),
+        text(&s.site),
+        opt_text(&s.other),
+        Cell::Time(s.closed_at),
+        int(s.serving_ms),
+        int(s.served),
+    ]
+}
+
+pub fn quarantine_cells<'a>(
+    q: &'a Quarantined,
+    stage: &'a str,
+    payload: &'a str,
     occurred_at: Option<DateTime<Utc>>,
     received_at: DateTime<Utc>,
-) -> Value {
-    json!({
-        "agent_id": q.agent_id, "seq": q.seq, "site": q.site, "kind": q.kind, "stage": stage,
-        "reason": q.reason, "payload": payload, "occurred_at": ts_opt(occurred_at),
-        "received_at": ts(received_at),
-    })
+) -> [Cell<'a>; 9] {
+    [
+        text(&q.agent_id),
+        Cell::Int(i64::try_from(q.seq).ok()),
+        text(&q.site),
+        text(&q.kind),
+        text(stage),
+        text(&q.reason),
+        text(payload),
+        Cell::Time(occurred_at),
+        time(received_at),
+    ]
 }
 
-pub fn rollup_json(site: &str, period_col: &str, period: &str, dims: &Dims, t: &Tally) -> Value {
-    let mut v = json!({
-        "site": site, "service": dims.service, "queue": dims.queue, "counter": dims.counter,
-        "staff": dims.staff, "visits": t.visits, "served": t.served, "no_shows": t.no_shows,
-        "waited": t.waited, "wait_sum_ms": t.wait_sum_ms, "wait_max_ms": t.wait_max_ms,
-        "waits": t.waits.encode(), "served_waits": t.served_waits.encode(),
-        "service_sum_ms": t.service_sum_ms,
-    });
-    v[period_col] = Value::String(period.to_owned());
-    v
+/// Appends the rollup row of `dims` in `period` to `rows` (any rollup table: the columns it
+/// lacks, e.g. counter and staff in the service rollups, are left out).
+pub fn push_rollup(
+    rows: &mut Rows,
+    site: &str,
+    period: &str,
+    dims: &Dims,
+    t: &Tally,
+) -> Result<()> {
+    let (waits, served_waits) = (t.waits.encode(), t.served_waits.encode());
+    let cells: Vec<Cell<'_>> = rows
+        .table
+        .cols
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| match (i, *name) {
+            (0, _) => text(site),
+            (1, _) => text(period),
+            (_, "service") => text(&dims.service),
+            (_, "queue") => text(&dims.queue),
+            (_, "counter") => text(&dims.counter),
+            (_, "staff") => text(&dims.staff),
+            (_, "visits") => Cell::Int(i64::try_from(t.visits).ok()),
+            (_, "served") => Cell::Int(i64::try_from(t.served).ok()),
+            (_, "no_shows") => Cell::Int(i64::try_from(t.no_shows).ok()),
+            (_, "waited") => Cell::Int(i64::try_from(t.waited).ok()),
+            (_, "wait_sum_ms") => int(t.wait_sum_ms),
+            (_, "wait_max_ms") => int(t.wait_max_ms),
+            (_, "waits") => text(&waits),
+            (_, "served_waits") => text(&served_waits),
+            (_, "service_sum_ms") => int(t.service_sum_ms),
+            _ => Cell::Text(None),
+        })
+        .collect();
+    rows.push(&cells)
 }
 
 pub const FACT_COLUMNS: &str = "visit_id, agent_id, site, ticket, service, queue, business_day, \
@@ -453,7 +640,7 @@ impl From<SessionRow> for SessionFact {
 
 /// Rollup columns with the period column aliased to `period` (and empty counter and staff for
 /// the service-level tables).
-pub fn rollup_select(table: &JsonTable) -> String {
+pub fn rollup_select(table: &Table) -> String {
     let has = |c: &str| table.cols.iter().any(|(name, _)| *name == c);
     let dim = |c: &str| if has(c) { c.to_owned() } else { format!("'' AS {c}") };
     format!(
@@ -580,18 +767,20 @@ pub fn next_day(day: &str) -> Option<String> {
 macro_rules! impl_stats_store {
     ($ty:ty) => {
         impl $ty {
-            /// Writes `rows` into `table` in one statement.
-            async fn write_json(
+            /// Writes `rows` in one statement.
+            async fn write_rows(
                 tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
-                table: &$crate::store::stats_sql::JsonTable,
-                rows: Vec<serde_json::Value>,
+                rows: &$crate::store::stats_sql::Rows,
+                write: $crate::store::stats_sql::Write,
             ) -> $crate::error::Result<()> {
+                use $crate::store::sql_common::Backend;
                 if rows.is_empty() {
                     return Ok(());
                 }
-                let sql = <$ty as $crate::store::sql_common::Backend>::upsert_json(table);
-                let body = serde_json::Value::Array(rows).to_string();
-                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(body).execute(&mut **tx).await?;
+                let sql = <$ty as Backend>::insert_rows(rows.table, write);
+                <$ty as Backend>::bind_rows(sqlx::query(sqlx::AssertSqlSafe(sql)), rows)
+                    .execute(&mut **tx)
+                    .await?;
                 Ok(())
             }
         }
@@ -682,27 +871,26 @@ macro_rules! impl_stats_store {
                     let (first, last) = days.fold((chrono::NaiveDate::MAX, chrono::NaiveDate::MIN), |(a, b), d| (a.min(d), b.max(d)));
                     let since = (first - chrono::Duration::days(1)).and_time(chrono::NaiveTime::MIN).and_utc();
                     let until = (last + chrono::Duration::days(2)).and_time(chrono::NaiveTime::MIN).and_utc();
-                    let ids_json = serde_json::to_string(&ids).map_err(|e| $crate::error::Error::Internal(e.to_string()))?;
+                    let ids: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();
                     let stored: Vec<sql::VisitFactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT {} FROM visit_facts WHERE {} AND created_at >= $2 AND created_at < $3",
                         sql::FACT_COLUMNS,
-                        <$ty as Backend>::in_json_ids("visit_id")
+                        <$ty as Backend>::in_ids("visit_id")
                     )))
-                    .bind(&ids_json)
+                    .bind(<$ty as Backend>::ids(&ids))
                     .bind(since)
                     .bind(until)
                     .fetch_all(&mut *tx)
                     .await?;
                     if !stored.is_empty() {
                         let known: Vec<&str> = stored.iter().map(|f| f.visit_id()).collect();
-                        let known_json = serde_json::to_string(&known).map_err(|e| $crate::error::Error::Internal(e.to_string()))?;
                         let stints: Vec<sql::TransactionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                             "SELECT {} FROM transaction_facts WHERE {} AND entered_at >= $2 AND entered_at < $3 \
                              ORDER BY visit_id, n",
                             sql::TRANSACTION_COLUMNS,
-                            <$ty as Backend>::in_json_ids("visit_id")
+                            <$ty as Backend>::in_ids("visit_id")
                         )))
-                        .bind(&known_json)
+                        .bind(<$ty as Backend>::ids(&known))
                         .bind(since)
                         .bind(until)
                         .fetch_all(&mut *tx)
@@ -719,6 +907,7 @@ macro_rules! impl_stats_store {
                         }
                     }
                 }
+                let stored_ids: std::collections::HashSet<String> = p.visits.keys().cloned().collect();
                 let open: Vec<sql::SessionRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "SELECT {} FROM session_facts WHERE agent_id = $1 AND closed_at IS NULL",
                     sql::SESSION_COLUMNS
@@ -730,7 +919,7 @@ macro_rules! impl_stats_store {
                     let s: facts::SessionFact = s.into();
                     p.open.insert((s.kind.clone(), s.subject.clone()), s);
                 }
-                let mut quarantine = Vec::new();
+                let mut quarantine = sql::Rows::new(&sql::QUARANTINE);
                 let mut payloads = std::collections::HashMap::new();
                 for (parts, event) in &decoded {
                     let before = p.quarantined.len();
@@ -752,19 +941,42 @@ macro_rules! impl_stats_store {
                 for q in &p.quarantined {
                     if let Some(parts) = payloads.get(&q.seq) {
                         tracing::warn!(agent = %agent_id, seq = q.seq, kind = %q.kind, reason = %q.reason, "event quarantined by statistics");
-                        quarantine.push(sql::quarantine_json(q, "projection", &parts.payload, Some(parts.occurred_at), parts.received_at));
+                        quarantine.push(&sql::quarantine_cells(q, "projection", &parts.payload, Some(parts.occurred_at), parts.received_at))?;
                     }
                 }
-                let visits: Vec<_> = p.touched.iter().filter_map(|id| p.visits.get(id)).collect();
-                let visit_rows = visits.iter().map(|v| sql::visit_json(&v.fact)).collect();
-                let stint_rows = visits.iter().flat_map(|v| v.stints.iter().map(sql::transaction_json)).collect();
-                let session_rows = p.sessions().map(sql::session_json).collect();
-                let dirty_rows = p.dirty_days.iter().map(|(site, day)| serde_json::json!({"site": site, "day": day})).collect();
-                Self::write_json(&mut tx, &sql::VISIT_FACTS, visit_rows).await?;
-                Self::write_json(&mut tx, &sql::TRANSACTION_FACTS, stint_rows).await?;
-                Self::write_json(&mut tx, &sql::SESSION_FACTS, session_rows).await?;
-                Self::write_json(&mut tx, &sql::QUARANTINE, quarantine).await?;
-                Self::write_json(&mut tx, &sql::DIRTY, dirty_rows).await?;
+                // Visits the lookup did not find are new, and so are their stints: plain inserts.
+                // Stored ones are updated (their stints may be new or changed).
+                let mut new_visits = sql::Rows::new(&sql::VISIT_FACTS);
+                let mut new_stints = sql::Rows::new(&sql::TRANSACTION_FACTS);
+                let mut old_visits = sql::Rows::new(&sql::VISIT_FACTS);
+                let mut old_stints = sql::Rows::new(&sql::TRANSACTION_FACTS);
+                for v in p.touched.iter().filter_map(|id| p.visits.get(id)) {
+                    let (visits, stints) = if stored_ids.contains(&v.fact.visit_id) {
+                        (&mut old_visits, &mut old_stints)
+                    } else {
+                        (&mut new_visits, &mut new_stints)
+                    };
+                    visits.push(&sql::visit_cells(&v.fact))?;
+                    for t in &v.stints {
+                        stints.push(&sql::transaction_cells(t))?;
+                    }
+                }
+                let mut sessions = sql::Rows::new(&sql::SESSION_FACTS);
+                for s in p.sessions() {
+                    sessions.push(&sql::session_cells(s))?;
+                }
+                let mut dirty = sql::Rows::new(&sql::DIRTY);
+                for (site, day) in &p.dirty_days {
+                    dirty.push(&[sql::Cell::Text(Some(site)), sql::Cell::Text(Some(day))])?;
+                }
+                use sql::Write::{Insert, Upsert};
+                Self::write_rows(&mut tx, &new_visits, Insert).await?;
+                Self::write_rows(&mut tx, &new_stints, Insert).await?;
+                Self::write_rows(&mut tx, &old_visits, Upsert).await?;
+                Self::write_rows(&mut tx, &old_stints, Upsert).await?;
+                Self::write_rows(&mut tx, &sessions, Upsert).await?;
+                Self::write_rows(&mut tx, &quarantine, Upsert).await?;
+                Self::write_rows(&mut tx, &dirty, Upsert).await?;
                 sqlx::query("UPDATE fact_cursors SET seq = $2 WHERE agent_id = $1")
                     .bind(&agent_id)
                     .bind(next_cursor)
@@ -815,8 +1027,11 @@ macro_rules! impl_stats_store {
                                 .bind(day)
                                 .execute(&mut *tx)
                                 .await?;
-                            let json = rows.iter().map(|(d, t)| sql::rollup_json(&site, "day", day, d, t)).collect();
-                            Self::write_json(&mut tx, table, json).await?;
+                            let mut out = sql::Rows::new(table);
+                            for (d, t) in rows {
+                                sql::push_rollup(&mut out, &site, day, d, t)?;
+                            }
+                            Self::write_rows(&mut tx, &out, sql::Write::Insert).await?;
                         }
                         months.insert(day.get(..7).unwrap_or(day).to_owned());
                         if let Ok(d) = day.parse::<chrono::NaiveDate>() {
@@ -824,7 +1039,7 @@ macro_rules! impl_stats_store {
                         }
                     }
                     // Each touched month and week once, from its days.
-                    let mut periods: Vec<(&sql::JsonTable, &sql::JsonTable, &str, String, String, String)> = Vec::new();
+                    let mut periods: Vec<(&'static sql::Table, &'static sql::Table, &str, String, String, String)> = Vec::new();
                     for month in &months {
                         let (from, to) = (format!("{month}-01"), format!("{month}-31"));
                         periods.push((&sql::ROLLUP_DAY, &sql::ROLLUP_MONTH, "month", month.clone(), from.clone(), to.clone()));
@@ -854,8 +1069,11 @@ macro_rules! impl_stats_store {
                         .bind(&period)
                         .execute(&mut *tx)
                         .await?;
-                        let json = merged.iter().map(|(d, t)| sql::rollup_json(&site, column, &period, d, t)).collect();
-                        Self::write_json(&mut tx, target, json).await?;
+                        let mut out = sql::Rows::new(target);
+                        for (d, t) in &merged {
+                            sql::push_rollup(&mut out, &site, &period, d, t)?;
+                        }
+                        Self::write_rows(&mut tx, &out, sql::Write::Insert).await?;
                     }
                     tx.commit().await?;
                     done += days.len();
