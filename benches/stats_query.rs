@@ -594,7 +594,7 @@ fn cases(site: &str) -> Vec<Case> {
         },
         Case {
             label: "(f) whole year, group_by=counter, all sites",
-            source: "monthly rollups by counter and staff",
+            source: "monthly rollups by counter",
             req: req(GroupBy::Counter, None, None, first_day(), last_day()),
         },
     ]
@@ -772,6 +772,8 @@ async fn report_sizes(pg: &mut PgConnection) -> Result<()> {
         "rollup_service_day",
         "rollup_service_week",
         "rollup_service_month",
+        "rollup_counter_month",
+        "rollup_staff_month",
     ] {
         let (rows, bytes): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT (SELECT count(*) FROM {table}), \

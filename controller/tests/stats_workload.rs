@@ -17,7 +17,7 @@ use chrono_tz::Tz;
 use meridian_controller::api::ApiState;
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::metrics::Metrics;
-use meridian_controller::store::stats::{Grain, RollupQuery};
+use meridian_controller::store::stats::{Family, Grain, RollupQuery};
 use meridian_controller::store::{self, Store};
 use meridian_controller::testing;
 use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated, VisitEventKind};
@@ -325,10 +325,10 @@ impl Fleet {
     }
 
     async fn rollups(&self) -> Vec<Vec<String>> {
-        let dump = |grain, by_service| async move {
+        let dump = |grain, family| async move {
             let rows = self
                 .store
-                .rollups(&RollupQuery { grain, by_service, ..Default::default() })
+                .rollups(&RollupQuery { grain, family, ..Default::default() })
                 .await
                 .expect("rollups");
             let mut out: Vec<String> = rows.iter().map(|r| format!("{r:?}")).collect();
@@ -336,14 +336,16 @@ impl Fleet {
             out
         };
         let mut all = Vec::new();
-        for (grain, by_service) in [
-            (Grain::Day, false),
-            (Grain::Month, false),
-            (Grain::Day, true),
-            (Grain::Week, true),
-            (Grain::Month, true),
+        for (grain, family) in [
+            (Grain::Day, Family::Fine),
+            (Grain::Month, Family::Fine),
+            (Grain::Day, Family::Service),
+            (Grain::Week, Family::Service),
+            (Grain::Month, Family::Service),
+            (Grain::Month, Family::Counter),
+            (Grain::Month, Family::Staff),
         ] {
-            all.push(dump(grain, by_service).await);
+            all.push(dump(grain, family).await);
         }
         all
     }
@@ -430,7 +432,8 @@ async fn known_answers(store: Arc<dyn Store>) {
     // Weeks cut by the range come from days, whole weeks from weekly rollups: the same answer.
     let cut_weeks = fleet.rows("group_by=all&interval=week&from=2026-10-29&to=2026-11-02").await;
     assert_eq!(cut_weeks, weekly);
-    // Counters read the full rollups: the called visits at C1, the uncalled ones at none ("-").
+    // Counters over whole months read the counter rollups: the called visits at C1, the
+    // uncalled ones at none ("-"); over days, the fine rollups — the same answer.
     let counters = fleet.rows("group_by=counter&site=SFO").await;
     let called = plan.iter().filter(|p| p.site == "SFO" && p.wait_min.is_some()).count() as u64;
     let uncalled = plan.iter().filter(|p| p.site == "SFO" && p.wait_min.is_none()).count() as u64;
@@ -441,6 +444,18 @@ async fn known_answers(store: Arc<dyn Store>) {
             .collect::<Vec<_>>(),
         [("SFO/-", Some(uncalled)), ("SFO/C1", Some(called))]
     );
+    let by_days = fleet.rows("group_by=counter&site=SFO&from=2026-10-29&to=2026-11-02").await;
+    assert_eq!(by_days, counters);
+    // Staff likewise, from the staff rollups and from days.
+    let staff = fleet.rows("group_by=staff&site=SFO").await;
+    assert_eq!(
+        staff
+            .iter()
+            .map(|r| (r["group"].as_str().unwrap_or(""), r["visits"].as_u64()))
+            .collect::<Vec<_>>(),
+        [("-", Some(uncalled)), ("alice", Some(called))]
+    );
+    assert_eq!(fleet.rows("group_by=staff&site=SFO&from=2026-10-29&to=2026-11-02").await, staff);
     // By service at one site, and filtered to one service.
     let services = fleet.rows("group_by=service&site=TYO").await;
     for row in &services {

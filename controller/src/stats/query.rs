@@ -2,19 +2,18 @@
 //! monthly rollups for the whole months of an interval-less range, weekly rollups for the whole
 //! weeks of weekly intervals, daily rollups for the edges and for daily intervals, and the visit
 //! facts for 15-minute and hourly intervals (whose ranges are therefore bounded). Rollups kept by
-//! service and queue answer every grouping but counter and staff, which read the full ones.
-
-use std::collections::HashMap;
+//! service and queue answer every grouping but counter and staff, which read their own monthly
+//! rollups over whole months and the full daily ones over days.
 
 use chrono::{Datelike, NaiveDate};
 use meridian_shared::ValidationError;
 use meridian_shared::config::{ConfigSet, Resource};
 use serde::Deserialize;
 
-use super::report::{GroupBy, Interval, Report, Row, monday};
+use super::report::{GroupBy, Interval, Kpis, Report, Row, monday};
 use crate::error::{Error, Result};
 use crate::store::Store;
-use crate::store::stats::{FactFilter, Grain, RollupQuery};
+use crate::store::stats::{FactFilter, Family, Grain, RollupQuery};
 
 /// Longest range of any request, in days.
 pub const MAX_RANGE_DAYS: i64 = 3_700;
@@ -95,7 +94,7 @@ impl StatsRequest {
 }
 
 /// Each service's target wait in milliseconds, by (site, service).
-pub fn kpis(set: &ConfigSet) -> HashMap<(String, String), i64> {
+pub fn kpis(set: &ConfigSet) -> Kpis {
     set.resources
         .values()
         .filter_map(|r| match r {
@@ -170,7 +169,7 @@ fn month_key(d: NaiveDate) -> String {
 pub async fn run<'k>(
     store: &dyn Store,
     req: &StatsRequest,
-    kpi_wait_ms: &'k HashMap<(String, String), i64>,
+    kpi_wait_ms: &'k Kpis,
 ) -> Result<Report<'k>> {
     let mut report = Report::new(req.group_by, req.interval, kpi_wait_ms);
     let day = |d: Option<NaiveDate>| d.map(|d| d.to_string());
@@ -188,12 +187,19 @@ pub async fn run<'k>(
         }
         return Ok(report);
     }
-    // Counters and staff need the full rollups; everything else reads the far smaller rollups
-    // kept by service and queue.
-    let by_service = !matches!(req.group_by, GroupBy::Counter | GroupBy::Staff);
+    // Counters and staff over whole months have rollups of their own, over days the fine ones;
+    // everything else reads the far smaller rollups kept by service and queue.
+    let family = match req.group_by {
+        GroupBy::Counter => Family::Counter,
+        GroupBy::Staff => Family::Staff,
+        _ => Family::Service,
+    };
     let rollups = |grain: Grain, from: Option<String>, to: Option<String>| RollupQuery {
         grain,
-        by_service,
+        family: match (family, grain) {
+            (Family::Counter | Family::Staff, Grain::Day | Grain::Week) => Family::Fine,
+            (f, _) => f,
+        },
         site: req.site.clone(),
         service: req.service.clone(),
         from,
@@ -202,7 +208,9 @@ pub async fn run<'k>(
     // Whole weeks (weekly intervals) or months (no interval) from their own rollups, the partial
     // periods at either end from days.
     let (grain, bounds, key): (Grain, Bounds, fn(NaiveDate) -> String) = match report.interval() {
-        Some(Interval::Week) if by_service => (Grain::Week, week_bounds, |d| monday(d).to_string()),
+        Some(Interval::Week) if family == Family::Service => {
+            (Grain::Week, week_bounds, |d| monday(d).to_string())
+        }
         Some(_) => (Grain::Day, |d| (d, d), |d| d.to_string()),
         None => (Grain::Month, month_bounds, month_key),
     };

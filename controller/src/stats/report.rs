@@ -162,21 +162,38 @@ struct Acc {
     kpi_ok: u64,
 }
 
+/// Each service's target wait in milliseconds, by site and service (looked up per rollup row,
+/// so without building a key).
+#[derive(Debug, Clone, Default)]
+pub struct Kpis(HashMap<String, HashMap<String, i64>>);
+
+impl Kpis {
+    pub fn get(&self, site: &str, service: &str) -> Option<i64> {
+        self.0.get(site)?.get(service).copied()
+    }
+}
+
+impl FromIterator<((String, String), i64)> for Kpis {
+    fn from_iter<I: IntoIterator<Item = ((String, String), i64)>>(iter: I) -> Self {
+        let mut out = Kpis::default();
+        for ((site, service), ms) in iter {
+            out.0.entry(site).or_default().insert(service, ms);
+        }
+        out
+    }
+}
+
 /// Groups under construction. `kpi_wait_ms` maps (site, service) to the service's target wait,
 /// applied as the configuration has it now.
 pub struct Report<'k> {
     group_by: GroupBy,
     interval: Option<Interval>,
-    kpi_wait_ms: &'k HashMap<(String, String), i64>,
+    kpi_wait_ms: &'k Kpis,
     groups: BTreeMap<(String, Option<String>), Acc>,
 }
 
 impl<'k> Report<'k> {
-    pub fn new(
-        group_by: GroupBy,
-        interval: Option<Interval>,
-        kpi_wait_ms: &'k HashMap<(String, String), i64>,
-    ) -> Self {
+    pub fn new(group_by: GroupBy, interval: Option<Interval>, kpi_wait_ms: &'k Kpis) -> Self {
         let interval = match group_by {
             GroupBy::Day => Some(interval.unwrap_or(Interval::Day)),
             _ => interval,
@@ -226,7 +243,7 @@ impl<'k> Report<'k> {
     }
 
     fn merge(&mut self, dims: &Dims, label: Option<String>, tally: &Tally) {
-        let kpi = self.kpi_wait_ms.get(&(dims.site.clone(), dims.service.clone())).copied();
+        let kpi = self.kpi_wait_ms.get(&dims.site, &dims.service);
         let acc = self.groups.entry((self.key(dims), label)).or_default();
         acc.tally.merge(tally);
         if let Some(kpi) = kpi {
@@ -338,8 +355,8 @@ mod tests {
         ]
     }
 
-    fn kpi() -> HashMap<(String, String), i64> {
-        HashMap::from([(("SFO".to_owned(), "GEN".to_owned()), 10 * 60_000)])
+    fn kpi() -> Kpis {
+        Kpis::from_iter([(("SFO".to_owned(), "GEN".to_owned()), 10 * 60_000)])
     }
 
     fn report(group_by: GroupBy, interval: Option<Interval>, by_rollup: bool) -> Vec<Row> {

@@ -32,12 +32,26 @@ pub enum Grain {
     Month,
 }
 
-/// Which rollup rows to read: by site, service, queue, counter and staff, or (`by_service`) by
-/// site, service and queue only — far fewer rows, enough unless counters or staff are asked for.
+/// A family of rollups: which dimensions its rows keep (besides site and period).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Family {
+    /// Service, queue, counter and staff (daily and monthly).
+    #[default]
+    Fine,
+    /// Service and queue only (daily, weekly, monthly): far fewer rows, enough unless counters
+    /// or staff are asked for.
+    Service,
+    /// Service and counter (monthly): statistics per counter over whole months.
+    Counter,
+    /// Service and staff member (monthly).
+    Staff,
+}
+
+/// Which rollup rows to read.
 #[derive(Debug, Clone, Default)]
 pub struct RollupQuery {
     pub grain: Grain,
-    pub by_service: bool,
+    pub family: Family,
     pub site: Option<String>,
     pub service: Option<String>,
     pub from: Option<String>,

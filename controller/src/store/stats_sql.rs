@@ -212,13 +212,17 @@ pub const ROLLUP_MONTH: Table = Table {
     update: true,
 };
 
-/// The service-level columns: the fine ones without counter and staff.
-const fn service_cols(period: &'static str) -> [(&'static str, Col); 13] {
+/// The columns of a family that keeps `keep` of the fine dimensions (service, queue, counter,
+/// staff), in that order; `N` is 2 + kept dimensions + 9 tally columns.
+const fn family_cols<const N: usize>(
+    period: &'static str,
+    keep: [bool; 4],
+) -> [(&'static str, Col); N] {
     let fine = rollup_cols(period);
-    let mut out = [("site", Text); 13];
+    let mut out = [("site", Text); N];
     let (mut i, mut j) = (0, 0);
     while i < fine.len() {
-        if i != 4 && i != 5 {
+        if i < 2 || i >= 6 || keep[i - 2] {
             out[j] = fine[i];
             j += 1;
         }
@@ -227,9 +231,12 @@ const fn service_cols(period: &'static str) -> [(&'static str, Col); 13] {
     out
 }
 
-const SERVICE_DAY_COLS: [(&str, Col); 13] = service_cols("day");
-const SERVICE_WEEK_COLS: [(&str, Col); 13] = service_cols("week");
-const SERVICE_MONTH_COLS: [(&str, Col); 13] = service_cols("month");
+const SERVICE: [bool; 4] = [true, true, false, false];
+const SERVICE_DAY_COLS: [(&str, Col); 13] = family_cols("day", SERVICE);
+const SERVICE_WEEK_COLS: [(&str, Col); 13] = family_cols("week", SERVICE);
+const SERVICE_MONTH_COLS: [(&str, Col); 13] = family_cols("month", SERVICE);
+const COUNTER_MONTH_COLS: [(&str, Col); 13] = family_cols("month", [true, false, true, false]);
+const STAFF_MONTH_COLS: [(&str, Col); 13] = family_cols("month", [true, false, false, true]);
 
 pub const SERVICE_DAY: Table = Table {
     name: "rollup_service_day",
@@ -252,17 +259,72 @@ pub const SERVICE_MONTH: Table = Table {
     update: true,
 };
 
-/// The rollup table a query reads.
+pub const COUNTER_MONTH: Table = Table {
+    name: "rollup_counter_month",
+    cols: &COUNTER_MONTH_COLS,
+    key: &["site", "month", "service", "counter"],
+    update: true,
+};
+
+pub const STAFF_MONTH: Table = Table {
+    name: "rollup_staff_month",
+    cols: &STAFF_MONTH_COLS,
+    key: &["site", "month", "service", "staff"],
+    update: true,
+};
+
+/// Every rollup table (what a rebuild clears).
+pub const ROLLUP_TABLES: [&Table; 7] = [
+    &ROLLUP_DAY,
+    &ROLLUP_MONTH,
+    &SERVICE_DAY,
+    &SERVICE_WEEK,
+    &SERVICE_MONTH,
+    &COUNTER_MONTH,
+    &STAFF_MONTH,
+];
+
+/// The rollup table a query reads (`None`: that family is not kept at that grain).
 pub fn rollup_table(q: &super::stats::RollupQuery) -> Option<&'static Table> {
-    use super::stats::Grain;
-    match (q.by_service, q.grain) {
-        (false, Grain::Day) => Some(&ROLLUP_DAY),
-        (false, Grain::Month) => Some(&ROLLUP_MONTH),
-        (false, Grain::Week) => None,
-        (true, Grain::Day) => Some(&SERVICE_DAY),
-        (true, Grain::Week) => Some(&SERVICE_WEEK),
-        (true, Grain::Month) => Some(&SERVICE_MONTH),
+    use super::stats::{Family, Grain};
+    match (q.family, q.grain) {
+        (Family::Fine, Grain::Day) => Some(&ROLLUP_DAY),
+        (Family::Fine, Grain::Month) => Some(&ROLLUP_MONTH),
+        (Family::Service, Grain::Day) => Some(&SERVICE_DAY),
+        (Family::Service, Grain::Week) => Some(&SERVICE_WEEK),
+        (Family::Service, Grain::Month) => Some(&SERVICE_MONTH),
+        (Family::Counter, Grain::Month) => Some(&COUNTER_MONTH),
+        (Family::Staff, Grain::Month) => Some(&STAFF_MONTH),
+        (Family::Fine | Family::Counter | Family::Staff, Grain::Week)
+        | (Family::Counter | Family::Staff, Grain::Day) => None,
     }
+}
+
+impl Table {
+    fn has(&self, column: &str) -> bool {
+        self.cols.iter().any(|(c, _)| *c == column)
+    }
+}
+
+/// Merges tallies into one per dimensions `table` keeps (the others are blanked): a week's or a
+/// month's rows from its days, or a coarser family from a finer one.
+pub fn merge_for<'a>(
+    table: &Table,
+    rows: impl IntoIterator<Item = (&'a Dims, &'a Tally)>,
+) -> BTreeMap<Dims, Tally> {
+    let keep = |c: &str, v: &String| if table.has(c) { v.clone() } else { String::new() };
+    let mut out: BTreeMap<Dims, Tally> = BTreeMap::new();
+    for (d, t) in rows {
+        let key = Dims {
+            site: d.site.clone(),
+            service: keep("service", &d.service),
+            queue: keep("queue", &d.queue),
+            counter: keep("counter", &d.counter),
+            staff: keep("staff", &d.staff),
+        };
+        out.entry(key).or_default().merge(t);
+    }
+    out
 }
 
 /// Timestamps as SQLite stores them: one fixed format, so its text columns sort correctly.
@@ -641,34 +703,16 @@ impl From<SessionRow> for SessionFact {
 /// Rollup columns with the period column aliased to `period` (and empty counter and staff for
 /// the service-level tables).
 pub fn rollup_select(table: &Table) -> String {
-    let has = |c: &str| table.cols.iter().any(|(name, _)| *name == c);
-    let dim = |c: &str| if has(c) { c.to_owned() } else { format!("'' AS {c}") };
+    let dim = |c: &str| if table.has(c) { c.to_owned() } else { format!("'' AS {c}") };
     format!(
-        "SELECT site, {} AS period, service, queue, {}, {}, visits, served, no_shows, waited, \
+        "SELECT site, {} AS period, service, {}, {}, {}, visits, served, no_shows, waited, \
          wait_sum_ms, wait_max_ms, waits, served_waits, service_sum_ms FROM {}",
         table.cols[1].0,
+        dim("queue"),
         dim("counter"),
         dim("staff"),
         table.name
     )
-}
-
-/// Merges rows into one tally per (service, queue): the service-level rollup.
-pub fn by_service<'a>(
-    rows: impl IntoIterator<Item = (&'a Dims, &'a Tally)>,
-) -> BTreeMap<Dims, Tally> {
-    let mut out: BTreeMap<Dims, Tally> = BTreeMap::new();
-    for (d, t) in rows {
-        let key = Dims {
-            site: d.site.clone(),
-            service: d.service.clone(),
-            queue: d.queue.clone(),
-            counter: String::new(),
-            staff: String::new(),
-        };
-        out.entry(key).or_default().merge(t);
-    }
-    out
 }
 
 #[derive(sqlx::FromRow)]
@@ -746,15 +790,6 @@ impl From<QuarantineRow> for QuarantinedEvent {
             received_at: r.received_at,
         }
     }
-}
-
-/// Merges daily rollup rows into one tally per dimensions: a week's or a month's rows.
-pub fn merge_by_dims(rows: Vec<RollupRow>) -> BTreeMap<Dims, Tally> {
-    let mut out: BTreeMap<Dims, Tally> = BTreeMap::new();
-    for r in rows {
-        out.entry(r.dims).or_default().merge(&r.tally);
-    }
-    out
 }
 
 /// The day after a `YYYY-MM-DD` day, for exclusive upper bounds on local timestamps.
@@ -1020,7 +1055,7 @@ macro_rules! impl_stats_store {
                         .await?;
                         let facts: Vec<$crate::stats::facts::VisitFact> = facts.into_iter().map(Into::into).collect();
                         let fine = $crate::stats::report::rollup(&facts);
-                        let coarse = sql::by_service(&fine);
+                        let coarse = sql::merge_for(&sql::SERVICE_DAY, &fine);
                         for (table, rows) in [(&sql::ROLLUP_DAY, &fine), (&sql::SERVICE_DAY, &coarse)] {
                             sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {} WHERE site = $1 AND day = $2", table.name)))
                                 .bind(&site)
@@ -1038,18 +1073,20 @@ macro_rules! impl_stats_store {
                             weeks.insert($crate::stats::report::monday(d));
                         }
                     }
-                    // Each touched month and week once, from its days.
-                    let mut periods: Vec<(&'static sql::Table, &'static sql::Table, &str, String, String, String)> = Vec::new();
+                    // Each touched month and week once, from its days; the counter and staff
+                    // months from the fine month.
+                    type Period = (&'static sql::Table, &'static [&'static sql::Table], &'static str, String, String, String);
+                    let mut periods: Vec<Period> = Vec::new();
                     for month in &months {
                         let (from, to) = (format!("{month}-01"), format!("{month}-31"));
-                        periods.push((&sql::ROLLUP_DAY, &sql::ROLLUP_MONTH, "month", month.clone(), from.clone(), to.clone()));
-                        periods.push((&sql::SERVICE_DAY, &sql::SERVICE_MONTH, "month", month.clone(), from, to));
+                        periods.push((&sql::ROLLUP_DAY, &[&sql::ROLLUP_MONTH, &sql::COUNTER_MONTH, &sql::STAFF_MONTH], "month", month.clone(), from.clone(), to.clone()));
+                        periods.push((&sql::SERVICE_DAY, &[&sql::SERVICE_MONTH], "month", month.clone(), from, to));
                     }
                     for monday in &weeks {
                         let to = (*monday + chrono::Duration::days(6)).to_string();
-                        periods.push((&sql::SERVICE_DAY, &sql::SERVICE_WEEK, "week", monday.to_string(), monday.to_string(), to));
+                        periods.push((&sql::SERVICE_DAY, &[&sql::SERVICE_WEEK], "week", monday.to_string(), monday.to_string(), to));
                     }
-                    for (source, target, column, period, from, to) in periods {
+                    for (source, targets, column, period, from, to) in periods {
                         let rows: Vec<sql::RollupSqlRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                             "{} WHERE site = $1 AND day >= $2 AND day <= $3",
                             sql::rollup_select(source)
@@ -1059,21 +1096,24 @@ macro_rules! impl_stats_store {
                         .bind(&to)
                         .fetch_all(&mut *tx)
                         .await?;
-                        let rows = rows.into_iter().map(TryInto::try_into).collect::<$crate::error::Result<Vec<_>>>()?;
-                        let merged = sql::merge_by_dims(rows);
-                        sqlx::query(sqlx::AssertSqlSafe(format!(
-                            "DELETE FROM {} WHERE site = $1 AND {column} = $2",
-                            target.name
-                        )))
-                        .bind(&site)
-                        .bind(&period)
-                        .execute(&mut *tx)
-                        .await?;
-                        let mut out = sql::Rows::new(target);
-                        for (d, t) in &merged {
-                            sql::push_rollup(&mut out, &site, &period, d, t)?;
+                        let rows = rows.into_iter().map(TryInto::try_into).collect::<$crate::error::Result<Vec<$crate::store::stats::RollupRow>>>()?;
+                        let days = rows.iter().map(|r| (&r.dims, &r.tally));
+                        let merged = sql::merge_for(source, days);
+                        for target in targets {
+                            sqlx::query(sqlx::AssertSqlSafe(format!(
+                                "DELETE FROM {} WHERE site = $1 AND {column} = $2",
+                                target.name
+                            )))
+                            .bind(&site)
+                            .bind(&period)
+                            .execute(&mut *tx)
+                            .await?;
+                            let mut out = sql::Rows::new(target);
+                            for (d, t) in &sql::merge_for(target, &merged) {
+                                sql::push_rollup(&mut out, &site, &period, d, t)?;
+                            }
+                            Self::write_rows(&mut tx, &out, sql::Write::Insert).await?;
                         }
-                        Self::write_rows(&mut tx, &out, sql::Write::Insert).await?;
                     }
                     tx.commit().await?;
                     done += days.len();
@@ -1196,7 +1236,7 @@ macro_rules! impl_stats_store {
             ) -> $crate::error::Result<Vec<$crate::store::stats::RollupRow>> {
                 use $crate::store::stats_sql as sql;
                 let table = sql::rollup_table(q).ok_or_else(|| {
-                    $crate::error::Error::Internal("weekly rollups are kept by service only".into())
+                    $crate::error::Error::Internal(format!("no {:?} rollups by {:?}", q.family, q.grain))
                 })?;
                 let col = table.cols[1].0;
                 let rows: Vec<sql::RollupSqlRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -1229,18 +1269,9 @@ macro_rules! impl_stats_store {
 
             async fn reset_facts(&self) -> $crate::error::Result<()> {
                 let mut tx = self.tx().await?;
-                for table in [
-                    "visit_facts",
-                    "transaction_facts",
-                    "session_facts",
-                    "rollup_day",
-                    "rollup_month",
-                    "rollup_service_day",
-                    "rollup_service_week",
-                    "rollup_service_month",
-                    "rollup_dirty",
-                    "fact_cursors",
-                ] {
+                let rollups = $crate::store::stats_sql::ROLLUP_TABLES.map(|t| t.name);
+                let facts = ["visit_facts", "transaction_facts", "session_facts", "rollup_dirty", "fact_cursors"];
+                for table in facts.into_iter().chain(rollups) {
                     sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}"))).execute(&mut *tx).await?;
                 }
                 sqlx::query("DELETE FROM quarantined_events WHERE stage = 'projection'")
