@@ -21,6 +21,8 @@ pub enum Error {
     Enrollment(EnrollError),
     #[error("the configuration changed concurrently; retry")]
     RevisionConflict,
+    #[error("{0}")]
+    Appointment(AppointmentRefusal),
     #[error("store unavailable: {0}")]
     Store(#[from] sqlx::Error),
     #[error("store migration failed: {0}")]
@@ -41,6 +43,40 @@ pub enum EnrollError {
     AlreadyUsed,
     #[error("the token's site no longer exists")]
     SiteGone,
+}
+
+/// Why a booking change was refused although the request was well formed (HTTP 409): the state
+/// it met does not allow it. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppointmentRefusal {
+    #[error("the slot is fully booked ({capacity} of {capacity} taken)")]
+    SlotFull { capacity: u32 },
+    #[error(
+        "the appointment changed meanwhile: revision {current}, not {expected}; reload and retry"
+    )]
+    StaleRevision { expected: u64, current: u64 },
+    #[error("the appointment is cancelled")]
+    AlreadyCancelled,
+    #[error("external reference {0:?} is already used by another appointment of this site")]
+    ExternalRefTaken(String),
+}
+
+impl AppointmentRefusal {
+    /// The stable error code clients see.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AppointmentRefusal::SlotFull { .. } => "slot_full",
+            AppointmentRefusal::StaleRevision { .. } => "stale_revision",
+            AppointmentRefusal::AlreadyCancelled => "already_cancelled",
+            AppointmentRefusal::ExternalRefTaken(_) => "external_ref_taken",
+        }
+    }
+}
+
+impl From<AppointmentRefusal> for Error {
+    fn from(e: AppointmentRefusal) -> Self {
+        Error::Appointment(e)
+    }
 }
 
 impl From<ValidationErrors> for Error {

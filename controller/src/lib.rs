@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod appointments;
 pub mod auth;
 pub mod config_admin;
 pub mod console;

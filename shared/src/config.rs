@@ -266,6 +266,68 @@ pub struct Service {
     /// Target maximum wait, for service-level statistics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kpi_wait_minutes: Option<u32>,
+    /// How appointments for this service are booked; a service without a policy takes no
+    /// appointments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appointments: Option<AppointmentPolicy>,
+}
+
+/// Booking rules of one service: slots of `slot_minutes`, aligned to the start of each opening
+/// period of the site, each taking up to `capacity` appointments; the check-in window (used at
+/// the branch) opens `check_in_early_minutes` before an appointment's start and closes
+/// `check_in_late_minutes` after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppointmentPolicy {
+    pub slot_minutes: u32,
+    pub capacity: u32,
+    #[serde(default = "default_check_in_early")]
+    pub check_in_early_minutes: u32,
+    #[serde(default = "default_check_in_late")]
+    pub check_in_late_minutes: u32,
+}
+
+/// Bounds of `AppointmentPolicy::slot_minutes`.
+pub const SLOT_MINUTES: std::ops::RangeInclusive<u32> = 5..=240;
+/// Bounds of `AppointmentPolicy::capacity`.
+pub const SLOT_CAPACITY: std::ops::RangeInclusive<u32> = 1..=1000;
+/// Upper bound of either check-in window, in minutes.
+pub const MAX_CHECK_IN_MINUTES: u32 = 240;
+
+fn default_check_in_early() -> u32 {
+    30
+}
+fn default_check_in_late() -> u32 {
+    15
+}
+
+impl AppointmentPolicy {
+    fn validate(&self, errs: &mut ValidationErrors) {
+        if !SLOT_MINUTES.contains(&self.slot_minutes) {
+            errs.push(
+                "appointments.slot_minutes",
+                format!("must be {}-{} minutes", SLOT_MINUTES.start(), SLOT_MINUTES.end()),
+            );
+        }
+        if !SLOT_CAPACITY.contains(&self.capacity) {
+            errs.push(
+                "appointments.capacity",
+                format!(
+                    "must be {}-{} appointments per slot",
+                    SLOT_CAPACITY.start(),
+                    SLOT_CAPACITY.end()
+                ),
+            );
+        }
+        for (field, value) in [
+            ("appointments.check_in_early_minutes", self.check_in_early_minutes),
+            ("appointments.check_in_late_minutes", self.check_in_late_minutes),
+        ] {
+            if value > MAX_CHECK_IN_MINUTES {
+                errs.push(field, format!("at most {MAX_CHECK_IN_MINUTES} minutes"));
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -423,7 +485,12 @@ impl Resource {
         let mut errs = ValidationErrors::default();
         match self {
             Resource::Site(s) => s.validate(&mut errs),
-            Resource::Service(s) => check_name(&s.name, "name", &mut errs),
+            Resource::Service(s) => {
+                check_name(&s.name, "name", &mut errs);
+                if let Some(policy) = &s.appointments {
+                    policy.validate(&mut errs);
+                }
+            }
             Resource::Queue(q) => {
                 check_name(&q.name, "name", &mut errs);
                 let letter_ok = (1..=2).contains(&q.letter.len())
@@ -692,6 +759,7 @@ mod tests {
             name: code.into(),
             queue: Code::parse(queue).unwrap(),
             kpi_wait_minutes: None,
+            appointments: None,
         })
     }
 
@@ -722,6 +790,53 @@ mod tests {
             &["queue/SFO/B.letter"],
         );
         check(vec![site("SFO", "UTC"), queue("SFO", "A", "A"), service("SFO", "ACC", "A")], &[]);
+    }
+
+    #[test]
+    fn appointment_policies_validate() {
+        let check = |policy: serde_json::Value, expected: &[&str]| {
+            let mut v =
+                serde_json::json!({"site": "SFO", "code": "ACC", "name": "Accounts", "queue": "A"});
+            if !policy.is_null() {
+                v["appointments"] = policy;
+            }
+            let service: Service = serde_json::from_value(v).expect("service");
+            let got = match Resource::Service(service).validate() {
+                Ok(()) => vec![],
+                Err(e) => e.0.into_iter().map(|e| e.field).collect::<Vec<_>>(),
+            };
+            assert_eq!(got, expected);
+        };
+        check(serde_json::Value::Null, &[]);
+        check(serde_json::json!({"slot_minutes": 15, "capacity": 2}), &[]);
+        check(serde_json::json!({"slot_minutes": 5, "capacity": 1}), &[]);
+        check(serde_json::json!({"slot_minutes": 240, "capacity": 1000}), &[]);
+        check(
+            serde_json::json!({"slot_minutes": 4, "capacity": 1}),
+            &["appointments.slot_minutes"],
+        );
+        check(
+            serde_json::json!({"slot_minutes": 241, "capacity": 0}),
+            &["appointments.slot_minutes", "appointments.capacity"],
+        );
+        check(
+            serde_json::json!({"slot_minutes": 15, "capacity": 1, "check_in_early_minutes": 241}),
+            &["appointments.check_in_early_minutes"],
+        );
+        let policy: AppointmentPolicy =
+            serde_json::from_value(serde_json::json!({"slot_minutes": 15, "capacity": 1}))
+                .expect("policy");
+        assert_eq!((policy.check_in_early_minutes, policy.check_in_late_minutes), (30, 15));
+        assert!(
+            serde_json::from_value::<AppointmentPolicy>(
+                serde_json::json!({"slot_minutes": 15, "capacity": 1, "slots": 3})
+            )
+            .is_err(),
+            "unknown field"
+        );
+        // A service without a policy serializes as before (agents of older versions decode it).
+        let plain = service("SFO", "ACC", "A");
+        assert!(!serde_json::to_string(&plain).expect("json").contains("appointments"));
     }
 
     #[test]

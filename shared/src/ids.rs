@@ -152,6 +152,11 @@ uuid_id!(
     VisitId,
     now_v7
 );
+uuid_id!(
+    /// An appointment booked centrally, time-ordered (UUIDv7) so ids sort by booking.
+    AppointmentId,
+    now_v7
+);
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ pub mod shutdown;
 pub mod visits;
 
 pub use error::{ValidationError, ValidationErrors};
-pub use ids::{AgentId, Code, SiteCode, VisitId};
+pub use ids::{AgentId, AppointmentId, Code, SiteCode, VisitId};
 
 /// The product version, reported by both binaries and in the session Hello.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

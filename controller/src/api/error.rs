@@ -47,6 +47,9 @@ impl From<Error> for ApiError {
             Error::Enrollment(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "enrollment_refused", message)
             }
+            Error::Appointment(refusal) => {
+                ApiError::new(StatusCode::CONFLICT, refusal.code(), message)
+            }
             Error::RevisionConflict => {
                 ApiError::new(StatusCode::CONFLICT, "revision_conflict", message)
             }

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::store::{AgentRecord, ApiToken, EnrollmentToken, Role, Store};
 
+pub mod appointments;
 pub mod error;
 
 use error::{ApiError, ApiResult};
@@ -44,7 +45,18 @@ pub struct Caller {
     pub role: Role,
 }
 
+/// The API on the wall clock.
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    router_with_clock(state, max_body_bytes, Arc::new(meridian_shared::clock::SystemClock))
+}
+
+/// The API with the clock bookings are checked against (tests pass a `ManualClock`).
+pub fn router_with_clock(
+    state: ApiState,
+    max_body_bytes: usize,
+    clock: Arc<dyn meridian_shared::clock::Clock>,
+) -> Router {
+    let booking = appointments::AppointmentsState { store: state.store.clone(), clock };
     let api = Router::new()
         .route("/sites", get(list_sites).post(create_site))
         .route("/sites/{site}", get(get_site).put(put_site).delete(delete_site))
@@ -71,6 +83,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/stats/status", get(stats_status))
         .route("/stats/quarantine", get(quarantine))
         .route("/stats/rebuild", post(rebuild_stats))
+        .merge(appointments::routes(booking))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .nest("/api/v1", api)

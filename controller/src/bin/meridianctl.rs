@@ -66,6 +66,79 @@ enum Command {
     /// Central statistics.
     #[command(subcommand)]
     Stats(StatsCommand),
+    /// Appointments booked centrally (times are the site's wall clock, YYYY-MM-DDTHH:MM).
+    #[command(subcommand)]
+    Appointments(AppointmentsCommand),
+}
+
+#[derive(Subcommand)]
+enum AppointmentsCommand {
+    /// Book an appointment.
+    Book {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        service: String,
+        /// Start in the site's time zone, e.g. 2026-03-09T09:15.
+        #[arg(long)]
+        start: String,
+        /// The customer's name.
+        #[arg(long)]
+        customer: String,
+        /// Phone number or e-mail address.
+        #[arg(long)]
+        contact: Option<String>,
+        #[arg(long)]
+        notes: Option<String>,
+        /// Reference of the booking system (unique per site).
+        #[arg(long)]
+        external_ref: Option<String>,
+    },
+    /// List appointments by start.
+    List {
+        #[arg(long)]
+        site: Option<String>,
+        /// First site-local day (YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        from: Option<String>,
+        /// Last site-local day (YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        to: Option<String>,
+        /// booked or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one appointment.
+    Show { id: String },
+    /// A service's slots on one day, with what each has left.
+    Slots {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        service: String,
+        /// Site-local day (YYYY-MM-DD).
+        #[arg(long)]
+        date: String,
+    },
+    /// Move an appointment to another slot of its service.
+    Reschedule {
+        id: String,
+        /// New start in the site's time zone.
+        #[arg(long)]
+        start: String,
+        /// Refuse if the appointment is no longer at this revision (default: its current one).
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Cancel an appointment.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Refuse if the appointment is no longer at this revision.
+        #[arg(long)]
+        revision: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -186,6 +259,57 @@ async fn main() -> ExitCode {
     }
 }
 
+async fn appointments(
+    client: &Client,
+    cmd: AppointmentsCommand,
+    out: Output,
+) -> ctl::Result<String> {
+    use meridian_controller::appointments::{BookRequest, CancelRequest};
+    use meridian_controller::ctl::appointments as appt;
+    match cmd {
+        AppointmentsCommand::Book {
+            site,
+            service,
+            start,
+            customer,
+            contact,
+            notes,
+            external_ref,
+        } => {
+            let req = BookRequest {
+                site,
+                service,
+                start,
+                customer_name: customer,
+                customer_contact: contact,
+                notes,
+                external_ref,
+            };
+            appt::render_one(&appt::book(client, &req).await?, out)
+        }
+        AppointmentsCommand::List { site, from, to, status } => {
+            let filter = appt::ListFilter {
+                site: site.as_deref(),
+                from: from.as_deref(),
+                to: to.as_deref(),
+                status: status.as_deref(),
+            };
+            appt::render_list(&appt::list(client, &filter).await?, out)
+        }
+        AppointmentsCommand::Show { id } => appt::render_one(&appt::show(client, &id).await?, out),
+        AppointmentsCommand::Slots { site, service, date } => {
+            appt::render_slots(&appt::slots(client, &site, &service, &date).await?, out)
+        }
+        AppointmentsCommand::Reschedule { id, start, revision } => {
+            appt::render_one(&appt::reschedule(client, &id, &start, revision).await?, out)
+        }
+        AppointmentsCommand::Cancel { id, reason, revision } => {
+            let req = CancelRequest { expected_revision: revision, reason };
+            appt::render_one(&appt::cancel(client, &id, &req).await?, out)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> ctl::Result<String> {
     let token = match &cli.token_file {
         Some(path) => Some(ctl::read_token_file(path)?),
@@ -255,6 +379,7 @@ async fn run(cli: Cli) -> ctl::Result<String> {
             let rows = ctl::visit_stats(&client, &filter).await?;
             ctl::render_stats(&rows, out)
         }
+        Command::Appointments(cmd) => appointments(&client, cmd, out).await,
         Command::Token(TokenCommand::Delete { id }) => {
             ctl::delete_api_token(&client, &id).await?;
             Ok(format!("API token {id} deleted\n"))

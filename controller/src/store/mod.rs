@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::error::{EnrollError, Error, Result};
 
+pub mod appointments;
 pub mod conformance;
 pub mod maintenance;
 mod postgres;
@@ -211,7 +212,9 @@ pub enum IngestError {
 }
 
 #[async_trait]
-pub trait Store: stats::StatsStore + Send + Sync + 'static {
+pub trait Store:
+    stats::StatsStore + appointments::AppointmentStore + Send + Sync + 'static
+{
     /// `postgres` or `sqlite`.
     fn backend(&self) -> &'static str;
 

@@ -35,6 +35,8 @@ impl Backend for PgStore {
     const LOCK_OR_SKIP: &'static str = " FOR UPDATE SKIP LOCKED";
     const SITE_LOCK: &'static str =
         "SELECT pg_advisory_xact_lock(hashtext('meridian_rollup:' || $1))";
+    const BOOKING_LOCK: &'static str =
+        "SELECT pg_advisory_xact_lock(hashtext('meridian_booking:' || $1))";
 
     fn insert_rows(table: &Table, write: Write) -> String {
         let arrays: Vec<String> = table

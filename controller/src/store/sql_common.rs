@@ -208,6 +208,7 @@ pub(super) fn agent_key(id: AgentId) -> String {
 macro_rules! impl_store {
     ($ty:ty, backend = $backend:literal, lock = $lock:literal) => {
         $crate::store::stats_sql::impl_stats_store!($ty);
+        $crate::store::appointments::impl_appointment_store!($ty);
 
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.
@@ -785,6 +786,9 @@ pub trait Backend {
     const LOCK_OR_SKIP: &'static str;
     /// Takes a transaction-scoped lock named by `$1` (a no-op where writers are serialized).
     const SITE_LOCK: &'static str;
+    /// Takes the transaction-scoped lock under which site `$1`'s appointments are booked,
+    /// rescheduled and cancelled (a no-op where writers are serialized).
+    const BOOKING_LOCK: &'static str;
     /// `INSERT` into `table` of the rows `bind_rows` binds, meeting stored rows as `write` says.
     fn insert_rows(table: &super::stats_sql::Table, write: super::stats_sql::Write) -> String;
     /// Binds `rows` to a statement from `insert_rows`.

@@ -34,6 +34,7 @@ impl Backend for SqliteStore {
     // `BEGIN IMMEDIATE` already makes every write transaction the only writer.
     const LOCK_OR_SKIP: &'static str = "";
     const SITE_LOCK: &'static str = "SELECT $1";
+    const BOOKING_LOCK: &'static str = "SELECT $1";
 
     fn insert_rows(table: &Table, write: Write) -> String {
         let values: Vec<String> =

@@ -1,0 +1,574 @@
+//! The appointments half of the store: appointments booked centrally, with the capacity check
+//! and the write in one transaction. Both backends implement it with the SQL of
+//! `impl_appointment_store!`, which `impl_store!` expands.
+//!
+//! Invariants every backend keeps:
+//! - the seats taken in a slot never exceed the capacity the booking or reschedule was checked
+//!   against: the check and the write share one transaction, and the writes of one site are
+//!   serialised (PostgreSQL: a transaction-scoped advisory lock per site,
+//!   `Backend::BOOKING_LOCK`; SQLite: `BEGIN IMMEDIATE`, one writer at a time);
+//! - every change bumps `revision` by one; a reschedule or cancel that names a revision other
+//!   than the stored one changes nothing;
+//! - an external reference names at most one appointment per site (unique index).
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use meridian_shared::{AppointmentId, Code, SiteCode};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The wall-clock format of an appointment's local start: `YYYY-MM-DDTHH:MM`.
+pub const LOCAL_START_FORMAT: &str = "%Y-%m-%dT%H:%M";
+
+/// Where an appointment is in its life. Every status but `Cancelled` holds its seat (later
+/// steps of the appointment flow add arrived, called, completed, no-show).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppointmentStatus {
+    Booked,
+    Cancelled,
+}
+
+impl AppointmentStatus {
+    pub const ALL: [AppointmentStatus; 2] =
+        [AppointmentStatus::Booked, AppointmentStatus::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppointmentStatus::Booked => "booked",
+            AppointmentStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// An appointment as stored and as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appointment {
+    pub id: AppointmentId,
+    pub site: SiteCode,
+    pub service: Code,
+    /// The start in the site's time zone, `YYYY-MM-DDTHH:MM` (what the customer was told).
+    pub start: String,
+    /// The start as an instant.
+    pub starts_at: DateTime<Utc>,
+    /// The site-local day of the start.
+    pub local_day: NaiveDate,
+    pub duration_minutes: u32,
+    pub customer_name: String,
+    pub customer_contact: Option<String>,
+    pub notes: Option<String>,
+    pub external_ref: Option<String>,
+    pub status: AppointmentStatus,
+    pub cancel_reason: Option<String>,
+    /// Bumped on every change; reschedule and cancel may name the revision they expect.
+    pub revision: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A validated slot an appointment is placed in, with the capacity it was checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub starts_at: DateTime<Utc>,
+    /// The start in the site's time zone.
+    pub local_start: NaiveDateTime,
+    pub duration_minutes: u32,
+    /// Appointments the slot takes (the service's policy).
+    pub capacity: u32,
+}
+
+impl Placement {
+    pub fn ends_at(&self) -> DateTime<Utc> {
+        self.starts_at + chrono::Duration::minutes(i64::from(self.duration_minutes))
+    }
+}
+
+/// A booking, validated by `crate::appointments`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAppointment {
+    pub id: AppointmentId,
+    pub site: SiteCode,
+    pub service: Code,
+    pub placement: Placement,
+    pub customer_name: String,
+    pub customer_contact: Option<String>,
+    pub notes: Option<String>,
+    pub external_ref: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Which appointments to list; days are site-local, inclusive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppointmentFilter {
+    pub site: Option<SiteCode>,
+    pub from_day: Option<NaiveDate>,
+    pub to_day: Option<NaiveDate>,
+    pub status: Option<AppointmentStatus>,
+    pub limit: u32,
+}
+
+/// Seats held by appointments of one service that start at `starts_at` and last
+/// `duration_minutes` (a slot, unless the policy changed since they were booked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldSeats {
+    pub starts_at: DateTime<Utc>,
+    pub duration_minutes: u32,
+    pub count: u32,
+}
+
+/// The seats of `held` whose time overlaps `[start, end)`: what a slot has left is its
+/// capacity minus this (appointments booked under an older slot length count where they
+/// overlap).
+pub fn seats_taken(held: &[HeldSeats], start: DateTime<Utc>, end: DateTime<Utc>) -> u32 {
+    held.iter()
+        .filter(|h| {
+            let h_end = h.starts_at + chrono::Duration::minutes(i64::from(h.duration_minutes));
+            h.starts_at < end && start < h_end
+        })
+        .map(|h| h.count)
+        .sum()
+}
+
+#[async_trait]
+pub trait AppointmentStore: Send + Sync {
+    /// Books `new` if its slot still has a seat (`AppointmentRefusal::SlotFull`) and its
+    /// external reference is free (`ExternalRefTaken`), in one transaction serialised per site.
+    async fn book_appointment(&self, new: &NewAppointment) -> Result<Appointment>;
+    /// Moves an appointment to `placement` if it is at `expected_revision` (`StaleRevision`),
+    /// not cancelled (`AlreadyCancelled`) and the new slot has a seat besides its own
+    /// (`SlotFull`). `Error::NotFound` for an unknown id.
+    async fn reschedule_appointment(
+        &self,
+        id: AppointmentId,
+        expected_revision: u64,
+        placement: &Placement,
+        at: DateTime<Utc>,
+    ) -> Result<Appointment>;
+    /// Cancels an appointment (at `expected_revision` when given), keeping `reason`.
+    async fn cancel_appointment(
+        &self,
+        id: AppointmentId,
+        expected_revision: Option<u64>,
+        reason: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<Appointment>;
+    async fn appointment(&self, id: AppointmentId) -> Result<Option<Appointment>>;
+    /// By start, then id; at most `filter.limit`.
+    async fn list_appointments(&self, filter: &AppointmentFilter) -> Result<Vec<Appointment>>;
+    /// The seats held (every status but cancelled) in `service` at `site` on local `day`,
+    /// grouped by start and length.
+    async fn held_seats(
+        &self,
+        site: &SiteCode,
+        service: &Code,
+        day: NaiveDate,
+    ) -> Result<Vec<HeldSeats>>;
+}
+
+/// The appointment columns, for `concat!`-built queries.
+macro_rules! appointment_select {
+    () => {
+        "SELECT id, site, service, starts_at, local_start, local_day, duration_minutes, \
+         customer_name, customer_contact, notes, external_ref, status, cancel_reason, revision, \
+         created_at, updated_at FROM appointments"
+    };
+}
+pub(crate) use appointment_select;
+
+/// The held-seats query: `$1` site, `$2` service, `$3` day, `$4` an id to leave out.
+pub(crate) const HELD_SEATS: &str = "SELECT starts_at, duration_minutes, COUNT(*) AS n \
+     FROM appointments WHERE site = $1 AND service = $2 AND local_day = $3 \
+     AND status <> 'cancelled' AND id <> $4 GROUP BY starts_at, duration_minutes";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AppointmentRow {
+    id: String,
+    site: String,
+    service: String,
+    starts_at: DateTime<Utc>,
+    local_start: String,
+    local_day: String,
+    duration_minutes: i32,
+    customer_name: String,
+    customer_contact: Option<String>,
+    notes: Option<String>,
+    external_ref: Option<String>,
+    status: String,
+    cancel_reason: Option<String>,
+    revision: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<AppointmentRow> for Appointment {
+    type Error = Error;
+    fn try_from(r: AppointmentRow) -> Result<Self> {
+        let corrupt = |what: &str, value: &str| {
+            Error::Internal(format!(
+                "corrupt value in appointments.{what}: {:?}",
+                value.chars().take(40).collect::<String>()
+            ))
+        };
+        NaiveDateTime::parse_from_str(&r.local_start, LOCAL_START_FORMAT)
+            .map_err(|_| corrupt("local_start", &r.local_start))?;
+        Ok(Appointment {
+            id: r.id.parse().map_err(|_| corrupt("id", &r.id))?,
+            site: SiteCode::parse(&r.site).map_err(|_| corrupt("site", &r.site))?,
+            service: Code::parse(&r.service).map_err(|_| corrupt("service", &r.service))?,
+            local_day: r.local_day.parse().map_err(|_| corrupt("local_day", &r.local_day))?,
+            start: r.local_start,
+            starts_at: r.starts_at,
+            duration_minutes: u32::try_from(r.duration_minutes)
+                .map_err(|_| corrupt("duration_minutes", &r.duration_minutes.to_string()))?,
+            customer_name: r.customer_name,
+            customer_contact: r.customer_contact,
+            notes: r.notes,
+            external_ref: r.external_ref,
+            status: AppointmentStatus::parse(&r.status)
+                .ok_or_else(|| corrupt("status", &r.status))?,
+            cancel_reason: r.cancel_reason,
+            revision: r.revision as u64,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct HeldRow {
+    starts_at: DateTime<Utc>,
+    duration_minutes: i32,
+    n: i64,
+}
+
+impl From<HeldRow> for HeldSeats {
+    fn from(r: HeldRow) -> Self {
+        HeldSeats {
+            starts_at: r.starts_at,
+            duration_minutes: r.duration_minutes.max(0) as u32,
+            count: r.n.clamp(0, i64::from(u32::MAX)) as u32,
+        }
+    }
+}
+
+/// Expands to `#[async_trait] impl AppointmentStore for $ty`.
+macro_rules! impl_appointment_store {
+    ($ty:ty) => {
+        impl $ty {
+            /// Seats held on the placement's day, less `exclude`'s, inside `tx`.
+            async fn held_seats_in(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                site: &str,
+                service: &str,
+                day: &str,
+                exclude: &str,
+            ) -> $crate::error::Result<Vec<$crate::store::appointments::HeldSeats>> {
+                let rows: Vec<$crate::store::appointments::HeldRow> =
+                    sqlx::query_as($crate::store::appointments::HELD_SEATS)
+                        .bind(site)
+                        .bind(service)
+                        .bind(day)
+                        .bind(exclude)
+                        .fetch_all(&mut **tx)
+                        .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            /// Refuses when `placement` has no seat left besides `exclude`'s.
+            async fn check_capacity(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                site: &str,
+                service: &str,
+                placement: &$crate::store::appointments::Placement,
+                exclude: &str,
+            ) -> $crate::error::Result<()> {
+                let day = placement.local_start.date().to_string();
+                let held = Self::held_seats_in(tx, site, service, &day, exclude).await?;
+                let taken = $crate::store::appointments::seats_taken(
+                    &held,
+                    placement.starts_at,
+                    placement.ends_at(),
+                );
+                if taken >= placement.capacity {
+                    return Err($crate::error::AppointmentRefusal::SlotFull {
+                        capacity: placement.capacity,
+                    }
+                    .into());
+                }
+                Ok(())
+            }
+
+            /// Locks the site of appointment `id` for booking changes and reads the
+            /// appointment; `NotFound` when there is none.
+            async fn lock_appointment(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                id: &str,
+            ) -> $crate::error::Result<$crate::store::appointments::Appointment> {
+                use $crate::store::sql_common::Backend;
+                // The site of an appointment never changes, so it may be read before the lock.
+                let site: Option<String> =
+                    sqlx::query_scalar("SELECT site FROM appointments WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                let Some(site) = site else {
+                    return Err($crate::error::Error::NotFound(format!("appointment {id}")));
+                };
+                sqlx::query(<$ty as Backend>::BOOKING_LOCK).bind(&site).execute(&mut **tx).await?;
+                Self::reread_appointment(tx, id).await
+            }
+
+            async fn reread_appointment(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                id: &str,
+            ) -> $crate::error::Result<$crate::store::appointments::Appointment> {
+                let row: $crate::store::appointments::AppointmentRow = sqlx::query_as(concat!(
+                    $crate::store::appointments::appointment_select!(),
+                    " WHERE id = $1"
+                ))
+                .bind(id)
+                .fetch_one(&mut **tx)
+                .await?;
+                row.try_into()
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::appointments::AppointmentStore for $ty {
+            async fn book_appointment(
+                &self,
+                new: &$crate::store::appointments::NewAppointment,
+            ) -> $crate::error::Result<$crate::store::appointments::Appointment> {
+                use $crate::store::sql_common::Backend;
+                use $crate::store::appointments::LOCAL_START_FORMAT;
+                let id = new.id.to_string();
+                let mut tx = self.tx().await?;
+                sqlx::query(<$ty as Backend>::BOOKING_LOCK)
+                    .bind(new.site.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some(reference) = &new.external_ref {
+                    let taken: Option<String> = sqlx::query_scalar(
+                        "SELECT id FROM appointments WHERE site = $1 AND external_ref = $2",
+                    )
+                    .bind(new.site.as_str())
+                    .bind(reference)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if taken.is_some() {
+                        return Err($crate::error::AppointmentRefusal::ExternalRefTaken(
+                            reference.clone(),
+                        )
+                        .into());
+                    }
+                }
+                Self::check_capacity(&mut tx, new.site.as_str(), new.service.as_str(), &new.placement, "")
+                    .await?;
+                let p = &new.placement;
+                sqlx::query(
+                    "INSERT INTO appointments (id, site, service, starts_at, local_start, local_day, \
+                     duration_minutes, customer_name, customer_contact, notes, external_ref, status, \
+                     cancel_reason, revision, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'booked', NULL, 1, $12, $12)",
+                )
+                .bind(&id)
+                .bind(new.site.as_str())
+                .bind(new.service.as_str())
+                .bind(p.starts_at)
+                .bind(p.local_start.format(LOCAL_START_FORMAT).to_string())
+                .bind(p.local_start.date().to_string())
+                .bind(p.duration_minutes as i32)
+                .bind(&new.customer_name)
+                .bind(new.customer_contact.as_deref())
+                .bind(new.notes.as_deref())
+                .bind(new.external_ref.as_deref())
+                .bind(new.at)
+                .execute(&mut *tx)
+                .await?;
+                let booked = Self::reread_appointment(&mut tx, &id).await?;
+                tx.commit().await?;
+                Ok(booked)
+            }
+
+            async fn reschedule_appointment(
+                &self,
+                id: meridian_shared::AppointmentId,
+                expected_revision: u64,
+                placement: &$crate::store::appointments::Placement,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<$crate::store::appointments::Appointment> {
+                use $crate::error::AppointmentRefusal;
+                use $crate::store::appointments::{AppointmentStatus, LOCAL_START_FORMAT};
+                let id = id.to_string();
+                let mut tx = self.tx().await?;
+                let current = Self::lock_appointment(&mut tx, &id).await?;
+                if current.status == AppointmentStatus::Cancelled {
+                    return Err(AppointmentRefusal::AlreadyCancelled.into());
+                }
+                if current.revision != expected_revision {
+                    return Err(AppointmentRefusal::StaleRevision {
+                        expected: expected_revision,
+                        current: current.revision,
+                    }
+                    .into());
+                }
+                Self::check_capacity(
+                    &mut tx,
+                    current.site.as_str(),
+                    current.service.as_str(),
+                    placement,
+                    &id,
+                )
+                .await?;
+                sqlx::query(
+                    "UPDATE appointments SET starts_at = $2, local_start = $3, local_day = $4, \
+                     duration_minutes = $5, revision = revision + 1, updated_at = $6 WHERE id = $1",
+                )
+                .bind(&id)
+                .bind(placement.starts_at)
+                .bind(placement.local_start.format(LOCAL_START_FORMAT).to_string())
+                .bind(placement.local_start.date().to_string())
+                .bind(placement.duration_minutes as i32)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+                let moved = Self::reread_appointment(&mut tx, &id).await?;
+                tx.commit().await?;
+                Ok(moved)
+            }
+
+            async fn cancel_appointment(
+                &self,
+                id: meridian_shared::AppointmentId,
+                expected_revision: Option<u64>,
+                reason: Option<&str>,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<$crate::store::appointments::Appointment> {
+                use $crate::error::AppointmentRefusal;
+                use $crate::store::appointments::AppointmentStatus;
+                let id = id.to_string();
+                let mut tx = self.tx().await?;
+                let current = Self::lock_appointment(&mut tx, &id).await?;
+                if current.status == AppointmentStatus::Cancelled {
+                    return Err(AppointmentRefusal::AlreadyCancelled.into());
+                }
+                if let Some(expected) = expected_revision
+                    && current.revision != expected
+                {
+                    return Err(AppointmentRefusal::StaleRevision {
+                        expected,
+                        current: current.revision,
+                    }
+                    .into());
+                }
+                sqlx::query(
+                    "UPDATE appointments SET status = 'cancelled', cancel_reason = $2, \
+                     revision = revision + 1, updated_at = $3 WHERE id = $1",
+                )
+                .bind(&id)
+                .bind(reason)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+                let cancelled = Self::reread_appointment(&mut tx, &id).await?;
+                tx.commit().await?;
+                Ok(cancelled)
+            }
+
+            async fn appointment(
+                &self,
+                id: meridian_shared::AppointmentId,
+            ) -> $crate::error::Result<Option<$crate::store::appointments::Appointment>> {
+                let row: Option<$crate::store::appointments::AppointmentRow> =
+                    sqlx::query_as(concat!(
+                        $crate::store::appointments::appointment_select!(),
+                        " WHERE id = $1"
+                    ))
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn list_appointments(
+                &self,
+                f: &$crate::store::appointments::AppointmentFilter,
+            ) -> $crate::error::Result<Vec<$crate::store::appointments::Appointment>> {
+                let rows: Vec<$crate::store::appointments::AppointmentRow> =
+                    sqlx::query_as(concat!(
+                        $crate::store::appointments::appointment_select!(),
+                        " WHERE ($1 IS NULL OR site = $1) AND ($2 IS NULL OR local_day >= $2) \
+                         AND ($3 IS NULL OR local_day <= $3) AND ($4 IS NULL OR status = $4) \
+                         ORDER BY starts_at, id LIMIT $5"
+                    ))
+                    .bind(f.site.as_ref().map(|s| s.as_str().to_owned()))
+                    .bind(f.from_day.map(|d| d.to_string()))
+                    .bind(f.to_day.map(|d| d.to_string()))
+                    .bind(f.status.map(|s| s.as_str()))
+                    .bind(i64::from(f.limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn held_seats(
+                &self,
+                site: &meridian_shared::SiteCode,
+                service: &meridian_shared::Code,
+                day: chrono::NaiveDate,
+            ) -> $crate::error::Result<Vec<$crate::store::appointments::HeldSeats>> {
+                let rows: Vec<$crate::store::appointments::HeldRow> =
+                    sqlx::query_as($crate::store::appointments::HELD_SEATS)
+                        .bind(site.as_str())
+                        .bind(service.as_str())
+                        .bind(day.to_string())
+                        .bind("")
+                        .fetch_all(&self.pool)
+                        .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+        }
+    };
+}
+
+pub(crate) use impl_appointment_store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn seats_overlap_by_time() {
+        let at = |h: u32, m: u32| Utc.with_ymd_and_hms(2026, 3, 9, h, m, 0).unwrap();
+        let held = [
+            HeldSeats { starts_at: at(9, 0), duration_minutes: 15, count: 2 },
+            // Booked when slots were 30 minutes long.
+            HeldSeats { starts_at: at(9, 30), duration_minutes: 30, count: 1 },
+        ];
+        let check = |start: DateTime<Utc>, minutes: i64, expected: u32| {
+            let end = start + chrono::Duration::minutes(minutes);
+            assert_eq!(seats_taken(&held, start, end), expected, "{start} +{minutes}");
+        };
+        check(at(9, 0), 15, 2);
+        check(at(9, 15), 15, 0);
+        check(at(9, 30), 15, 1);
+        check(at(9, 45), 15, 1);
+        check(at(10, 0), 15, 0);
+        check(at(8, 45), 15, 0);
+        check(at(9, 0), 60, 3);
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in AppointmentStatus::ALL {
+            assert_eq!(AppointmentStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(AppointmentStatus::parse("lost"), None);
+    }
+}
