@@ -668,6 +668,76 @@ async fn meridianctl_books_lists_and_cancels() {
             .expect("json")
             .contains("\"cancel_reason\": \"ill\"")
     );
+    // The binary: tables on success, the typed error with its field and exit 1 on failure.
+    let ctl = |args: &'static [&'static str]| {
+        let (server, token) = (server.clone(), api.admin.clone());
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meridianctl"))
+                .args(["--server", &server, "--token", &token, "appointments"])
+                .args(args)
+                .env_remove("MERIDIAN_SERVER")
+                .env_remove("MERIDIAN_TOKEN")
+                .output()
+                .await
+                .expect("run meridianctl");
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (out.status.code(), text(&out.stdout), text(&out.stderr))
+        }
+    };
+    let (code, stdout, _) = ctl(&[
+        "book",
+        "--site",
+        "SFO",
+        "--service",
+        "ACC",
+        "--start",
+        "2026-03-09T11:45",
+        "--customer",
+        "Bo Chen",
+        "--contact",
+        "bo@example.com",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("customer:")
+            && stdout.contains("Bo Chen")
+            && stdout.contains("bo@example.com"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = ctl(&["list", "--site", "SFO", "--status", "booked"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.lines().nth(1).is_some_and(|l| l.contains("2026-03-09 11:45") && l.contains("ACC")),
+        "{stdout}"
+    );
+    let (code, stdout, _) =
+        ctl(&["slots", "--site", "SFO", "--service", "ACC", "--date", "2026-03-09"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
+            == ["11:45", "2026-03-09", "18:45Z", "2", "1", "1", "yes"]),
+        "{stdout}"
+    );
+    let (code, _, stderr) = ctl(&[
+        "book",
+        "--site",
+        "SFO",
+        "--service",
+        "ACC",
+        "--start",
+        "2026-03-09T12:15",
+        "--customer",
+        "Cy",
+    ])
+    .await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("validation_failed")
+            && stderr.contains("start: 12:15 is outside business hours"),
+        "{stderr}"
+    );
+
     match appt::show(&client, "nope").await {
         Err(CtlError::Api(f)) => assert_eq!((f.status, f.code.as_str()), (404, "not_found")),
         other => panic!("expected 404, got {other:?}"),

@@ -537,6 +537,114 @@ pub async fn retention_removes_old_months_but_never_unprojected_events(store: &d
     assert_eq!(stored_seqs().await, seqs_of(&[8, 9]), "exactly the events before August go");
 }
 
+/// Appointments: the capacity a placement names is never exceeded, external references are
+/// unique per site, every change bumps the revision and a stale one changes nothing.
+pub async fn appointments_keep_capacity_and_revisions(store: &dyn Store) {
+    use super::appointments::{AppointmentFilter, AppointmentStatus, NewAppointment, Placement};
+    use crate::error::AppointmentRefusal;
+    use meridian_shared::{AppointmentId, Code};
+    let sfo = SiteCode::parse("SFO").expect("site");
+    let acc = Code::parse("ACC").expect("service");
+    let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 3).expect("day");
+    let place = |hour: u32, minute: u32| Placement {
+        starts_at: Utc.with_ymd_and_hms(2026, 11, 3, hour, minute, 0).single().expect("time"),
+        local_start: day.and_hms_opt(hour, minute, 0).expect("local"),
+        duration_minutes: 15,
+        capacity: 2,
+    };
+    let new = |name: &str, placement: Placement, reference: Option<&str>| NewAppointment {
+        id: AppointmentId::new(),
+        site: sfo.clone(),
+        service: acc.clone(),
+        placement,
+        customer_name: name.into(),
+        customer_contact: None,
+        notes: None,
+        external_ref: reference.map(str::to_owned),
+        at: t0(),
+    };
+    let refusal = |r: Result<_>| match r {
+        Err(Error::Appointment(refusal)) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let a = store.book_appointment(&new("Ann", place(9, 0), Some("CRM-1"))).await.expect("book");
+    assert_eq!(
+        (a.revision, a.status, a.start.as_str()),
+        (1, AppointmentStatus::Booked, "2026-11-03T09:00")
+    );
+    assert_eq!(store.appointment(a.id).await.expect("get"), Some(a.clone()));
+    let b = store.book_appointment(&new("Bo", place(9, 0), None)).await.expect("book");
+    assert_eq!(
+        refusal(store.book_appointment(&new("Cy", place(9, 0), None)).await),
+        AppointmentRefusal::SlotFull { capacity: 2 }
+    );
+    assert_eq!(
+        refusal(store.book_appointment(&new("Cy", place(9, 15), Some("CRM-1"))).await),
+        AppointmentRefusal::ExternalRefTaken("CRM-1".into())
+    );
+    let held = store.held_seats(&sfo, &acc, day).await.expect("held");
+    assert_eq!(held.iter().map(|h| h.count).sum::<u32>(), 2);
+
+    // Reschedule: stale revision refused; into its own full slot fine; revision bumped.
+    assert_eq!(
+        refusal(store.reschedule_appointment(a.id, 7, &place(9, 15), t0()).await),
+        AppointmentRefusal::StaleRevision { expected: 7, current: 1 }
+    );
+    let same = store.reschedule_appointment(b.id, 1, &place(9, 0), t0()).await.expect("same");
+    assert_eq!(same.revision, 2);
+    let moved = store.reschedule_appointment(a.id, 1, &place(9, 15), t0()).await.expect("move");
+    assert_eq!((moved.revision, moved.start.as_str()), (2, "2026-11-03T09:15"));
+    let c = store.book_appointment(&new("Cy", place(9, 15), None)).await.expect("book");
+    assert_eq!(
+        refusal(store.reschedule_appointment(b.id, 2, &place(9, 15), t0()).await),
+        AppointmentRefusal::SlotFull { capacity: 2 }
+    );
+    let unknown = store.reschedule_appointment(AppointmentId::new(), 1, &place(9, 0), t0()).await;
+    assert!(matches!(unknown, Err(Error::NotFound(_))), "{unknown:?}");
+
+    // Cancel: frees the seat; cannot happen twice.
+    let cancelled =
+        store.cancel_appointment(c.id, Some(1), Some("ill"), t0()).await.expect("cancel");
+    assert_eq!(
+        (cancelled.status, cancelled.revision, cancelled.cancel_reason.as_deref()),
+        (AppointmentStatus::Cancelled, 2, Some("ill"))
+    );
+    assert_eq!(
+        refusal(store.cancel_appointment(c.id, None, None, t0()).await),
+        AppointmentRefusal::AlreadyCancelled
+    );
+    assert_eq!(
+        refusal(store.reschedule_appointment(c.id, 2, &place(9, 30), t0()).await),
+        AppointmentRefusal::AlreadyCancelled
+    );
+    store.reschedule_appointment(b.id, 2, &place(9, 15), t0()).await.expect("seat freed");
+
+    let list = |from: Option<chrono::NaiveDate>, status: Option<AppointmentStatus>| {
+        let filter = AppointmentFilter {
+            site: Some(sfo.clone()),
+            from_day: from,
+            to_day: from,
+            status,
+            limit: 100,
+        };
+        async move {
+            // Same start: the order among them is by id; compare as sets.
+            let mut names: Vec<String> = store
+                .list_appointments(&filter)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|a| a.customer_name)
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    assert_eq!(list(Some(day), None).await, ["Ann", "Bo", "Cy"]);
+    assert_eq!(list(Some(day), Some(AppointmentStatus::Cancelled)).await, ["Cy"]);
+    assert!(list(day.succ_opt(), None).await.is_empty());
+}
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -551,6 +659,7 @@ macro_rules! store_conformance_suite {
             agent_status_updates_are_partial,
             facts_project_events_exactly_once_and_rebuild_identically,
             retention_removes_old_months_but_never_unprojected_events,
+            appointments_keep_capacity_and_revisions,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
