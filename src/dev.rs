@@ -195,7 +195,12 @@ pub fn demo_resources(connector_key_hash: &str) -> Vec<serde_json::Value> {
             ("ACC", "Open an account", "accounts", 15),
             ("REP", "Repair drop-off", "repairs", 20),
         ] {
-            out.push(json!({"kind": "service", "site": code, "code": s, "name": sname, "queue": q, "kpi_wait_minutes": kpi}));
+            let mut service = json!({"kind": "service", "site": code, "code": s, "name": sname, "queue": q, "kpi_wait_minutes": kpi});
+            if s == "ACC" {
+                // Accounts are opened by appointment too: 15-minute slots, two desks.
+                service["appointments"] = json!({"slot_minutes": 15, "capacity": 2});
+            }
+            out.push(service);
         }
         out.push(json!({"kind": "work_profile", "site": code, "code": "default", "name": "Default",
             "queues": [{"queue": "accounts", "min_wait_minutes": 20}, {"queue": "general"}, {"queue": "accounts"}, {"queue": "repairs"}]}));
@@ -222,4 +227,27 @@ async fn seed(store: &dyn Store, connector_key_hash: &str) -> anyhow::Result<()>
     let report = config_admin::change(store, "dev", inputs, vec![], ChangeMode::Upsert).await?;
     tracing::info!(revision = report.revision, published = ?report.sites_published, "demo configuration applied");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use meridian_shared::config::Resource;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_demo_configuration_applies_and_books_accounts() {
+        let url = meridian_controller::testing::fresh_sqlite_url();
+        let store = meridian_controller::store::open(&url).await.expect("store");
+        seed(store.as_ref(), &"0".repeat(64)).await.expect("demo configuration");
+        let (_, resources) = store.load_config().await.expect("config");
+        let bookable: Vec<String> = resources
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Service(s) if s.appointments.is_some() => Some(s.code.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(bookable, ["ACC"; 3]);
+    }
 }
