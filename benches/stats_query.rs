@@ -15,6 +15,8 @@
 //! the database is dropped at the end). Parameters:
 //! - `MERIDIAN_BENCH_SCALE` (default 1): sites × visits per day scale by it (at least 2 sites
 //!   and 10 visits a day); `0.01` is a smoke run of a few seconds. The year stays a whole year.
+//! - `MERIDIAN_BENCH_SITES`: the number of sites, overriding the scale's (e.g. 10 sites at full
+//!   density, for profiling per-row costs).
 //! - `MERIDIAN_BENCH_RUNS` (default 30, 5 below scale 0.1): timed runs per query, after 3
 //!   warm-up runs.
 //! - `MERIDIAN_BENCH_HTTP` (`0` skips the HTTP API run).
@@ -102,7 +104,10 @@ impl Params {
             Err(_) => 1.0,
         };
         ensure!(scale > 0.0 && scale <= 10.0, "MERIDIAN_BENCH_SCALE must be in (0, 10]");
-        let sites = ((FULL_SITES * scale).round() as usize).max(2);
+        let sites = match env_number("MERIDIAN_BENCH_SITES")? {
+            Some(n) => n,
+            None => ((FULL_SITES * scale).round() as usize).max(2),
+        };
         ensure!(sites <= 999, "at most 999 sites (S000..S998)");
         let visits_per_day = ((FULL_VISITS_PER_DAY * scale).round() as usize).max(10);
         let runs = env_number("MERIDIAN_BENCH_RUNS")?.unwrap_or(if scale < 0.1 { 5 } else { 30 });
