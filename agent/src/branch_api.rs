@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::Context;
+use crate::appointments::{self, BranchAppointment};
 use crate::auth::{self, Caller, Refusal};
 use crate::error::Error;
 use crate::store::queries;
@@ -42,6 +43,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/service-points/{code}/walk-direct", post(walk_direct))
         .route("/api/v1/sessions/current", axum::routing::delete(logout))
         .route("/api/v1/events", get(event_feed))
+        .route("/api/v1/appointments", get(list_appointments))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authenticate));
     Router::new()
         .merge(protected)
@@ -237,6 +239,34 @@ async fn list_visits(
     let status = VisitStatus::parse(&raw)
         .ok_or_else(|| Error::Validation(format!("unknown status {raw:?}")))?;
     Ok(Json(ctx.db.read(move |c| visits::list(c, status)).await?))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AppointmentDay {
+    /// `YYYY-MM-DD`, site-local; today (the site's business day) when absent.
+    date: Option<String>,
+}
+
+/// The appointments the controller has sent for one site-local day (today by default), by
+/// start; cancelled ones are listed with their status. Read-only.
+async fn list_appointments(
+    State(ctx): State<Arc<Context>>,
+    Query(q): Query<AppointmentDay>,
+) -> Result<Json<Vec<BranchAppointment>>, ApiError> {
+    let day = match q.date.as_deref() {
+        Some(raw) => raw.parse::<chrono::NaiveDate>().map_err(|_| {
+            Error::InvalidFields(meridian_shared::ValidationErrors(vec![ValidationError::new(
+                "date",
+                format!("{raw:?} is not a date YYYY-MM-DD"),
+            )]))
+        })?,
+        None => {
+            let tz = config(&ctx)?.site.tz().map_err(Error::Internal)?;
+            meridian_shared::business_day::business_day(tz, ctx.clock.now())
+        }
+    };
+    Ok(Json(ctx.db.read(move |c| appointments::of_day(c, day)).await?))
 }
 
 async fn get_visit(

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+pub mod appointments;
 pub mod auth;
 pub mod branch_api;
 pub mod error;

@@ -411,11 +411,11 @@ async fn apply_command(
     let site = identity.site.clone();
     let kind = kind.to_owned();
     let now = ctx.clock.now();
-    let (applied, error) = ctx
+    let (applied, appointment, error) = ctx
         .db
         .write(move |conn| {
             if seq <= queries::last_applied_command(conn)? {
-                return Ok((None, None));
+                return Ok((None, false, None));
             }
             let outcome = match decoded {
                 Ok(ControllerCommand::ApplyConfig(snap)) if snap.site.code.as_str() != site => Err(
@@ -423,18 +423,24 @@ async fn apply_command(
                 ),
                 Ok(ControllerCommand::ApplyConfig(snap)) => {
                     let applied = queries::apply_config(conn, &snap, now)?;
-                    Ok(applied.then_some(*snap))
+                    Ok((applied.then_some(*snap), false))
+                }
+                Ok(ControllerCommand::UpsertAppointment(a)) if a.site.as_str() != site => {
+                    Err(format!("appointment of site {} sent to an agent of {site}", a.site))
+                }
+                Ok(ControllerCommand::UpsertAppointment(a)) => {
+                    Ok((None, crate::appointments::apply(conn, &a, now)?))
                 }
                 Err(e) => Err(e.to_string()),
             };
             match outcome {
-                Ok(applied) => {
+                Ok((applied, appointment)) => {
                     queries::record_command(conn, seq, &kind, None, now)?;
-                    Ok((applied, None))
+                    Ok((applied, appointment, None))
                 }
                 Err(e) => {
                     queries::record_command(conn, seq, &kind, Some(&e), now)?;
-                    Ok((None, Some(e)))
+                    Ok((None, false, Some(e)))
                 }
             }
         })
@@ -443,6 +449,8 @@ async fn apply_command(
         tracing::info!(revision = snap.revision, "applied configuration");
         ctx.config.send_replace(Some(Arc::new(snap)));
         ctx.changed();
+    } else if appointment {
+        tracing::debug!(seq, "stored an appointment change");
     }
     if let Some(e) = &error {
         tracing::warn!(seq, error = %e, "rejected a command from the controller");

@@ -97,6 +97,13 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     (
         "get",
+        "/api/v1/appointments",
+        "Appointments of one site-local day (?date=YYYY-MM-DD, default today), by start, cancelled ones with their status; read-only, as synced from the controller",
+        None,
+        200,
+    ),
+    (
+        "get",
         "/api/v1/events",
         "Live event feed (server-sent events); resume with Last-Event-ID or ?after=",
         None,

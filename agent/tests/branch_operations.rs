@@ -1014,3 +1014,57 @@ async fn the_workstation_shows_staff_the_current_customers_name_and_the_display_
     let board = String::from_utf8(board.to_vec()).expect("html");
     assert!(board.contains("B001") && !board.contains("Ada"), "{board}");
 }
+
+#[tokio::test]
+async fn the_branch_lists_a_days_synced_appointments_and_refuses_a_bad_date() {
+    use meridian_shared::appointments::AppointmentSnapshot;
+    let (ctx, r) = branch().await;
+    let tz: chrono_tz::Tz = "America/Los_Angeles".parse().expect("zone");
+    let today = meridian_shared::business_day::business_day(tz, ctx.clock.now());
+    let tomorrow = today.succ_opt().expect("tomorrow");
+    let snapshot = |day: chrono::NaiveDate, hour: u32, name: &str, revision: u64| {
+        serde_json::from_value::<AppointmentSnapshot>(json!({
+            "id": uuid::Uuid::now_v7().to_string(), "site": "SFO", "service": "ACC",
+            "queue": "accounts", "start": format!("{day}T{hour:02}:00"),
+            "starts_at": format!("{day}T{:02}:00:00Z", hour + 8), "local_day": day.to_string(),
+            "duration_minutes": 15, "customer_name": name, "status": "booked",
+            "revision": revision, "updated_at": "2026-03-09T15:00:00Z"}))
+        .expect("snapshot")
+    };
+    // Applied the way the link applies an APPOINTMENT_UPSERT; later first, to check the order.
+    let snaps = [
+        snapshot(today, 15, "Bo", 2),
+        snapshot(today, 9, "Ann", 1),
+        snapshot(tomorrow, 9, "Cy", 1),
+    ];
+    let now = ctx.clock.now();
+    ctx.db
+        .write(move |c| {
+            for s in &snaps {
+                assert!(meridian_agent::appointments::apply(c, s, now)?);
+            }
+            Ok(())
+        })
+        .await
+        .expect("apply");
+
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("list")
+            .iter()
+            .map(|a| a["customer_name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    let listed = ok(&r, Method::GET, "/api/v1/appointments", None).await;
+    assert_eq!(names(&listed), ["Ann", "Bo"], "today's, by start");
+    assert_eq!(listed[0]["queue"], "accounts");
+    assert_eq!(listed[1]["revision"], 2);
+    let other = ok(&r, Method::GET, &format!("/api/v1/appointments?date={tomorrow}"), None).await;
+    assert_eq!(names(&other), ["Cy"]);
+
+    let (status, err) = call(&r, Method::GET, "/api/v1/appointments?date=31.12.2026", None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["details"][0]["field"], "date");
+    let (status, _) = call_as(&r, None, Method::GET, "/api/v1/appointments", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the connector API needs a key");
+}

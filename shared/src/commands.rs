@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::appointments::AppointmentSnapshot;
 use crate::config::SiteConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -10,9 +11,14 @@ pub enum ControllerCommand {
     /// Replace the site configuration with this snapshot (skipped when the agent already has
     /// this or a newer revision).
     ApplyConfig(Box<SiteConfig>),
+    /// An appointment of the site's current business day was booked, rescheduled (to or from
+    /// today) or cancelled: its whole current state (kept only if its revision is newer than
+    /// the agent's copy).
+    UpsertAppointment(Box<AppointmentSnapshot>),
 }
 
 pub const APPLY_CONFIG: &str = "APPLY_CONFIG";
+pub const APPOINTMENT_UPSERT: &str = "APPOINTMENT_UPSERT";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandDecodeError {
@@ -26,12 +32,14 @@ impl ControllerCommand {
     pub fn kind(&self) -> &'static str {
         match self {
             ControllerCommand::ApplyConfig(_) => APPLY_CONFIG,
+            ControllerCommand::UpsertAppointment(_) => APPOINTMENT_UPSERT,
         }
     }
 
     pub fn payload(&self) -> Vec<u8> {
         match self {
             ControllerCommand::ApplyConfig(c) => serde_json::to_vec(c).unwrap_or_default(),
+            ControllerCommand::UpsertAppointment(a) => serde_json::to_vec(a).unwrap_or_default(),
         }
     }
 
@@ -44,7 +52,75 @@ impl ControllerCommand {
             APPLY_CONFIG => {
                 Ok(ControllerCommand::ApplyConfig(serde_json::from_slice(payload).map_err(bad)?))
             }
+            APPOINTMENT_UPSERT => Ok(ControllerCommand::UpsertAppointment(
+                serde_json::from_slice(payload).map_err(bad)?,
+            )),
             other => Err(CommandDecodeError::UnknownKind(other.chars().take(80).collect())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveDate, TimeZone, Utc};
+
+    use super::*;
+    use crate::appointments::AppointmentStatus;
+    use crate::{AppointmentId, Code, SiteCode};
+
+    fn snapshot() -> AppointmentSnapshot {
+        AppointmentSnapshot {
+            id: AppointmentId::new(),
+            site: SiteCode::parse("SFO").expect("site"),
+            service: Code::parse("ACC").expect("service"),
+            queue: Some(Code::parse("accounts").expect("queue")),
+            start: "2026-03-09T09:15".into(),
+            starts_at: Utc.with_ymd_and_hms(2026, 3, 9, 16, 15, 0).unwrap(),
+            local_day: NaiveDate::from_ymd_opt(2026, 3, 9).unwrap(),
+            duration_minutes: 15,
+            customer_name: "Ann".into(),
+            customer_contact: Some("+1 555 0100".into()),
+            notes: None,
+            external_ref: Some("CRM-1".into()),
+            status: AppointmentStatus::Booked,
+            revision: 3,
+            updated_at: Utc.with_ymd_and_hms(2026, 3, 9, 15, 0, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_appointment_upsert_round_trips() {
+        let cmd = ControllerCommand::UpsertAppointment(Box::new(snapshot()));
+        assert_eq!(cmd.kind(), APPOINTMENT_UPSERT);
+        assert_eq!(ControllerCommand::decode(cmd.kind(), &cmd.payload()), Ok(cmd));
+    }
+
+    #[test]
+    fn bad_payloads_and_kinds_are_typed_errors() {
+        let mut wrong_status = serde_json::to_value(snapshot()).expect("json");
+        wrong_status["status"] = "misplaced".into();
+        let mut no_revision = serde_json::to_value(snapshot()).expect("json");
+        no_revision.as_object_mut().expect("object").remove("revision");
+        let mut bad_site = serde_json::to_value(snapshot()).expect("json");
+        bad_site["site"] = "not a site code".into();
+        for payload in [
+            b"".to_vec(),
+            b"{".to_vec(),
+            b"[]".to_vec(),
+            wrong_status.to_string().into_bytes(),
+            no_revision.to_string().into_bytes(),
+            bad_site.to_string().into_bytes(),
+        ] {
+            match ControllerCommand::decode(APPOINTMENT_UPSERT, &payload) {
+                Err(CommandDecodeError::Payload { kind, .. }) => {
+                    assert_eq!(kind, APPOINTMENT_UPSERT)
+                }
+                other => panic!("{:?} decoded as {other:?}", String::from_utf8_lossy(&payload)),
+            }
+        }
+        assert_eq!(
+            ControllerCommand::decode("APPOINTMENT_DELETE", b"{}"),
+            Err(CommandDecodeError::UnknownKind("APPOINTMENT_DELETE".into()))
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! Domain types shared by the controller and the agent: ids, the configuration model and its
-//! validation, customer fields of a visit, agent events, controller commands, business-day arithmetic and the reconnect
+//! validation, customer fields of a visit, appointments as synced to agents, agent events, controller commands, business-day arithmetic and the reconnect
 //! backoff policy. Nothing here does I/O.
 #![forbid(unsafe_code)]
 
+pub mod appointments;
 pub mod backoff;
 pub mod business_day;
 pub mod clock;

@@ -32,6 +32,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../../../migrations/agent/0004_webhooks.sql")),
     (5, include_str!("../../../migrations/agent/0005_waiting_order_index.sql")),
     (6, include_str!("../../../migrations/agent/0006_customer_fields.sql")),
+    (7, include_str!("../../../migrations/agent/0007_appointments.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;

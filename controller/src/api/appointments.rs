@@ -1,7 +1,8 @@
 //! `/api/v1/appointments`: central booking over HTTP (`crate::appointments` does the work).
 //! Admin tokens book, reschedule and cancel; viewer tokens read (the router's authentication
 //! refuses their writes). Times in bodies are wall-clock `YYYY-MM-DDTHH:MM` in the site's
-//! zone; answers carry both that and the UTC instant.
+//! zone; answers carry both that and the UTC instant. A change the store sent to the site's
+//! agents (one of today's appointments) wakes the gateway sessions at once.
 
 use std::sync::Arc;
 
@@ -16,16 +17,28 @@ use serde::de::DeserializeOwned;
 use super::error::{ApiError, ApiResult};
 use super::{ApiJson, query_error};
 use crate::appointments::{
-    self, BookRequest, CancelRequest, DaySlots, ListQuery, RescheduleRequest, SlotsQuery,
+    self, BookRequest, CancelRequest, Changed, DaySlots, ListQuery, RescheduleRequest, SlotsQuery,
 };
 use crate::store::Store;
 use crate::store::appointments::Appointment;
 
-/// What the appointment handlers need: the store and the clock bookings are checked against.
+/// What the appointment handlers need: the store, the clock bookings are checked against and
+/// the gateway sessions' wake-up signal.
 #[derive(Clone)]
 pub struct AppointmentsState {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
+    pub commands_changed: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl AppointmentsState {
+    /// Wakes the sessions when the change was sent to agents; returns the appointment.
+    fn changed(&self, c: Changed) -> Appointment {
+        if c.sent_live {
+            self.commands_changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        c.appointment
+    }
 }
 
 /// The routes, to be nested under `/api/v1` behind authentication.
@@ -45,7 +58,7 @@ async fn book(
     State(s): State<AppointmentsState>,
     ApiJson(req): ApiJson<BookRequest>,
 ) -> ApiResult<(StatusCode, Json<Appointment>)> {
-    let booked = appointments::book(s.store.as_ref(), s.clock.as_ref(), req).await?;
+    let booked = s.changed(appointments::book(s.store.as_ref(), s.clock.as_ref(), req).await?);
     tracing::info!(appointment = %booked.id, site = %booked.site, service = %booked.service, start = %booked.start, "appointment booked");
     Ok((StatusCode::CREATED, Json(booked)))
 }
@@ -78,7 +91,8 @@ async fn reschedule(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RescheduleRequest>,
 ) -> ApiResult<Json<Appointment>> {
-    let moved = appointments::reschedule(s.store.as_ref(), s.clock.as_ref(), &id, req).await?;
+    let moved =
+        s.changed(appointments::reschedule(s.store.as_ref(), s.clock.as_ref(), &id, req).await?);
     tracing::info!(appointment = %moved.id, start = %moved.start, "appointment rescheduled");
     Ok(Json(moved))
 }
@@ -90,7 +104,8 @@ async fn cancel(
     body: Bytes,
 ) -> ApiResult<Json<Appointment>> {
     let req: CancelRequest = optional_body(&body)?;
-    let cancelled = appointments::cancel(s.store.as_ref(), s.clock.as_ref(), &id, req).await?;
+    let cancelled =
+        s.changed(appointments::cancel(s.store.as_ref(), s.clock.as_ref(), &id, req).await?);
     tracing::info!(appointment = %cancelled.id, "appointment cancelled");
     Ok(Json(cancelled))
 }

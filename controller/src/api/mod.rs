@@ -56,7 +56,11 @@ pub fn router_with_clock(
     max_body_bytes: usize,
     clock: Arc<dyn meridian_shared::clock::Clock>,
 ) -> Router {
-    let booking = appointments::AppointmentsState { store: state.store.clone(), clock };
+    let booking = appointments::AppointmentsState {
+        store: state.store.clone(),
+        clock,
+        commands_changed: state.commands_changed.clone(),
+    };
     let api = Router::new()
         .route("/sites", get(list_sites).post(create_site))
         .route("/sites/{site}", get(get_site).put(put_site).delete(delete_site))

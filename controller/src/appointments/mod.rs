@@ -9,6 +9,13 @@
 //! not allow it (slot full, stale revision, already cancelled, external reference taken) is an
 //! `Error::Appointment` (HTTP 409); an unknown appointment is `Error::NotFound`. Nothing is
 //! written unless every check passed.
+//!
+//! **Same-day live sync:** each change names the site's current business day by the injected
+//! clock (`LiveSync`), and the store sends a change that touches that day to the site's agents
+//! in the change's own transaction (`Changed::sent_live` tells the caller to wake the gateway
+//! sessions). Appointments of later days are left to the nightly bulk sync (a later step). A
+//! change committed in the instant the site's day rolls over may be judged against the day
+//! before; the nightly sync covers the new day either way.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use meridian_shared::clock::Clock;
@@ -21,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{AppointmentRefusal, Error, Result};
 use crate::store::Store;
 use crate::store::appointments::{
-    Appointment, AppointmentFilter, AppointmentStatus, LOCAL_START_FORMAT, NewAppointment,
-    Placement, seats_taken,
+    Appointment, AppointmentFilter, AppointmentStatus, LOCAL_START_FORMAT, LiveSync,
+    NewAppointment, Placement, seats_taken,
 };
 
 pub mod slots;
@@ -120,8 +127,23 @@ pub struct SlotView {
     pub bookable: bool,
 }
 
+/// An appointment after a change, and whether the change went to the site's agents (the
+/// caller then wakes the gateway sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    pub appointment: Appointment,
+    pub sent_live: bool,
+}
+
+impl Changed {
+    fn new(appointment: Appointment, live: Option<&LiveSync>, before: Option<NaiveDate>) -> Self {
+        let sent_live = live.is_some_and(|l| l.concerns(before, appointment.local_day));
+        Changed { appointment, sent_live }
+    }
+}
+
 /// Books an appointment.
-pub async fn book(store: &dyn Store, clock: &dyn Clock, req: BookRequest) -> Result<Appointment> {
+pub async fn book(store: &dyn Store, clock: &dyn Clock, req: BookRequest) -> Result<Changed> {
     let set = config(store).await?;
     let now = clock.now();
     let mut errs = ValidationErrors::default();
@@ -156,6 +178,7 @@ pub async fn book(store: &dyn Store, clock: &dyn Clock, req: BookRequest) -> Res
     else {
         return Err(Error::Internal("booking validated without a placement".into()));
     };
+    let live = target.live(now);
     let new = NewAppointment {
         id: AppointmentId::new(),
         site: target.site.code.clone(),
@@ -167,7 +190,8 @@ pub async fn book(store: &dyn Store, clock: &dyn Clock, req: BookRequest) -> Res
         external_ref,
         at: now,
     };
-    store.book_appointment(&new).await
+    let booked = store.book_appointment(&new, Some(&live)).await?;
+    Ok(Changed::new(booked, Some(&live), None))
 }
 
 /// Moves an appointment to another slot of its service.
@@ -176,7 +200,7 @@ pub async fn reschedule(
     clock: &dyn Clock,
     id: &str,
     req: RescheduleRequest,
-) -> Result<Appointment> {
+) -> Result<Changed> {
     let current = get(store, id).await?;
     if current.status == AppointmentStatus::Cancelled {
         return Err(AppointmentRefusal::AlreadyCancelled.into());
@@ -191,10 +215,15 @@ pub async fn reschedule(
         _ => None,
     };
     errs.into_result()?;
-    let Some(placement) = placement else {
+    let (Some(target), Some(placement)) = (target, placement) else {
         return Err(Error::Internal("reschedule validated without a placement".into()));
     };
-    store.reschedule_appointment(current.id, req.expected_revision, &placement, now).await
+    let live = target.live(now);
+    let moved = store
+        .reschedule_appointment(current.id, req.expected_revision, &placement, now, Some(&live))
+        .await?;
+    // Only the wake-up hint depends on `before`; the store judges the day under its lock.
+    Ok(Changed::new(moved, Some(&live), Some(current.local_day)))
 }
 
 /// Cancels an appointment; its seat is free at once.
@@ -203,12 +232,40 @@ pub async fn cancel(
     clock: &dyn Clock,
     id: &str,
     req: CancelRequest,
-) -> Result<Appointment> {
-    let id = parse_id(id)?;
+) -> Result<Changed> {
     let mut errs = ValidationErrors::default();
     let reason = text(req.reason.as_deref(), "reason", MAX_NOTES, true, &mut errs);
     errs.into_result()?;
-    store.cancel_appointment(id, req.expected_revision, reason.as_deref(), clock.now()).await
+    let current = get(store, id).await?;
+    let now = clock.now();
+    let live = live_for(&config(store).await?, &current, now);
+    let cancelled = store
+        .cancel_appointment(
+            current.id,
+            req.expected_revision,
+            reason.as_deref(),
+            now,
+            live.as_ref(),
+        )
+        .await?;
+    Ok(Changed::new(cancelled, live.as_ref(), None))
+}
+
+/// The live sync of a change to `a` at `now`, from the current configuration: `None` when its
+/// site is no longer configured (its agent has nothing to show it in).
+fn live_for(set: &ConfigSet, a: &Appointment, now: DateTime<Utc>) -> Option<LiveSync> {
+    let site = set.site(&a.site)?;
+    let tz = site.tz().ok()?;
+    let key = ResourceKey {
+        kind: ResourceKind::Service,
+        site: Some(a.site.clone()),
+        code: a.service.to_string(),
+    };
+    let queue = match set.get(&key) {
+        Some(Resource::Service(svc)) => Some(svc.queue.clone()),
+        _ => None,
+    };
+    Some(LiveSync { today: meridian_shared::business_day::business_day(tz, now), queue })
 }
 
 /// One appointment; `NotFound` for an unknown or malformed id.
@@ -304,7 +361,18 @@ struct Target {
     site: Site,
     tz: chrono_tz::Tz,
     service: Code,
+    queue: Code,
     policy: AppointmentPolicy,
+}
+
+impl Target {
+    /// The live sync of a change to this service's appointments at `now`.
+    fn live(&self, now: DateTime<Utc>) -> LiveSync {
+        LiveSync {
+            today: meridian_shared::business_day::business_day(self.tz, now),
+            queue: Some(self.queue.clone()),
+        }
+    }
 }
 
 async fn config(store: &dyn Store) -> Result<ConfigSet> {
@@ -366,7 +434,7 @@ fn service_of(
             return None;
         }
     };
-    Some(Target { site, tz, service: code, policy })
+    Some(Target { site, tz, service: code, queue: svc.queue.clone(), policy })
 }
 
 /// The placement of a wall-clock start, checked against the slots and the clock.

@@ -9,10 +9,17 @@
 //!   `Backend::BOOKING_LOCK`; SQLite: `BEGIN IMMEDIATE`, one writer at a time);
 //! - every change bumps `revision` by one; a reschedule or cancel that names a revision other
 //!   than the stored one changes nothing;
-//! - an external reference names at most one appointment per site (unique index).
+//! - an external reference names at most one appointment per site (unique index);
+//! - a change to an appointment of the site's current business day (`LiveSync::today`; for a
+//!   reschedule the day it leaves or the day it moves to) appends one `APPOINTMENT_UPSERT`
+//!   command with the appointment's new state to the log of every active agent of the site in
+//!   the same transaction, so the branch gets every such change exactly once and in order.
+//!   Changes to later days append nothing: the nightly bulk sync (a later step) carries them.
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use meridian_shared::appointments::AppointmentSnapshot;
+use meridian_shared::commands::ControllerCommand;
 use meridian_shared::{AppointmentId, Code, SiteCode};
 use serde::{Deserialize, Serialize};
 
@@ -21,30 +28,7 @@ use crate::error::{Error, Result};
 /// The wall-clock format of an appointment's local start: `YYYY-MM-DDTHH:MM`.
 pub const LOCAL_START_FORMAT: &str = "%Y-%m-%dT%H:%M";
 
-/// Where an appointment is in its life. Every status but `Cancelled` holds its seat (later
-/// steps of the appointment flow add arrived, called, completed, no-show).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AppointmentStatus {
-    Booked,
-    Cancelled,
-}
-
-impl AppointmentStatus {
-    pub const ALL: [AppointmentStatus; 2] =
-        [AppointmentStatus::Booked, AppointmentStatus::Cancelled];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AppointmentStatus::Booked => "booked",
-            AppointmentStatus::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-}
+pub use meridian_shared::appointments::AppointmentStatus;
 
 /// An appointment as stored and as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +53,44 @@ pub struct Appointment {
     pub revision: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// What the store needs to send a change live to the site's agents: the site's current
+/// business day (by the injected clock, in the site's time zone) and the queue of the
+/// appointment's service (`None` if the service is no longer configured).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSync {
+    pub today: NaiveDate,
+    pub queue: Option<Code>,
+}
+
+impl LiveSync {
+    /// Whether a change that leaves `before` (a reschedule's old day) and lands on `after`
+    /// goes to the agents now.
+    pub fn concerns(&self, before: Option<NaiveDate>, after: NaiveDate) -> bool {
+        after == self.today || before == Some(self.today)
+    }
+
+    /// The command carrying `a`'s current state.
+    pub fn command(&self, a: &Appointment) -> ControllerCommand {
+        ControllerCommand::UpsertAppointment(Box::new(AppointmentSnapshot {
+            id: a.id,
+            site: a.site.clone(),
+            service: a.service.clone(),
+            queue: self.queue.clone(),
+            start: a.start.clone(),
+            starts_at: a.starts_at,
+            local_day: a.local_day,
+            duration_minutes: a.duration_minutes,
+            customer_name: a.customer_name.clone(),
+            customer_contact: a.customer_contact.clone(),
+            notes: a.notes.clone(),
+            external_ref: a.external_ref.clone(),
+            status: a.status,
+            revision: a.revision,
+            updated_at: a.updated_at,
+        }))
+    }
 }
 
 /// A validated slot an appointment is placed in, with the capacity it was checked against.
@@ -138,24 +160,34 @@ pub fn seats_taken(held: &[HeldSeats], start: DateTime<Utc>, end: DateTime<Utc>)
 pub trait AppointmentStore: Send + Sync {
     /// Books `new` if its slot still has a seat (`AppointmentRefusal::SlotFull`) and its
     /// external reference is free (`ExternalRefTaken`), in one transaction serialised per site.
-    async fn book_appointment(&self, new: &NewAppointment) -> Result<Appointment>;
+    /// With `live`, a booking for today is sent to the site's agents in the same transaction.
+    async fn book_appointment(
+        &self,
+        new: &NewAppointment,
+        live: Option<&LiveSync>,
+    ) -> Result<Appointment>;
     /// Moves an appointment to `placement` if it is at `expected_revision` (`StaleRevision`),
     /// not cancelled (`AlreadyCancelled`) and the new slot has a seat besides its own
-    /// (`SlotFull`). `Error::NotFound` for an unknown id.
+    /// (`SlotFull`). `Error::NotFound` for an unknown id. With `live`, a move from or to
+    /// today is sent to the site's agents in the same transaction.
     async fn reschedule_appointment(
         &self,
         id: AppointmentId,
         expected_revision: u64,
         placement: &Placement,
         at: DateTime<Utc>,
+        live: Option<&LiveSync>,
     ) -> Result<Appointment>;
-    /// Cancels an appointment (at `expected_revision` when given), keeping `reason`.
+    /// Cancels an appointment (at `expected_revision` when given), keeping `reason`. With
+    /// `live`, cancelling one of today's appointments is sent to the site's agents in the same
+    /// transaction.
     async fn cancel_appointment(
         &self,
         id: AppointmentId,
         expected_revision: Option<u64>,
         reason: Option<&str>,
         at: DateTime<Utc>,
+        live: Option<&LiveSync>,
     ) -> Result<Appointment>;
     async fn appointment(&self, id: AppointmentId) -> Result<Option<Appointment>>;
     /// By start, then id; at most `filter.limit`.
@@ -323,6 +355,32 @@ macro_rules! impl_appointment_store {
                 Self::reread_appointment(tx, id).await
             }
 
+            /// Appends `a`'s new state to the command log of every active agent of its site
+            /// when the change concerns today (`before`: the day a reschedule leaves).
+            async fn send_live(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                live: Option<&$crate::store::appointments::LiveSync>,
+                before: Option<chrono::NaiveDate>,
+                a: &$crate::store::appointments::Appointment,
+            ) -> $crate::error::Result<()> {
+                let Some(live) = live.filter(|l| l.concerns(before, a.local_day)) else {
+                    return Ok(());
+                };
+                let command = live.command(a);
+                let payload = command.payload();
+                let agents: Vec<(String,)> = sqlx::query_as(
+                    "SELECT id FROM agents WHERE site = $1 AND revoked_at IS NULL ORDER BY id",
+                )
+                .bind(a.site.as_str())
+                .fetch_all(&mut **tx)
+                .await?;
+                for (agent_id,) in agents {
+                    Self::enqueue_command(tx, &agent_id, command.kind(), &payload, a.updated_at)
+                        .await?;
+                }
+                Ok(())
+            }
+
             async fn reread_appointment(
                 tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
                 id: &str,
@@ -343,6 +401,7 @@ macro_rules! impl_appointment_store {
             async fn book_appointment(
                 &self,
                 new: &$crate::store::appointments::NewAppointment,
+                live: Option<&$crate::store::appointments::LiveSync>,
             ) -> $crate::error::Result<$crate::store::appointments::Appointment> {
                 use $crate::store::sql_common::Backend;
                 use $crate::store::appointments::LOCAL_START_FORMAT;
@@ -391,6 +450,7 @@ macro_rules! impl_appointment_store {
                 .execute(&mut *tx)
                 .await?;
                 let booked = Self::reread_appointment(&mut tx, &id).await?;
+                Self::send_live(&mut tx, live, None, &booked).await?;
                 tx.commit().await?;
                 Ok(booked)
             }
@@ -401,6 +461,7 @@ macro_rules! impl_appointment_store {
                 expected_revision: u64,
                 placement: &$crate::store::appointments::Placement,
                 at: chrono::DateTime<chrono::Utc>,
+                live: Option<&$crate::store::appointments::LiveSync>,
             ) -> $crate::error::Result<$crate::store::appointments::Appointment> {
                 use $crate::error::AppointmentRefusal;
                 use $crate::store::appointments::{AppointmentStatus, LOCAL_START_FORMAT};
@@ -438,6 +499,7 @@ macro_rules! impl_appointment_store {
                 .execute(&mut *tx)
                 .await?;
                 let moved = Self::reread_appointment(&mut tx, &id).await?;
+                Self::send_live(&mut tx, live, Some(current.local_day), &moved).await?;
                 tx.commit().await?;
                 Ok(moved)
             }
@@ -448,6 +510,7 @@ macro_rules! impl_appointment_store {
                 expected_revision: Option<u64>,
                 reason: Option<&str>,
                 at: chrono::DateTime<chrono::Utc>,
+                live: Option<&$crate::store::appointments::LiveSync>,
             ) -> $crate::error::Result<$crate::store::appointments::Appointment> {
                 use $crate::error::AppointmentRefusal;
                 use $crate::store::appointments::AppointmentStatus;
@@ -476,6 +539,7 @@ macro_rules! impl_appointment_store {
                 .execute(&mut *tx)
                 .await?;
                 let cancelled = Self::reread_appointment(&mut tx, &id).await?;
+                Self::send_live(&mut tx, live, None, &cancelled).await?;
                 tx.commit().await?;
                 Ok(cancelled)
             }
@@ -562,13 +626,5 @@ mod tests {
         check(at(10, 0), 15, 0);
         check(at(8, 45), 15, 0);
         check(at(9, 0), 60, 3);
-    }
-
-    #[test]
-    fn statuses_round_trip() {
-        for s in AppointmentStatus::ALL {
-            assert_eq!(AppointmentStatus::parse(s.as_str()), Some(s));
-        }
-        assert_eq!(AppointmentStatus::parse("lost"), None);
     }
 }

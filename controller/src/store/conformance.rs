@@ -567,19 +567,20 @@ pub async fn appointments_keep_capacity_and_revisions(store: &dyn Store) {
         Err(Error::Appointment(refusal)) => refusal,
         other => panic!("expected a refusal, got {other:?}"),
     };
-    let a = store.book_appointment(&new("Ann", place(9, 0), Some("CRM-1"))).await.expect("book");
+    let a =
+        store.book_appointment(&new("Ann", place(9, 0), Some("CRM-1")), None).await.expect("book");
     assert_eq!(
         (a.revision, a.status, a.start.as_str()),
         (1, AppointmentStatus::Booked, "2026-11-03T09:00")
     );
     assert_eq!(store.appointment(a.id).await.expect("get"), Some(a.clone()));
-    let b = store.book_appointment(&new("Bo", place(9, 0), None)).await.expect("book");
+    let b = store.book_appointment(&new("Bo", place(9, 0), None), None).await.expect("book");
     assert_eq!(
-        refusal(store.book_appointment(&new("Cy", place(9, 0), None)).await),
+        refusal(store.book_appointment(&new("Cy", place(9, 0), None), None).await),
         AppointmentRefusal::SlotFull { capacity: 2 }
     );
     assert_eq!(
-        refusal(store.book_appointment(&new("Cy", place(9, 15), Some("CRM-1"))).await),
+        refusal(store.book_appointment(&new("Cy", place(9, 15), Some("CRM-1")), None).await),
         AppointmentRefusal::ExternalRefTaken("CRM-1".into())
     );
     let held = store.held_seats(&sfo, &acc, day).await.expect("held");
@@ -587,37 +588,39 @@ pub async fn appointments_keep_capacity_and_revisions(store: &dyn Store) {
 
     // Reschedule: stale revision refused; into its own full slot fine; revision bumped.
     assert_eq!(
-        refusal(store.reschedule_appointment(a.id, 7, &place(9, 15), t0()).await),
+        refusal(store.reschedule_appointment(a.id, 7, &place(9, 15), t0(), None).await),
         AppointmentRefusal::StaleRevision { expected: 7, current: 1 }
     );
-    let same = store.reschedule_appointment(b.id, 1, &place(9, 0), t0()).await.expect("same");
+    let same = store.reschedule_appointment(b.id, 1, &place(9, 0), t0(), None).await.expect("same");
     assert_eq!(same.revision, 2);
-    let moved = store.reschedule_appointment(a.id, 1, &place(9, 15), t0()).await.expect("move");
+    let moved =
+        store.reschedule_appointment(a.id, 1, &place(9, 15), t0(), None).await.expect("move");
     assert_eq!((moved.revision, moved.start.as_str()), (2, "2026-11-03T09:15"));
-    let c = store.book_appointment(&new("Cy", place(9, 15), None)).await.expect("book");
+    let c = store.book_appointment(&new("Cy", place(9, 15), None), None).await.expect("book");
     assert_eq!(
-        refusal(store.reschedule_appointment(b.id, 2, &place(9, 15), t0()).await),
+        refusal(store.reschedule_appointment(b.id, 2, &place(9, 15), t0(), None).await),
         AppointmentRefusal::SlotFull { capacity: 2 }
     );
-    let unknown = store.reschedule_appointment(AppointmentId::new(), 1, &place(9, 0), t0()).await;
+    let unknown =
+        store.reschedule_appointment(AppointmentId::new(), 1, &place(9, 0), t0(), None).await;
     assert!(matches!(unknown, Err(Error::NotFound(_))), "{unknown:?}");
 
     // Cancel: frees the seat; cannot happen twice.
     let cancelled =
-        store.cancel_appointment(c.id, Some(1), Some("ill"), t0()).await.expect("cancel");
+        store.cancel_appointment(c.id, Some(1), Some("ill"), t0(), None).await.expect("cancel");
     assert_eq!(
         (cancelled.status, cancelled.revision, cancelled.cancel_reason.as_deref()),
         (AppointmentStatus::Cancelled, 2, Some("ill"))
     );
     assert_eq!(
-        refusal(store.cancel_appointment(c.id, None, None, t0()).await),
+        refusal(store.cancel_appointment(c.id, None, None, t0(), None).await),
         AppointmentRefusal::AlreadyCancelled
     );
     assert_eq!(
-        refusal(store.reschedule_appointment(c.id, 2, &place(9, 30), t0()).await),
+        refusal(store.reschedule_appointment(c.id, 2, &place(9, 30), t0(), None).await),
         AppointmentRefusal::AlreadyCancelled
     );
-    store.reschedule_appointment(b.id, 2, &place(9, 15), t0()).await.expect("seat freed");
+    store.reschedule_appointment(b.id, 2, &place(9, 15), t0(), None).await.expect("seat freed");
 
     let list = |from: Option<chrono::NaiveDate>, status: Option<AppointmentStatus>| {
         let filter = AppointmentFilter {
@@ -645,6 +648,87 @@ pub async fn appointments_keep_capacity_and_revisions(store: &dyn Store) {
     assert!(list(day.succ_opt(), None).await.is_empty());
 }
 
+/// Same-day live sync: a change to an appointment of the site's current day appends one
+/// `APPOINTMENT_UPSERT` with its new state to every active agent of the site, in order; a
+/// change that touches only later days or a refused change appends nothing.
+pub async fn appointments_of_today_go_live_to_the_sites_agents(store: &dyn Store) {
+    use super::appointments::{AppointmentStatus, LiveSync, NewAppointment, Placement};
+    use meridian_shared::commands::{APPOINTMENT_UPSERT, ControllerCommand};
+    use meridian_shared::{AppointmentId, Code};
+    store.commit_config(commit(0, vec![site("SFO"), site("CHI")], &[])).await.expect("config");
+    let sfo = enroll_agent(store, "SFO", "s").await;
+    let chi = enroll_agent(store, "CHI", "c").await;
+    let first = store.agent(sfo.id).await.expect("get").expect("agent").command_seq;
+    let today = chrono::NaiveDate::from_ymd_opt(2026, 11, 2).expect("day");
+    let live = LiveSync { today, queue: Some(Code::parse("accounts").expect("queue")) };
+    let place = |day: chrono::NaiveDate, hour: u32| Placement {
+        starts_at: Utc.from_utc_datetime(&day.and_hms_opt(hour, 0, 0).expect("time")),
+        local_start: day.and_hms_opt(hour, 0, 0).expect("local"),
+        duration_minutes: 15,
+        capacity: 1,
+    };
+    let new = |placement: Placement| NewAppointment {
+        id: AppointmentId::new(),
+        site: SiteCode::parse("SFO").expect("site"),
+        service: Code::parse("ACC").expect("service"),
+        placement,
+        customer_name: "Ann".into(),
+        customer_contact: Some("ann@example.com".into()),
+        notes: None,
+        external_ref: None,
+        at: t0(),
+    };
+    let tomorrow = today.succ_opt().expect("tomorrow");
+    let sfo_id = sfo.id;
+    let sent = || async move {
+        store
+            .commands_after(sfo_id, first, 100)
+            .await
+            .expect("commands")
+            .into_iter()
+            .map(|c| match ControllerCommand::decode(&c.kind, &c.payload) {
+                Ok(ControllerCommand::UpsertAppointment(a)) => {
+                    (c.seq, a.id, a.local_day, a.status, a.revision, a.queue)
+                }
+                other => panic!("unexpected command {other:?}"),
+            })
+            .collect::<Vec<_>>()
+    };
+
+    let later = store.book_appointment(&new(place(tomorrow, 10)), Some(&live)).await.expect("b");
+    assert!(sent().await.is_empty(), "a booking for tomorrow waits for the nightly sync");
+    let a = store.book_appointment(&new(place(today, 10)), Some(&live)).await.expect("book");
+    let full = store.book_appointment(&new(place(today, 10)), Some(&live)).await;
+    assert!(full.is_err(), "the slot holds one");
+    let moved = store
+        .reschedule_appointment(a.id, 1, &place(tomorrow, 11), t0(), Some(&live))
+        .await
+        .expect("move away from today");
+    let back = store
+        .reschedule_appointment(later.id, 1, &place(today, 12), t0(), Some(&live))
+        .await
+        .expect("move to today");
+    store
+        .reschedule_appointment(moved.id, 2, &place(tomorrow, 12), t0(), Some(&live))
+        .await
+        .expect("move within tomorrow");
+    store.cancel_appointment(back.id, Some(2), None, t0(), Some(&live)).await.expect("cancel");
+    let q = live.queue.clone();
+    assert_eq!(
+        sent().await,
+        [
+            (first + 1, a.id, today, AppointmentStatus::Booked, 1, q.clone()),
+            (first + 2, a.id, tomorrow, AppointmentStatus::Booked, 2, q.clone()),
+            (first + 3, later.id, today, AppointmentStatus::Booked, 2, q.clone()),
+            (first + 4, later.id, today, AppointmentStatus::Cancelled, 3, q),
+        ]
+    );
+    let cmds = store.commands_after(sfo_id, first, 100).await.expect("commands");
+    assert!(cmds.iter().all(|c| c.kind == APPOINTMENT_UPSERT));
+    let chi_now = store.agent(chi.id).await.expect("get").expect("agent");
+    assert_eq!(chi_now.command_seq, chi.command_seq, "another site's agent gets nothing");
+}
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -660,6 +744,7 @@ macro_rules! store_conformance_suite {
             facts_project_events_exactly_once_and_rebuild_identically,
             retention_removes_old_months_but_never_unprojected_events,
             appointments_keep_capacity_and_revisions,
+            appointments_of_today_go_live_to_the_sites_agents,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
