@@ -8,10 +8,12 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use meridian_shared::appointments::{AppointmentSnapshot, AppointmentStatus};
+use meridian_shared::check_in::Reference;
 use meridian_shared::{AppointmentId, Code};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use crate::check_in::CheckInState;
 use crate::error::{Error, Result};
 
 /// An appointment as the branch holds and shows it.
@@ -34,10 +36,17 @@ pub struct BranchAppointment {
     pub revision: u64,
     /// When the controller made the change.
     pub updated_at: DateTime<Utc>,
+    /// The short booking reference (`XXXX-XXXX`, from the id).
+    pub reference: Reference,
+    /// What the branch recorded (check-in, attendance, conflict); never changed by `apply`.
+    #[serde(flatten)]
+    pub check_in: CheckInState,
 }
 
 /// Stores `snap` if its revision is newer than the stored one (or none is stored); returns
-/// whether it did.
+/// whether it did. Only the central columns change: the branch's attendance stays, and a
+/// cancel or reschedule that meets a check-in is recorded as a conflict
+/// (`check_in::after_snapshot`).
 pub fn apply(conn: &Connection, snap: &AppointmentSnapshot, now: DateTime<Utc>) -> Result<bool> {
     let stored: Option<i64> = conn
         .prepare_cached("SELECT revision FROM appointments WHERE id = ?1")?
@@ -47,6 +56,10 @@ pub fn apply(conn: &Connection, snap: &AppointmentSnapshot, now: DateTime<Utc>) 
     if stored.is_some_and(|rev| rev >= revision) {
         return Ok(false);
     }
+    let before = match stored {
+        Some(_) => crate::check_in::before_snapshot(conn, &snap.id)?,
+        None => None,
+    };
     conn.prepare_cached(
         "INSERT INTO appointments (id, service, queue, local_start, local_day, starts_at, \
          duration_minutes, customer_name, customer_contact, notes, external_ref, status, revision, \
@@ -77,17 +90,39 @@ pub fn apply(conn: &Connection, snap: &AppointmentSnapshot, now: DateTime<Utc>) 
         snap.updated_at.to_rfc3339(),
         now.to_rfc3339(),
     ])?;
+    crate::check_in::after_snapshot(conn, before.as_ref(), snap, now)?;
     Ok(true)
 }
 
-/// The appointments of site-local `day` (cancelled ones too, with their status), by start.
+/// The appointments of site-local `day` (cancelled ones too, with their status), by start;
+/// with them, any appointment checked in on `day` that central has moved since.
 pub fn of_day(conn: &Connection, day: NaiveDate) -> Result<Vec<BranchAppointment>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, service, queue, local_start, local_day, starts_at, duration_minutes, \
-         customer_name, customer_contact, notes, external_ref, status, revision, updated_at \
-         FROM appointments WHERE local_day = ?1 ORDER BY local_start, starts_at, id",
-    )?;
-    let rows = stmt.query_map([day.to_string()], |r| {
+    select(
+        conn,
+        "WHERE a.local_day = ?1 OR a.arrived_day = ?1 ORDER BY a.local_start, a.starts_at, a.id",
+        [day.to_string()],
+    )
+}
+
+/// One appointment by id.
+pub fn by_id(conn: &Connection, id: &AppointmentId) -> Result<Option<BranchAppointment>> {
+    Ok(select(conn, "WHERE a.id = ?1", [id.to_string()])?.pop())
+}
+
+/// The appointments matching `filter` (over `appointments a`, with `v` its visit).
+pub(crate) fn select(
+    conn: &Connection,
+    filter: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<BranchAppointment>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT a.id, a.service, a.queue, a.local_start, a.local_day, a.starts_at, \
+         a.duration_minutes, a.customer_name, a.customer_contact, a.notes, a.external_ref, \
+         a.status, a.revision, a.updated_at, a.attendance, a.visit_id, v.ticket, a.arrived_at, \
+         a.attendance_at, a.conflict, a.conflict_at \
+         FROM appointments a LEFT JOIN visits v ON v.id = a.visit_id {filter}"
+    ))?;
+    let rows = stmt.query_map(p, |r| {
         Ok(Row {
             id: r.get(0)?,
             service: r.get(1)?,
@@ -103,6 +138,7 @@ pub fn of_day(conn: &Connection, day: NaiveDate) -> Result<Vec<BranchAppointment
             status: r.get(11)?,
             revision: r.get(12)?,
             updated_at: r.get(13)?,
+            check_in: crate::check_in::StoredCheckIn::read(r, 14)?,
         })
     })?;
     rows.map(|row| row.map_err(Error::from).and_then(BranchAppointment::try_from)).collect()
@@ -127,6 +163,7 @@ struct Row {
     status: String,
     revision: i64,
     updated_at: String,
+    check_in: crate::check_in::StoredCheckIn,
 }
 
 impl TryFrom<Row> for BranchAppointment {
@@ -143,8 +180,11 @@ impl TryFrom<Row> for BranchAppointment {
                 .map(|t| t.with_timezone(&Utc))
                 .map_err(|_| corrupt(what, value))
         };
+        let id: AppointmentId = r.id.parse().map_err(|_| corrupt("id", &r.id))?;
         Ok(BranchAppointment {
-            id: r.id.parse().map_err(|_| corrupt("id", &r.id))?,
+            id,
+            reference: id.reference(),
+            check_in: r.check_in.decode()?,
             service: Code::parse(&r.service).map_err(|_| corrupt("service", &r.service))?,
             queue: r
                 .queue
@@ -261,6 +301,8 @@ mod tests {
                 status: AppointmentStatus::Booked,
                 revision: 4,
                 updated_at: today.updated_at,
+                reference: today.id.reference(),
+                check_in: CheckInState::default(),
             }]
         );
         assert_eq!(of_day(&conn, day("2026-03-10")).expect("list").len(), 1);

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::Context;
 use crate::appointments::{self, BranchAppointment};
 use crate::auth::{self, Caller, Refusal};
+use crate::check_in::{self, CheckInRefusal, CheckedIn};
 use crate::error::Error;
 use crate::store::queries;
 use crate::visits::{self, QueueState, ServicePointState, Visit};
@@ -44,6 +45,9 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/sessions/current", axum::routing::delete(logout))
         .route("/api/v1/events", get(event_feed))
         .route("/api/v1/appointments", get(list_appointments))
+        .route("/api/v1/appointments/sync", get(appointment_sync_status))
+        .route("/api/v1/appointments/check-in", post(check_in_by_text))
+        .route("/api/v1/appointments/{id}/check-in", post(check_in_by_id))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authenticate));
     Router::new()
         .merge(protected)
@@ -67,11 +71,14 @@ pub struct ApiError {
     /// Field by field, for invalid input.
     #[serde(skip_serializing_if = "Option::is_none")]
     details: Option<Vec<ValidationError>>,
+    /// The existing ticket, for `already_checked_in`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    visit: Option<Box<Visit>>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), details: None }
+        Self { status, code, message: message.into(), details: None, visit: None }
     }
 }
 
@@ -97,6 +104,15 @@ impl From<Error> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_configured", message)
             }
             Error::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            Error::CheckIn(refusal) => {
+                let status =
+                    StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::CONFLICT);
+                let mut err = ApiError::new(status, refusal.code(), message);
+                if let CheckInRefusal::AlreadyCheckedIn { visit } = *refusal {
+                    err.visit = Some(visit);
+                }
+                err
+            }
             Error::Store(_) | Error::StoreGone(_) => {
                 tracing::error!(error = %message, "request failed in the local store");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message)
@@ -241,6 +257,14 @@ async fn list_visits(
     Ok(Json(ctx.db.read(move |c| visits::list(c, status)).await?))
 }
 
+/// The bulk appointment sync at this branch: the set in force (watermark) and the latest
+/// requests with their progress.
+async fn appointment_sync_status(
+    State(ctx): State<Arc<Context>>,
+) -> Result<Json<crate::appointment_sync::SyncStatus>, ApiError> {
+    Ok(Json(ctx.db.read(|c| crate::appointment_sync::status(c, 20)).await?))
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct AppointmentDay {
@@ -267,6 +291,44 @@ async fn list_appointments(
         }
     };
     Ok(Json(ctx.db.read(move |c| appointments::of_day(c, day)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckInRequest {
+    /// What the customer shows: the booking reference (`XXXX-XXXX`, any case, dash optional),
+    /// the QR text `MERIDIAN:APPT:<reference>`, the appointment id or its external reference.
+    reference: String,
+}
+
+/// Checks a customer in by what they show (kiosk, integrations): 201 with the appointment and
+/// its new visit; typed refusals (`check_in::CheckInRefusal`).
+async fn check_in_by_text(
+    State(ctx): State<Arc<Context>>,
+    body: Result<Json<CheckInRequest>, JsonRejection>,
+) -> Json201<CheckedIn> {
+    let Json(req) = body?;
+    if req.reference.trim().is_empty() || req.reference.len() > 200 {
+        return Err(Error::InvalidFields(meridian_shared::ValidationErrors(vec![
+            ValidationError::new("reference", "give the booking reference (1-200 characters)"),
+        ]))
+        .into());
+    }
+    let done =
+        change(&ctx, move |c, config, now| check_in::check_in_text(c, config, &req.reference, now))
+            .await?;
+    Ok((StatusCode::CREATED, Json(done)))
+}
+
+/// Reception checks a customer in by the appointment's id.
+async fn check_in_by_id(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+) -> Json201<CheckedIn> {
+    let id: meridian_shared::AppointmentId =
+        id.parse().map_err(|_| Error::from(CheckInRefusal::Unknown(id.clone())))?;
+    let done = change(&ctx, move |c, config, now| check_in::check_in(c, config, &id, now)).await?;
+    Ok((StatusCode::CREATED, Json(done)))
 }
 
 async fn get_visit(

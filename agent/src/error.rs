@@ -12,6 +12,9 @@ pub enum Error {
     /// The operation is not allowed in the current state (illegal transition, closed counter).
     #[error("{0}")]
     Conflict(String),
+    /// A check-in refused by the appointment's state (unknown, cancelled, outside its window…).
+    #[error("{0}")]
+    CheckIn(Box<crate::check_in::CheckInRefusal>),
     #[error("this branch has no configuration yet (the agent has not synced with the controller)")]
     NotConfigured,
     /// The local database failed (disk full, corruption, I/O). Loud in logs and status.

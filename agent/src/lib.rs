@@ -13,9 +13,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+pub mod appointment_sync;
 pub mod appointments;
 pub mod auth;
 pub mod branch_api;
+pub mod check_in;
 pub mod error;
 pub mod link;
 pub mod openapi;
@@ -39,6 +41,8 @@ pub struct Context {
     /// Bumped after every committed change at the branch (terminals refresh on it).
     pub activity: watch::Sender<u64>,
     pub clock: Arc<dyn Clock>,
+    /// Signalled when the controller asks for a bulk appointment sync.
+    pub sync_requested: Notify,
 }
 
 impl Context {
@@ -55,6 +59,7 @@ impl Context {
             outbox_changed: Notify::new(),
             activity: watch::Sender::new(0),
             clock,
+            sync_requested: Notify::new(),
         }))
     }
 }
@@ -145,8 +150,11 @@ pub async fn run_with(
             ),
         },
     };
+    let sync_task =
+        tokio::spawn(appointment_sync::run(ctx.clone(), link_settings.clone(), shutdown.clone()));
     let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, shutdown.clone()));
     let sweep_task = tokio::spawn(end_of_day_sweep(ctx.clone(), shutdown.clone()));
+    let no_show_task = tokio::spawn(check_in::run_no_show_sweep(ctx.clone(), shutdown.clone()));
     let webhook_settings = webhooks::WebhookSettings {
         backoff: BackoffPolicy {
             base: Duration::from_millis(settings.webhook_backoff_base_ms.max(1)),
@@ -170,7 +178,9 @@ pub async fn run_with(
         .await;
     shutdown.cancel();
     let _ = link_task.await;
+    let _ = sync_task.await;
     let _ = sweep_task.await;
+    let _ = no_show_task.await;
     let _ = webhook_task.await;
     served.map_err(|e| Error::Internal(format!("branch server: {e}")))
 }

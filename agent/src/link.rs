@@ -48,6 +48,7 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
 }
 
+#[derive(Clone)]
 pub struct LinkSettings {
     pub controller_url: String,
     pub ca_cert: Option<Vec<u8>>,
@@ -57,7 +58,7 @@ pub struct LinkSettings {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum LinkError {
+pub(crate) enum LinkError {
     #[error("cannot reach the controller: {0}")]
     Connect(String),
     #[error("controller refused: {0}")]
@@ -139,7 +140,7 @@ fn endpoint(settings: &LinkSettings, heartbeat: Duration) -> Result<Endpoint, Li
     Ok(ep)
 }
 
-async fn connect(
+pub(crate) async fn connect(
     settings: &LinkSettings,
     heartbeat: Duration,
 ) -> Result<AgentGatewayClient<Channel>, LinkError> {
@@ -411,6 +412,7 @@ async fn apply_command(
     let site = identity.site.clone();
     let kind = kind.to_owned();
     let now = ctx.clock.now();
+    let sync_requested = matches!(decoded, Ok(ControllerCommand::SyncAppointments(_)));
     let (applied, appointment, error) = ctx
         .db
         .write(move |conn| {
@@ -429,7 +431,11 @@ async fn apply_command(
                     Err(format!("appointment of site {} sent to an agent of {site}", a.site))
                 }
                 Ok(ControllerCommand::UpsertAppointment(a)) => {
-                    Ok((None, crate::appointments::apply(conn, &a, now)?))
+                    Ok((None, crate::appointment_sync::apply_live(conn, &a, seq, now)?))
+                }
+                Ok(ControllerCommand::SyncAppointments(req)) => {
+                    crate::appointment_sync::record_request(conn, &req, now)?;
+                    Ok((None, false))
                 }
                 Err(e) => Err(e.to_string()),
             };
@@ -451,6 +457,9 @@ async fn apply_command(
         ctx.changed();
     } else if appointment {
         tracing::debug!(seq, "stored an appointment change");
+    }
+    if sync_requested && error.is_none() {
+        ctx.sync_requested.notify_one();
     }
     if let Some(e) = &error {
         tracing::warn!(seq, error = %e, "rejected a command from the controller");

@@ -98,9 +98,23 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
     (
         "get",
         "/api/v1/appointments",
-        "Appointments of one site-local day (?date=YYYY-MM-DD, default today), by start, cancelled ones with their status; read-only, as synced from the controller",
+        "Appointments of one site-local day (?date=YYYY-MM-DD, default today), by start, cancelled ones with their status, each with its booking reference and what the branch recorded (attendance, visit_id, ticket, arrived_at, attendance_at, conflict, conflict_at)",
         None,
         200,
+    ),
+    (
+        "post",
+        "/api/v1/appointments/check-in",
+        "Check a customer in by what they show (kiosk, integrations): the booking reference XXXX-XXXX (any case, dash optional), the QR text MERIDIAN:APPT:<reference>, the appointment id or its external reference. 201 {appointment, visit}: a visit in the appointment's queue, placed by the appointment's start. Refusals: 404 unknown_appointment; 409 too_early / too_late (message names the window), appointment_cancelled, not_today, service_unavailable, already_checked_in (with the existing `visit`)",
+        Some("CheckIn"),
+        201,
+    ),
+    (
+        "post",
+        "/api/v1/appointments/{id}/check-in",
+        "Reception: check in appointment {id}; same answers and refusals as /api/v1/appointments/check-in",
+        None,
+        201,
     ),
     (
         "get",
@@ -151,9 +165,13 @@ pub fn document() -> Value {
             "schemas": {
                 "Error": {"type": "object", "required": ["code", "message"],
                           "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                         "visit": {"type": "object", "description": "already_checked_in: the ticket the customer already has"},
                                          "details": {"type": "array", "description": "invalid fields (validation_failed)",
                                                      "items": {"type": "object", "required": ["field", "message"],
                                                                "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}}}},
+                "CheckIn": {"type": "object", "required": ["reference"], "additionalProperties": false,
+                            "properties": {"reference": {"type": "string", "maxLength": 200,
+                                "description": "booking reference, MERIDIAN:APPT:<reference>, appointment id or external reference"}}},
                 "Login": {"type": "object", "required": ["username", "password"],
                           "properties": {"username": {"type": "string"}, "password": {"type": "string"}}},
                 "NewVisit": {"type": "object", "required": ["service"], "additionalProperties": false, "properties": {

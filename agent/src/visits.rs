@@ -272,6 +272,32 @@ pub fn create(
     customer: Option<&Customer>,
     now: DateTime<Utc>,
 ) -> Result<Visit> {
+    create_placed(conn, config, service, customer, None, now)
+}
+
+/// Like `create`, for a checked-in appointment: the visit is placed as if it had arrived at
+/// the appointment's start `starts_at` (its sort key is that instant in ms, made unique within
+/// the queue), so it is called in appointment order among the walk-ins.
+pub fn create_for_appointment(
+    conn: &Connection,
+    config: &SiteConfig,
+    service: &str,
+    customer: Option<&Customer>,
+    starts_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Visit> {
+    create_placed(conn, config, service, customer, Some(starts_at.timestamp_millis()), now)
+}
+
+/// `create`, placed at `at_ms` (an appointment's start) or, for a walk-in, by arrival.
+fn create_placed(
+    conn: &Connection,
+    config: &SiteConfig,
+    service: &str,
+    customer: Option<&Customer>,
+    at_ms: Option<i64>,
+    now: DateTime<Utc>,
+) -> Result<Visit> {
     let (svc, queue) = service_and_queue(config, service)?;
     let tz = config.site.tz().map_err(Error::Internal)?;
     let day = meridian_shared::business_day::business_day(tz, now);
@@ -293,7 +319,11 @@ pub fn create(
     let id = VisitId::new();
     let ticket = format_ticket(&queue.letter, number);
     let now_ms = now.timestamp_millis();
-    let sort_key = last_key(conn, &Location::Queue(queue.code.clone()), now_ms)?;
+    let place = Location::Queue(queue.code.clone());
+    let sort_key = match at_ms {
+        Some(at) => free_key(conn, &place, at)?,
+        None => arrival_key(conn, &place, now_ms)?,
+    };
     conn.prepare_cached(
         "INSERT INTO visits (id, ticket, service, queue, business_day, status, created_at, \
          location_kind, location_code, sort_key, waiting_since_ms, customer_name, \
@@ -454,6 +484,7 @@ fn apply_and_record(
         marks,
     };
     append_event(conn, &AgentEvent::Visit(kind, event), now)?;
+    crate::check_in::on_visit_change(conn, &v, now)?;
     Ok(v)
 }
 
@@ -464,6 +495,37 @@ fn last_key(conn: &Connection, loc: &Location, now_ms: i64) -> Result<i64> {
         |r| r.get(0),
     )?;
     Ok(max.map_or(now_ms, |m| now_ms.max(m + 1)))
+}
+
+/// A walk-in's sort key: its arrival `now_ms`, after every walk-in already waiting at `loc`
+/// (strictly). Checked-in appointments keep their own keys (their start, possibly later than
+/// now), so a walk-in who arrives before an appointment's time is called before it.
+fn arrival_key(conn: &Connection, loc: &Location, now_ms: i64) -> Result<i64> {
+    let (kind, code_) = location_parts(Some(loc));
+    let max: Option<i64> = conn
+        .prepare_cached(
+            "SELECT sort_key FROM visits v WHERE status = 'waiting' AND location_kind = ?1 \
+             AND location_code = ?2 \
+             AND NOT EXISTS (SELECT 1 FROM appointments a WHERE a.visit_id = v.id) \
+             ORDER BY sort_key DESC LIMIT 1",
+        )?
+        .query_row(params![kind, code_], |r| r.get(0))
+        .optional()?;
+    free_key(conn, loc, max.map_or(now_ms, |m| now_ms.max(m + 1)))
+}
+
+/// The first sort key from `at_ms` on that no visit waiting at `loc` has.
+fn free_key(conn: &Connection, loc: &Location, at_ms: i64) -> Result<i64> {
+    let (kind, code_) = location_parts(Some(loc));
+    let mut stmt = conn.prepare_cached(
+        "SELECT 1 FROM visits WHERE status = 'waiting' AND location_kind = ?1 \
+         AND location_code = ?2 AND sort_key = ?3",
+    )?;
+    let mut key = at_ms;
+    while stmt.exists(params![kind, code_, key])? {
+        key += 1;
+    }
+    Ok(key)
 }
 
 /// A sort key that puts a visit before everything waiting at `loc`.

@@ -67,6 +67,16 @@ impl AgentGateway for DeafGateway {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    type FetchAppointmentsStream =
+        Pin<Box<dyn Stream<Item = Result<meridian_proto::AppointmentChunk, Status>> + Send>>;
+
+    async fn fetch_appointments(
+        &self,
+        _: Request<meridian_proto::AppointmentSyncRequest>,
+    ) -> Result<Response<Self::FetchAppointmentsStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 #[tokio::test]

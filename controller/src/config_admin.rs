@@ -325,6 +325,7 @@ mod tests {
             tags: vec![],
             end_of_day: Default::default(),
             share_customer_data: false,
+            appointment_sync: Default::default(),
         })
     }
 

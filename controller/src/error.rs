@@ -59,6 +59,10 @@ pub enum AppointmentRefusal {
     AlreadyCancelled,
     #[error("external reference {0:?} is already used by another appointment of this site")]
     ExternalRefTaken(String),
+    /// The branch already recorded the customer's attendance: the appointment has happened (or
+    /// been missed) and can no longer be moved or cancelled.
+    #[error("the branch already recorded this appointment as {0}; it can no longer be changed")]
+    AlreadyAttended(meridian_shared::check_in::Attendance),
 }
 
 impl AppointmentRefusal {
@@ -69,6 +73,7 @@ impl AppointmentRefusal {
             AppointmentRefusal::StaleRevision { .. } => "stale_revision",
             AppointmentRefusal::AlreadyCancelled => "already_cancelled",
             AppointmentRefusal::ExternalRefTaken(_) => "external_ref_taken",
+            AppointmentRefusal::AlreadyAttended(_) => "already_attended",
         }
     }
 }

@@ -17,9 +17,11 @@ use chrono::{DateTime, Utc};
 use futures::Stream;
 use meridian_proto::agent_gateway_server::AgentGateway;
 use meridian_proto::{
-    AgentFrame, ControllerFrame, EnrollRequest, EnrollResponse, agent_frame, controller_frame,
+    AgentFrame, AppointmentChunk, AppointmentSyncRequest, ControllerFrame, EnrollRequest,
+    EnrollResponse, agent_frame, controller_frame,
 };
 use meridian_shared::AgentId;
+use meridian_shared::clock::Clock;
 use meridian_shared::events::{MAX_EVENT_KIND, MAX_EVENT_PAYLOAD, validate_wire_event};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::appointments::sync::ConfigCache;
 use crate::auth;
 use crate::config_admin;
 use crate::error::{EnrollError, Error};
@@ -53,9 +56,18 @@ pub struct Gateway {
     pub command_poll: Duration,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// Names the site's current day when a bulk appointment sync takes its snapshot.
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<ConfigCache>,
+    /// Appointments per chunk of a bulk appointment sync.
+    pub sync_chunk: usize,
 }
 
+/// Chunks of a bulk appointment sync read from the store at a time.
+const SYNC_CHUNK_PAGE: u32 = 4;
+
 type FrameStream = Pin<Box<dyn Stream<Item = Result<ControllerFrame, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<AppointmentChunk, Status>> + Send>>;
 
 fn status_from(e: Error) -> Status {
     match e {
@@ -67,6 +79,7 @@ fn status_from(e: Error) -> Status {
             Status::unavailable("the controller's database is unavailable; retry")
         }
         Error::RevisionConflict => Status::aborted("configuration changed concurrently; retry"),
+        Error::Conflict(m) => Status::failed_precondition(m),
         other => {
             tracing::error!(error = %other, "internal error during RPC");
             Status::internal("internal error")
@@ -108,8 +121,47 @@ impl AgentGateway for Gateway {
         &self,
         request: Request<Streaming<AgentFrame>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let credential = request
-            .metadata()
+        let agent = self.authenticate(request.metadata()).await?;
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let session = Session {
+            gw: self.clone(),
+            agent: agent.id,
+            credential_hash: agent.credential_hash.clone(),
+            site: agent.site.to_string(),
+            inbound: request.into_inner(),
+            outbound: tx,
+        };
+        self.tasks.spawn(session.run());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type FetchAppointmentsStream = ChunkStream;
+
+    async fn fetch_appointments(
+        &self,
+        request: Request<AppointmentSyncRequest>,
+    ) -> Result<Response<Self::FetchAppointmentsStream>, Status> {
+        let agent = self.authenticate(request.metadata()).await?;
+        let req = request.into_inner();
+        if req.sync_id.len() > 64 {
+            return Err(Status::invalid_argument("sync_id is too long"));
+        }
+        let site = agent.site.clone();
+        let id = agent.id;
+        self.fetch_appointments_inner(agent, req).await.map(Response::new).inspect_err(|s| {
+            tracing::warn!(agent = %id, site = %site, code = ?s.code(), error = %s.message(),
+                "appointment sync fetch refused");
+        })
+    }
+}
+
+impl Gateway {
+    /// The active agent whose credential the request carries.
+    async fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<crate::store::AgentRecord, Status> {
+        let credential = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(auth::bearer)
@@ -125,21 +177,87 @@ impl AgentGateway for Gateway {
             tracing::warn!(agent = %agent.id, site = %agent.site, "revoked agent refused");
             return Err(Status::permission_denied("this agent has been revoked; enroll again"));
         }
-        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let session = Session {
-            gw: self.clone(),
-            agent: agent.id,
-            credential_hash: agent.credential_hash.clone(),
-            site: agent.site.to_string(),
-            inbound: request.into_inner(),
-            outbound: tx,
-        };
-        self.tasks.spawn(session.run());
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(agent)
     }
-}
 
-impl Gateway {
+    /// Takes (or finds) the sync's snapshot and streams its chunks from `from_chunk`, a page
+    /// at a time, until done or the agent goes away.
+    async fn fetch_appointments_inner(
+        &self,
+        agent: crate::store::AgentRecord,
+        req: AppointmentSyncRequest,
+    ) -> Result<ChunkStream, Status> {
+        let sync_id: uuid::Uuid =
+            req.sync_id.parse().map_err(|_| Status::invalid_argument("sync_id is not a UUID"))?;
+        let set = self.config.get(self.store.as_ref()).await.map_err(status_from)?;
+        let plan = crate::appointments::sync::snapshot_plan(
+            &set,
+            &agent.site,
+            self.clock.now(),
+            self.sync_chunk,
+        )
+        .map_err(status_from)?;
+        let manifest = self
+            .store
+            .fetch_appointment_sync(sync_id, agent.id, &plan, req.from_chunk)
+            .await
+            .map_err(status_from)?;
+        if req.from_chunk > manifest.chunks {
+            return Err(Status::out_of_range(format!(
+                "sync {sync_id} has {} chunks; from_chunk {} is beyond them",
+                manifest.chunks, req.from_chunk
+            )));
+        }
+        tracing::info!(agent = %agent.id, sync = %sync_id, from_chunk = req.from_chunk,
+            chunks = manifest.chunks, appointments = manifest.appointments, "sending appointment sync");
+        let (tx, rx) = mpsc::channel(SYNC_CHUNK_PAGE as usize);
+        let store = self.store.clone();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let mut next = req.from_chunk;
+            while next < manifest.chunks {
+                let page = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    page = store.appointment_sync_chunks(sync_id, next, SYNC_CHUNK_PAGE) => page,
+                };
+                let page = match page {
+                    Ok(page) if !page.is_empty() => page,
+                    Ok(_) => {
+                        // The sync ended (superseded) while it was being sent.
+                        let _ = tx
+                            .send(Err(Status::failed_precondition(format!(
+                                "sync {sync_id} ended while it was being sent"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(status_from(e))).await;
+                        return;
+                    }
+                };
+                for chunk in page {
+                    next = chunk.index + 1;
+                    let frame = AppointmentChunk {
+                        sync_id: sync_id.to_string(),
+                        index: chunk.index,
+                        total_chunks: manifest.chunks,
+                        total_appointments: manifest.appointments,
+                        from_day: manifest.from_day.to_string(),
+                        to_day: manifest.to_day.to_string(),
+                        as_of_command_seq: manifest.as_of_command_seq,
+                        payload: chunk.payload,
+                        sha256: chunk.sha256,
+                    };
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
     async fn enroll_inner(&self, req: &EnrollRequest) -> Result<EnrollResponse, Error> {
         let token_hash = auth::hash_secret(req.token.trim());
         for _ in 0..5 {

@@ -122,6 +122,16 @@ pub async fn serve(
         let (store, wake, shutdown) = (store.clone(), commands_tx.clone(), shutdown.clone());
         async move { store.watch_commands(wake, shutdown).await }
     });
+    let clock: Arc<dyn meridian_shared::clock::Clock> =
+        Arc::new(meridian_shared::clock::SystemClock);
+    // The nightly appointment sync: each site at its own local time, once across replicas.
+    tasks.spawn(crate::appointments::sync::run_scheduler(
+        store.clone(),
+        clock.clone(),
+        Duration::from_millis(settings.appointment_sync_tick_ms.max(100)),
+        commands_tx.clone(),
+        shutdown.clone(),
+    ));
     let api_state =
         ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: commands_tx };
     let router = api::router(api_state.clone(), settings.max_body_bytes)
@@ -142,6 +152,9 @@ pub async fn serve(
         command_poll: Duration::from_millis(settings.command_poll_ms.max(100)),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        clock,
+        config: Arc::new(crate::appointments::sync::ConfigCache::default()),
+        sync_chunk: settings.appointment_sync_chunk,
     };
     let service = meridian_proto::agent_gateway_server::AgentGatewayServer::new(gateway)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -26,6 +26,10 @@ pub struct Settings {
     /// Sessions look for new commands this often even without a wake-up (a safety net under
     /// LISTEN/NOTIFY, which wakes them at once).
     pub command_poll_ms: u64,
+    /// The nightly appointment sync scheduler looks for due sites this often.
+    pub appointment_sync_tick_ms: u64,
+    /// Appointments per chunk of a bulk appointment sync.
+    pub appointment_sync_chunk: usize,
     pub max_body_bytes: usize,
     /// Where the bootstrap admin token is written on first start (mode 0600).
     pub bootstrap_token_file: Option<PathBuf>,
@@ -55,6 +59,8 @@ impl Default for Settings {
             dev_mode: false,
             heartbeat_ms: 5_000,
             command_poll_ms: 2_000,
+            appointment_sync_tick_ms: 30_000,
+            appointment_sync_chunk: meridian_shared::appointments::DEFAULT_SYNC_CHUNK,
             max_body_bytes: 1024 * 1024,
             bootstrap_token_file: None,
             ready_file: None,
@@ -114,6 +120,8 @@ impl fmt::Debug for Settings {
             .field("dev_mode", &self.dev_mode)
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("command_poll_ms", &self.command_poll_ms)
+            .field("appointment_sync_tick_ms", &self.appointment_sync_tick_ms)
+            .field("appointment_sync_chunk", &self.appointment_sync_chunk)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("bootstrap_token_file", &self.bootstrap_token_file)
             .field("ready_file", &self.ready_file)

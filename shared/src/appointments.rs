@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::{AppointmentId, Code, SiteCode};
 
@@ -63,6 +64,39 @@ pub struct AppointmentSnapshot {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Appointments per chunk of a bulk sync, unless configured otherwise.
+pub const DEFAULT_SYNC_CHUNK: usize = 1_000;
+
+/// Why a bulk sync chunk is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {0} failed its SHA-256 check")]
+    Checksum(u32),
+    #[error("chunk {index} does not decode: {message}")]
+    Decode { index: u32, message: String },
+}
+
+/// The bytes of one bulk sync chunk and their SHA-256.
+pub fn encode_chunk(appointments: &[AppointmentSnapshot]) -> (Vec<u8>, Vec<u8>) {
+    // Plain structs of strings, numbers and dates always serialize.
+    let payload = serde_json::to_vec(appointments).unwrap_or_default();
+    let digest = sha2::Sha256::digest(&payload).to_vec();
+    (payload, digest)
+}
+
+/// Checks a received chunk against its SHA-256 and decodes it.
+pub fn decode_chunk(
+    index: u32,
+    payload: &[u8],
+    sha256: &[u8],
+) -> Result<Vec<AppointmentSnapshot>, ChunkError> {
+    if sha2::Sha256::digest(payload).as_slice() != sha256 {
+        return Err(ChunkError::Checksum(index));
+    }
+    serde_json::from_slice(payload)
+        .map_err(|e| ChunkError::Decode { index, message: e.to_string() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +109,17 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", s.as_str()));
         }
         assert_eq!(AppointmentStatus::parse("lost"), None);
+    }
+
+    #[test]
+    fn chunks_check_their_digest_and_decode() {
+        let (payload, sha) = encode_chunk(&[]);
+        assert_eq!(decode_chunk(0, &payload, &sha), Ok(vec![]));
+        let mut flipped = payload.clone();
+        flipped[0] ^= 1;
+        assert_eq!(decode_chunk(3, &flipped, &sha), Err(ChunkError::Checksum(3)));
+        let junk = br#"[{"id":1}]"#;
+        let digest = sha2::Sha256::digest(junk).to_vec();
+        assert!(matches!(decode_chunk(4, junk, &digest), Err(ChunkError::Decode { index: 4, .. })));
     }
 }

@@ -15,10 +15,24 @@ pub enum ControllerCommand {
     /// today) or cancelled: its whole current state (kept only if its revision is newer than
     /// the agent's copy).
     UpsertAppointment(Box<AppointmentSnapshot>),
+    /// Fetch the bulk appointment sync `sync_id` (the nightly job, a manual trigger) with the
+    /// `FetchAppointments` RPC and replace the appointments of its days. The agent records the
+    /// request and acknowledges at once; the transfer runs beside the session.
+    SyncAppointments(SyncRequest),
 }
 
 pub const APPLY_CONFIG: &str = "APPLY_CONFIG";
 pub const APPOINTMENT_UPSERT: &str = "APPOINTMENT_UPSERT";
+pub const APPOINTMENTS_SYNC: &str = "APPOINTMENTS_SYNC";
+
+/// The payload of `APPOINTMENTS_SYNC`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub sync_id: uuid::Uuid,
+    /// Why it was requested: `scheduled` or `manual`.
+    pub reason: String,
+    pub requested_at: chrono::DateTime<chrono::Utc>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandDecodeError {
@@ -33,6 +47,7 @@ impl ControllerCommand {
         match self {
             ControllerCommand::ApplyConfig(_) => APPLY_CONFIG,
             ControllerCommand::UpsertAppointment(_) => APPOINTMENT_UPSERT,
+            ControllerCommand::SyncAppointments(_) => APPOINTMENTS_SYNC,
         }
     }
 
@@ -40,6 +55,7 @@ impl ControllerCommand {
         match self {
             ControllerCommand::ApplyConfig(c) => serde_json::to_vec(c).unwrap_or_default(),
             ControllerCommand::UpsertAppointment(a) => serde_json::to_vec(a).unwrap_or_default(),
+            ControllerCommand::SyncAppointments(r) => serde_json::to_vec(r).unwrap_or_default(),
         }
     }
 
@@ -53,6 +69,9 @@ impl ControllerCommand {
                 Ok(ControllerCommand::ApplyConfig(serde_json::from_slice(payload).map_err(bad)?))
             }
             APPOINTMENT_UPSERT => Ok(ControllerCommand::UpsertAppointment(
+                serde_json::from_slice(payload).map_err(bad)?,
+            )),
+            APPOINTMENTS_SYNC => Ok(ControllerCommand::SyncAppointments(
                 serde_json::from_slice(payload).map_err(bad)?,
             )),
             other => Err(CommandDecodeError::UnknownKind(other.chars().take(80).collect())),
@@ -93,6 +112,21 @@ mod tests {
         let cmd = ControllerCommand::UpsertAppointment(Box::new(snapshot()));
         assert_eq!(cmd.kind(), APPOINTMENT_UPSERT);
         assert_eq!(ControllerCommand::decode(cmd.kind(), &cmd.payload()), Ok(cmd));
+    }
+
+    #[test]
+    fn a_sync_request_round_trips() {
+        let cmd = ControllerCommand::SyncAppointments(SyncRequest {
+            sync_id: uuid::Uuid::now_v7(),
+            reason: "scheduled".into(),
+            requested_at: Utc.with_ymd_and_hms(2026, 3, 9, 10, 0, 0).unwrap(),
+        });
+        assert_eq!(cmd.kind(), APPOINTMENTS_SYNC);
+        assert_eq!(ControllerCommand::decode(cmd.kind(), &cmd.payload()), Ok(cmd));
+        assert!(matches!(
+            ControllerCommand::decode(APPOINTMENTS_SYNC, br#"{"sync_id":"nope"}"#),
+            Err(CommandDecodeError::Payload { .. })
+        ));
     }
 
     #[test]

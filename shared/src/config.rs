@@ -181,6 +181,49 @@ pub struct Site {
     /// the site (the connector API, its live event feed, webhooks) see them either way.
     #[serde(default)]
     pub share_customer_data: bool,
+    /// When the controller sends the site its coming appointments in bulk (the nightly sync).
+    #[serde(default)]
+    pub appointment_sync: AppointmentSync,
+}
+
+/// The nightly bulk sync of a site's appointments: every day at `at` (the site's wall clock,
+/// `"HH:MM"`, default `"02:00"`) the controller sends the appointments of the site's current
+/// day and the `days_ahead` days after it (default 1); the agent replaces its set for those
+/// days. A time the clocks skip (spring forward) is read with the offset before the jump (02:30
+/// on a night that jumps from 02:00 to 03:00 runs at 03:30); a time the clocks pass twice (fall
+/// back) runs once, at the earlier instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppointmentSync {
+    #[serde(with = "hh_mm")]
+    pub at: NaiveTime,
+    pub days_ahead: u32,
+}
+
+/// Upper bound of `AppointmentSync::days_ahead`.
+pub const MAX_SYNC_DAYS_AHEAD: u32 = 31;
+
+impl Default for AppointmentSync {
+    fn default() -> Self {
+        AppointmentSync { at: NaiveTime::from_hms_opt(2, 0, 0).unwrap_or_default(), days_ahead: 1 }
+    }
+}
+
+/// `NaiveTime` as `"HH:MM"`.
+mod hh_mm {
+    use chrono::NaiveTime;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &NaiveTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.format("%H:%M").to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<NaiveTime, D::Error> {
+        let s = String::deserialize(d)?;
+        NaiveTime::parse_from_str(s.trim(), "%H:%M").map_err(|_| {
+            serde::de::Error::custom(format!("invalid time {s:?}: expected \"HH:MM\""))
+        })
+    }
 }
 
 /// The end-of-day rule: open visits are ended with the outcome `closed_at_end_of_day` once the
@@ -234,6 +277,9 @@ impl Site {
         let unique: BTreeSet<_> = self.closed_dates.iter().collect();
         if unique.len() != self.closed_dates.len() {
             errs.push("closed_dates", "duplicate date");
+        }
+        if self.appointment_sync.days_ahead > MAX_SYNC_DAYS_AHEAD {
+            errs.push("appointment_sync.days_ahead", format!("at most {MAX_SYNC_DAYS_AHEAD} days"));
         }
         for (i, tag) in self.tags.iter().enumerate() {
             if tag.is_empty() || tag.len() > 64 {
@@ -589,6 +635,13 @@ impl ConfigSet {
         })
     }
 
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.resources.values().filter_map(|r| match r {
+            Resource::Service(s) => Some(s),
+            _ => None,
+        })
+    }
+
     pub fn site(&self, code: &SiteCode) -> Option<&Site> {
         let key = ResourceKey { kind: ResourceKind::Site, site: None, code: code.to_string() };
         match self.resources.get(&key) {
@@ -738,6 +791,7 @@ mod tests {
             tags: vec![],
             end_of_day: Default::default(),
             share_customer_data: false,
+            appointment_sync: Default::default(),
         })
     }
 

@@ -6,13 +6,17 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::check_in::Attendance;
 use crate::customer::Customer;
-use crate::{Code, VisitId};
+use crate::{AppointmentId, Code, VisitId};
 
 /// Largest accepted event payload, in bytes.
 pub const MAX_EVENT_PAYLOAD: usize = 64 * 1024;
 /// Largest accepted kind name.
 pub const MAX_EVENT_KIND: usize = 64;
+pub const APPOINTMENTS_SYNCED: &str = "APPOINTMENTS_SYNCED";
+pub const APPOINTMENTS_SYNC_FAILED: &str = "APPOINTMENTS_SYNC_FAILED";
+pub const APPOINTMENT_STATUS: &str = "APPOINTMENT_STATUS";
 
 /// A typed event produced by the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +26,10 @@ pub enum AgentEvent {
     Visit(VisitEventKind, VisitChanged),
     ServicePoint(ServicePointEventKind, ServicePointChanged),
     ConfigApplied(ConfigApplied),
+    AppointmentsSynced(AppointmentsSynced),
+    AppointmentSyncFailed(AppointmentSyncFailed),
+    /// The branch's record of a customer's attendance of an appointment changed.
+    AppointmentStatus(AppointmentStatusChanged),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +159,47 @@ pub struct ConfigApplied {
     pub previous_revision: u64,
 }
 
+/// A bulk appointment sync is in force at the branch: the appointments of `from_day` to
+/// `to_day` (site-local, inclusive) were replaced by the sync's snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppointmentsSynced {
+    pub sync_id: uuid::Uuid,
+    pub from_day: NaiveDate,
+    pub to_day: NaiveDate,
+    pub appointments: u64,
+    pub chunks: u32,
+    /// Transfers that were cut and resumed before the set was complete.
+    pub resumed: u32,
+    pub at: DateTime<Utc>,
+}
+
+/// A bulk appointment sync was refused by the branch (a chunk failed its checksum or did not
+/// decode, …); the previous set stays in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppointmentSyncFailed {
+    pub sync_id: uuid::Uuid,
+    pub error: String,
+    pub at: DateTime<Utc>,
+}
+
+/// An appointment's attendance changed at the branch (check-in, call, completion, no-show).
+/// Central applies it to its copy of the appointment in the ingest transaction.
+/// Extra fields (from a newer agent) are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppointmentStatusChanged {
+    pub appointment_id: AppointmentId,
+    pub status: Attendance,
+    /// The visit the check-in created (none for a no-show by the sweep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visit_id: Option<VisitId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    /// The appointment revision the branch held when it recorded the change: central compares
+    /// it with its own to detect a reschedule the branch had not seen.
+    pub revision: u64,
+    pub at: DateTime<Utc>,
+}
+
 impl AgentEvent {
     pub fn kind(&self) -> &'static str {
         match self {
@@ -158,6 +207,9 @@ impl AgentEvent {
             AgentEvent::Visit(kind, _) => kind.as_str(),
             AgentEvent::ServicePoint(kind, _) => kind.as_str(),
             AgentEvent::ConfigApplied(_) => "CONFIG_APPLIED",
+            AgentEvent::AppointmentsSynced(_) => APPOINTMENTS_SYNCED,
+            AgentEvent::AppointmentSyncFailed(_) => APPOINTMENTS_SYNC_FAILED,
+            AgentEvent::AppointmentStatus(_) => APPOINTMENT_STATUS,
         }
     }
 
@@ -168,6 +220,9 @@ impl AgentEvent {
             AgentEvent::Visit(_, e) => serde_json::to_vec(e),
             AgentEvent::ServicePoint(_, e) => serde_json::to_vec(e),
             AgentEvent::ConfigApplied(e) => serde_json::to_vec(e),
+            AgentEvent::AppointmentsSynced(e) => serde_json::to_vec(e),
+            AgentEvent::AppointmentSyncFailed(e) => serde_json::to_vec(e),
+            AgentEvent::AppointmentStatus(e) => serde_json::to_vec(e),
         };
         // Serializing plain structs of strings and numbers cannot fail.
         value.unwrap_or_default()
@@ -191,6 +246,19 @@ impl AgentEvent {
             }
             "CONFIG_APPLIED" => {
                 AgentEvent::ConfigApplied(serde_json::from_slice(payload).map_err(bad)?)
+            }
+            APPOINTMENTS_SYNCED => {
+                AgentEvent::AppointmentsSynced(serde_json::from_slice(payload).map_err(bad)?)
+            }
+            APPOINTMENTS_SYNC_FAILED => {
+                AgentEvent::AppointmentSyncFailed(serde_json::from_slice(payload).map_err(bad)?)
+            }
+            APPOINTMENT_STATUS => {
+                let e: AppointmentStatusChanged = serde_json::from_slice(payload).map_err(bad)?;
+                if e.ticket.as_ref().is_some_and(|t| t.is_empty() || t.len() > 32) {
+                    return Err(WireEventError::Payload("ticket must be 1-32 characters".into()));
+                }
+                AgentEvent::AppointmentStatus(e)
             }
             _ => return Ok(None),
         }))
@@ -243,6 +311,20 @@ mod tests {
         assert!(matches!(check("X", b"[1]"), WireEventError::Payload(_)));
         assert!(matches!(check("X", b"{not json"), WireEventError::Payload(_)));
         assert!(matches!(check("CONFIG_APPLIED", b"{}"), WireEventError::Payload(_)));
+        assert!(matches!(
+            check(APPOINTMENTS_SYNCED, br#"{"sync_id":"x"}"#),
+            WireEventError::Payload(_)
+        ));
+        let synced = AgentEvent::AppointmentsSynced(AppointmentsSynced {
+            sync_id: uuid::Uuid::now_v7(),
+            from_day: NaiveDate::from_ymd_opt(2026, 3, 9).expect("date"),
+            to_day: NaiveDate::from_ymd_opt(2026, 3, 10).expect("date"),
+            appointments: 2,
+            chunks: 1,
+            resumed: 0,
+            at: DateTime::from_timestamp(1_800_000_000, 0).expect("time"),
+        });
+        assert_eq!(AgentEvent::decode(synced.kind(), &synced.payload()).unwrap(), Some(synced));
         let big = format!("{{\"a\":\"{}\"}}", "x".repeat(MAX_EVENT_PAYLOAD));
         assert!(matches!(check("X", big.as_bytes()), WireEventError::TooLarge));
     }
@@ -270,5 +352,45 @@ mod tests {
         let with = AgentEvent::VisitCreated(created.clone());
         assert!(validate_wire_event(with.kind(), &with.payload()).is_ok());
         assert_eq!(AgentEvent::decode(with.kind(), &with.payload()).expect("decode"), Some(with));
+    }
+
+    #[test]
+    fn appointment_status_events_round_trip_and_are_checked_on_the_wire() {
+        let ev = AgentEvent::AppointmentStatus(AppointmentStatusChanged {
+            appointment_id: "01937a4e-1d2c-7000-8000-000000000001".parse().expect("id"),
+            status: Attendance::Arrived,
+            visit_id: Some(VisitId::new()),
+            ticket: Some("B101".into()),
+            revision: 2,
+            at: DateTime::from_timestamp(1_800_000_000, 0).expect("time"),
+        });
+        assert_eq!(ev.kind(), "APPOINTMENT_STATUS");
+        assert!(validate_wire_event(ev.kind(), &ev.payload()).is_ok());
+        assert_eq!(AgentEvent::decode(ev.kind(), &ev.payload()).expect("decode"), Some(ev));
+        let check = |payload: &str| {
+            assert!(
+                matches!(
+                    validate_wire_event(APPOINTMENT_STATUS, payload.as_bytes()),
+                    Err(WireEventError::Payload(_))
+                ),
+                "{payload}"
+            );
+        };
+        let id = "01937a4e-1d2c-7000-8000-000000000001";
+        let at = "2027-01-15T08:00:00Z";
+        check("{}");
+        check(&format!(r#"{{"appointment_id":"x","status":"arrived","revision":1,"at":"{at}"}}"#));
+        check(&format!(r#"{{"appointment_id":"{id}","status":"lost","revision":1,"at":"{at}"}}"#));
+        check(&format!(
+            r#"{{"appointment_id":"{id}","status":"called","revision":-1,"at":"{at}"}}"#
+        ));
+        check(&format!(
+            r#"{{"appointment_id":"{id}","status":"called","revision":1,"at":"{at}","ticket":""}}"#
+        ));
+        // A sweep's no-show has no visit; a newer agent's extra field is accepted.
+        let ok = format!(
+            r#"{{"appointment_id":"{id}","status":"no_show","revision":1,"at":"{at}","later":true}}"#
+        );
+        assert!(validate_wire_event(APPOINTMENT_STATUS, ok.as_bytes()).is_ok());
     }
 }

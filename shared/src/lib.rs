@@ -6,6 +6,7 @@
 pub mod appointments;
 pub mod backoff;
 pub mod business_day;
+pub mod check_in;
 pub mod clock;
 pub mod commands;
 pub mod config;

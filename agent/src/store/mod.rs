@@ -33,6 +33,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../../../migrations/agent/0005_waiting_order_index.sql")),
     (6, include_str!("../../../migrations/agent/0006_customer_fields.sql")),
     (7, include_str!("../../../migrations/agent/0007_appointments.sql")),
+    (8, include_str!("../../../migrations/agent/0008_appointment_check_in.sql")),
+    (9, include_str!("../../../migrations/agent/0009_appointment_sync.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;

@@ -1,5 +1,7 @@
 //! The ticket kiosk: one button per service; a printable ticket with the number, service, time
-//! and how many people are ahead.
+//! and how many people are ahead. Customers with an appointment type their booking reference
+//! or scan the QR code of their confirmation ("I have an appointment"): they get their ticket,
+//! or a clear refusal (too early, too late, cancelled, another day, unknown).
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use serde::Deserialize;
 
 use super::{from_error, layout, local_time};
 use crate::Context;
-use crate::visits;
+use crate::{check_in, visits};
 
 pub async fn page(State(ctx): State<Arc<Context>>) -> Response {
     let config = match ctx.site_config() {
@@ -27,6 +29,12 @@ pub async fn page(State(ctx): State<Arc<Context>>) -> Response {
                 @for svc in &config.services {
                     button .service type="submit" name="service" value=(svc.code) data-service=(svc.code) { (svc.name) }
                 }
+            }
+            h2 { "I have an appointment" }
+            form #appointment-check-in method="post" action="/kiosk/check-in" {
+                label for="reference" { "Booking reference (or scan the QR code of your confirmation) " }
+                input #reference name="reference" autocomplete="off" required maxlength="200" placeholder="XXXX-XXXX";
+                button .primary #check-in type="submit" { "Check in" }
             }
         }
     };
@@ -45,6 +53,27 @@ pub async fn take_ticket(
     let service = form.service;
     match ctx.change(move |c, config, now| visits::create(c, config, &service, None, now)).await {
         Ok(v) => Redirect::to(&format!("/kiosk/tickets/{}", v.id)).into_response(),
+        Err(e) => from_error(&ctx, e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CheckInForm {
+    reference: String,
+}
+
+/// "I have an appointment": checks in what the customer typed or scanned, then shows the
+/// ticket; a refusal is shown as the page's message with its status.
+pub async fn check_in(State(ctx): State<Arc<Context>>, Form(form): Form<CheckInForm>) -> Response {
+    let text = form.reference;
+    if text.trim().is_empty() || text.len() > 200 {
+        return from_error(
+            &ctx,
+            crate::Error::Validation("type the booking reference from your confirmation".into()),
+        );
+    }
+    match ctx.change(move |c, config, now| check_in::check_in_text(c, config, &text, now)).await {
+        Ok(done) => Redirect::to(&format!("/kiosk/tickets/{}", done.visit.id)).into_response(),
         Err(e) => from_error(&ctx, e),
     }
 }

@@ -1,9 +1,11 @@
 //! The branch terminals: server-rendered HTML (maud) with a little project-written JavaScript,
 //! served by the agent from its local store, so they keep working with the controller down.
 //!
-//! - `/kiosk` — customers take a ticket (public on the branch LAN);
+//! - `/kiosk` — customers take a ticket or check in for an appointment (public on the branch
+//!   LAN);
 //! - `/display` — "now serving", live over server-sent events (public);
 //! - `/workstation` — staff log in at a counter and call, serve, transfer and end visits;
+//!   reception checks in today's appointments there;
 //! - `/branch` — the supervisor's status page.
 //!
 //! Every page shows `#offline-banner` while the branch is offline from central.
@@ -32,6 +34,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/kiosk", get(kiosk::page))
         .route("/kiosk/tickets", post(kiosk::take_ticket))
         .route("/kiosk/tickets/{id}", get(kiosk::ticket))
+        .route("/kiosk/check-in", post(kiosk::check_in))
         .route("/display", get(display::page))
         .route("/display/board", get(display::board))
         .route("/display/events", get(display::events))
@@ -39,6 +42,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/workstation/login", post(workstation::login))
         .route("/workstation/logout", post(workstation::logout))
         .route("/workstation/action", post(workstation::action))
+        .route("/workstation/check-in", post(workstation::check_in))
         .route("/branch", get(branch_page::page))
         .with_state(ctx)
 }
@@ -120,6 +124,9 @@ fn from_error(ctx: &Context, e: Error) -> Response {
             (StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
         }
         Error::Conflict(_) => (StatusCode::CONFLICT, e.to_string()),
+        Error::CheckIn(r) => {
+            (StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::CONFLICT), e.to_string())
+        }
         Error::NotConfigured => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Error::Store(_) | Error::StoreGone(_) | Error::Internal(_) => {
             tracing::error!(error = %e, "terminal request failed");

@@ -1,7 +1,8 @@
 //! The counter workstation. Staff log in with their central credentials — verified locally
 //! against the synced hash, so it works offline — pick a counter, and work the queue: call next,
-//! recall, start serving, no-show, recycle, park, transfer, end. Plain forms with redirects; the
-//! session lives in an HttpOnly cookie.
+//! recall, start serving, no-show, recycle, park, transfer, end. Reception sees today's
+//! appointments with their attendance and checks customers in ("Check in"). Plain forms with
+//! redirects; the session lives in an HttpOnly cookie.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use super::{from_error, layout};
 use crate::Context;
 use crate::auth::{self, Refusal};
 use crate::error::Error;
-use crate::visits;
+use crate::{appointments, check_in, visits};
 
 pub const SESSION_COOKIE: &str = "meridian_session";
 const COUNTER_COOKIE: &str = "meridian_counter";
@@ -104,11 +105,17 @@ async fn render(
 ) -> crate::Result<Markup> {
     let config = ctx.site_config()?;
     let now = ctx.clock.now();
-    let (queues, points) = {
+    let tz = config.site.tz().map_err(Error::Internal)?;
+    let today = meridian_shared::business_day::business_day(tz, now);
+    let (queues, points, booked) = {
         let config = config.clone();
         ctx.db
             .read(move |c| {
-                Ok((visits::queues(c, &config, now)?, visits::service_points(c, &config)?))
+                Ok((
+                    visits::queues(c, &config, now)?,
+                    visits::service_points(c, &config)?,
+                    appointments::of_day(c, today)?,
+                ))
             })
             .await?
     };
@@ -154,6 +161,33 @@ async fn render(
                 tr { th { "Queue" } th { "Waiting" } th { "Longest wait" } }
                 @for q in &queues {
                     tr data-queue=(q.code) { td { (q.name) } td .waiting { (q.waiting) } td { (format!("{} min", q.longest_wait_secs / 60)) } }
+                }
+            }
+            h2 { "Today's appointments" }
+            @if booked.is_empty() { p .muted #no-appointments { "No appointments today." } }
+            @else {
+                table #appointments {
+                    tr { th { "Time" } th { "Customer" } th { "Service" } th { "Reference" } th { "Status" } th { "Ticket" } th {} }
+                    @for a in &booked {
+                        tr data-appointment=(a.id) {
+                            td { (a.start.get(11..).unwrap_or(&a.start)) }
+                            td { (a.customer_name) }
+                            td { (a.service) }
+                            td { (a.reference) }
+                            td .appointment-status {
+                                (a.check_in.attendance.map(|x| x.as_str()).unwrap_or(a.status.as_str()))
+                                @if let Some(c) = a.check_in.conflict { " · " span .message { (c) } }
+                            }
+                            td { (a.check_in.ticket.clone().unwrap_or_else(|| "—".into())) }
+                            td {
+                                @if a.check_in.attendance.is_none() && a.status == meridian_shared::appointments::AppointmentStatus::Booked {
+                                    form method="post" action="/workstation/check-in" {
+                                        button .check-in name="appointment" value=(a.id) { "Check in" }
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
             form method="post" action="/workstation/logout" { button #logout type="submit" { "Log out" } }
@@ -295,6 +329,35 @@ pub async fn action(
     };
     let encoded: String = url_encode(&msg);
     Redirect::to(&format!("/workstation?msg={encoded}")).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CheckInForm {
+    appointment: String,
+}
+
+/// Reception's "Check in": checks in one of today's appointments and says which ticket the
+/// customer got, or why not.
+pub async fn check_in(
+    State(ctx): State<Arc<Context>>,
+    headers: HeaderMap,
+    Form(form): Form<CheckInForm>,
+) -> Response {
+    if staff(&ctx, &headers).await.is_err() {
+        return Redirect::to("/workstation?msg=Please+log+in").into_response();
+    }
+    let result = match form.appointment.parse::<meridian_shared::AppointmentId>() {
+        Ok(id) => ctx.change(move |c, config, now| check_in::check_in(c, config, &id, now)).await,
+        Err(_) => Err(check_in::CheckInRefusal::Unknown(form.appointment.clone()).into()),
+    };
+    let msg = match result {
+        Ok(done) => {
+            format!("Checked in {}: ticket {}", done.appointment.customer_name, done.visit.ticket)
+        }
+        Err(e @ (Error::CheckIn(_) | Error::Conflict(_) | Error::NotFound(_))) => e.to_string(),
+        Err(e) => return from_error(&ctx, e),
+    };
+    Redirect::to(&format!("/workstation?msg={}", url_encode(&msg))).into_response()
 }
 
 fn url_encode(s: &str) -> String {

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::store::{AgentRecord, ApiToken, EnrollmentToken, Role, Store};
 
+pub mod appointment_sync;
 pub mod appointments;
 pub mod error;
 
@@ -87,6 +88,7 @@ pub fn router_with_clock(
         .route("/stats/status", get(stats_status))
         .route("/stats/quarantine", get(quarantine))
         .route("/stats/rebuild", post(rebuild_stats))
+        .merge(appointment_sync::routes(booking.clone()))
         .merge(appointments::routes(booking))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()

@@ -13,7 +13,7 @@
 //! **Same-day live sync:** each change names the site's current business day by the injected
 //! clock (`LiveSync`), and the store sends a change that touches that day to the site's agents
 //! in the change's own transaction (`Changed::sent_live` tells the caller to wake the gateway
-//! sessions). Appointments of later days are left to the nightly bulk sync (a later step). A
+//! sessions). Appointments of later days are left to the nightly bulk sync (`sync`). A
 //! change committed in the instant the site's day rolls over may be judged against the day
 //! before; the nightly sync covers the new day either way.
 
@@ -33,6 +33,7 @@ use crate::store::appointments::{
 };
 
 pub mod slots;
+pub mod sync;
 
 /// Longest customer name, in characters.
 pub const MAX_CUSTOMER_NAME: usize = 120;
@@ -92,6 +93,9 @@ pub struct ListQuery {
     pub from: Option<String>,
     pub to: Option<String>,
     pub status: Option<String>,
+    /// `true`: only appointments flagged with a conflict (`false`: only those without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<bool>,
     pub limit: Option<u32>,
 }
 
@@ -315,7 +319,10 @@ pub async fn list(store: &dyn Store, q: &ListQuery) -> Result<Vec<Appointment>> 
         errs.push("limit", format!("between 1 and {MAX_LIST}"));
     }
     errs.into_result()?;
-    store.list_appointments(&AppointmentFilter { site, from_day, to_day, status, limit }).await
+    let conflict = q.conflict;
+    store
+        .list_appointments(&AppointmentFilter { site, from_day, to_day, status, conflict, limit })
+        .await
 }
 
 /// The slots of a service on one site-local day, with what each has left.

@@ -107,6 +107,10 @@ enum AppointmentsCommand {
         /// booked or cancelled.
         #[arg(long)]
         status: Option<String>,
+        /// Only appointments flagged with a conflict (a central change met an arrival at the
+        /// branch).
+        #[arg(long)]
+        conflict: bool,
     },
     /// Show one appointment.
     Show { id: String },
@@ -287,12 +291,13 @@ async fn appointments(
             };
             appt::render_one(&appt::book(client, &req).await?, out)
         }
-        AppointmentsCommand::List { site, from, to, status } => {
+        AppointmentsCommand::List { site, from, to, status, conflict } => {
             let filter = appt::ListFilter {
                 site: site.as_deref(),
                 from: from.as_deref(),
                 to: to.as_deref(),
                 status: status.as_deref(),
+                conflict,
             };
             appt::render_list(&appt::list(client, &filter).await?, out)
         }

@@ -16,6 +16,8 @@ pub struct ListFilter<'a> {
     pub from: Option<&'a str>,
     pub to: Option<&'a str>,
     pub status: Option<&'a str>,
+    /// Only appointments flagged with a conflict.
+    pub conflict: bool,
 }
 
 pub async fn book(client: &Client, req: &BookRequest) -> Result<Appointment> {
@@ -31,6 +33,9 @@ pub async fn list(client: &Client, f: &ListFilter<'_>) -> Result<Vec<Appointment
             if let Some(v) = v {
                 q.append_pair(k, v);
             }
+        }
+        if f.conflict {
+            q.append_pair("conflict", "true");
         }
     }
     decode(client, client.send_to(Method::GET, url, None).await?)
@@ -70,7 +75,8 @@ pub async fn cancel(client: &Client, id: &str, req: &CancelRequest) -> Result<Ap
     client.call(Method::POST, &["appointments", id, "cancel"], Some(&body)).await
 }
 
-/// Appointments as a table: local start (the site's wall clock), site, service, customer.
+/// Appointments as a table: local start (the site's wall clock), site, service, customer,
+/// booking reference, state (with the branch's attendance) and any conflict.
 pub fn render_list(items: &[Appointment], output: Output) -> Result<String> {
     if output != Output::Table {
         return structured(items, output);
@@ -83,8 +89,12 @@ pub fn render_list(items: &[Appointment], output: Output) -> Result<String> {
             a.service.to_string(),
             format!("{}m", a.duration_minutes),
             a.customer_name.clone(),
+            a.reference.to_string(),
             a.external_ref.clone().unwrap_or_else(|| "-".into()),
             a.status.as_str().to_owned(),
+            a.state.as_str().to_owned(),
+            a.ticket.clone().unwrap_or_else(|| "-".into()),
+            a.conflict.map(|c| c.as_str().to_owned()).unwrap_or_else(|| "-".into()),
             a.revision.to_string(),
         ]
     });
@@ -96,8 +106,12 @@ pub fn render_list(items: &[Appointment], output: Output) -> Result<String> {
             "SERVICE",
             "LENGTH",
             "CUSTOMER",
-            "REFERENCE",
+            "BOOKING REF",
+            "EXTERNAL REF",
             "STATUS",
+            "STATE",
+            "TICKET",
+            "CONFLICT",
             "REV",
         ],
         rows,
@@ -120,8 +134,13 @@ pub fn render_one(a: &Appointment, output: Output) -> Result<String> {
         ("customer", a.customer_name.clone()),
         ("contact", opt(&a.customer_contact)),
         ("notes", opt(&a.notes)),
-        ("reference", opt(&a.external_ref)),
+        ("booking reference", a.reference.to_string()),
+        ("external reference", opt(&a.external_ref)),
         ("status", a.status.as_str().to_owned()),
+        ("state", a.state.as_str().to_owned()),
+        ("attendance", a.attendance.map(|x| x.as_str().to_owned()).unwrap_or_else(|| "-".into())),
+        ("ticket", opt(&a.ticket)),
+        ("conflict", a.conflict.map(|c| c.as_str().to_owned()).unwrap_or_else(|| "-".into())),
         ("cancel reason", opt(&a.cancel_reason)),
         ("revision", a.revision.to_string()),
     ]))

@@ -295,7 +295,10 @@ impl Projection {
                     self.closed.push(session);
                 }
             }
-            AgentEvent::ConfigApplied(_) => {}
+            AgentEvent::ConfigApplied(_)
+            | AgentEvent::AppointmentsSynced(_)
+            | AgentEvent::AppointmentSyncFailed(_)
+            | AgentEvent::AppointmentStatus(_) => {}
         }
     }
 

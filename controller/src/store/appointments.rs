@@ -19,6 +19,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use meridian_shared::appointments::AppointmentSnapshot;
+use meridian_shared::check_in::{AppointmentState, Attendance, Conflict, Reference};
 use meridian_shared::commands::ControllerCommand;
 use meridian_shared::{AppointmentId, Code, SiteCode};
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,79 @@ pub struct Appointment {
     pub revision: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The short booking reference (`XXXX-XXXX`, from the id) the customer shows at the branch.
+    pub reference: Reference,
+    /// Whether it was ever rescheduled.
+    #[serde(default)]
+    pub rescheduled: bool,
+    /// What the branch reported of the customer's attendance (`APPOINTMENT_STATUS` events).
+    #[serde(default)]
+    pub attendance: Option<Attendance>,
+    #[serde(default)]
+    pub attendance_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub arrived_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub visit_id: Option<String>,
+    #[serde(default)]
+    pub ticket: Option<String>,
+    /// A central change that met an arrival at the (offline) branch; the arrival won.
+    #[serde(default)]
+    pub conflict: Option<Conflict>,
+    #[serde(default)]
+    pub conflict_at: Option<DateTime<Utc>>,
+    /// created, rescheduled, cancelled, arrived, called, completed or no_show
+    /// (`AppointmentState::of`).
+    pub state: AppointmentState,
+}
+
+/// How one `APPOINTMENT_STATUS` event changes a central appointment (`attendance_update`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttendanceUpdate {
+    pub attendance: Attendance,
+    /// The conflict to record now, if the event reveals one.
+    pub conflict: Option<Conflict>,
+}
+
+/// The rule central applies to an attendance event from the branch, given the appointment's
+/// central `status`, `revision` and whether it was rescheduled:
+/// - the branch's attendance is recorded whatever central did meanwhile (the arrival wins);
+/// - an appointment cancelled centrally gets `cancelled_after_arrival`;
+/// - an event recorded against an older revision of an appointment central has rescheduled gets
+///   `rescheduled_after_arrival`;
+/// - a no-show by the branch's sweep (no visit) that central has since cancelled or moved is
+///   stale (the sweep judged a time that no longer holds) and changes nothing (`None`).
+pub fn attendance_update(
+    status: AppointmentStatus,
+    revision: u64,
+    rescheduled: bool,
+    event: &meridian_shared::events::AppointmentStatusChanged,
+) -> Option<AttendanceUpdate> {
+    let stale = event.revision < revision;
+    let cancelled = status == AppointmentStatus::Cancelled;
+    let arrived = event.visit_id.is_some() || event.status != Attendance::NoShow;
+    if !arrived && (cancelled || stale) {
+        return None;
+    }
+    let conflict = if cancelled {
+        Some(Conflict::CancelledAfterArrival)
+    } else if stale && rescheduled {
+        Some(Conflict::RescheduledAfterArrival)
+    } else {
+        None
+    };
+    Some(AttendanceUpdate { attendance: event.status, conflict })
+}
+
+/// Event kinds that change central appointments in the ingest transaction
+/// (`apply_appointment_events`).
+pub const APPOINTMENT_EVENT_KINDS: &[&str] = &[meridian_shared::events::APPOINTMENT_STATUS];
+
+/// Whether a batch holds an event for `apply_appointment_events` (the hot path skips it).
+pub fn has_appointment_events(events: &[&crate::store::IncomingEvent]) -> bool {
+    events
+        .iter()
+        .any(|e| e.quarantine.is_none() && APPOINTMENT_EVENT_KINDS.contains(&e.kind.as_str()))
 }
 
 /// What the store needs to send a change live to the site's agents: the site's current
@@ -131,6 +205,8 @@ pub struct AppointmentFilter {
     pub from_day: Option<NaiveDate>,
     pub to_day: Option<NaiveDate>,
     pub status: Option<AppointmentStatus>,
+    /// Only those with (`true`) or without (`false`) a conflict.
+    pub conflict: Option<bool>,
     pub limit: u32,
 }
 
@@ -207,7 +283,8 @@ macro_rules! appointment_select {
     () => {
         "SELECT id, site, service, starts_at, local_start, local_day, duration_minutes, \
          customer_name, customer_contact, notes, external_ref, status, cancel_reason, revision, \
-         created_at, updated_at FROM appointments"
+         created_at, updated_at, rescheduled, attendance, attendance_at, arrived_at, visit_id, \
+         ticket, conflict, conflict_at FROM appointments"
     };
 }
 pub(crate) use appointment_select;
@@ -235,6 +312,14 @@ pub(crate) struct AppointmentRow {
     revision: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    rescheduled: bool,
+    attendance: Option<String>,
+    attendance_at: Option<DateTime<Utc>>,
+    arrived_at: Option<DateTime<Utc>>,
+    visit_id: Option<String>,
+    ticket: Option<String>,
+    conflict: Option<String>,
+    conflict_at: Option<DateTime<Utc>>,
 }
 
 impl TryFrom<AppointmentRow> for Appointment {
@@ -248,8 +333,30 @@ impl TryFrom<AppointmentRow> for Appointment {
         };
         NaiveDateTime::parse_from_str(&r.local_start, LOCAL_START_FORMAT)
             .map_err(|_| corrupt("local_start", &r.local_start))?;
+        let id: AppointmentId = r.id.parse().map_err(|_| corrupt("id", &r.id))?;
+        let status =
+            AppointmentStatus::parse(&r.status).ok_or_else(|| corrupt("status", &r.status))?;
+        let attendance = r
+            .attendance
+            .as_deref()
+            .map(|a| Attendance::parse(a).ok_or_else(|| corrupt("attendance", a)))
+            .transpose()?;
         Ok(Appointment {
-            id: r.id.parse().map_err(|_| corrupt("id", &r.id))?,
+            id,
+            reference: id.reference(),
+            state: AppointmentState::of(status, r.rescheduled, attendance),
+            rescheduled: r.rescheduled,
+            attendance,
+            attendance_at: r.attendance_at,
+            arrived_at: r.arrived_at,
+            visit_id: r.visit_id,
+            ticket: r.ticket,
+            conflict: r
+                .conflict
+                .as_deref()
+                .map(|c| Conflict::parse(c).ok_or_else(|| corrupt("conflict", c)))
+                .transpose()?,
+            conflict_at: r.conflict_at,
             site: SiteCode::parse(&r.site).map_err(|_| corrupt("site", &r.site))?,
             service: Code::parse(&r.service).map_err(|_| corrupt("service", &r.service))?,
             local_day: r.local_day.parse().map_err(|_| corrupt("local_day", &r.local_day))?,
@@ -261,8 +368,7 @@ impl TryFrom<AppointmentRow> for Appointment {
             customer_contact: r.customer_contact,
             notes: r.notes,
             external_ref: r.external_ref,
-            status: AppointmentStatus::parse(&r.status)
-                .ok_or_else(|| corrupt("status", &r.status))?,
+            status,
             cancel_reason: r.cancel_reason,
             revision: r.revision as u64,
             created_at: r.created_at,
@@ -381,6 +487,89 @@ macro_rules! impl_appointment_store {
                 Ok(())
             }
 
+            /// Applies the batch's appointment events (`APPOINTMENT_EVENT_KINDS`) from an agent
+            /// of `site` to the central appointments, inside the ingest transaction `tx` (so
+            /// exactly once, with the events). A small dispatcher by kind.
+            pub(crate) async fn apply_appointment_events(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                site: &str,
+                events: &[&$crate::store::IncomingEvent],
+            ) -> $crate::error::Result<()> {
+                use meridian_shared::events::AgentEvent;
+                for e in events.iter().filter(|e| e.quarantine.is_none()) {
+                    if !$crate::store::appointments::APPOINTMENT_EVENT_KINDS.contains(&e.kind.as_str()) {
+                        continue;
+                    }
+                    match AgentEvent::decode(&e.kind, e.payload.as_bytes()) {
+                        Ok(Some(AgentEvent::AppointmentStatus(ev))) => {
+                            Self::apply_attendance(tx, site, &ev).await?
+                        }
+                        // The edge validated it; a payload that does not decode here is kept
+                        // as an event and changes nothing.
+                        other => tracing::warn!(kind = %e.kind, seq = e.seq, decoded = ?other.err(), "appointment event not applied"),
+                    }
+                }
+                Ok(())
+            }
+
+            /// One `APPOINTMENT_STATUS`: the branch's attendance, and any conflict it reveals
+            /// (`attendance_update`). An appointment of another site or unknown here is left
+            /// alone.
+            async fn apply_attendance(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                site: &str,
+                ev: &meridian_shared::events::AppointmentStatusChanged,
+            ) -> $crate::error::Result<()> {
+                let id = ev.appointment_id.to_string();
+                let row: Option<(String, i64, bool, Option<String>)> = sqlx::query_as(
+                    "SELECT status, revision, rescheduled, conflict FROM appointments \
+                     WHERE id = $1 AND site = $2",
+                )
+                .bind(&id)
+                .bind(site)
+                .fetch_optional(&mut **tx)
+                .await?;
+                let Some((status, revision, rescheduled, conflict)) = row else {
+                    tracing::warn!(appointment = %id, site, "attendance for an appointment this site does not have; ignored");
+                    return Ok(());
+                };
+                let status = $crate::store::appointments::AppointmentStatus::parse(&status)
+                    .unwrap_or($crate::store::appointments::AppointmentStatus::Booked);
+                let Some(update) = $crate::store::appointments::attendance_update(
+                    status,
+                    revision.max(0) as u64,
+                    rescheduled,
+                    ev,
+                ) else {
+                    return Ok(());
+                };
+                let new_conflict = update
+                    .conflict
+                    .map(|c| c.as_str())
+                    .filter(|c| conflict.as_deref() != Some(*c));
+                if let Some(c) = new_conflict {
+                    tracing::warn!(appointment = %id, site, conflict = c, "central changed an appointment the branch had checked in; the arrival stands");
+                }
+                let arrived_at = (ev.status == meridian_shared::check_in::Attendance::Arrived).then_some(ev.at);
+                sqlx::query(
+                    "UPDATE appointments SET attendance = $2, attendance_at = $3, \
+                     arrived_at = COALESCE(arrived_at, $4), visit_id = COALESCE($5, visit_id), \
+                     ticket = COALESCE($6, ticket), conflict = COALESCE($7, conflict), \
+                     conflict_at = CASE WHEN $7 IS NULL THEN conflict_at ELSE $3 END \
+                     WHERE id = $1",
+                )
+                .bind(&id)
+                .bind(update.attendance.as_str())
+                .bind(ev.at)
+                .bind(arrived_at)
+                .bind(ev.visit_id.map(|v| v.to_string()))
+                .bind(ev.ticket.as_deref())
+                .bind(new_conflict)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
             async fn reread_appointment(
                 tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
                 id: &str,
@@ -468,6 +657,9 @@ macro_rules! impl_appointment_store {
                 let id = id.to_string();
                 let mut tx = self.tx().await?;
                 let current = Self::lock_appointment(&mut tx, &id).await?;
+                if let Some(attendance) = current.attendance {
+                    return Err(AppointmentRefusal::AlreadyAttended(attendance).into());
+                }
                 if current.status == AppointmentStatus::Cancelled {
                     return Err(AppointmentRefusal::AlreadyCancelled.into());
                 }
@@ -488,7 +680,8 @@ macro_rules! impl_appointment_store {
                 .await?;
                 sqlx::query(
                     "UPDATE appointments SET starts_at = $2, local_start = $3, local_day = $4, \
-                     duration_minutes = $5, revision = revision + 1, updated_at = $6 WHERE id = $1",
+                     duration_minutes = $5, revision = revision + 1, updated_at = $6, \
+                     rescheduled = TRUE WHERE id = $1",
                 )
                 .bind(&id)
                 .bind(placement.starts_at)
@@ -517,6 +710,9 @@ macro_rules! impl_appointment_store {
                 let id = id.to_string();
                 let mut tx = self.tx().await?;
                 let current = Self::lock_appointment(&mut tx, &id).await?;
+                if let Some(attendance) = current.attendance {
+                    return Err(AppointmentRefusal::AlreadyAttended(attendance).into());
+                }
                 if current.status == AppointmentStatus::Cancelled {
                     return Err(AppointmentRefusal::AlreadyCancelled.into());
                 }
@@ -568,6 +764,7 @@ macro_rules! impl_appointment_store {
                         $crate::store::appointments::appointment_select!(),
                         " WHERE ($1 IS NULL OR site = $1) AND ($2 IS NULL OR local_day >= $2) \
                          AND ($3 IS NULL OR local_day <= $3) AND ($4 IS NULL OR status = $4) \
+                         AND ($6 IS NULL OR (conflict IS NOT NULL) = $6) \
                          ORDER BY starts_at, id LIMIT $5"
                     ))
                     .bind(f.site.as_ref().map(|s| s.as_str().to_owned()))
@@ -575,6 +772,7 @@ macro_rules! impl_appointment_store {
                     .bind(f.to_day.map(|d| d.to_string()))
                     .bind(f.status.map(|s| s.as_str()))
                     .bind(i64::from(f.limit))
+                    .bind(f.conflict)
                     .fetch_all(&self.pool)
                     .await?;
                 rows.into_iter().map(TryInto::try_into).collect()

@@ -21,6 +21,7 @@ fn site(code: &str) -> Resource {
         tags: vec![],
         end_of_day: Default::default(),
         share_customer_data: false,
+        appointment_sync: Default::default(),
     })
 }
 
@@ -628,6 +629,7 @@ pub async fn appointments_keep_capacity_and_revisions(store: &dyn Store) {
             from_day: from,
             to_day: from,
             status,
+            conflict: None,
             limit: 100,
         };
         async move {
@@ -729,6 +731,176 @@ pub async fn appointments_of_today_go_live_to_the_sites_agents(store: &dyn Store
     assert_eq!(chi_now.command_seq, chi.command_seq, "another site's agent gets nothing");
 }
 
+/// Attendance flows back: `APPOINTMENT_STATUS` events update the central appointment in the
+/// ingest transaction, exactly once (a replayed sequence changes nothing); an attended
+/// appointment can no longer be moved or cancelled; and the conflict rules: a cancel or a
+/// reschedule central made before it heard of the branch's check-in keeps the attendance and is
+/// flagged (`?conflict=true` lists them), while a sweep's no-show of a time central has since
+/// moved is stale and ignored. Another site's agent cannot touch the appointment.
+pub async fn appointment_attendance_flows_back_with_the_conflict_rules(store: &dyn Store) {
+    use super::appointments::{AppointmentFilter, AppointmentStatus, NewAppointment, Placement};
+    use crate::error::AppointmentRefusal;
+    use meridian_shared::check_in::{AppointmentState, Attendance, Conflict};
+    use meridian_shared::events::{AgentEvent, AppointmentStatusChanged};
+    use meridian_shared::{AppointmentId, Code, VisitId};
+    store.commit_config(commit(0, vec![site("SFO"), site("CHI")], &[])).await.expect("config");
+    let sfo = enroll_agent(store, "SFO", "s").await;
+    let chi = enroll_agent(store, "CHI", "c").await;
+    let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 3).expect("day");
+    let place = |hour: u32, minute: u32| Placement {
+        starts_at: Utc.with_ymd_and_hms(2026, 11, 3, hour, minute, 0).single().expect("time"),
+        local_start: day.and_hms_opt(hour, minute, 0).expect("local"),
+        duration_minutes: 15,
+        capacity: 5,
+    };
+    let book = |name: &str, hour: u32| {
+        let new = NewAppointment {
+            id: AppointmentId::new(),
+            site: SiteCode::parse("SFO").expect("site"),
+            service: Code::parse("ACC").expect("service"),
+            placement: place(hour, 0),
+            customer_name: name.into(),
+            customer_contact: None,
+            notes: None,
+            external_ref: None,
+            at: t0(),
+        };
+        async move { store.book_appointment(&new, None).await.expect("book") }
+    };
+    let event =
+        |seq: u64, id: AppointmentId, status: Attendance, visit: Option<VisitId>, revision: u64| {
+            let ev = AgentEvent::AppointmentStatus(AppointmentStatusChanged {
+                appointment_id: id,
+                status,
+                visit_id: visit,
+                ticket: visit.map(|_| "B101".to_owned()),
+                revision,
+                at: t0() + Duration::minutes(seq as i64),
+            });
+            IncomingEvent {
+                seq,
+                kind: ev.kind().into(),
+                occurred_at: t0() + Duration::minutes(seq as i64),
+                payload: String::from_utf8(ev.payload()).expect("utf-8"),
+                quarantine: None,
+            }
+        };
+    let get = |id: AppointmentId| async move {
+        store.appointment(id).await.expect("get").expect("appointment")
+    };
+    let refusal = |r: Result<super::appointments::Appointment>| match r {
+        Err(Error::Appointment(refusal)) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    let a = book("Ann", 9).await;
+    let c = book("Cy", 10).await;
+    let r = book("Ria", 11).await;
+    let seen = book("Sam", 12).await;
+    let n = book("Ned", 13).await;
+    assert_eq!((a.state, a.attendance, a.conflict), (AppointmentState::Created, None, None));
+    assert_eq!(a.reference, a.id.reference());
+
+    // The plain flow: arrived, called, completed, in one batch with a visit event.
+    let visit = VisitId::new();
+    let mut batch = events(1..=1);
+    batch.push(event(2, a.id, Attendance::Arrived, Some(visit), 1));
+    batch.push(event(3, a.id, Attendance::Called, Some(visit), 1));
+    let acked = store.ingest_events(sfo.id, &batch, t0()).await.expect("store").expect("ingest");
+    assert_eq!(acked, 3);
+    let now_a = get(a.id).await;
+    assert_eq!(
+        (now_a.attendance, now_a.state),
+        (Some(Attendance::Called), AppointmentState::Called)
+    );
+    assert_eq!(now_a.visit_id, Some(visit.to_string()));
+    assert_eq!(now_a.ticket.as_deref(), Some("B101"));
+    assert_eq!(now_a.arrived_at, Some(t0() + Duration::minutes(2)));
+    assert_eq!(now_a.revision, 1, "attendance is not a booking change");
+    let done = event(4, a.id, Attendance::Completed, Some(visit), 1);
+    store.ingest_events(sfo.id, &[done], t0()).await.expect("store").expect("ingest");
+    // A resent, already stored event (the agent resends from its acknowledgement) changes
+    // nothing: exactly once.
+    store.ingest_events(sfo.id, &batch[1..], t0()).await.expect("store").expect("ingest");
+    let now_a = get(a.id).await;
+    assert_eq!(
+        (now_a.attendance, now_a.state),
+        (Some(Attendance::Completed), AppointmentState::Completed)
+    );
+    assert_eq!(now_a.attendance_at, Some(t0() + Duration::minutes(4)));
+    assert_eq!(now_a.conflict, None);
+    // Attended: central can no longer move or cancel it.
+    assert_eq!(
+        refusal(store.reschedule_appointment(a.id, 1, &place(9, 30), t0(), None).await),
+        AppointmentRefusal::AlreadyAttended(Attendance::Completed)
+    );
+    assert_eq!(
+        refusal(store.cancel_appointment(a.id, None, None, t0(), None).await),
+        AppointmentRefusal::AlreadyAttended(Attendance::Completed)
+    );
+
+    // Cancelled centrally while the branch (offline) had checked the customer in.
+    store.cancel_appointment(c.id, None, None, t0(), None).await.expect("cancel");
+    // Rescheduled centrally likewise; and one the branch heard of before the check-in.
+    store.reschedule_appointment(r.id, 1, &place(11, 30), t0(), None).await.expect("move");
+    store.reschedule_appointment(seen.id, 1, &place(12, 30), t0(), None).await.expect("move");
+    // Moved centrally after the branch's sweep judged its old time a no-show.
+    store.reschedule_appointment(n.id, 1, &place(13, 30), t0(), None).await.expect("move");
+    let batch = [
+        event(5, c.id, Attendance::Arrived, Some(VisitId::new()), 1),
+        event(6, r.id, Attendance::Arrived, Some(VisitId::new()), 1),
+        event(7, seen.id, Attendance::Arrived, Some(VisitId::new()), 2),
+        event(8, n.id, Attendance::NoShow, None, 1),
+        event(9, c.id, Attendance::Called, Some(VisitId::new()), 2),
+    ];
+    store.ingest_events(sfo.id, &batch, t0()).await.expect("store").expect("ingest");
+    let now_c = get(c.id).await;
+    assert_eq!(now_c.status, AppointmentStatus::Cancelled);
+    assert_eq!(
+        (now_c.attendance, now_c.state),
+        (Some(Attendance::Called), AppointmentState::Called)
+    );
+    assert_eq!(now_c.conflict, Some(Conflict::CancelledAfterArrival));
+    assert_eq!(now_c.conflict_at, Some(t0() + Duration::minutes(5)), "flagged when first seen");
+    let now_r = get(r.id).await;
+    assert_eq!(
+        (now_r.attendance, now_r.state),
+        (Some(Attendance::Arrived), AppointmentState::Arrived)
+    );
+    assert_eq!(
+        (now_r.conflict, now_r.rescheduled),
+        (Some(Conflict::RescheduledAfterArrival), true)
+    );
+    let now_seen = get(seen.id).await;
+    assert_eq!((now_seen.attendance, now_seen.conflict), (Some(Attendance::Arrived), None));
+    let now_n = get(n.id).await;
+    assert_eq!((now_n.attendance, now_n.state), (None, AppointmentState::Rescheduled));
+
+    // Another site's agent, and a quarantined event, change nothing.
+    let mut stray = event(1, n.id, Attendance::Arrived, Some(VisitId::new()), 2);
+    store.ingest_events(chi.id, &[stray.clone()], t0()).await.expect("store").expect("ingest");
+    stray.seq = 10;
+    stray.quarantine = Some("bad".into());
+    store.ingest_events(sfo.id, &[stray], t0()).await.expect("store").expect("ingest");
+    assert_eq!(get(n.id).await.attendance, None);
+
+    let flagged = |conflict: Option<bool>| {
+        let filter = AppointmentFilter { conflict, limit: 100, ..Default::default() };
+        async move {
+            store
+                .list_appointments(&filter)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|x| x.customer_name)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(flagged(Some(true)).await, ["Cy", "Ria"]);
+    assert_eq!(flagged(Some(false)).await, ["Ann", "Sam", "Ned"]);
+    assert_eq!(flagged(None).await.len(), 5);
+}
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -745,6 +917,7 @@ macro_rules! store_conformance_suite {
             retention_removes_old_months_but_never_unprojected_events,
             appointments_keep_capacity_and_revisions,
             appointments_of_today_go_live_to_the_sites_agents,
+            appointment_attendance_flows_back_with_the_conflict_rules,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

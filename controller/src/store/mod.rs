@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::error::{EnrollError, Error, Result};
 
+pub mod appointment_sync;
 pub mod appointments;
 pub mod conformance;
 pub mod maintenance;
@@ -213,7 +214,12 @@ pub enum IngestError {
 
 #[async_trait]
 pub trait Store:
-    stats::StatsStore + appointments::AppointmentStore + Send + Sync + 'static
+    stats::StatsStore
+    + appointments::AppointmentStore
+    + appointment_sync::AppointmentSyncStore
+    + Send
+    + Sync
+    + 'static
 {
     /// `postgres` or `sqlite`.
     fn backend(&self) -> &'static str;
@@ -221,6 +227,8 @@ pub trait Store:
     // --- configuration ---
     /// The current revision and every resource.
     async fn load_config(&self) -> Result<(u64, Vec<Resource>)>;
+    /// The current revision alone (cheap: for caches of the configuration).
+    async fn config_revision(&self) -> Result<u64>;
     /// Commits `commit`; `Error::RevisionConflict` when the revision moved meanwhile.
     async fn commit_config(&self, commit: ConfigCommit) -> Result<u64>;
     /// Newest first.

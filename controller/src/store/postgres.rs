@@ -37,6 +37,8 @@ impl Backend for PgStore {
         "SELECT pg_advisory_xact_lock(hashtext('meridian_rollup:' || $1))";
     const BOOKING_LOCK: &'static str =
         "SELECT pg_advisory_xact_lock(hashtext('meridian_booking:' || $1))";
+    const SCHEDULE_LOCK: &'static str =
+        "SELECT pg_try_advisory_xact_lock(hashtext('meridian_appointment_sync_schedule'))";
 
     fn insert_rows(table: &Table, write: Write) -> String {
         let arrays: Vec<String> = table

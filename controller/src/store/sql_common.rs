@@ -209,6 +209,7 @@ macro_rules! impl_store {
     ($ty:ty, backend = $backend:literal, lock = $lock:literal) => {
         $crate::store::stats_sql::impl_stats_store!($ty);
         $crate::store::appointments::impl_appointment_store!($ty);
+        $crate::store::appointment_sync::impl_appointment_sync_store!($ty, lock = $lock);
 
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.
@@ -244,6 +245,14 @@ macro_rules! impl_store {
         impl $crate::store::Store for $ty {
             fn backend(&self) -> &'static str {
                 $backend
+            }
+
+            async fn config_revision(&self) -> $crate::error::Result<u64> {
+                let revision: i64 =
+                    sqlx::query_scalar("SELECT revision FROM config_state WHERE id = 1")
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(revision.max(0) as u64)
             }
 
             async fn load_config(
@@ -645,6 +654,26 @@ macro_rules! impl_store {
                 use $crate::store::IngestError;
                 let agent_id = $crate::store::sql_common::agent_key(agent);
                 let mut tx = self.tx().await?;
+                let batch: Vec<&$crate::store::IncomingEvent> = events.iter().collect();
+                let appointment_events =
+                    $crate::store::appointments::has_appointment_events(&batch);
+                if appointment_events {
+                    // Appointment events change appointments: take the site's booking lock
+                    // before the agent's row, in the order booking changes take them (booking
+                    // lock, then agents through `enqueue_command`), so the two never deadlock
+                    // and a cancel or reschedule sees the attendance committed before it.
+                    let site: Option<String> =
+                        sqlx::query_scalar("SELECT site FROM agents WHERE id = $1")
+                            .bind(&agent_id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    if let Some(site) = site {
+                        sqlx::query(<$ty as $crate::store::sql_common::Backend>::BOOKING_LOCK)
+                            .bind(&site)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
                 let row: Option<(i64, String, Option<chrono::DateTime<chrono::Utc>>)> =
                     sqlx::query_as(concat!(
                         "SELECT acked_seq, site, revoked_at FROM agents WHERE id = $1",
@@ -678,6 +707,10 @@ macro_rules! impl_store {
                     fresh.into_iter().partition(|e| e.quarantine.is_some());
                 if !fresh.is_empty() {
                     Self::insert_events(&mut tx, &agent_id, &site, &fresh, received_at).await?;
+                    if appointment_events {
+                        Self::apply_appointment_events(&mut tx, &site, &fresh).await?;
+                    }
+                    Self::apply_sync_reports(&mut tx, &agent_id, &fresh).await?;
                 }
                 let mut rows = $crate::store::stats_sql::Rows::new(&$crate::store::stats_sql::QUARANTINE);
                 for e in &refused {
@@ -789,6 +822,9 @@ pub trait Backend {
     /// Takes the transaction-scoped lock under which site `$1`'s appointments are booked,
     /// rescheduled and cancelled (a no-op where writers are serialized).
     const BOOKING_LOCK: &'static str;
+    /// Returns whether this transaction may run the nightly sync scheduler's tick now (one
+    /// replica at a time; the others skip their tick).
+    const SCHEDULE_LOCK: &'static str;
     /// `INSERT` into `table` of the rows `bind_rows` binds, meeting stored rows as `write` says.
     fn insert_rows(table: &super::stats_sql::Table, write: super::stats_sql::Write) -> String;
     /// Binds `rows` to a statement from `insert_rows`.

@@ -35,6 +35,7 @@ impl Backend for SqliteStore {
     const LOCK_OR_SKIP: &'static str = "";
     const SITE_LOCK: &'static str = "SELECT $1";
     const BOOKING_LOCK: &'static str = "SELECT $1";
+    const SCHEDULE_LOCK: &'static str = "SELECT TRUE";
 
     fn insert_rows(table: &Table, write: Write) -> String {
         let values: Vec<String> =
