@@ -53,6 +53,9 @@ pub enum Fault {
     Blackhole,
     /// Forward agent→controller, drop controller→agent (acknowledgements get lost).
     DropDownstream,
+    /// Forward both ways, but drop the first connection that carries more than this many
+    /// bytes controller→agent after the fault was set (a transfer cut in the middle); once.
+    CutOnceAfterDownstream(u64),
 }
 
 /// A TCP proxy between agent and controller whose link can be cut, blackholed or made lossy.
@@ -60,6 +63,8 @@ pub struct FaultProxy {
     pub addr: SocketAddr,
     fault: watch::Sender<(Fault, u64)>,
     upstream: watch::Sender<SocketAddr>,
+    /// Whether `CutOnceAfterDownstream` has cut its connection.
+    tripped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FaultProxy {
@@ -68,7 +73,12 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy addr");
         let (fault, _) = watch::channel((Fault::Pass, 0u64));
         let (up, _) = watch::channel(upstream);
-        let proxy = Arc::new(FaultProxy { addr, fault, upstream: up });
+        let proxy = Arc::new(FaultProxy {
+            addr,
+            fault,
+            upstream: up,
+            tripped: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        });
         let p = proxy.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -80,10 +90,16 @@ impl FaultProxy {
     }
 
     pub fn set(&self, fault: Fault) {
+        self.tripped.store(false, std::sync::atomic::Ordering::SeqCst);
         self.fault.send_modify(|(f, generation)| {
             *f = fault;
             *generation += 1;
         });
+    }
+
+    /// Whether a `CutOnceAfterDownstream` fault has cut its connection since it was set.
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn set_upstream(&self, addr: SocketAddr) {
@@ -92,7 +108,7 @@ impl FaultProxy {
 
     async fn serve(&self, client: TcpStream) {
         let mut fault_rx = self.fault.subscribe();
-        let (fault, generation) = *fault_rx.borrow_and_update();
+        let (fault, _) = *fault_rx.borrow_and_update();
         if fault == Fault::Cut {
             let _ = client.set_zero_linger();
             return;
@@ -118,8 +134,8 @@ impl FaultProxy {
         let _ = upstream.set_nodelay(true);
         let (cr, cw) = client.into_split();
         let (ur, uw) = upstream.into_split();
-        let up = pump(cr, uw, self.fault.subscribe(), true, generation);
-        let down = pump(ur, cw, self.fault.subscribe(), false, generation);
+        let up = pump(cr, uw, self.fault.subscribe(), true, self.tripped.clone());
+        let down = pump(ur, cw, self.fault.subscribe(), false, self.tripped.clone());
         tokio::join!(up, down);
     }
 }
@@ -130,9 +146,11 @@ async fn pump(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     mut fault: watch::Receiver<(Fault, u64)>,
     upstream: bool,
-    _generation: u64,
+    tripped: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
+    // Bytes forwarded since the fault last changed.
+    let mut forwarded = 0u64;
     loop {
         tokio::select! {
             n = r.read(&mut buf) => {
@@ -143,12 +161,27 @@ async fn pump(
                     Fault::DropDownstream => upstream,
                     Fault::Blackhole => false,
                     Fault::Cut => break,
+                    Fault::CutOnceAfterDownstream(limit) => {
+                        let before = forwarded;
+                        forwarded += n as u64;
+                        if !upstream
+                            && forwarded > limit
+                            && !tripped.swap(true, std::sync::atomic::Ordering::SeqCst)
+                        {
+                            // Deliver exactly up to the limit, then drop the connection.
+                            let keep = limit.saturating_sub(before) as usize;
+                            let _ = w.write_all(&buf[..keep.min(n)]).await;
+                            break;
+                        }
+                        true
+                    }
                 };
                 if forward && w.write_all(&buf[..n]).await.is_err() {
                     break;
                 }
             }
             changed = fault.changed() => {
+                forwarded = 0;
                 if changed.is_err() || fault.borrow().0 == Fault::Cut {
                     break;
                 }
