@@ -1,10 +1,11 @@
 //! Appointments at the branch: the site's appointments as the controller sent them
 //! (`APPOINTMENT_UPSERT`: every change to an appointment of the current business day, live),
-//! kept in the `appointments` table and shown read-only by the connector API
-//! (`GET /api/v1/appointments`). Check-in comes in a later step.
+//! kept in the `appointments` table and listed by the connector API
+//! (`GET /api/v1/appointments`). Check-in and attendance live in `check_in`.
 //!
-//! **Invariant:** a stored appointment is only ever replaced by a higher revision, so a
-//! replayed, duplicated or late snapshot changes nothing (`apply` is idempotent).
+//! **Invariants:** a stored appointment is only ever replaced by a higher revision, so a
+//! replayed, duplicated or late snapshot changes nothing (`apply` is idempotent); a snapshot
+//! updates only the central columns, never the branch's check-in columns.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use meridian_shared::appointments::{AppointmentSnapshot, AppointmentStatus};

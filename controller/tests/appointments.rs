@@ -711,6 +711,15 @@ async fn meridianctl_books_lists_and_cancels() {
         stdout.lines().nth(1).is_some_and(|l| l.contains("2026-03-09 11:45") && l.contains("ACC")),
         "{stdout}"
     );
+    // The booking reference, the state in the vocabulary and the branch's side.
+    let header = stdout.lines().next().unwrap_or_default();
+    for column in ["BOOKING REF", "STATE", "TICKET", "CONFLICT"] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(stdout.lines().nth(1).is_some_and(|l| l.contains(" created ")), "{stdout}");
+    let (code, stdout, _) = ctl(&["list", "--site", "SFO", "--conflict"]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout.lines().count(), 1, "nothing flagged: {stdout}");
     let (code, stdout, _) =
         ctl(&["slots", "--site", "SFO", "--service", "ACC", "--date", "2026-03-09"]).await;
     assert_eq!(code, Some(0));

@@ -14,7 +14,10 @@
 //!   reschedule the day it leaves or the day it moves to) appends one `APPOINTMENT_UPSERT`
 //!   command with the appointment's new state to the log of every active agent of the site in
 //!   the same transaction, so the branch gets every such change exactly once and in order.
-//!   Changes to later days append nothing: the nightly bulk sync (a later step) carries them.
+//!   Changes to later days append nothing: the nightly bulk sync (a later step) carries them;
+//! - the branch's attendance (`APPOINTMENT_STATUS`, applied in the ingest transaction by
+//!   `apply_appointment_events`) never bumps `revision`; once it is known, reschedule and
+//!   cancel are refused (`AlreadyAttended`).
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
@@ -804,6 +807,59 @@ pub(crate) use impl_appointment_store;
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn the_branchs_attendance_wins_and_reveals_conflicts() {
+        use AppointmentStatus::{Booked, Cancelled};
+        use meridian_shared::events::AppointmentStatusChanged;
+        use meridian_shared::{AppointmentId, VisitId};
+        let check = |(status, revision, rescheduled): (AppointmentStatus, u64, bool),
+                     (attendance, visit, event_revision): (Attendance, bool, u64),
+                     expected: Option<Option<Conflict>>| {
+            let event = AppointmentStatusChanged {
+                appointment_id: AppointmentId::new(),
+                status: attendance,
+                visit_id: visit.then(VisitId::new),
+                ticket: None,
+                revision: event_revision,
+                at: Utc::now(),
+            };
+            let update = attendance_update(status, revision, rescheduled, &event);
+            assert_eq!(
+                update.as_ref().map(|u| u.conflict),
+                expected,
+                "{status:?} r{revision} {rescheduled} / {attendance:?} {visit} r{event_revision}"
+            );
+            if let Some(u) = update {
+                assert_eq!(u.attendance, attendance);
+            }
+        };
+        use Attendance::{Arrived, Completed, NoShow};
+        check((Booked, 1, false), (Arrived, true, 1), Some(None));
+        check((Booked, 2, true), (Arrived, true, 2), Some(None));
+        check((Booked, 1, false), (NoShow, false, 1), Some(None));
+        // Central changed it before it heard of the check-in: the arrival wins, flagged.
+        check(
+            (Cancelled, 2, false),
+            (Arrived, true, 1),
+            Some(Some(Conflict::CancelledAfterArrival)),
+        );
+        check(
+            (Cancelled, 3, true),
+            (Completed, true, 2),
+            Some(Some(Conflict::CancelledAfterArrival)),
+        );
+        check((Booked, 2, true), (Arrived, true, 1), Some(Some(Conflict::RescheduledAfterArrival)));
+        // A no-show at a called visit is after an arrival too.
+        check(
+            (Cancelled, 2, false),
+            (NoShow, true, 1),
+            Some(Some(Conflict::CancelledAfterArrival)),
+        );
+        // The sweep's no-show of a time central has since moved or cancelled is stale.
+        check((Booked, 2, true), (NoShow, false, 1), None);
+        check((Cancelled, 2, false), (NoShow, false, 1), None);
+    }
 
     #[test]
     fn seats_overlap_by_time() {
