@@ -390,7 +390,8 @@ pub fn sweep_no_shows(conn: &Connection, config: &SiteConfig, now: DateTime<Utc>
 /// How often the no-show rule is checked.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// Runs `sweep_no_shows` every `SWEEP_EVERY` by the agent's clock until `shutdown`.
+/// Runs `sweep_no_shows` every `SWEEP_EVERY` by the agent's clock until `shutdown`; wakes the
+/// link and the terminals only when it marked something.
 pub async fn run_no_show_sweep(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     loop {
@@ -398,12 +399,14 @@ pub async fn run_no_show_sweep(ctx: Arc<Context>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if ctx.site_config().is_err() {
+        let Ok(config) = ctx.site_config() else {
             continue;
-        }
-        match ctx.change(sweep_no_shows).await {
+        };
+        let now = ctx.clock.now();
+        match ctx.db.write(move |c| sweep_no_shows(c, &config, now)).await {
             Ok(0) => {}
             Ok(n) => {
+                ctx.changed();
                 tracing::info!(appointments = n, "appointments not checked in became no-shows")
             }
             Err(e) => tracing::warn!(error = %e, "no-show sweep failed; retrying"),

@@ -126,9 +126,11 @@ pub fn attendance_update(
 pub const APPOINTMENT_EVENT_KINDS: &[&str] = &[meridian_shared::events::APPOINTMENT_STATUS];
 
 /// Whether a batch holds an event for `apply_appointment_events` (the hot path skips it).
-pub fn has_appointment_events(events: &[&crate::store::IncomingEvent]) -> bool {
+pub fn has_appointment_events<'a>(
+    events: impl IntoIterator<Item = &'a crate::store::IncomingEvent>,
+) -> bool {
     events
-        .iter()
+        .into_iter()
         .any(|e| e.quarantine.is_none() && APPOINTMENT_EVENT_KINDS.contains(&e.kind.as_str()))
 }
 

@@ -654,9 +654,8 @@ macro_rules! impl_store {
                 use $crate::store::IngestError;
                 let agent_id = $crate::store::sql_common::agent_key(agent);
                 let mut tx = self.tx().await?;
-                let batch: Vec<&$crate::store::IncomingEvent> = events.iter().collect();
                 let appointment_events =
-                    $crate::store::appointments::has_appointment_events(&batch);
+                    $crate::store::appointments::has_appointment_events(events);
                 if appointment_events {
                     // Appointment events change appointments: take the site's booking lock
                     // before the agent's row, in the order booking changes take them (booking
