@@ -354,6 +354,7 @@ async fn booking_and_bad_input(store: Arc<dyn Store>) {
         ("status=lost", "status"),
         ("limit=0", "limit"),
         ("colour=red", "query"),
+        ("conflict=maybe", "query"),
     ] {
         refused(
             &api.get(&format!("/api/v1/appointments?{query}")).await,
@@ -384,6 +385,13 @@ async fn booking_and_bad_input(store: Arc<dyn Store>) {
     assert_eq!(day, before);
     let (_, none) = api.get("/api/v1/appointments?from=2026-03-10").await;
     assert_eq!(none, json!([]));
+    let (_, flagged) = api.get("/api/v1/appointments?conflict=true").await;
+    assert_eq!(flagged, json!([]), "nothing is flagged without a branch");
+    // Every booking shows its booking reference and its state.
+    let first = &before[0];
+    let id: meridian_shared::AppointmentId = first["id"].as_str().expect("id").parse().expect("id");
+    assert_eq!(first["reference"], id.reference().to_string());
+    assert_eq!((&first["state"], &first["attendance"]), (&json!("created"), &Value::Null));
 }
 
 async fn reschedule_and_cancel(store: Arc<dyn Store>) {
