@@ -281,3 +281,106 @@ async fn a_sync_snapshots_once_resumes_identically_and_ends_once_on_postgres() {
     )
     .await;
 }
+
+/// The manual trigger over HTTP and through meridianctl: 202 with one sync per agent, typed
+/// 4xx for a malformed or unknown site, a site without an agent and a viewer token; the list
+/// and one sync; meridianctl's `sync` and `syncs` tables.
+#[tokio::test]
+async fn admins_trigger_a_sync_by_hand_and_list_syncs() {
+    use std::future::IntoFuture;
+
+    use meridian_controller::api::{self, ApiState};
+    use meridian_controller::ctl::{Client, CtlError, Output, appointments as appt};
+    use meridian_controller::store::Role;
+    let store = store::open(&fresh_sqlite_url()).await.expect("store");
+    configure(store.as_ref()).await;
+    let site = json!({"kind": "site", "code": "EMP", "name": "No agent", "time_zone": "UTC"});
+    let inputs = vec![serde_json::from_value::<ResourceInput>(site).expect("resource")];
+    config_admin::change(store.as_ref(), "test", inputs, vec![], ChangeMode::Upsert)
+        .await
+        .expect("config");
+    let admin = meridian_controller::server::ensure_bootstrap_token(store.as_ref(), None)
+        .await
+        .expect("token")
+        .expect("first token");
+    let (token, viewer) = api::new_api_token("viewer", Role::Viewer);
+    store.insert_api_token(&token).await.expect("viewer token");
+    let state = ApiState {
+        store: store.clone(),
+        metrics: Arc::new(meridian_controller::metrics::Metrics::default()),
+        commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+    };
+    let clock = Arc::new(meridian_shared::clock::ManualClock::new(at("2026-03-09T01:00:00Z")));
+    let router = api::router_with_clock(state, 1 << 20, clock);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(axum::serve(listener, router).into_future());
+    let client = Client::new(&server, Some(admin.clone())).expect("client");
+
+    let synced = appt::request_sync(&client, "TYO").await.expect("sync");
+    assert_eq!(synced.len(), 1);
+    assert_eq!((synced[0].site.as_str(), synced[0].reason.as_str()), ("TYO", "manual"));
+    assert_eq!(synced[0].state, SyncState::Requested);
+    let refused = |site: &'static str| {
+        let client = &client;
+        async move {
+            match appt::request_sync(client, site).await {
+                Err(CtlError::Api(f)) => (f.status, f.code),
+                other => panic!("expected a refusal for {site}, got {other:?}"),
+            }
+        }
+    };
+    assert_eq!(refused("no such site").await, (422, "validation_failed".into()));
+    assert_eq!(refused("XXX").await, (404, "not_found".into()));
+    assert_eq!(refused("EMP").await, (409, "no_agent".into()));
+    let as_viewer = Client::new(&server, Some(viewer)).expect("viewer client");
+    match appt::request_sync(&as_viewer, "TYO").await {
+        Err(CtlError::Api(f)) => assert_eq!(f.status, 403),
+        other => panic!("a viewer may not trigger a sync: {other:?}"),
+    }
+    let listed = appt::syncs(&as_viewer, Some("TYO")).await.expect("viewers read");
+    assert_eq!(listed.iter().map(|s| s.id).collect::<Vec<_>>(), [synced[0].id]);
+    assert!(appt::syncs(&client, None).await.expect("all").len() == 1);
+    let table = appt::render_syncs(&listed, Output::Table).expect("table");
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.starts_with("SYNC") && header.contains("STATE"), "{table}");
+    assert!(table.lines().nth(1).is_some_and(|l| l.contains("TYO") && l.contains("requested")));
+    let one: serde_json::Value = reqwest::Client::new()
+        .get(format!("{server}/api/v1/appointments/syncs/{}", synced[0].id))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("show")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["state"], "requested");
+    let missing = reqwest::Client::new()
+        .get(format!("{server}/api/v1/appointments/syncs/not-a-uuid"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("show");
+    assert_eq!(missing.status(), 404);
+
+    // The binary.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meridianctl"))
+        .args(["--server", &server, "--token", &admin, "appointments", "sync", "NYC"])
+        .env_remove("MERIDIAN_SERVER")
+        .env_remove("MERIDIAN_TOKEN")
+        .output()
+        .await
+        .expect("run meridianctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.lines().nth(1).is_some_and(|l| l.contains("NYC") && l.contains("manual")));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meridianctl"))
+        .args(["--server", &server, "--token", &admin, "appointments", "sync", "XXX"])
+        .env_remove("MERIDIAN_SERVER")
+        .env_remove("MERIDIAN_TOKEN")
+        .output()
+        .await
+        .expect("run meridianctl");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
+}

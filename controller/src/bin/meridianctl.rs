@@ -114,6 +114,15 @@ enum AppointmentsCommand {
     },
     /// Show one appointment.
     Show { id: String },
+    /// Send a site's appointments of today and the coming days to its agent now (what the
+    /// nightly job does at the site's sync time).
+    Sync { site: String },
+    /// Bulk syncs, newest first, with their state (requested, sending, completed, failed,
+    /// superseded).
+    Syncs {
+        #[arg(long)]
+        site: Option<String>,
+    },
     /// A service's slots on one day, with what each has left.
     Slots {
         #[arg(long)]
@@ -302,6 +311,12 @@ async fn appointments(
             appt::render_list(&appt::list(client, &filter).await?, out)
         }
         AppointmentsCommand::Show { id } => appt::render_one(&appt::show(client, &id).await?, out),
+        AppointmentsCommand::Sync { site } => {
+            appt::render_syncs(&appt::request_sync(client, &site).await?, out)
+        }
+        AppointmentsCommand::Syncs { site } => {
+            appt::render_syncs(&appt::syncs(client, site.as_deref()).await?, out)
+        }
         AppointmentsCommand::Slots { site, service, date } => {
             appt::render_slots(&appt::slots(client, &site, &service, &date).await?, out)
         }

@@ -1,12 +1,14 @@
 //! `meridianctl appointments …`: book, list, show, slots, reschedule, cancel through
-//! `/api/v1/appointments`, and their tables. Requests are the API's own types, so the server
-//! validates everything (and reports every problem with its field).
+//! `/api/v1/appointments`, bulk syncs (`sync`, `syncs`), and their tables. Requests are the
+//! API's own types, so the server validates everything (and reports every problem with its
+//! field).
 
 use reqwest::Method;
 use serde_json::Value;
 
 use super::{Client, CtlError, Output, Result, structured};
 use crate::appointments::{BookRequest, CancelRequest, DaySlots, RescheduleRequest};
+use crate::store::appointment_sync::SyncRecord;
 use crate::store::appointments::Appointment;
 
 /// What `meridianctl appointments list` asks for.
@@ -43,6 +45,58 @@ pub async fn list(client: &Client, f: &ListFilter<'_>) -> Result<Vec<Appointment
 
 pub async fn show(client: &Client, id: &str) -> Result<Appointment> {
     client.call(Method::GET, &["appointments", id], None).await
+}
+
+/// Requests a bulk sync of `site`'s agents now; returns the syncs requested.
+pub async fn request_sync(client: &Client, site: &str) -> Result<Vec<SyncRecord>> {
+    let body = serde_json::json!({ "site": site });
+    let v: Value = client.call(Method::POST, &["appointments", "sync"], Some(&body)).await?;
+    decode(client, v.get("syncs").cloned())
+}
+
+pub async fn syncs(client: &Client, site: Option<&str>) -> Result<Vec<SyncRecord>> {
+    let mut url = client.url(&["appointments", "syncs"])?;
+    if let Some(site) = site {
+        url.query_pairs_mut().append_pair("site", site);
+    }
+    decode(client, client.send_to(Method::GET, url, None).await?)
+}
+
+pub fn render_syncs(items: &[SyncRecord], output: Output) -> Result<String> {
+    if output != Output::Table {
+        return structured(&items, output);
+    }
+    let day = |d: Option<chrono::NaiveDate>| d.map(|d| d.to_string()).unwrap_or_default();
+    let rows = items.iter().map(|s| {
+        vec![
+            s.id.to_string(),
+            s.site.to_string(),
+            s.reason.clone(),
+            s.state.as_str().to_owned(),
+            s.requested_at.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+            match (s.from_day, s.to_day) {
+                (None, None) => String::new(),
+                (from, to) => format!("{}..{}", day(from), day(to)),
+            },
+            s.appointments.map(|n| n.to_string()).unwrap_or_default(),
+            s.resumed.to_string(),
+            s.error.clone().unwrap_or_default(),
+        ]
+    });
+    Ok(grid(
+        &[
+            "SYNC",
+            "SITE",
+            "REASON",
+            "STATE",
+            "REQUESTED",
+            "DAYS",
+            "APPOINTMENTS",
+            "RESUMED",
+            "ERROR",
+        ],
+        rows,
+    ))
 }
 
 pub async fn slots(client: &Client, site: &str, service: &str, date: &str) -> Result<DaySlots> {
