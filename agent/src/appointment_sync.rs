@@ -82,6 +82,7 @@ pub fn apply_live(
     let applied = crate::appointments::apply(conn, snap, now)?;
     if applied {
         set_source(conn, &snap.id.to_string(), seq)?;
+        crate::closures::flag_if_closed(conn, snap, now)?;
     }
     Ok(applied)
 }
@@ -374,6 +375,7 @@ fn replace(
         let sid = snap.id.to_string();
         if crate::appointments::apply(conn, snap, now)? {
             set_source(conn, &sid, manifest.as_of_command_seq)?;
+            crate::closures::flag_if_closed(conn, snap, now)?;
             stored += 1;
         }
         seen.insert(sid);

@@ -46,6 +46,8 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/events", get(event_feed))
         .route("/api/v1/appointments", get(list_appointments))
         .route("/api/v1/appointments/sync", get(appointment_sync_status))
+        .route("/api/v1/closures", get(list_closures).post(close_branch))
+        .route("/api/v1/closures/{id}", axum::routing::delete(reopen_branch))
         .route("/api/v1/appointments/check-in", post(check_in_by_text))
         .route("/api/v1/appointments/{id}/check-in", post(check_in_by_id))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authenticate));
@@ -255,6 +257,42 @@ async fn list_visits(
     let status = VisitStatus::parse(&raw)
         .ok_or_else(|| Error::Validation(format!("unknown status {raw:?}")))?;
     Ok(Json(ctx.db.read(move |c| visits::list(c, status)).await?))
+}
+
+/// Closes part of a day at the branch (staff or integrations): 201 with the closure and how
+/// many expected appointments it flagged; field errors as 422.
+async fn close_branch(
+    State(ctx): State<Arc<Context>>,
+    body: Result<Json<crate::closures::NewClosure>, JsonRejection>,
+) -> Json201<crate::closures::BranchClosure> {
+    let Json(input) = body?;
+    let made =
+        change(&ctx, move |c, config, now| crate::closures::close(c, config, &input, now)).await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+/// Withdraws a closure (404 unknown, 409 already withdrawn).
+async fn reopen_branch(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::closures::BranchClosure>, ApiError> {
+    if id.len() > 64 {
+        return Err(Error::NotFound(format!(
+            "closure {}",
+            id.chars().take(64).collect::<String>()
+        ))
+        .into());
+    }
+    Ok(Json(change(&ctx, move |c, _, now| crate::closures::reopen(c, &id, now)).await?))
+}
+
+/// Closures of today and later (withdrawn ones with `reopened_at`).
+async fn list_closures(
+    State(ctx): State<Arc<Context>>,
+) -> Result<Json<Vec<crate::closures::BranchClosure>>, ApiError> {
+    let tz = config(&ctx)?.site.tz().map_err(Error::Internal)?;
+    let today = meridian_shared::business_day::business_day(tz, ctx.clock.now());
+    Ok(Json(ctx.db.read(move |c| crate::closures::list(c, today)).await?))
 }
 
 /// The bulk appointment sync at this branch: the set in force (watermark) and the latest

@@ -18,6 +18,7 @@ pub mod appointments;
 pub mod auth;
 pub mod branch_api;
 pub mod check_in;
+pub mod closures;
 pub mod error;
 pub mod link;
 pub mod openapi;

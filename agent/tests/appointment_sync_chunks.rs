@@ -27,11 +27,13 @@ use uuid::Uuid;
 
 /// What the scripted gateway serves for each sync id: the chunks (two per sync).
 type Script = Arc<Mutex<Vec<(Uuid, Vec<AppointmentChunk>)>>>;
+/// The current session's outbound frames, for pushing commands down it.
+type Downlink = Arc<Mutex<Option<mpsc::Sender<Result<ControllerFrame, Status>>>>>;
 
 struct ScriptedGateway {
     script: Script,
     /// Commands to push down the current session.
-    commands: Arc<Mutex<Option<mpsc::Sender<Result<ControllerFrame, Status>>>>>,
+    commands: Downlink,
 }
 
 #[tonic::async_trait]
@@ -162,8 +164,7 @@ async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
 #[tokio::test]
 async fn a_corrupt_chunk_is_refused_and_the_previous_set_stays_in_force() {
     let script: Script = Arc::default();
-    let commands: Arc<Mutex<Option<mpsc::Sender<Result<ControllerFrame, Status>>>>> =
-        Arc::default();
+    let commands: Downlink = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(

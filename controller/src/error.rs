@@ -63,6 +63,9 @@ pub enum AppointmentRefusal {
     /// been missed) and can no longer be moved or cancelled.
     #[error("the branch already recorded this appointment as {0}; it can no longer be changed")]
     AlreadyAttended(meridian_shared::check_in::Attendance),
+    /// The branch closed that time (`BRANCH_CLOSED`).
+    #[error("the branch closed {from}-{to} that day: {reason}")]
+    SlotClosed { from: String, to: String, reason: String },
 }
 
 impl AppointmentRefusal {
@@ -74,6 +77,7 @@ impl AppointmentRefusal {
             AppointmentRefusal::AlreadyCancelled => "already_cancelled",
             AppointmentRefusal::ExternalRefTaken(_) => "external_ref_taken",
             AppointmentRefusal::AlreadyAttended(_) => "already_attended",
+            AppointmentRefusal::SlotClosed { .. } => "slot_closed",
         }
     }
 }

@@ -192,16 +192,23 @@ pub enum Conflict {
     CancelledAfterArrival,
     /// Rescheduled centrally while (or after) the customer was checked in at the branch.
     RescheduledAfterArrival,
+    /// Booked (or moved) centrally into a time the branch had closed before central knew
+    /// (`closures`): the booking stands, flagged for admins to rebook or cancel.
+    SlotClosedAtBranch,
 }
 
 impl Conflict {
-    pub const ALL: [Conflict; 2] =
-        [Conflict::CancelledAfterArrival, Conflict::RescheduledAfterArrival];
+    pub const ALL: [Conflict; 3] = [
+        Conflict::CancelledAfterArrival,
+        Conflict::RescheduledAfterArrival,
+        Conflict::SlotClosedAtBranch,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Conflict::CancelledAfterArrival => "cancelled_after_arrival",
             Conflict::RescheduledAfterArrival => "rescheduled_after_arrival",
+            Conflict::SlotClosedAtBranch => "slot_closed_at_branch",
         }
     }
 

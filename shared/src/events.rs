@@ -17,6 +17,8 @@ pub const MAX_EVENT_KIND: usize = 64;
 pub const APPOINTMENTS_SYNCED: &str = "APPOINTMENTS_SYNCED";
 pub const APPOINTMENTS_SYNC_FAILED: &str = "APPOINTMENTS_SYNC_FAILED";
 pub const APPOINTMENT_STATUS: &str = "APPOINTMENT_STATUS";
+pub const BRANCH_CLOSED: &str = "BRANCH_CLOSED";
+pub const BRANCH_REOPENED: &str = "BRANCH_REOPENED";
 
 /// A typed event produced by the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +32,9 @@ pub enum AgentEvent {
     AppointmentSyncFailed(AppointmentSyncFailed),
     /// The branch's record of a customer's attendance of an appointment changed.
     AppointmentStatus(AppointmentStatusChanged),
+    /// Staff closed part of a day at the branch (`closures`).
+    BranchClosed(crate::closures::BranchClosed),
+    BranchReopened(crate::closures::BranchReopened),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +215,8 @@ impl AgentEvent {
             AgentEvent::AppointmentsSynced(_) => APPOINTMENTS_SYNCED,
             AgentEvent::AppointmentSyncFailed(_) => APPOINTMENTS_SYNC_FAILED,
             AgentEvent::AppointmentStatus(_) => APPOINTMENT_STATUS,
+            AgentEvent::BranchClosed(_) => BRANCH_CLOSED,
+            AgentEvent::BranchReopened(_) => BRANCH_REOPENED,
         }
     }
 
@@ -223,6 +230,8 @@ impl AgentEvent {
             AgentEvent::AppointmentsSynced(e) => serde_json::to_vec(e),
             AgentEvent::AppointmentSyncFailed(e) => serde_json::to_vec(e),
             AgentEvent::AppointmentStatus(e) => serde_json::to_vec(e),
+            AgentEvent::BranchClosed(e) => serde_json::to_vec(e),
+            AgentEvent::BranchReopened(e) => serde_json::to_vec(e),
         };
         // Serializing plain structs of strings and numbers cannot fail.
         value.unwrap_or_default()
@@ -259,6 +268,19 @@ impl AgentEvent {
                     return Err(WireEventError::Payload("ticket must be 1-32 characters".into()));
                 }
                 AgentEvent::AppointmentStatus(e)
+            }
+            BRANCH_CLOSED => {
+                let e: crate::closures::BranchClosed =
+                    serde_json::from_slice(payload).map_err(bad)?;
+                if e.closure.from >= e.closure.to
+                    || e.closure.reason.chars().count() > crate::closures::MAX_REASON
+                {
+                    return Err(WireEventError::Payload("not a valid closure".into()));
+                }
+                AgentEvent::BranchClosed(e)
+            }
+            BRANCH_REOPENED => {
+                AgentEvent::BranchReopened(serde_json::from_slice(payload).map_err(bad)?)
             }
             _ => return Ok(None),
         }))

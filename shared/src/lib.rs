@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod business_day;
 pub mod check_in;
 pub mod clock;
+pub mod closures;
 pub mod commands;
 pub mod config;
 pub mod customer;

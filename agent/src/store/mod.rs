@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("../../../migrations/agent/0007_appointments.sql")),
     (8, include_str!("../../../migrations/agent/0008_appointment_check_in.sql")),
     (9, include_str!("../../../migrations/agent/0009_appointment_sync.sql")),
+    (10, include_str!("../../../migrations/agent/0010_branch_closures.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;

@@ -2,7 +2,8 @@
 //! drive it. `POST /appointments/sync {"site"}` requests a sync of the site's agents now (admin;
 //! the same path the nightly job takes); `GET /appointments/syncs?site=&limit=` lists syncs,
 //! newest first; `GET /appointments/syncs/{id}` shows one; `GET /appointments/sync-schedule`
-//! gives each site's next scheduled run.
+//! gives each site's next scheduled run; `GET /appointments/closures?site=&from=&to=` lists
+//! the closures branches decided on their own (what makes bookings `slot_closed`).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -23,6 +24,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(state: AppointmentsState) -> Rou
         .route("/appointments/syncs", get(list))
         .route("/appointments/syncs/{id}", get(show))
         .route("/appointments/sync-schedule", get(schedule))
+        .route("/appointments/closures", get(closures))
         .with_state(state)
 }
 
@@ -120,4 +122,40 @@ async fn schedule(State(s): State<AppointmentsState>) -> ApiResult<Json<Vec<Sche
     Ok(Json(
         rows.into_iter().map(|(site, next_due_at)| ScheduleEntry { site, next_due_at }).collect(),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClosuresQuery {
+    site: Option<String>,
+    /// First site-local day, `YYYY-MM-DD` (default: 7 days ago by UTC).
+    from: Option<String>,
+    /// Last site-local day (default: a year after `from`).
+    to: Option<String>,
+}
+
+async fn closures(
+    State(s): State<AppointmentsState>,
+    query: Result<Query<ClosuresQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Vec<crate::store::appointments::SiteClosure>>> {
+    let Query(q) = query.map_err(query_error)?;
+    let site = q
+        .site
+        .as_deref()
+        .map(|raw| SiteCode::parse(raw).map_err(|e| unprocessable("site", e.message)))
+        .transpose()?;
+    let day = |field: &str, raw: Option<&str>| {
+        raw.map(|r| {
+            r.parse::<chrono::NaiveDate>()
+                .map_err(|_| unprocessable(field, format!("{r:?} is not a date YYYY-MM-DD")))
+        })
+        .transpose()
+    };
+    let from = day("from", q.from.as_deref())?
+        .unwrap_or_else(|| s.clock.now().date_naive() - chrono::Days::new(7));
+    let to = day("to", q.to.as_deref())?.unwrap_or(from + chrono::Days::new(366));
+    if to < from {
+        return Err(unprocessable("to", "must not be before from".into()));
+    }
+    Ok(Json(s.store.site_closures(site.as_ref(), from, to).await?))
 }

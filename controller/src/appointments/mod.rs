@@ -127,8 +127,11 @@ pub struct SlotView {
     pub capacity: u32,
     pub booked: u32,
     pub remaining: u32,
-    /// Whether it can be booked now: not started yet and a seat left.
+    /// Whether it can be booked now: not started yet, a seat left, not closed by the branch.
     pub bookable: bool,
+    /// The branch closed this time (`BRANCH_CLOSED`).
+    #[serde(default)]
+    pub closed_at_branch: bool,
 }
 
 /// An appointment after a change, and whether the change went to the site's agents (the
@@ -336,6 +339,7 @@ pub async fn day_slots(store: &dyn Store, clock: &dyn Clock, q: &SlotsQuery) -> 
         return Err(Error::Internal("slots validated without a service".into()));
     };
     let held = store.held_seats(&target.site.code, &target.service, date).await?;
+    let closures = store.site_closures(Some(&target.site.code), date, date).await?;
     let now = clock.now();
     let minutes = chrono::Duration::minutes(i64::from(target.policy.slot_minutes));
     let slots = slots::day_slots(&target.site, target.tz, &target.policy, date)
@@ -343,13 +347,21 @@ pub async fn day_slots(store: &dyn Store, clock: &dyn Clock, q: &SlotsQuery) -> 
         .map(|slot| {
             let booked = seats_taken(&held, slot.starts_at, slot.starts_at + minutes);
             let remaining = target.policy.capacity.saturating_sub(booked);
+            let placement = crate::store::appointments::Placement {
+                starts_at: slot.starts_at,
+                local_start: slot.local_start,
+                duration_minutes: target.policy.slot_minutes,
+                capacity: target.policy.capacity,
+            };
+            let closed = crate::store::appointments::closed_by(&closures, &placement).is_some();
             SlotView {
                 start: slot.local_start.format(LOCAL_START_FORMAT).to_string(),
                 starts_at: slot.starts_at,
                 capacity: target.policy.capacity,
                 booked,
                 remaining,
-                bookable: remaining > 0 && slot.starts_at >= now,
+                bookable: remaining > 0 && slot.starts_at >= now && !closed,
+                closed_at_branch: closed,
             }
         })
         .collect();

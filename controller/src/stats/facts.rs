@@ -298,7 +298,9 @@ impl Projection {
             AgentEvent::ConfigApplied(_)
             | AgentEvent::AppointmentsSynced(_)
             | AgentEvent::AppointmentSyncFailed(_)
-            | AgentEvent::AppointmentStatus(_) => {}
+            | AgentEvent::AppointmentStatus(_)
+            | AgentEvent::BranchClosed(_)
+            | AgentEvent::BranchReopened(_) => {}
         }
     }
 

@@ -7,7 +7,7 @@
 //! - requesting a sync writes the row and the agent's `APPOINTMENTS_SYNC` command in one
 //!   transaction, and supersedes (and forgets the snapshot of) the agent's unfinished syncs;
 //! - a sync's snapshot is taken once, at its first fetch, under the site's booking lock
-//!   (`Backend::BOOKING_LOCK`), together with the agent's command log high-water mark: no
+//!   (`Backend::BOOKING_LOCK`, taken before the sync's row, as ingest does), together with the agent's command log high-water mark: no
 //!   booking change of the site commits between the two, so every appointment change the
 //!   snapshot misses is in the agent's log after `as_of_command_seq`. Every later fetch (a
 //!   resumed transfer) reads the same chunks;
@@ -600,6 +600,18 @@ macro_rules! impl_appointment_sync_store {
                 use $crate::store::appointment_sync::{SyncManifest, SyncRecord, SyncState};
                 use $crate::store::sql_common::Backend;
                 let mut tx = self.tx().await?;
+                // The site's booking lock before the sync's row: the order ingest takes them
+                // (booking lock, agent row, sync row), so the two never deadlock. A sync's site
+                // never changes, so it may be read first.
+                let site: Option<String> =
+                    sqlx::query_scalar("SELECT site FROM appointment_syncs WHERE id = $1")
+                        .bind(id.to_string())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some(site) = site else {
+                    return Err($crate::error::Error::NotFound(format!("sync {id}")));
+                };
+                sqlx::query(<$ty as Backend>::BOOKING_LOCK).bind(&site).execute(&mut *tx).await?;
                 let row: Option<$crate::store::appointment_sync::SyncRow> =
                     sqlx::query_as(concat!(
                         $crate::store::appointment_sync::sync_select!(),
@@ -618,10 +630,6 @@ macro_rules! impl_appointment_sync_store {
                 }
                 let manifest = match record.state {
                     SyncState::Requested => {
-                        sqlx::query(<$ty as Backend>::BOOKING_LOCK)
-                            .bind(record.site.as_str())
-                            .execute(&mut *tx)
-                            .await?;
                         let as_of: i64 =
                             sqlx::query_scalar("SELECT command_seq FROM agents WHERE id = $1")
                                 .bind(agent.to_string())

@@ -123,7 +123,80 @@ pub fn attendance_update(
 
 /// Event kinds that change central appointments in the ingest transaction
 /// (`apply_appointment_events`).
-pub const APPOINTMENT_EVENT_KINDS: &[&str] = &[meridian_shared::events::APPOINTMENT_STATUS];
+pub const APPOINTMENT_EVENT_KINDS: &[&str] = &[
+    meridian_shared::events::APPOINTMENT_STATUS,
+    meridian_shared::events::BRANCH_CLOSED,
+    meridian_shared::events::BRANCH_REOPENED,
+];
+
+/// A closure a branch decided on its own (`BRANCH_CLOSED`), as central keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteClosure {
+    pub site: SiteCode,
+    #[serde(flatten)]
+    pub closure: meridian_shared::closures::Closure,
+    pub closed_at: DateTime<Utc>,
+    pub reopened_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ClosureRow {
+    id: String,
+    site: String,
+    day: String,
+    from_time: String,
+    to_time: String,
+    reason: String,
+    closed_at: DateTime<Utc>,
+    reopened_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<ClosureRow> for SiteClosure {
+    type Error = Error;
+    fn try_from(r: ClosureRow) -> Result<Self> {
+        use meridian_shared::closures::hh_mm;
+        let corrupt = |what: &str, value: &str| {
+            Error::Internal(format!(
+                "corrupt value in site_closures.{what}: {:?}",
+                value.chars().take(40).collect::<String>()
+            ))
+        };
+        Ok(SiteClosure {
+            site: SiteCode::parse(&r.site).map_err(|_| corrupt("site", &r.site))?,
+            closure: meridian_shared::closures::Closure {
+                id: r.id.parse().map_err(|_| corrupt("id", &r.id))?,
+                day: r.day.parse().map_err(|_| corrupt("day", &r.day))?,
+                from: hh_mm::parse(&r.from_time).map_err(|_| corrupt("from_time", &r.from_time))?,
+                to: hh_mm::parse(&r.to_time).map_err(|_| corrupt("to_time", &r.to_time))?,
+                reason: r.reason,
+            },
+            closed_at: r.closed_at,
+            reopened_at: r.reopened_at,
+        })
+    }
+}
+
+/// The closure columns, for `concat!`-built queries.
+macro_rules! closure_select {
+    () => {
+        "SELECT id, site, day, from_time, to_time, reason, closed_at, reopened_at FROM site_closures"
+    };
+}
+pub(crate) use closure_select;
+
+/// The open closure of `closures` that `placement` (site wall clock) overlaps, if any.
+pub fn closed_by<'a>(
+    closures: &'a [SiteClosure],
+    placement: &Placement,
+) -> Option<&'a SiteClosure> {
+    closures.iter().filter(|c| c.reopened_at.is_none()).find(|c| {
+        c.closure.overlaps(
+            placement.local_start.date(),
+            placement.local_start.time(),
+            placement.duration_minutes,
+        )
+    })
+}
 
 /// Whether a batch holds an event for `apply_appointment_events` (the hot path skips it).
 pub fn has_appointment_events<'a>(
@@ -273,6 +346,14 @@ pub trait AppointmentStore: Send + Sync {
     async fn appointment(&self, id: AppointmentId) -> Result<Option<Appointment>>;
     /// By start, then id; at most `filter.limit`.
     async fn list_appointments(&self, filter: &AppointmentFilter) -> Result<Vec<Appointment>>;
+    /// The closures branches reported (open and withdrawn) of `site` (or every site) from
+    /// `from` to `to` (site-local days, inclusive), by day and time.
+    async fn site_closures(
+        &self,
+        site: Option<&SiteCode>,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<SiteClosure>>;
     /// The seats held (every status but cancelled) in `service` at `site` on local `day`,
     /// grouped by start and length.
     async fn held_seats(
@@ -422,6 +503,35 @@ macro_rules! impl_appointment_store {
                 Ok(rows.into_iter().map(Into::into).collect())
             }
 
+            /// Refuses when the branch closed the time of `placement` (`BRANCH_CLOSED`).
+            async fn check_closures(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                site: &str,
+                placement: &$crate::store::appointments::Placement,
+            ) -> $crate::error::Result<()> {
+                let rows: Vec<$crate::store::appointments::ClosureRow> = sqlx::query_as(concat!(
+                    $crate::store::appointments::closure_select!(),
+                    " WHERE site = $1 AND day = $2 AND reopened_at IS NULL"
+                ))
+                .bind(site)
+                .bind(placement.local_start.date().to_string())
+                .fetch_all(&mut **tx)
+                .await?;
+                let closures = rows
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<$crate::error::Result<Vec<$crate::store::appointments::SiteClosure>>>()?;
+                if let Some(c) = $crate::store::appointments::closed_by(&closures, placement) {
+                    return Err($crate::error::AppointmentRefusal::SlotClosed {
+                        from: c.closure.from.format("%H:%M").to_string(),
+                        to: c.closure.to.format("%H:%M").to_string(),
+                        reason: c.closure.reason.clone(),
+                    }
+                    .into());
+                }
+                Ok(())
+            }
+
             /// Refuses when `placement` has no seat left besides `exclude`'s.
             async fn check_capacity(
                 tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
@@ -509,10 +619,81 @@ macro_rules! impl_appointment_store {
                         Ok(Some(AgentEvent::AppointmentStatus(ev))) => {
                             Self::apply_attendance(tx, site, &ev).await?
                         }
+                        Ok(Some(AgentEvent::BranchClosed(ev))) => {
+                            Self::apply_closure(tx, site, &ev).await?
+                        }
+                        Ok(Some(AgentEvent::BranchReopened(ev))) => {
+                            sqlx::query(
+                                "UPDATE site_closures SET reopened_at = $3 \
+                                 WHERE id = $1 AND site = $2 AND reopened_at IS NULL",
+                            )
+                            .bind(ev.closure_id.to_string())
+                            .bind(site)
+                            .bind(ev.at)
+                            .execute(&mut **tx)
+                            .await?;
+                        }
                         // The edge validated it; a payload that does not decode here is kept
                         // as an event and changes nothing.
                         other => tracing::warn!(kind = %e.kind, seq = e.seq, decoded = ?other.err(), "appointment event not applied"),
                     }
+                }
+                Ok(())
+            }
+
+            /// One `BRANCH_CLOSED`: keep the closure and flag every appointment of the site in
+            /// it that is still expected (booked, no attendance, no other conflict)
+            /// `slot_closed_at_branch` — central booked it before it knew of the closure.
+            async fn apply_closure(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                site: &str,
+                ev: &meridian_shared::closures::BranchClosed,
+            ) -> $crate::error::Result<()> {
+                let c = &ev.closure;
+                let inserted = sqlx::query(
+                    "INSERT INTO site_closures (id, site, day, from_time, to_time, reason, closed_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(c.id.to_string())
+                .bind(site)
+                .bind(c.day.to_string())
+                .bind(c.from.format("%H:%M").to_string())
+                .bind(c.to.format("%H:%M").to_string())
+                .bind(&c.reason)
+                .bind(ev.at)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    return Ok(());
+                }
+                let expected: Vec<(String, String, i32)> = sqlx::query_as(
+                    "SELECT id, local_start, duration_minutes FROM appointments \
+                     WHERE site = $1 AND local_day = $2 AND status <> 'cancelled' \
+                     AND attendance IS NULL AND conflict IS NULL",
+                )
+                .bind(site)
+                .bind(c.day.to_string())
+                .fetch_all(&mut **tx)
+                .await?;
+                for (id, local_start, minutes) in expected {
+                    let start = chrono::NaiveDateTime::parse_from_str(
+                        &local_start,
+                        $crate::store::appointments::LOCAL_START_FORMAT,
+                    );
+                    let Ok(start) = start else { continue };
+                    if !c.overlaps(start.date(), start.time(), minutes.max(0) as u32) {
+                        continue;
+                    }
+                    tracing::warn!(appointment = %id, site, start = %local_start, "booked into a time the branch closed; flagged for admins");
+                    sqlx::query(
+                        "UPDATE appointments SET conflict = $2, conflict_at = $3 WHERE id = $1",
+                    )
+                    .bind(&id)
+                    .bind(meridian_shared::check_in::Conflict::SlotClosedAtBranch.as_str())
+                    .bind(ev.at)
+                    .execute(&mut **tx)
+                    .await?;
                 }
                 Ok(())
             }
@@ -620,6 +801,7 @@ macro_rules! impl_appointment_store {
                         .into());
                     }
                 }
+                Self::check_closures(&mut tx, new.site.as_str(), &new.placement).await?;
                 Self::check_capacity(&mut tx, new.site.as_str(), new.service.as_str(), &new.placement, "")
                     .await?;
                 let p = &new.placement;
@@ -675,6 +857,7 @@ macro_rules! impl_appointment_store {
                     }
                     .into());
                 }
+                Self::check_closures(&mut tx, current.site.as_str(), placement).await?;
                 Self::check_capacity(
                     &mut tx,
                     current.site.as_str(),
@@ -780,6 +963,25 @@ macro_rules! impl_appointment_store {
                     .bind(f.conflict)
                     .fetch_all(&self.pool)
                     .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn site_closures(
+                &self,
+                site: Option<&meridian_shared::SiteCode>,
+                from: chrono::NaiveDate,
+                to: chrono::NaiveDate,
+            ) -> $crate::error::Result<Vec<$crate::store::appointments::SiteClosure>> {
+                let rows: Vec<$crate::store::appointments::ClosureRow> = sqlx::query_as(concat!(
+                    $crate::store::appointments::closure_select!(),
+                    " WHERE ($1 IS NULL OR site = $1) AND day >= $2 AND day <= $3 \
+                     ORDER BY site, day, from_time, id"
+                ))
+                .bind(site.map(|s| s.as_str().to_owned()))
+                .bind(from.to_string())
+                .bind(to.to_string())
+                .fetch_all(&self.pool)
+                .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 

@@ -901,6 +901,109 @@ pub async fn appointment_attendance_flows_back_with_the_conflict_rules(store: &d
     assert_eq!(flagged(None).await.len(), 5);
 }
 
+/// Conflict rule 3: a closure the branch decided on its own (`BRANCH_CLOSED`, applied in the
+/// ingest transaction) flags the appointments central booked into it before it knew
+/// (`slot_closed_at_branch`) and refuses bookings and reschedules into it while open; a
+/// withdrawal (`BRANCH_REOPENED`) lets bookings in again and leaves the flags for admins.
+pub async fn branch_closures_flag_earlier_bookings_and_refuse_new_ones(store: &dyn Store) {
+    use super::appointments::{NewAppointment, Placement};
+    use crate::error::{AppointmentRefusal, Error};
+    use meridian_shared::check_in::Conflict;
+    use meridian_shared::closures::{BranchClosed, BranchReopened, Closure};
+    use meridian_shared::events::AgentEvent;
+    use meridian_shared::{AppointmentId, Code};
+    store.commit_config(commit(0, vec![site("SFO"), site("CHI")], &[])).await.expect("config");
+    let sfo = enroll_agent(store, "SFO", "s").await;
+    let chi = enroll_agent(store, "CHI", "c").await;
+    let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 3).expect("day");
+    let place = |hour: u32, minute: u32| Placement {
+        starts_at: Utc.with_ymd_and_hms(2026, 11, 3, hour, minute, 0).single().expect("time"),
+        local_start: day.and_hms_opt(hour, minute, 0).expect("local"),
+        duration_minutes: 15,
+        capacity: 5,
+    };
+    let new = |site: &str, hour: u32, minute: u32| NewAppointment {
+        id: AppointmentId::new(),
+        site: SiteCode::parse(site).expect("site"),
+        service: Code::parse("ACC").expect("service"),
+        placement: place(hour, minute),
+        customer_name: format!("Customer {hour}:{minute}"),
+        customer_contact: None,
+        notes: None,
+        external_ref: None,
+        at: t0(),
+    };
+    let inside = store.book_appointment(&new("SFO", 14, 30), None).await.expect("book");
+    let edge = store.book_appointment(&new("SFO", 13, 45), None).await.expect("book");
+    let after = store.book_appointment(&new("SFO", 16, 0), None).await.expect("book");
+    let gone = store.book_appointment(&new("SFO", 15, 0), None).await.expect("book");
+    store.cancel_appointment(gone.id, None, None, t0(), None).await.expect("cancel");
+    let other_site = store.book_appointment(&new("CHI", 14, 30), None).await.expect("book");
+    let closure = Closure {
+        id: uuid::Uuid::now_v7(),
+        day,
+        from: chrono::NaiveTime::from_hms_opt(14, 0, 0).expect("time"),
+        to: chrono::NaiveTime::from_hms_opt(16, 0, 0).expect("time"),
+        reason: "two staff ill".into(),
+    };
+    let event = |seq: u64, ev: AgentEvent| IncomingEvent {
+        seq,
+        kind: ev.kind().into(),
+        occurred_at: t0(),
+        payload: String::from_utf8(ev.payload()).expect("utf-8"),
+        quarantine: None,
+    };
+    let closed =
+        event(1, AgentEvent::BranchClosed(BranchClosed { closure: closure.clone(), at: t0() }));
+    store
+        .ingest_events(sfo.id, std::slice::from_ref(&closed), t0())
+        .await
+        .expect("ingest")
+        .expect("stored");
+    store.ingest_events(sfo.id, &[closed], t0()).await.expect("again").expect("stored");
+    let conflict = |id: AppointmentId| async move {
+        store.appointment(id).await.expect("get").expect("appointment").conflict
+    };
+    assert_eq!(conflict(inside.id).await, Some(Conflict::SlotClosedAtBranch));
+    for untouched in [edge.id, after.id, gone.id, other_site.id] {
+        assert_eq!(conflict(untouched).await, None);
+    }
+    let listed = store.site_closures(None, day, day).await.expect("closures");
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].site.as_str(), &listed[0].closure), ("SFO", &closure));
+    assert!(listed[0].reopened_at.is_none());
+
+    // While open: bookings and moves into it are refused, outside it and at CHI allowed.
+    let refused = |r: crate::error::Result<super::appointments::Appointment>| match r {
+        Err(Error::Appointment(AppointmentRefusal::SlotClosed { from, to, reason })) => {
+            (from, to, reason)
+        }
+        other => panic!("expected slot_closed, got {other:?}"),
+    };
+    let expected = ("14:00".to_owned(), "16:00".to_owned(), "two staff ill".to_owned());
+    assert_eq!(refused(store.book_appointment(&new("SFO", 15, 45), None).await), expected);
+    assert_eq!(
+        refused(store.reschedule_appointment(after.id, 1, &place(14, 0), t0(), None).await),
+        expected
+    );
+    store.book_appointment(&new("SFO", 16, 15), None).await.expect("after the closure");
+    store.book_appointment(&new("CHI", 15, 0), None).await.expect("another site");
+
+    // Withdrawn: bookable again; the flag stays for admins.
+    let reopened =
+        event(2, AgentEvent::BranchReopened(BranchReopened { closure_id: closure.id, at: t0() }));
+    store.ingest_events(sfo.id, &[reopened], t0()).await.expect("ingest").expect("stored");
+    store.book_appointment(&new("SFO", 15, 45), None).await.expect("reopened");
+    assert_eq!(conflict(inside.id).await, Some(Conflict::SlotClosedAtBranch));
+    let listed = store.site_closures(Some(&SiteCode::parse("SFO").expect("site")), day, day).await;
+    assert!(listed.expect("closures")[0].reopened_at.is_some());
+    // A closure reported by another site's agent is that site's.
+    let chi_closure = Closure { id: uuid::Uuid::now_v7(), ..closure };
+    let ev = event(1, AgentEvent::BranchClosed(BranchClosed { closure: chi_closure, at: t0() }));
+    store.ingest_events(chi.id, &[ev], t0()).await.expect("ingest").expect("stored");
+    assert_eq!(conflict(other_site.id).await, Some(Conflict::SlotClosedAtBranch));
+}
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -918,6 +1021,7 @@ macro_rules! store_conformance_suite {
             appointments_keep_capacity_and_revisions,
             appointments_of_today_go_live_to_the_sites_agents,
             appointment_attendance_flows_back_with_the_conflict_rules,
+            branch_closures_flag_earlier_bookings_and_refuse_new_ones,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
