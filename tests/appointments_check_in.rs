@@ -18,18 +18,6 @@ use support::*;
 /// How long the test waits for anything that crosses the link before it fails.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A fixed-offset zone in which it is around noon now (Etc/GMT-N is UTC+N), so the next slots
-/// of today lie ahead whenever the test runs.
-fn noon_zone() -> (String, i64) {
-    let offset = 12 - i64::from(Utc::now().hour());
-    let name = match offset {
-        0 => "Etc/GMT".to_owned(),
-        o if o > 0 => format!("Etc/GMT-{o}"),
-        o => format!("Etc/GMT+{}", -o),
-    };
-    (name, offset)
-}
-
 /// The first slot start (`YYYY-MM-DDTHH:MM`, site time) at least a minute from now, plus
 /// `extra` quarter hours: within the 30-minute early check-in window when `extra` is 0.
 fn next_slot(offset: i64, extra: i64) -> String {

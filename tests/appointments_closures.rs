@@ -10,23 +10,12 @@ mod support;
 
 use std::time::Duration;
 
-use chrono::{Timelike, Utc};
+use chrono::Utc;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A fixed-offset zone in which it is around noon now (Etc/GMT-N is UTC+N).
-fn noon_zone() -> (String, i64) {
-    let offset = 12 - i64::from(Utc::now().hour());
-    let name = match offset {
-        0 => "Etc/GMT".to_owned(),
-        o if o > 0 => format!("Etc/GMT-{o}"),
-        o => format!("Etc/GMT+{}", -o),
-    };
-    (name, offset)
-}
 
 async fn branch(
     agent: &AgentProc,

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use chrono::{Timelike, Utc};
+use chrono::Utc;
 use reqwest::Method;
 use serde_json::{Value, json};
 use support::*;
@@ -17,18 +17,6 @@ use support::*;
 const LIVE: Duration = Duration::from_secs(2);
 /// How long the test waits before it fails (the assertion on `LIVE` comes after).
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A fixed-offset zone in which it is around noon now, so today's slots lie ahead whenever the
-/// test runs (Etc/GMT-N is UTC+N).
-fn noon_zone() -> (String, i64) {
-    let offset = 12 - i64::from(Utc::now().hour());
-    let name = match offset {
-        0 => "Etc/GMT".to_owned(),
-        o if o > 0 => format!("Etc/GMT-{o}"),
-        o => format!("Etc/GMT+{}", -o),
-    };
-    (name, offset)
-}
 
 /// `YYYY-MM-DDTHH:00` in the site's zone, `days` from its today, at `hour`.
 fn local_start(offset: i64, days: i64, hour: u32) -> String {

@@ -40,6 +40,19 @@ where
     }
 }
 
+/// A fixed-offset zone in which it is around noon now (Etc/GMT-N is UTC+N), so a site's
+/// business day has hours left on either side whenever a test runs; with its offset in hours.
+pub fn noon_zone() -> (String, i64) {
+    use chrono::Timelike;
+    let offset = 12 - i64::from(chrono::Utc::now().hour());
+    let name = match offset {
+        0 => "Etc/GMT".to_owned(),
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    };
+    (name, offset)
+}
+
 // ---------------------------------------------------------------- fault proxy
 
 /// What the proxy does with traffic.
