@@ -35,3 +35,4 @@ bench:
 	cargo bench --bench ingest
 	cargo bench --bench agent_tickets
 	cargo bench --bench stats_query
+	cargo bench --bench appointment_sync
