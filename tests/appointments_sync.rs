@@ -1,5 +1,6 @@
 //! End to end: the bulk appointment sync with a real controller on PostgreSQL, a real agent
-//! process and the fault-injecting TCP proxy. A sync requested while the agent is offline (as
+//! process and the fault-injecting TCP proxy. A new agent gets a sync when it enrolls. A sync
+//! requested while the agent is offline (as
 //! the nightly job requests it, through the same command log) reaches it when it reconnects;
 //! the transfer, cut in the middle by the proxy, resumes after the chunks the agent had staged;
 //! the branch ends with exactly the controller's appointments of the sync's days (none twice,
@@ -75,6 +76,15 @@ async fn an_offline_agent_gets_its_sync_on_reconnect_and_a_cut_transfer_resumes_
          "key_hash": meridian_controller::auth::hash_secret(CONNECTOR_KEY)},
     ]);
     admin.ok(Method::POST, "/api/v1/apply", Some(json!({ "resources": resources }))).await;
+    let (today, tomorrow) = (local_day(offset, 0), local_day(offset, 1));
+    let book = |start: String, n: usize| {
+        json!({"site": "SFO", "service": "ACC", "start": start,
+               "customer_name": format!("Customer {n}"), "customer_contact": "+1 555 0100"})
+    };
+    // Booked before the branch has an agent: a new (or replaced) agent gets a sync at once.
+    let early = admin
+        .ok(Method::POST, "/api/v1/appointments", Some(book(format!("{tomorrow}T07:00"), 999)))
+        .await;
     let token = admin.enrollment_token("SFO").await;
     let proxy = FaultProxy::start(controller.gateway).await;
     let agent = AgentProc::start(&root.join("agent"), proxy.addr, &token).await;
@@ -83,13 +93,20 @@ async fn an_offline_agent_gets_its_sync_on_reconnect_and_a_cut_transfer_resumes_
             s["connected"] == true && s["config_revision"].as_u64() > Some(0)
         })
         .await;
+    let tomorrow_path = format!("/api/v1/appointments?date={tomorrow}");
+    let early_id = early["id"].as_str().expect("id").to_owned();
+    wait_for("the enrollment sync applied", WAIT, || async {
+        let status = branch_get(&agent, "/api/v1/appointments/sync").await;
+        let applied = status["requests"]
+            .as_array()?
+            .iter()
+            .any(|r| r["reason"] == "enrollment" && r["state"] == "applied");
+        applied.then_some(())
+    })
+    .await;
+    assert_eq!(ids(&branch_get(&agent, &tomorrow_path).await), [early_id.clone()]);
 
-    // One appointment today (sent live) and 120 tomorrow (left to the bulk sync).
-    let (today, tomorrow) = (local_day(offset, 0), local_day(offset, 1));
-    let book = |start: String, n: usize| {
-        json!({"site": "SFO", "service": "ACC", "start": start,
-               "customer_name": format!("Customer {n}"), "customer_contact": "+1 555 0100"})
-    };
+    // One appointment today (sent live) and 120 more tomorrow (left to the bulk sync).
     let live = admin
         .ok(Method::POST, "/api/v1/appointments", Some(book(format!("{today}T23:00"), 0)))
         .await;
@@ -110,8 +127,7 @@ async fn an_offline_agent_gets_its_sync_on_reconnect_and_a_cut_transfer_resumes_
     })
     .await;
     assert_eq!(branch_today[0]["customer_name"], "Customer 0");
-    let tomorrow_path = format!("/api/v1/appointments?date={tomorrow}");
-    assert!(ids(&branch_get(&agent, &tomorrow_path).await).is_empty(), "not sent live");
+    assert_eq!(ids(&branch_get(&agent, &tomorrow_path).await), [early_id], "not sent live");
 
     // Offline when the sync is requested: it waits in the agent's command log.
     proxy.set(Fault::Cut);
@@ -131,7 +147,7 @@ async fn an_offline_agent_gets_its_sync_on_reconnect_and_a_cut_transfer_resumes_
     })
     .await;
     assert!(proxy.tripped(), "the proxy cut a connection mid-transfer");
-    assert_eq!(done["appointments"], 121);
+    assert_eq!(done["appointments"], 122);
     assert_eq!(done["chunks"], 31);
     assert!(done["resumed"].as_u64() >= Some(1), "{done}");
 
@@ -153,7 +169,7 @@ async fn an_offline_agent_gets_its_sync_on_reconnect_and_a_cut_transfer_resumes_
         )
         .await;
     let branch = branch_get(&agent, &tomorrow_path).await;
-    assert_eq!(ids(&branch).len(), 120);
+    assert_eq!(ids(&branch).len(), 121);
     assert_eq!(ids(&branch), ids(&central));
     let branch_today = branch_get(&agent, "/api/v1/appointments").await;
     assert_eq!(ids(&branch_today), [live["id"].as_str().expect("id").to_owned()]);

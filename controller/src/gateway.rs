@@ -258,6 +258,15 @@ impl Gateway {
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
+    /// Whether `site` takes appointments (one of its services has a policy).
+    async fn site_books_appointments(
+        &self,
+        site: &meridian_shared::SiteCode,
+    ) -> Result<bool, Error> {
+        let set = self.config.get(self.store.as_ref()).await?;
+        Ok(set.services().any(|s| &s.site == site && s.appointments.is_some()))
+    }
+
     async fn enroll_inner(&self, req: &EnrollRequest) -> Result<EnrollResponse, Error> {
         let token_hash = auth::hash_secret(req.token.trim());
         for _ in 0..5 {
@@ -280,6 +289,7 @@ impl Gateway {
                 version: req.version.clone(),
                 expected_revision: revision,
                 initial_config,
+                sync_appointments: self.site_books_appointments(&token.site).await?,
                 at: Utc::now(),
             };
             match self.store.enroll(enrollment).await {

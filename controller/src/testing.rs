@@ -144,6 +144,7 @@ pub async fn enroll_agent(
             version: "test".into(),
             expected_revision: revision,
             initial_config: payload,
+            sync_appointments: false,
             at: Utc::now(),
         })
         .await

@@ -104,6 +104,7 @@ async fn the_fleet_view_lists_every_site_with_its_agent_status_behind_sign_in() 
                 version: "1.2.3".into(),
                 expected_revision: revision,
                 initial_config: payload,
+                sync_appointments: false,
                 at: now,
             })
             .await

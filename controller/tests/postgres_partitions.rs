@@ -62,6 +62,7 @@ async fn enroll(store: &dyn Store) -> AgentId {
             version: "1.0.0".into(),
             expected_revision: 0,
             initial_config: b"{}".to_vec(),
+            sync_appointments: false,
             at: Utc::now(),
         })
         .await

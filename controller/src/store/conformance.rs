@@ -68,6 +68,7 @@ async fn enroll_agent(store: &dyn Store, site: &str, token: &str) -> AgentRecord
             version: "1.0.0".into(),
             expected_revision: revision,
             initial_config: b"{\"initial\":true}".to_vec(),
+            sync_appointments: false,
             at: t0(),
         })
         .await
@@ -141,6 +142,7 @@ pub async fn enrollment_is_one_time_and_replaces_hardware(store: &dyn Store) {
         version: "1".into(),
         expected_revision: 1,
         initial_config: vec![],
+        sync_appointments: false,
         at: t0(),
     };
     let used = store.enroll(again.clone()).await;

@@ -129,6 +129,9 @@ pub struct Enrollment {
     pub version: String,
     pub expected_revision: u64,
     pub initial_config: Vec<u8>,
+    /// Also request a bulk appointment sync for the new agent (its site takes appointments),
+    /// so a new or replaced branch has today's and the coming days' appointments at once.
+    pub sync_appointments: bool,
     pub at: DateTime<Utc>,
 }
 

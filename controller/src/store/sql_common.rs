@@ -540,6 +540,30 @@ macro_rules! impl_store {
                     e.at,
                 )
                 .await?;
+                // The revoked agents' unfinished syncs can never complete.
+                let stale: Vec<(String,)> = sqlx::query_as(
+                    "SELECT id FROM appointment_syncs WHERE site = $1 AND agent_id <> $2 \
+                     AND state IN ('requested', 'sending')",
+                )
+                .bind(token.site.as_str())
+                .bind(&agent_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for (sync,) in stale {
+                    sqlx::query("UPDATE appointment_syncs SET state = 'superseded', finished_at = $2, \
+                                 error = 'the agent was replaced' WHERE id = $1")
+                        .bind(&sync)
+                        .bind(e.at)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("DELETE FROM appointment_sync_chunks WHERE sync_id = $1")
+                        .bind(&sync)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if e.sync_appointments {
+                    Self::request_syncs_in(&mut tx, token.site.as_str(), "enrollment", e.at).await?;
+                }
                 let row: $crate::store::sql_common::AgentRow = sqlx::query_as(concat!($crate::store::sql_common::agent_select!(), " WHERE a.id = $1"))
                 .bind(&agent_id)
                 .fetch_one(&mut *tx)
