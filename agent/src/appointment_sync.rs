@@ -79,18 +79,11 @@ pub fn apply_live(
     seq: u64,
     now: DateTime<Utc>,
 ) -> Result<bool> {
-    let applied = crate::appointments::apply(conn, snap, now)?;
+    let applied = crate::appointments::apply_from(conn, snap, now, seq)?;
     if applied {
-        set_source(conn, &snap.id.to_string(), seq)?;
         crate::closures::flag_if_closed(conn, snap, now)?;
     }
     Ok(applied)
-}
-
-fn set_source(conn: &Connection, id: &str, seq: u64) -> Result<()> {
-    conn.prepare_cached("UPDATE appointments SET source_seq = ?2 WHERE id = ?1")?
-        .execute(params![id, i64::try_from(seq).unwrap_or(i64::MAX)])?;
-    Ok(())
 }
 
 fn end_request(
@@ -371,14 +364,13 @@ fn replace(
 ) -> Result<u64> {
     let mut seen = HashSet::with_capacity(rows.len());
     let mut stored = 0u64;
+    let closures = crate::closures::open_between(conn, manifest.from_day, manifest.to_day)?;
     for snap in rows {
-        let sid = snap.id.to_string();
-        if crate::appointments::apply(conn, snap, now)? {
-            set_source(conn, &sid, manifest.as_of_command_seq)?;
-            crate::closures::flag_if_closed(conn, snap, now)?;
+        if crate::appointments::apply_from(conn, snap, now, manifest.as_of_command_seq)? {
+            crate::closures::flag_if_closed_in(conn, snap, &closures, now)?;
             stored += 1;
         }
-        seen.insert(sid);
+        seen.insert(snap.id.to_string());
     }
     let as_of = i64::try_from(manifest.as_of_command_seq).unwrap_or(i64::MAX);
     let local: Vec<String> = conn
@@ -413,32 +405,60 @@ fn replace(
     Ok(stored)
 }
 
-/// Applies a fully staged sync in one transaction.
+/// The chunks of a sync staged before chunk `before`, in order.
+fn staged(conn: &Connection, id: Uuid, before: u32) -> Result<Vec<Vec<u8>>> {
+    let payloads = conn
+        .prepare_cached(
+            "SELECT payload FROM appointment_sync_chunks WHERE sync_id = ?1 AND idx < ?2 \
+             ORDER BY idx",
+        )?
+        .query_map(params![id.to_string(), i64::from(before)], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(payloads)
+}
+
+/// Decodes the `before` chunks staged by earlier attempts (off the store thread; they were
+/// checked when received).
+fn decode_staged(
+    id: Uuid,
+    manifest: &Manifest,
+    before: u32,
+    payloads: &[Vec<u8>],
+) -> Result<Vec<AppointmentSnapshot>> {
+    if payloads.len() as u32 != before {
+        return Err(Error::Internal(format!(
+            "sync {id}: {} chunks staged, {before} expected",
+            payloads.len()
+        )));
+    }
+    let mut rows = Vec::with_capacity(manifest.total_appointments as usize);
+    for p in payloads {
+        let chunk: Vec<AppointmentSnapshot> = serde_json::from_slice(p)
+            .map_err(|e| Error::Internal(format!("staged chunk of sync {id}: {e}")))?;
+        rows.extend(chunk);
+    }
+    Ok(rows)
+}
+
+/// Applies a fully staged, decoded sync in one transaction (skipped if it was superseded
+/// meanwhile).
 fn apply_staged(
     conn: &Connection,
     id: Uuid,
     manifest: &Manifest,
+    rows: &[AppointmentSnapshot],
     now: DateTime<Utc>,
 ) -> Result<()> {
     let sid = id.to_string();
-    let payloads: Vec<Vec<u8>> = conn
+    // Superseded while the chunks were decoded: nothing to apply.
+    let open: bool = conn
         .prepare_cached(
-            "SELECT payload FROM appointment_sync_chunks WHERE sync_id = ?1 ORDER BY idx",
+            "SELECT COUNT(*) > 0 FROM appointment_sync_requests \
+             WHERE sync_id = ?1 AND state IN ('pending', 'fetching')",
         )?
-        .query_map([&sid], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    if payloads.len() as u32 != manifest.total_chunks {
-        return Err(Error::Internal(format!(
-            "sync {id}: {} chunks staged, {} expected",
-            payloads.len(),
-            manifest.total_chunks
-        )));
-    }
-    let mut rows = Vec::with_capacity(manifest.total_appointments as usize);
-    for p in &payloads {
-        let chunk: Vec<AppointmentSnapshot> = serde_json::from_slice(p)
-            .map_err(|e| Error::Internal(format!("staged chunk of sync {id}: {e}")))?;
-        rows.extend(chunk);
+        .query_row([&sid], |r| r.get(0))?;
+    if !open {
+        return Ok(());
     }
     if rows.len() as u64 != manifest.total_appointments {
         return Err(Error::Validation(format!(
@@ -447,7 +467,7 @@ fn apply_staged(
             rows.len()
         )));
     }
-    replace(conn, id, manifest, &rows, now)?;
+    replace(conn, id, manifest, rows, now)?;
     let resumed: i64 = conn
         .prepare_cached("SELECT resumed FROM appointment_sync_requests WHERE sync_id = ?1")?
         .query_row([&sid], |r| r.get(0))?;
@@ -523,6 +543,7 @@ async fn fetch(
     };
     let mut manifest = work.manifest.clone();
     let mut next = from;
+    let mut fresh: Vec<AppointmentSnapshot> = Vec::new();
     let mut batch: Vec<(u32, Vec<u8>)> = Vec::new();
     let site = identity.site.clone();
     loop {
@@ -561,8 +582,9 @@ async fn fetch(
                 m
             }
         };
-        if let Err(e) = check_chunk(&chunk, next, &m, &site) {
-            return Err(SyncError::Refused(e));
+        match check_chunk(&chunk, next, &m, &site) {
+            Ok(rows) => fresh.extend(rows),
+            Err(e) => return Err(SyncError::Refused(e)),
         }
         batch.push((chunk.index, chunk.payload));
         next += 1;
@@ -577,8 +599,21 @@ async fn fetch(
         stage(ctx, work.id, None, &mut batch).await?;
         return Err(SyncError::Transient(format!("the transfer ended after chunk {next}")));
     };
+    // This fetch's chunks are decoded already; those staged by earlier, cut attempts are read
+    // back and decoded off the store thread.
+    let decoded = if from == 0 {
+        fresh
+    } else {
+        let payloads = ctx.db.read(move |c| staged(c, id, from)).await?;
+        let m = m.clone();
+        let mut rows = tokio::task::spawn_blocking(move || decode_staged(id, &m, from, &payloads))
+            .await
+            .map_err(|e| SyncError::Store(Error::Internal(format!("decoding task: {e}"))))??;
+        rows.extend(fresh);
+        rows
+    };
     let now = ctx.clock.now();
-    let result = ctx.db.write(move |c| apply_staged(c, id, &m, now)).await;
+    let result = ctx.db.write(move |c| apply_staged(c, id, &m, &decoded, now)).await;
     match result {
         Ok(()) => {
             ctx.changed();

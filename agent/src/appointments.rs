@@ -49,6 +49,17 @@ pub struct BranchAppointment {
 /// cancel or reschedule that meets a check-in is recorded as a conflict
 /// (`check_in::after_snapshot`).
 pub fn apply(conn: &Connection, snap: &AppointmentSnapshot, now: DateTime<Utc>) -> Result<bool> {
+    apply_from(conn, snap, now, 0)
+}
+
+/// `apply`, recording in `source_seq` which command (or bulk sync mark) wrote the row (see
+/// `appointment_sync`).
+pub fn apply_from(
+    conn: &Connection,
+    snap: &AppointmentSnapshot,
+    now: DateTime<Utc>,
+    source_seq: u64,
+) -> Result<bool> {
     let stored: Option<i64> = conn
         .prepare_cached("SELECT revision FROM appointments WHERE id = ?1")?
         .query_row([snap.id.to_string()], |r| r.get(0))
@@ -64,15 +75,15 @@ pub fn apply(conn: &Connection, snap: &AppointmentSnapshot, now: DateTime<Utc>) 
     conn.prepare_cached(
         "INSERT INTO appointments (id, service, queue, local_start, local_day, starts_at, \
          duration_minutes, customer_name, customer_contact, notes, external_ref, status, revision, \
-         updated_at, received_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+         updated_at, received_at, source_seq) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
          ON CONFLICT (id) DO UPDATE SET service = excluded.service, queue = excluded.queue, \
          local_start = excluded.local_start, local_day = excluded.local_day, \
          starts_at = excluded.starts_at, duration_minutes = excluded.duration_minutes, \
          customer_name = excluded.customer_name, customer_contact = excluded.customer_contact, \
          notes = excluded.notes, external_ref = excluded.external_ref, status = excluded.status, \
          revision = excluded.revision, updated_at = excluded.updated_at, \
-         received_at = excluded.received_at",
+         received_at = excluded.received_at, source_seq = excluded.source_seq",
     )?
     .execute(params![
         snap.id.to_string(),
@@ -90,6 +101,7 @@ pub fn apply(conn: &Connection, snap: &AppointmentSnapshot, now: DateTime<Utc>) 
         revision,
         snap.updated_at.to_rfc3339(),
         now.to_rfc3339(),
+        i64::try_from(source_seq).unwrap_or(i64::MAX),
     ])?;
     crate::check_in::after_snapshot(conn, before.as_ref(), snap, now)?;
     Ok(true)

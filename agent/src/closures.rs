@@ -139,8 +139,20 @@ pub fn flag_if_closed(
     if snap.status != AppointmentStatus::Booked {
         return Ok(false);
     }
+    flag_if_closed_in(conn, snap, &open_on(conn, snap.local_day)?, now)
+}
+
+/// `flag_if_closed` against closures read once (`open_between`) for many snapshots.
+pub fn flag_if_closed_in(
+    conn: &Connection,
+    snap: &AppointmentSnapshot,
+    closures: &[Closure],
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    if snap.status != AppointmentStatus::Booked {
+        return Ok(false);
+    }
     let Some(start) = start_time(&snap.start) else { return Ok(false) };
-    let closures = open_on(conn, snap.local_day)?;
     if !closures.iter().any(|c| c.overlaps(snap.local_day, start, snap.duration_minutes)) {
         return Ok(false);
     }
@@ -213,9 +225,14 @@ fn get(conn: &Connection, id: &str) -> Result<Option<BranchClosure>> {
 }
 
 fn open_on(conn: &Connection, day: NaiveDate) -> Result<Vec<Closure>> {
+    open_between(conn, day, day)
+}
+
+/// The open closures of `from` to `to` (site-local days, inclusive).
+pub fn open_between(conn: &Connection, from: NaiveDate, to: NaiveDate) -> Result<Vec<Closure>> {
     let rows = conn
-        .prepare_cached(&format!("{SELECT} WHERE day = ?1 AND reopened_at IS NULL"))?
-        .query_map([day.to_string()], row)?
+        .prepare_cached(&format!("{SELECT} WHERE day >= ?1 AND day <= ?2 AND reopened_at IS NULL"))?
+        .query_map([from.to_string(), to.to_string()], row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(|r| decode(r).map(|c| c.closure)).collect()
 }
