@@ -66,29 +66,11 @@ async fn a_customer_checks_in_and_is_served_offline_and_central_shows_it_complet
     let root = temp_dir("meridian-appointments-check-in");
     let controller = ControllerProc::start(&root.join("controller"), &db).await;
     let admin = controller.client();
-    let every_day: serde_json::Map<String, Value> =
-        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-            .iter()
-            .map(|d| (d.to_string(), json!(["00:00-23:45"])))
-            .collect();
-    let resources = json!([
-        {"kind": "site", "code": "SFO", "name": "Site SFO", "time_zone": zone, "business_hours": every_day},
-        {"kind": "queue", "site": "SFO", "code": "accounts", "name": "Accounts", "letter": "B"},
-        {"kind": "service", "site": "SFO", "code": "ACC", "name": "Accounts", "queue": "accounts",
-         "appointments": {"slot_minutes": 15, "capacity": 3}},
-        {"kind": "service_point", "site": "SFO", "code": "C1", "name": "Counter 1"},
-        {"kind": "connector_key", "site": "SFO", "code": "e2e", "name": "E2E tests",
-         "key_hash": meridian_controller::auth::hash_secret(CONNECTOR_KEY)},
-    ]);
+    let mut resources = appointment_site(&zone, 3);
+    resources
+        .push(json!({"kind": "service_point", "site": "SFO", "code": "C1", "name": "Counter 1"}));
     admin.ok(Method::POST, "/api/v1/apply", Some(json!({ "resources": resources }))).await;
-    let token = admin.enrollment_token("SFO").await;
-    let proxy = FaultProxy::start(controller.gateway).await;
-    let agent = AgentProc::start(&root.join("agent"), proxy.addr, &token).await;
-    agent
-        .wait_status("agent enrolled, configured and connected", |s| {
-            s["connected"] == true && s["config_revision"].as_u64() > Some(0)
-        })
-        .await;
+    let (proxy, agent) = start_site_agent(&root.join("agent"), &controller).await;
 
     // Three of today's appointments, booked centrally, reach the branch live.
     let slot = next_slot(offset, 0);

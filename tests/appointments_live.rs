@@ -90,30 +90,12 @@ async fn same_day_changes_reach_the_branch_live_and_after_an_outage_exactly_once
     let root = temp_dir("meridian-appointments-live");
     let controller = ControllerProc::start(&root.join("controller"), &db).await;
     let admin = controller.client();
-    let every_day: serde_json::Map<String, Value> =
-        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-            .iter()
-            .map(|d| (d.to_string(), json!(["00:00-23:45"])))
-            .collect();
-    let resources = json!([
-        {"kind": "site", "code": "SFO", "name": "Site SFO", "time_zone": zone, "business_hours": every_day},
-        {"kind": "queue", "site": "SFO", "code": "general", "name": "General", "letter": "A"},
-        {"kind": "queue", "site": "SFO", "code": "accounts", "name": "Accounts", "letter": "B"},
-        {"kind": "service", "site": "SFO", "code": "GEN", "name": "General", "queue": "general"},
-        {"kind": "service", "site": "SFO", "code": "ACC", "name": "Accounts", "queue": "accounts",
-         "appointments": {"slot_minutes": 15, "capacity": 2}},
-        {"kind": "connector_key", "site": "SFO", "code": "e2e", "name": "E2E tests",
-         "key_hash": meridian_controller::auth::hash_secret(CONNECTOR_KEY)},
-    ]);
+    let mut resources = appointment_site(&zone, 2);
+    resources.push(json!({"kind": "queue", "site": "SFO", "code": "general", "name": "General", "letter": "A"}));
+    resources.push(json!({"kind": "service", "site": "SFO", "code": "GEN", "name": "General", "queue": "general"}));
     admin.ok(Method::POST, "/api/v1/apply", Some(json!({ "resources": resources }))).await;
-    let token = admin.enrollment_token("SFO").await;
-    let proxy = FaultProxy::start(controller.gateway).await;
-    let agent = AgentProc::start(&root.join("agent"), proxy.addr, &token).await;
-    let status = agent
-        .wait_status("agent enrolled, configured and connected", |s| {
-            s["connected"] == true && s["config_revision"].as_u64() > Some(0)
-        })
-        .await;
+    let (proxy, agent) = start_site_agent(&root.join("agent"), &controller).await;
+    let status = agent.status().await;
     let agent_id = status["agent_id"].as_str().expect("agent id").to_owned();
     let book = |start: String, name: &str, reference: &str| {
         json!({"site": "SFO", "service": "ACC", "start": start, "customer_name": name,

@@ -61,20 +61,8 @@ async fn an_offline_agent_gets_its_sync_on_reconnect_and_a_cut_transfer_resumes_
     )
     .await;
     let admin = controller.client();
-    let every_day: serde_json::Map<String, Value> =
-        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-            .iter()
-            .map(|d| (d.to_string(), json!(["00:00-23:45"])))
-            .collect();
-    let resources = json!([
-        {"kind": "site", "code": "SFO", "name": "Site SFO", "time_zone": zone, "business_hours": every_day,
-         "appointment_sync": {"at": "02:00", "days_ahead": 1}},
-        {"kind": "queue", "site": "SFO", "code": "accounts", "name": "Accounts", "letter": "B"},
-        {"kind": "service", "site": "SFO", "code": "ACC", "name": "Accounts", "queue": "accounts",
-         "appointments": {"slot_minutes": 15, "capacity": 5}},
-        {"kind": "connector_key", "site": "SFO", "code": "e2e", "name": "E2E tests",
-         "key_hash": meridian_controller::auth::hash_secret(CONNECTOR_KEY)},
-    ]);
+    let mut resources = appointment_site(&zone, 5);
+    resources[0]["appointment_sync"] = json!({"at": "02:00", "days_ahead": 1});
     admin.ok(Method::POST, "/api/v1/apply", Some(json!({ "resources": resources }))).await;
     let (today, tomorrow) = (local_day(offset, 0), local_day(offset, 1));
     let book = |start: String, n: usize| {
@@ -85,14 +73,7 @@ async fn an_offline_agent_gets_its_sync_on_reconnect_and_a_cut_transfer_resumes_
     let early = admin
         .ok(Method::POST, "/api/v1/appointments", Some(book(format!("{tomorrow}T07:00"), 999)))
         .await;
-    let token = admin.enrollment_token("SFO").await;
-    let proxy = FaultProxy::start(controller.gateway).await;
-    let agent = AgentProc::start(&root.join("agent"), proxy.addr, &token).await;
-    agent
-        .wait_status("agent enrolled, configured and connected", |s| {
-            s["connected"] == true && s["config_revision"].as_u64() > Some(0)
-        })
-        .await;
+    let (proxy, agent) = start_site_agent(&root.join("agent"), &controller).await;
     let tomorrow_path = format!("/api/v1/appointments?date={tomorrow}");
     let early_id = early["id"].as_str().expect("id").to_owned();
     wait_for("the enrollment sync applied", WAIT, || async {
@@ -104,7 +85,7 @@ async fn an_offline_agent_gets_its_sync_on_reconnect_and_a_cut_transfer_resumes_
         applied.then_some(())
     })
     .await;
-    assert_eq!(ids(&branch_get(&agent, &tomorrow_path).await), [early_id.clone()]);
+    assert_eq!(ids(&branch_get(&agent, &tomorrow_path).await), std::slice::from_ref(&early_id));
 
     // One appointment today (sent live) and 120 more tomorrow (left to the bulk sync).
     let live = admin

@@ -53,6 +53,46 @@ pub fn noon_zone() -> (String, i64) {
     (name, offset)
 }
 
+/// The appointment tests' site SFO in `zone`: open 00:00-23:45 every day, queue `accounts`,
+/// service ACC on it taking appointments (15-minute slots of `capacity`), and a connector key
+/// for `CONNECTOR_KEY`. Callers add resources or fields before applying it.
+pub fn appointment_site(zone: &str, capacity: u32) -> Vec<Value> {
+    let every_day: serde_json::Map<String, Value> =
+        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+            .iter()
+            .map(|d| (d.to_string(), serde_json::json!(["00:00-23:45"])))
+            .collect();
+    vec![
+        serde_json::json!({"kind": "site", "code": "SFO", "name": "Site SFO", "time_zone": zone,
+                           "business_hours": every_day}),
+        serde_json::json!({"kind": "queue", "site": "SFO", "code": "accounts", "name": "Accounts",
+                           "letter": "B"}),
+        serde_json::json!({"kind": "service", "site": "SFO", "code": "ACC", "name": "Accounts",
+                           "queue": "accounts",
+                           "appointments": {"slot_minutes": 15, "capacity": capacity}}),
+        serde_json::json!({"kind": "connector_key", "site": "SFO", "code": "e2e",
+                           "name": "E2E tests",
+                           "key_hash": meridian_controller::auth::hash_secret(CONNECTOR_KEY)}),
+    ]
+}
+
+/// Enrolls an agent for SFO in `dir`, talking to `controller` through a new fault proxy, and
+/// waits until it is connected and configured.
+pub async fn start_site_agent(
+    dir: &Path,
+    controller: &ControllerProc,
+) -> (Arc<FaultProxy>, AgentProc) {
+    let token = controller.client().enrollment_token("SFO").await;
+    let proxy = FaultProxy::start(controller.gateway).await;
+    let agent = AgentProc::start(dir, proxy.addr, &token).await;
+    agent
+        .wait_status("agent enrolled, configured and connected", |s| {
+            s["connected"] == true && s["config_revision"].as_u64() > Some(0)
+        })
+        .await;
+    (proxy, agent)
+}
+
 // ---------------------------------------------------------------- fault proxy
 
 /// What the proxy does with traffic.
