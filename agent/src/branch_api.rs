@@ -47,6 +47,8 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/appointments", get(list_appointments))
         .route("/api/v1/appointments/sync", get(appointment_sync_status))
         .route("/api/v1/closures", get(list_closures).post(close_branch))
+        .route("/api/v1/requests", get(list_requests).post(create_request))
+        .route("/api/v1/requests/{id}", get(get_request).patch(update_request))
         .route("/api/v1/closures/{id}", axum::routing::delete(reopen_branch))
         .route("/api/v1/appointments/check-in", post(check_in_by_text))
         .route("/api/v1/appointments/{id}/check-in", post(check_in_by_id))
@@ -257,6 +259,67 @@ async fn list_visits(
     let status = VisitStatus::parse(&raw)
         .ok_or_else(|| Error::Validation(format!("unknown status {raw:?}")))?;
     Ok(Json(ctx.db.read(move |c| visits::list(c, status)).await?))
+}
+
+/// Creates a service request of a configured type: 201; field errors as 422.
+async fn create_request(
+    State(ctx): State<Arc<Context>>,
+    body: Result<Json<crate::requests::NewRequest>, JsonRejection>,
+) -> Json201<crate::requests::Request> {
+    let Json(input) = body?;
+    let made =
+        change(&ctx, move |c, config, now| crate::requests::create(c, config, &input, now)).await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+/// Changes fields of a request's master copy (404 unknown; 409 read-only copy or stale
+/// revision; 422 field errors).
+async fn update_request(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+    body: Result<Json<crate::requests::RequestPatch>, JsonRejection>,
+) -> Result<Json<crate::requests::Request>, ApiError> {
+    let Json(patch) = body?;
+    if id.len() > 64 {
+        return Err(Error::NotFound("request".into()).into());
+    }
+    Ok(Json(
+        change(&ctx, move |c, config, now| crate::requests::update(c, config, &id, &patch, now))
+            .await?,
+    ))
+}
+
+async fn get_request(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::requests::Request>, ApiError> {
+    let shown = id.chars().take(64).collect::<String>();
+    let found = ctx.db.read(move |c| crate::requests::get(c, &id)).await?;
+    Ok(Json(found.ok_or_else(|| Error::NotFound(format!("request {shown}")))?))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RequestQuery {
+    #[serde(rename = "type")]
+    request_type: Option<String>,
+    limit: Option<u32>,
+}
+
+/// The latest requests (of one `type`), newest change first; `limit` 1-1000 (default 100).
+async fn list_requests(
+    State(ctx): State<Arc<Context>>,
+    Query(q): Query<RequestQuery>,
+) -> Result<Json<Vec<crate::requests::Request>>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::InvalidFields(meridian_shared::ValidationErrors(vec![
+            ValidationError::new("limit", "must be 1-1000"),
+        ]))
+        .into());
+    }
+    let t = q.request_type;
+    Ok(Json(ctx.db.read(move |c| crate::requests::list(c, t.as_deref(), limit)).await?))
 }
 
 /// Closes part of a day at the branch (staff or integrations): 201 with the closure and how

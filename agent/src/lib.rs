@@ -22,6 +22,7 @@ pub mod closures;
 pub mod error;
 pub mod link;
 pub mod openapi;
+pub mod requests;
 pub mod settings;
 pub mod store;
 pub mod terminals;

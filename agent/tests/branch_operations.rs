@@ -57,6 +57,13 @@ fn site_config() -> SiteConfig {
         "staff": [
             {"username": "alice", "name": "Alice", "roles": ["staff"], "sites": ["SFO"],
              "password_hash": password_hash()}
+        ],
+        "request_types": [
+            {"code": "REPAIR", "name": "Furniture repair", "fields": [
+                {"name": "summary", "type": "text", "max_length": 80, "required": true},
+                {"name": "category", "type": "enum", "values": ["chair", "table"], "required": true},
+                {"name": "pieces", "type": "number", "min": 1, "integer": true, "default": 1}
+            ]}
         ]
     }))
     .expect("site config")
@@ -723,6 +730,99 @@ async fn webhooks_deliver_signed_in_order_and_retry_until_accepted() {
         "the first event was retried until accepted"
     );
     assert_eq!(attempts.len(), 6, "each later event delivered once: {attempts:?}");
+}
+
+/// Service requests through the connector API: created against their type with a human id of
+/// the site, read by id or human id, edited with optimistic concurrency; every bad input a
+/// typed 4xx that changes nothing; one outbox event per change.
+#[tokio::test]
+async fn service_requests_are_created_and_edited_through_the_connector_api() {
+    let (ctx, r) = branch().await;
+    let before = outbox_kinds(&ctx).await.len();
+    let made = ok(
+        &r,
+        Method::POST,
+        "/api/v1/requests",
+        Some(json!({"type": "REPAIR", "fields": {"summary": "Wobbly leg", "category": "chair"}})),
+    )
+    .await;
+    assert_eq!(made["human_id"], "SFO-000001");
+    assert_eq!(made["fields"]["pieces"], 1);
+    assert_eq!(made["distribution"]["master"], true);
+    assert_eq!(made["distribution"]["current_site"], "SFO");
+    let id = made["id"].as_str().expect("id").to_owned();
+    assert_eq!(ok(&r, Method::GET, "/api/v1/requests/SFO-000001", None).await["id"], id.as_str());
+    let changed = ok(
+        &r,
+        Method::PATCH,
+        &format!("/api/v1/requests/{id}"),
+        Some(json!({"fields": {"category": "table"}, "expected_revision": 1})),
+    )
+    .await;
+    assert_eq!(
+        (changed["revision"].as_u64(), changed["fields"]["category"].as_str()),
+        (Some(2), Some("table"))
+    );
+
+    let refusals = [
+        (Method::POST, "/api/v1/requests".to_owned(), json!({"type": "NOPE"}), 422, "type"),
+        (
+            Method::POST,
+            "/api/v1/requests".to_owned(),
+            json!({"type": "REPAIR", "fields": {"summary": "x", "category": "sofa", "colour": 1}}),
+            422,
+            "fields.category",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/requests/{id}"),
+            json!({"fields": {"category": "chair"}, "expected_revision": 1}),
+            409,
+            "",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/requests/{id}"),
+            json!({"fields": {"summary": null}}),
+            422,
+            "fields.summary",
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/requests/SFO-000099".to_owned(),
+            json!({"fields": {"pieces": 2}}),
+            404,
+            "",
+        ),
+        (
+            Method::POST,
+            "/api/v1/requests".to_owned(),
+            json!({"type": "REPAIR", "extra": true}),
+            422,
+            "",
+        ),
+    ];
+    for (method, path, body, status, field) in refusals {
+        let (got, v) = call(&r, method.clone(), &path, Some(body.clone())).await;
+        assert_eq!(got.as_u16(), status, "{method} {path} {body}: {v}");
+        if !field.is_empty() {
+            let fields: Vec<&str> = v["details"]
+                .as_array()
+                .expect("details")
+                .iter()
+                .filter_map(|d| d["field"].as_str())
+                .collect();
+            assert!(fields.contains(&field), "{v}");
+        }
+    }
+    let (status, _) = call(&r, Method::GET, "/api/v1/requests/SFO-000099", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let listed = ok(&r, Method::GET, "/api/v1/requests?type=REPAIR", None).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    let (status, _) = call(&r, Method::GET, "/api/v1/requests?limit=0", None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let kinds = outbox_kinds(&ctx).await;
+    assert_eq!(kinds[before..], ["REQUEST_CREATED", "REQUEST_UPDATED"]);
 }
 
 #[tokio::test]

@@ -31,6 +31,7 @@ pub enum ResourceInput {
     StaffUser(StaffUserInput),
     ConnectorKey(ConnectorKey),
     Webhook(Webhook),
+    RequestType(meridian_shared::requests::RequestType),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +64,7 @@ impl ResourceInput {
             ResourceInput::WorkProfile(x) => Resource::WorkProfile(x),
             ResourceInput::ConnectorKey(x) => Resource::ConnectorKey(x),
             ResourceInput::Webhook(x) => Resource::Webhook(x),
+            ResourceInput::RequestType(x) => Resource::RequestType(x),
             ResourceInput::StaffUser(u) => Resource::StaffUser(StaffUser {
                 username: u.username,
                 name: u.name,

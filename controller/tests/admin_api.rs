@@ -313,3 +313,72 @@ async fn bad_requests_are_refused_with_typed_errors_and_change_nothing() {
     // None of the above changed the configuration.
     assert_eq!(api.config().await, seeded);
 }
+
+/// Request types (issue 6): created, read, replaced and deleted at `/api/v1/request-types`,
+/// part of every site's configuration snapshot; a bad schema is a 422 naming each bad field,
+/// viewers read only, and nothing is written by a refused change.
+#[tokio::test]
+async fn request_types_are_managed_centrally_and_bad_schemas_are_refused() {
+    let api = Api::start().await;
+    let repair = json!({"code": "REPAIR", "name": "Furniture repair", "fields": [
+        {"name": "summary", "type": "text", "max_length": 80, "required": true},
+        {"name": "category", "type": "enum", "values": ["chair", "table"]}
+    ]});
+    let (status, body) = api
+        .send(Method::POST, "/api/v1/request-types", Token::Admin, In::Json(repair.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) =
+        api.send(Method::GET, "/api/v1/request-types/REPAIR", Token::Viewer, In::Empty).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["fields"][1]["values"], json!(["chair", "table"]));
+    let revision = api.config().await["revision"].clone();
+
+    let bad = json!({"code": "BAD", "name": "Bad", "fields": [
+        {"name": "Summary", "type": "text", "max_length": 0},
+        {"name": "flag", "type": "boolean", "default": "no"}
+    ]});
+    let (status, body) =
+        api.send(Method::POST, "/api/v1/request-types", Token::Admin, In::Json(bad)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let fields: Vec<&str> = body["details"]
+        .as_array()
+        .expect("details")
+        .iter()
+        .filter_map(|d| d["field"].as_str())
+        .collect();
+    for f in ["fields[0].name", "fields[0].max_length", "fields[1].default"] {
+        assert!(fields.iter().any(|x| x.ends_with(f)), "{f} in {body}");
+    }
+    check(
+        &api,
+        "POST",
+        "/api/v1/request-types",
+        Token::Admin,
+        In::Json(json!({"code": "TYPO", "name": "T", "fields": [
+            {"name": "a", "type": "text", "max_length": 5, "requried": true}
+        ]})),
+        422,
+        "validation_failed",
+    )
+    .await;
+    check(
+        &api,
+        "POST",
+        "/api/v1/request-types",
+        Token::Viewer,
+        In::Json(repair.clone()),
+        403,
+        "forbidden",
+    )
+    .await;
+    check(&api, "POST", "/api/v1/request-types", Token::Admin, In::Json(repair), 409, "conflict")
+        .await;
+    assert_eq!(api.config().await["revision"], revision, "refusals wrote nothing");
+
+    let (status, _) =
+        api.send(Method::DELETE, "/api/v1/request-types/REPAIR", Token::Admin, In::Empty).await;
+    assert!(status.is_success());
+    check(&api, "GET", "/api/v1/request-types/REPAIR", Token::Admin, In::Empty, 404, "not_found")
+        .await;
+}

@@ -31,10 +31,11 @@ pub enum ResourceKind {
     StaffUser,
     ConnectorKey,
     Webhook,
+    RequestType,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 8] = [
+    pub const ALL: [ResourceKind; 9] = [
         ResourceKind::Site,
         ResourceKind::Service,
         ResourceKind::Queue,
@@ -43,6 +44,7 @@ impl ResourceKind {
         ResourceKind::StaffUser,
         ResourceKind::ConnectorKey,
         ResourceKind::Webhook,
+        ResourceKind::RequestType,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,12 +57,13 @@ impl ResourceKind {
             ResourceKind::StaffUser => "staff_user",
             ResourceKind::ConnectorKey => "connector_key",
             ResourceKind::Webhook => "webhook",
+            ResourceKind::RequestType => "request_type",
         }
     }
 
     /// Whether resources of this kind belong to one site.
     pub fn is_site_scoped(self) -> bool {
-        !matches!(self, ResourceKind::Site | ResourceKind::StaffUser)
+        !matches!(self, ResourceKind::Site | ResourceKind::StaffUser | ResourceKind::RequestType)
     }
 }
 
@@ -487,6 +490,8 @@ pub enum Resource {
     StaffUser(StaffUser),
     ConnectorKey(ConnectorKey),
     Webhook(Webhook),
+    /// A request type (issue 6): global, part of every site's snapshot.
+    RequestType(crate::requests::RequestType),
 }
 
 impl Resource {
@@ -500,6 +505,7 @@ impl Resource {
             Resource::StaffUser(_) => ResourceKind::StaffUser,
             Resource::ConnectorKey(_) => ResourceKind::ConnectorKey,
             Resource::Webhook(_) => ResourceKind::Webhook,
+            Resource::RequestType(_) => ResourceKind::RequestType,
         }
     }
 
@@ -513,6 +519,7 @@ impl Resource {
             Resource::StaffUser(u) => (None, u.username.to_string()),
             Resource::ConnectorKey(k) => (Some(k.site.clone()), k.code.to_string()),
             Resource::Webhook(w) => (Some(w.site.clone()), w.code.to_string()),
+            Resource::RequestType(t) => (None, t.code.to_string()),
         };
         ResourceKey { kind: self.kind(), site, code }
     }
@@ -594,6 +601,7 @@ impl Resource {
                     }
                 }
             }
+            Resource::RequestType(t) => t.validate(&mut errs),
             Resource::StaffUser(u) => {
                 check_name(&u.name, "name", &mut errs);
                 if !u.password_hash.starts_with("$argon2") {
@@ -715,7 +723,10 @@ impl ConfigSet {
                         }
                     }
                 }
-                Resource::Site(_) | Resource::ConnectorKey(_) | Resource::Webhook(_) => {}
+                Resource::Site(_)
+                | Resource::ConnectorKey(_)
+                | Resource::Webhook(_)
+                | Resource::RequestType(_) => {}
             }
         }
         errs.into_result()
@@ -734,6 +745,7 @@ impl ConfigSet {
             staff: vec![],
             connector_keys: vec![],
             webhooks: vec![],
+            request_types: vec![],
         };
         for res in self.resources.values() {
             match res {
@@ -744,6 +756,7 @@ impl ConfigSet {
                 Resource::StaffUser(u) if u.sites.contains(site) => snap.staff.push(u.clone()),
                 Resource::ConnectorKey(k) if &k.site == site => snap.connector_keys.push(k.clone()),
                 Resource::Webhook(w) if &w.site == site => snap.webhooks.push(w.clone()),
+                Resource::RequestType(t) => snap.request_types.push(t.clone()),
                 _ => {}
             }
         }
@@ -765,6 +778,9 @@ pub struct SiteConfig {
     pub connector_keys: Vec<ConnectorKey>,
     #[serde(default)]
     pub webhooks: Vec<Webhook>,
+    /// Every request type (they are global).
+    #[serde(default)]
+    pub request_types: Vec<crate::requests::RequestType>,
 }
 
 impl SiteConfig {

@@ -35,6 +35,36 @@ pub enum AgentEvent {
     /// Staff closed part of a day at the branch (`closures`).
     BranchClosed(crate::closures::BranchClosed),
     BranchReopened(crate::closures::BranchReopened),
+    /// A service request was created at the branch (`REQUEST_CREATED`) or its fields changed
+    /// (`REQUEST_UPDATED`): its whole new state.
+    Request(RequestEventKind, RequestChanged),
+}
+
+/// The request lifecycle events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestEventKind {
+    Created,
+    Updated,
+}
+
+impl RequestEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestEventKind::Created => "REQUEST_CREATED",
+            RequestEventKind::Updated => "REQUEST_UPDATED",
+        }
+    }
+}
+
+/// A request's state after a change at the branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestChanged {
+    pub request_id: uuid::Uuid,
+    pub human_id: String,
+    pub request_type: Code,
+    pub revision: u64,
+    pub fields: crate::requests::Values,
+    pub at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +247,7 @@ impl AgentEvent {
             AgentEvent::AppointmentStatus(_) => APPOINTMENT_STATUS,
             AgentEvent::BranchClosed(_) => BRANCH_CLOSED,
             AgentEvent::BranchReopened(_) => BRANCH_REOPENED,
+            AgentEvent::Request(kind, _) => kind.as_str(),
         }
     }
 
@@ -232,6 +263,7 @@ impl AgentEvent {
             AgentEvent::AppointmentStatus(e) => serde_json::to_vec(e),
             AgentEvent::BranchClosed(e) => serde_json::to_vec(e),
             AgentEvent::BranchReopened(e) => serde_json::to_vec(e),
+            AgentEvent::Request(_, e) => serde_json::to_vec(e),
         };
         // Serializing plain structs of strings and numbers cannot fail.
         value.unwrap_or_default()
@@ -279,6 +311,14 @@ impl AgentEvent {
                 }
                 AgentEvent::BranchClosed(e)
             }
+            "REQUEST_CREATED" => AgentEvent::Request(
+                RequestEventKind::Created,
+                serde_json::from_slice(payload).map_err(bad)?,
+            ),
+            "REQUEST_UPDATED" => AgentEvent::Request(
+                RequestEventKind::Updated,
+                serde_json::from_slice(payload).map_err(bad)?,
+            ),
             BRANCH_REOPENED => {
                 AgentEvent::BranchReopened(serde_json::from_slice(payload).map_err(bad)?)
             }
@@ -347,6 +387,23 @@ mod tests {
             at: DateTime::from_timestamp(1_800_000_000, 0).expect("time"),
         });
         assert_eq!(AgentEvent::decode(synced.kind(), &synced.payload()).unwrap(), Some(synced));
+        let request = AgentEvent::Request(
+            RequestEventKind::Updated,
+            RequestChanged {
+                request_id: uuid::Uuid::now_v7(),
+                human_id: "SFO-000001".into(),
+                request_type: Code::parse("REPAIR").expect("code"),
+                revision: 2,
+                fields: [("summary".to_owned(), serde_json::json!("Wobbly leg"))].into(),
+                at: DateTime::from_timestamp(1_800_000_000, 0).expect("time"),
+            },
+        );
+        assert_eq!(request.kind(), "REQUEST_UPDATED");
+        assert_eq!(AgentEvent::decode(request.kind(), &request.payload()).unwrap(), Some(request));
+        assert!(matches!(
+            check("REQUEST_CREATED", br#"{"request_id":"x"}"#),
+            WireEventError::Payload(_)
+        ));
         let big = format!("{{\"a\":\"{}\"}}", "x".repeat(MAX_EVENT_PAYLOAD));
         assert!(matches!(check("X", big.as_bytes()), WireEventError::TooLarge));
     }

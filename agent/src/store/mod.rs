@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../../../migrations/agent/0008_appointment_check_in.sql")),
     (9, include_str!("../../../migrations/agent/0009_appointment_sync.sql")),
     (10, include_str!("../../../migrations/agent/0010_branch_closures.sql")),
+    (11, include_str!("../../../migrations/agent/0011_requests.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;

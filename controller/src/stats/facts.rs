@@ -300,7 +300,8 @@ impl Projection {
             | AgentEvent::AppointmentSyncFailed(_)
             | AgentEvent::AppointmentStatus(_)
             | AgentEvent::BranchClosed(_)
-            | AgentEvent::BranchReopened(_) => {}
+            | AgentEvent::BranchReopened(_)
+            | AgentEvent::Request(..) => {}
         }
     }
 
