@@ -32,6 +32,7 @@ pub enum ResourceInput {
     ConnectorKey(ConnectorKey),
     Webhook(Webhook),
     RequestType(meridian_shared::requests::RequestType),
+    RequestMapping(meridian_shared::mappings::RequestMapping),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +66,7 @@ impl ResourceInput {
             ResourceInput::ConnectorKey(x) => Resource::ConnectorKey(x),
             ResourceInput::Webhook(x) => Resource::Webhook(x),
             ResourceInput::RequestType(x) => Resource::RequestType(x),
+            ResourceInput::RequestMapping(x) => Resource::RequestMapping(x),
             ResourceInput::StaffUser(u) => Resource::StaffUser(StaffUser {
                 username: u.username,
                 name: u.name,

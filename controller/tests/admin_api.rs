@@ -376,6 +376,48 @@ async fn request_types_are_managed_centrally_and_bad_schemas_are_refused() {
         .await;
     assert_eq!(api.config().await["revision"], revision, "refusals wrote nothing");
 
+    // A mapping is checked against both types when saved, and again whenever a type changes.
+    let upholstery = json!({"code": "UPHOLSTERY", "name": "Upholstery", "fields": [
+        {"name": "summary", "type": "text", "max_length": 120, "required": true},
+        {"name": "item", "type": "enum", "values": ["chair", "table", "sofa"], "required": true}
+    ]});
+    let (status, body) =
+        api.send(Method::POST, "/api/v1/request-types", Token::Admin, In::Json(upholstery)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mapping = json!({"code": "TO_UPH", "name": "To upholstery", "source_type": "REPAIR",
+        "target_type": "UPHOLSTERY", "fields": {"item": {"from": "category"}}});
+    let (status, body) =
+        api.send(Method::POST, "/api/v1/request-mappings", Token::Admin, In::Json(mapping)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let backwards = json!({"code": "BACK", "name": "Back", "source_type": "UPHOLSTERY",
+        "target_type": "REPAIR", "fields": {"category": {"from": "item"}}});
+    let (status, body) =
+        api.send(Method::POST, "/api/v1/request-mappings", Token::Admin, In::Json(backwards)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("values sofa are not allowed in category"), "{body}");
+    assert!(message.contains("text of up to 120 characters does not fit summary"), "{body}");
+    // Drift is caught at configuration time: turning the category the mapping reads into text
+    // would break TO_UPH, so the type change is refused and names the mapping's field.
+    let narrowed = json!({"code": "REPAIR", "name": "Furniture repair", "fields": [
+        {"name": "summary", "type": "text", "max_length": 80, "required": true},
+        {"name": "category", "type": "text", "max_length": 20}
+    ]});
+    let (status, body) = api
+        .send(Method::PUT, "/api/v1/request-types/REPAIR", Token::Admin, In::Json(narrowed))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let fields: Vec<&str> = body["details"]
+        .as_array()
+        .expect("details")
+        .iter()
+        .filter_map(|d| d["field"].as_str())
+        .collect();
+    assert!(fields.iter().any(|f| f.contains("TO_UPH") && f.ends_with("fields.item")), "{body}");
+
+    let (status, _) =
+        api.send(Method::DELETE, "/api/v1/request-mappings/TO_UPH", Token::Admin, In::Empty).await;
+    assert!(status.is_success());
     let (status, _) =
         api.send(Method::DELETE, "/api/v1/request-types/REPAIR", Token::Admin, In::Empty).await;
     assert!(status.is_success());

@@ -32,10 +32,11 @@ pub enum ResourceKind {
     ConnectorKey,
     Webhook,
     RequestType,
+    RequestMapping,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 9] = [
+    pub const ALL: [ResourceKind; 10] = [
         ResourceKind::Site,
         ResourceKind::Service,
         ResourceKind::Queue,
@@ -45,6 +46,7 @@ impl ResourceKind {
         ResourceKind::ConnectorKey,
         ResourceKind::Webhook,
         ResourceKind::RequestType,
+        ResourceKind::RequestMapping,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,12 +60,19 @@ impl ResourceKind {
             ResourceKind::ConnectorKey => "connector_key",
             ResourceKind::Webhook => "webhook",
             ResourceKind::RequestType => "request_type",
+            ResourceKind::RequestMapping => "request_mapping",
         }
     }
 
     /// Whether resources of this kind belong to one site.
     pub fn is_site_scoped(self) -> bool {
-        !matches!(self, ResourceKind::Site | ResourceKind::StaffUser | ResourceKind::RequestType)
+        !matches!(
+            self,
+            ResourceKind::Site
+                | ResourceKind::StaffUser
+                | ResourceKind::RequestType
+                | ResourceKind::RequestMapping
+        )
     }
 }
 
@@ -492,6 +501,8 @@ pub enum Resource {
     Webhook(Webhook),
     /// A request type (issue 6): global, part of every site's snapshot.
     RequestType(crate::requests::RequestType),
+    /// A request mapping (issue 6): global, checked against both of its types.
+    RequestMapping(crate::mappings::RequestMapping),
 }
 
 impl Resource {
@@ -506,6 +517,7 @@ impl Resource {
             Resource::ConnectorKey(_) => ResourceKind::ConnectorKey,
             Resource::Webhook(_) => ResourceKind::Webhook,
             Resource::RequestType(_) => ResourceKind::RequestType,
+            Resource::RequestMapping(_) => ResourceKind::RequestMapping,
         }
     }
 
@@ -520,6 +532,7 @@ impl Resource {
             Resource::ConnectorKey(k) => (Some(k.site.clone()), k.code.to_string()),
             Resource::Webhook(w) => (Some(w.site.clone()), w.code.to_string()),
             Resource::RequestType(t) => (None, t.code.to_string()),
+            Resource::RequestMapping(m) => (None, m.code.to_string()),
         };
         ResourceKey { kind: self.kind(), site, code }
     }
@@ -602,6 +615,8 @@ impl Resource {
                 }
             }
             Resource::RequestType(t) => t.validate(&mut errs),
+            // Checked against its types by `ConfigSet::validate`.
+            Resource::RequestMapping(_) => {}
             Resource::StaffUser(u) => {
                 check_name(&u.name, "name", &mut errs);
                 if !u.password_hash.starts_with("$argon2") {
@@ -641,6 +656,28 @@ impl ConfigSet {
             Resource::Site(s) => Some(s),
             _ => None,
         })
+    }
+
+    /// Every request type, by code.
+    pub fn request_types(&self) -> BTreeMap<&Code, &crate::requests::RequestType> {
+        self.resources
+            .values()
+            .filter_map(|r| match r {
+                Resource::RequestType(t) => Some((&t.code, t)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every request mapping, by code.
+    pub fn request_mappings(&self) -> BTreeMap<&Code, &crate::mappings::RequestMapping> {
+        self.resources
+            .values()
+            .filter_map(|r| match r {
+                Resource::RequestMapping(m) => Some((&m.code, m)),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
@@ -727,6 +764,13 @@ impl ConfigSet {
                 | Resource::ConnectorKey(_)
                 | Resource::Webhook(_)
                 | Resource::RequestType(_) => {}
+                Resource::RequestMapping(m) => {
+                    let types = self.request_types();
+                    let mappings = self.request_mappings();
+                    let mut own = ValidationErrors::default();
+                    m.validate(&types, &mappings, &mut own);
+                    errs.0.extend(own.nest(&at).0);
+                }
             }
         }
         errs.into_result()
@@ -746,6 +790,7 @@ impl ConfigSet {
             connector_keys: vec![],
             webhooks: vec![],
             request_types: vec![],
+            request_mappings: vec![],
         };
         for res in self.resources.values() {
             match res {
@@ -757,6 +802,7 @@ impl ConfigSet {
                 Resource::ConnectorKey(k) if &k.site == site => snap.connector_keys.push(k.clone()),
                 Resource::Webhook(w) if &w.site == site => snap.webhooks.push(w.clone()),
                 Resource::RequestType(t) => snap.request_types.push(t.clone()),
+                Resource::RequestMapping(m) => snap.request_mappings.push(m.clone()),
                 _ => {}
             }
         }
@@ -781,6 +827,9 @@ pub struct SiteConfig {
     /// Every request type (they are global).
     #[serde(default)]
     pub request_types: Vec<crate::requests::RequestType>,
+    /// Every request mapping (global).
+    #[serde(default)]
+    pub request_mappings: Vec<crate::mappings::RequestMapping>,
 }
 
 impl SiteConfig {

@@ -72,11 +72,8 @@ pub fn router_with_clock(
         )
         .route("/staff", get(list_staff).post(create_staff))
         .route("/staff/{username}", get(get_staff).put(put_staff).delete(delete_staff))
-        .route("/request-types", get(list_request_types).post(create_request_type))
-        .route(
-            "/request-types/{code}",
-            get(get_request_type).put(put_request_type).delete(delete_request_type),
-        )
+        .merge(global_routes("/request-types", ResourceKind::RequestType))
+        .merge(global_routes("/request-mappings", ResourceKind::RequestMapping))
         .route("/config", get(export_config))
         .route("/config/revisions", get(list_revisions))
         .route("/apply", post(apply))
@@ -476,38 +473,44 @@ async fn delete_staff(
     delete_one(&s, &c, key(ResourceKind::StaffUser, None, &username)).await
 }
 
-async fn list_request_types(State(s): State<ApiState>) -> ApiResult<Json<Vec<Value>>> {
-    list_of(&s, ResourceKind::RequestType, None).await
-}
-async fn create_request_type(
-    State(s): State<ApiState>,
-    Extension(c): Extension<Caller>,
-    ApiJson(body): ApiJson<Value>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let input = input_from_body(ResourceKind::RequestType, None, None, body)?;
-    write_one(&s, &c, input, ChangeMode::CreateOnly).await
-}
-async fn get_request_type(
-    State(s): State<ApiState>,
-    Path(code): Path<String>,
-) -> ApiResult<Json<Value>> {
-    get_one(&s, key(ResourceKind::RequestType, None, &code)).await
-}
-async fn put_request_type(
-    State(s): State<ApiState>,
-    Extension(c): Extension<Caller>,
-    Path(code): Path<String>,
-    ApiJson(body): ApiJson<Value>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let input = input_from_body(ResourceKind::RequestType, None, Some(&code), body)?;
-    write_one(&s, &c, input, ChangeMode::Upsert).await
-}
-async fn delete_request_type(
-    State(s): State<ApiState>,
-    Extension(c): Extension<Caller>,
-    Path(code): Path<String>,
-) -> ApiResult<StatusCode> {
-    delete_one(&s, &c, key(ResourceKind::RequestType, None, &code)).await
+/// `GET|POST {base}` and `GET|PUT|DELETE {base}/{code}` for a global configuration kind
+/// (request types, request mappings).
+fn global_routes(base: &str, kind: ResourceKind) -> Router<ApiState> {
+    Router::new()
+        .route(
+            base,
+            get(move |State(s): State<ApiState>| async move { list_of(&s, kind, None).await })
+                .post(
+                    move |State(s): State<ApiState>,
+                          Extension(c): Extension<Caller>,
+                          ApiJson(body): ApiJson<Value>| async move {
+                        let input = input_from_body(kind, None, None, body)?;
+                        write_one(&s, &c, input, ChangeMode::CreateOnly).await
+                    },
+                ),
+        )
+        .route(
+            &format!("{base}/{{code}}"),
+            get(move |State(s): State<ApiState>, Path(code): Path<String>| async move {
+                get_one(&s, key(kind, None, &code)).await
+            })
+            .put(
+                move |State(s): State<ApiState>,
+                      Extension(c): Extension<Caller>,
+                      Path(code): Path<String>,
+                      ApiJson(body): ApiJson<Value>| async move {
+                    let input = input_from_body(kind, None, Some(&code), body)?;
+                    write_one(&s, &c, input, ChangeMode::Upsert).await
+                },
+            )
+            .delete(
+                move |State(s): State<ApiState>,
+                      Extension(c): Extension<Caller>,
+                      Path(code): Path<String>| async move {
+                    delete_one(&s, &c, key(kind, None, &code)).await
+                },
+            ),
+        )
 }
 
 #[derive(Serialize)]
