@@ -14,6 +14,7 @@
 //! Parameters: `MERIDIAN_BENCH_TICKETS` (default 20000), `MERIDIAN_BENCH_CLIENTS` (32),
 //! `MERIDIAN_BENCH_RATE` (requests/s, 500), `MERIDIAN_BENCH_LATENCY_REQUESTS` (5000).
 
+#[allow(dead_code)]
 mod common;
 
 use std::io::Write;

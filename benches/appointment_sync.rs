@@ -46,8 +46,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chrono::{DateTime, NaiveDate, Utc};
 use common::{
-    Controller, ThreadCpu, enrollment_token, env_flag, env_number, filesystem_of, init_tracing,
-    machine_info, stat_cpu_seconds,
+    Controller, EnrolledAgent, ThreadCpu, enroll, enrollment_token, env_flag, env_number,
+    filesystem_of, init_tracing, machine_info, stat_cpu_seconds,
 };
 use futures::StreamExt;
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
@@ -56,8 +56,8 @@ use meridian_controller::store::appointment_sync::{SyncRecord, SyncState};
 use meridian_controller::testing;
 use meridian_proto::agent_gateway_client::AgentGatewayClient;
 use meridian_proto::{
-    AgentFrame, AppointmentSyncRequest, ControllerFrame, EnrollRequest, Event, EventBatch,
-    agent_frame, controller_frame,
+    AgentFrame, AppointmentSyncRequest, ControllerFrame, Event, EventBatch, agent_frame,
+    controller_frame,
 };
 use meridian_shared::SiteCode;
 use meridian_shared::appointments::decode_chunk;
@@ -71,7 +71,6 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
 
 /// The sites' time zone (the seeded days are its current day and the next).
 const TIME_ZONE: &str = "Europe/Paris";
@@ -747,38 +746,6 @@ async fn many_sites(pg_url: String, db_name: String, params: &Params) -> Result<
     );
     pg.close().await.context("closing the benchmark database")?;
     controller.stop().await
-}
-
-struct EnrolledAgent {
-    index: usize,
-    agent_id: String,
-    site: String,
-    credential: String,
-    channel: Channel,
-}
-
-async fn enroll(gateway_url: &str, index: usize, token: &str) -> Result<EnrolledAgent> {
-    let channel = Endpoint::from_shared(gateway_url.to_owned())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("agent {index} cannot connect to the gateway"))?;
-    let response = AgentGatewayClient::new(channel.clone())
-        .enroll(EnrollRequest {
-            token: token.to_owned(),
-            hostname: format!("bench-agent-{index}"),
-            version: meridian_shared::VERSION.to_owned(),
-        })
-        .await
-        .with_context(|| format!("agent {index} could not enroll"))?
-        .into_inner();
-    Ok(EnrolledAgent {
-        index,
-        agent_id: response.agent_id,
-        site: response.site_code,
-        credential: response.credential,
-        channel,
-    })
 }
 
 /// When a simulated agent got there, from the tick.

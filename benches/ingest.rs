@@ -26,15 +26,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::{
-    Controller, ThreadCpu, enrollment_token, env_flag, env_number, filesystem_of, init_tracing,
-    machine_info, stat_cpu_seconds,
+    Controller, EnrolledAgent, ThreadCpu, enroll, enrollment_token, env_flag, env_number,
+    filesystem_of, init_tracing, machine_info, stat_cpu_seconds,
 };
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::store::Store;
 use meridian_controller::testing;
 use meridian_proto::agent_gateway_client::AgentGatewayClient;
 use meridian_proto::{
-    AgentFrame, ControllerFrame, EnrollRequest, Event, EventBatch, agent_frame, controller_frame,
+    AgentFrame, ControllerFrame, Event, EventBatch, agent_frame, controller_frame,
 };
 use meridian_shared::business_day::format_ticket;
 use meridian_shared::events::{AgentEvent, VisitChanged, VisitCreated, VisitEventKind};
@@ -45,7 +45,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
 use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
 
 /// Events per batch frame (the real agent's batch size).
 const BATCH_EVENTS: u64 = 500;
@@ -470,38 +469,6 @@ async fn create_sites(store: &dyn Store, sites: &[String]) -> Result<()> {
         .await
         .context("creating the sites")?;
     Ok(())
-}
-
-struct EnrolledAgent {
-    index: usize,
-    agent_id: String,
-    site: String,
-    credential: String,
-    channel: Channel,
-}
-
-async fn enroll(gateway_url: &str, index: usize, token: &str) -> Result<EnrolledAgent> {
-    let channel = Endpoint::from_shared(gateway_url.to_owned())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("agent {index} cannot connect to the gateway"))?;
-    let response = AgentGatewayClient::new(channel.clone())
-        .enroll(EnrollRequest {
-            token: token.to_owned(),
-            hostname: format!("bench-agent-{index}"),
-            version: meridian_shared::VERSION.to_owned(),
-        })
-        .await
-        .with_context(|| format!("agent {index} could not enroll"))?
-        .into_inner();
-    Ok(EnrolledAgent {
-        index,
-        agent_id: response.agent_id,
-        site: response.site_code,
-        credential: response.credential,
-        channel,
-    })
 }
 
 fn frame(body: agent_frame::Body) -> AgentFrame {

@@ -188,3 +188,39 @@ pub async fn enrollment_token(store: &dyn Store, site: &str) -> Result<String> {
         .with_context(|| format!("creating an enrollment token for {site}"))?;
     Ok(token)
 }
+
+// ---------- simulated agents ----------
+
+/// A simulated agent enrolled over the gateway, with its channel.
+pub struct EnrolledAgent {
+    pub index: usize,
+    pub agent_id: String,
+    pub site: String,
+    pub credential: String,
+    pub channel: tonic::transport::Channel,
+}
+
+/// Enrolls simulated agent `index` with `token` over the gateway at `gateway_url`.
+pub async fn enroll(gateway_url: &str, index: usize, token: &str) -> Result<EnrolledAgent> {
+    let channel = tonic::transport::Endpoint::from_shared(gateway_url.to_owned())?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("agent {index} cannot connect to the gateway"))?;
+    let response = meridian_proto::agent_gateway_client::AgentGatewayClient::new(channel.clone())
+        .enroll(meridian_proto::EnrollRequest {
+            token: token.to_owned(),
+            hostname: format!("bench-agent-{index}"),
+            version: meridian_shared::VERSION.to_owned(),
+        })
+        .await
+        .with_context(|| format!("agent {index} could not enroll"))?
+        .into_inner();
+    Ok(EnrolledAgent {
+        index,
+        agent_id: response.agent_id,
+        site: response.site_code,
+        credential: response.credential,
+        channel,
+    })
+}
