@@ -6,6 +6,8 @@
 //! Invariants every backend keeps:
 //! - requesting a sync writes the row and the agent's `APPOINTMENTS_SYNC` command in one
 //!   transaction, and supersedes (and forgets the snapshot of) the agent's unfinished syncs;
+//!   locks are taken in one order everywhere — site booking lock, agent row, sync rows — so a
+//!   request, a fetch and an agent's report never deadlock;
 //! - a sync's snapshot is taken once, at its first fetch, under the site's booking lock
 //!   (`Backend::BOOKING_LOCK`, taken before the sync's row, as ingest does), together with the agent's command log high-water mark: no
 //!   booking change of the site commits between the two, so every appointment change the
@@ -90,7 +92,7 @@ pub struct SyncRecord {
     pub as_of_command_seq: Option<u64>,
     pub chunks: Option<u32>,
     pub appointments: Option<u64>,
-    /// Chunks sent, counting those sent again after a cut.
+    /// Chunks asked for by the agent's fetches (a resumed fetch asks for the rest again).
     pub chunks_served: u64,
     /// Fetches that resumed a cut transfer (as the controller saw them).
     pub resumed: u32,
@@ -352,27 +354,9 @@ macro_rules! impl_appointment_sync_store {
                 .await?;
                 let mut ids = Vec::with_capacity(agents.len());
                 for (agent_id,) in agents {
-                    let open: Vec<(String,)> = sqlx::query_as(
-                        "SELECT id FROM appointment_syncs WHERE agent_id = $1 \
-                         AND state IN ('requested', 'sending')",
-                    )
-                    .bind(&agent_id)
-                    .fetch_all(&mut **tx)
-                    .await?;
-                    for (old,) in open {
-                        sqlx::query(
-                            "UPDATE appointment_syncs SET state = 'superseded', finished_at = $2 \
-                             WHERE id = $1",
-                        )
-                        .bind(&old)
-                        .bind(at)
-                        .execute(&mut **tx)
-                        .await?;
-                        sqlx::query("DELETE FROM appointment_sync_chunks WHERE sync_id = $1")
-                            .bind(&old)
-                            .execute(&mut **tx)
-                            .await?;
-                    }
+                    // The new sync and its command first: `enqueue_command` locks the agent's
+                    // row before any sync row is touched, the order ingest takes them in (an
+                    // agent's report ends a sync under its row lock), so the two never deadlock.
                     let id = uuid::Uuid::now_v7();
                     sqlx::query(
                         "INSERT INTO appointment_syncs (id, site, agent_id, reason, state, requested_at) \
@@ -394,6 +378,28 @@ macro_rules! impl_appointment_sync_store {
                     );
                     Self::enqueue_command(tx, &agent_id, command.kind(), &command.payload(), at)
                         .await?;
+                    let open: Vec<(String,)> = sqlx::query_as(
+                        "SELECT id FROM appointment_syncs WHERE agent_id = $1 AND id <> $2 \
+                         AND state IN ('requested', 'sending')",
+                    )
+                    .bind(&agent_id)
+                    .bind(id.to_string())
+                    .fetch_all(&mut **tx)
+                    .await?;
+                    for (old,) in open {
+                        sqlx::query(
+                            "UPDATE appointment_syncs SET state = 'superseded', finished_at = $2 \
+                             WHERE id = $1",
+                        )
+                        .bind(&old)
+                        .bind(at)
+                        .execute(&mut **tx)
+                        .await?;
+                        sqlx::query("DELETE FROM appointment_sync_chunks WHERE sync_id = $1")
+                            .bind(&old)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
                     ids.push(id.to_string());
                 }
                 let mut records = Vec::with_capacity(ids.len());
