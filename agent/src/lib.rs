@@ -19,6 +19,7 @@ pub mod auth;
 pub mod branch_api;
 pub mod check_in;
 pub mod closures;
+pub mod distribution;
 pub mod error;
 pub mod link;
 pub mod openapi;

@@ -413,6 +413,7 @@ async fn apply_command(
     let kind = kind.to_owned();
     let now = ctx.clock.now();
     let sync_requested = matches!(decoded, Ok(ControllerCommand::SyncAppointments(_)));
+    let config = ctx.config.borrow().clone();
     let (applied, appointment, error) = ctx
         .db
         .write(move |conn| {
@@ -437,6 +438,19 @@ async fn apply_command(
                     crate::appointment_sync::record_request(conn, &req, now)?;
                     Ok((None, false))
                 }
+                Ok(cmd) => {
+                    match crate::distribution::apply_command(conn, config.as_deref(), &cmd, now) {
+                        Ok(_arrived) => Ok((None, true)),
+                        Err(
+                            e @ (crate::error::Error::Store(_)
+                            | crate::error::Error::StoreGone(_)
+                            | crate::error::Error::Internal(_)),
+                        ) => {
+                            return Err(e);
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
                 Err(e) => Err(e.to_string()),
             };
             match outcome {
@@ -456,7 +470,10 @@ async fn apply_command(
         ctx.config.send_replace(Some(Arc::new(snap)));
         ctx.changed();
     } else if appointment {
-        tracing::debug!(seq, "stored an appointment change");
+        // An appointment or a request changed (and a request operation's outcome waits in
+        // the outbox): wake the outbox pump and the terminals.
+        tracing::debug!(seq, "stored a change from the controller");
+        ctx.changed();
     }
     if sync_requested && error.is_none() {
         ctx.sync_requested.notify_one();

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use meridian_shared::config::SiteConfig;
 use meridian_shared::events::{AgentEvent, RequestChanged, RequestEventKind};
 use meridian_shared::requests::{Values, human_id};
+use meridian_shared::transfers::{Move, RequestState};
 use meridian_shared::{Code, SiteCode, ValidationErrors};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -36,8 +37,13 @@ pub struct Distribution {
     pub mapping: Option<String>,
     pub transfer_status: Option<String>,
     pub update_status: Option<String>,
+    /// The operation this site started that is moving the ownership away (the copy is
+    /// read-only until the controller settles it).
+    pub pending_operation: Option<String>,
+    /// Why the last operation this site started failed.
+    pub transfer_error: Option<String>,
     /// Every move of the request (time, source, target, mapping, mode).
-    pub history: Vec<serde_json::Value>,
+    pub history: Vec<Move>,
 }
 
 /// A request as the branch holds and shows it.
@@ -98,13 +104,10 @@ pub fn create(
         return Err(invalid("type", format!("unknown request type {:?}", input.request_type)));
     };
     let fields = t.check_new(&input.fields).map_err(Error::InvalidFields)?;
-    let n: i64 = conn
-        .prepare_cached("UPDATE request_counter SET last = last + 1 WHERE id = 1 RETURNING last")?
-        .query_row([], |r| r.get(0))?;
     let site = config.site.code.clone();
     let request = Request {
         id: Uuid::now_v7(),
-        human_id: human_id(&site, n.max(0) as u64),
+        human_id: next_human_id(conn, &site)?,
         request_type: t.code.clone(),
         fields,
         distribution: Distribution {
@@ -117,37 +120,15 @@ pub fn create(
             mapping: None,
             transfer_status: None,
             update_status: None,
+            pending_operation: None,
+            transfer_error: None,
             history: vec![],
         },
         revision: 1,
         created_at: now,
         updated_at: now,
     };
-    let d = &request.distribution;
-    conn.prepare_cached(
-        "INSERT INTO requests (id, human_id, request_type, fields, is_master, current_site, \
-         from_site, to_site, from_request_id, to_request_id, mapping, transfer_status, \
-         update_status, history, revision, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?16)",
-    )?
-    .execute(params![
-        request.id.to_string(),
-        request.human_id,
-        request.request_type.as_str(),
-        json(&request.fields)?,
-        d.master,
-        d.current_site.as_str(),
-        d.from_site,
-        d.to_site,
-        d.from_request_id,
-        d.to_request_id,
-        d.mapping,
-        d.transfer_status,
-        d.update_status,
-        json(&d.history)?,
-        1i64,
-        now.to_rfc3339(),
-    ])?;
+    write(conn, &request)?;
     record(conn, RequestEventKind::Created, &request, now)?;
     Ok(request)
 }
@@ -161,12 +142,7 @@ pub fn update(
     now: DateTime<Utc>,
 ) -> Result<Request> {
     let current = get(conn, id)?.ok_or_else(|| Error::NotFound(format!("request {id}")))?;
-    if !current.distribution.master {
-        return Err(Error::Conflict(format!(
-            "request {} is a read-only copy; its master is at {}",
-            current.human_id, current.distribution.current_site
-        )));
-    }
+    check_master(&current)?;
     if let Some(expected) = patch.expected_revision
         && expected != current.revision
     {
@@ -199,7 +175,90 @@ pub fn update(
     Ok(updated)
 }
 
-fn record(
+/// Refuses (409) a change to a copy that is not the master here.
+pub(crate) fn check_master(r: &Request) -> Result<()> {
+    if let Some(op) = &r.distribution.pending_operation {
+        return Err(Error::Conflict(format!(
+            "request {} is being handed over to {} (operation {op}); it is read-only until that ends",
+            r.human_id,
+            r.distribution.to_site.as_deref().unwrap_or("another site")
+        )));
+    }
+    if !r.distribution.master {
+        return Err(Error::Conflict(format!(
+            "request {} is a read-only copy; its master is at {}",
+            r.human_id, r.distribution.current_site
+        )));
+    }
+    Ok(())
+}
+
+/// Inserts or replaces the whole row of `r`.
+pub(crate) fn write(conn: &Connection, r: &Request) -> Result<()> {
+    let d = &r.distribution;
+    conn.prepare_cached(
+        "INSERT INTO requests (id, human_id, request_type, fields, is_master, current_site, \
+         from_site, to_site, from_request_id, to_request_id, mapping, transfer_status, \
+         update_status, history, revision, created_at, updated_at, pending_op, transfer_error) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19) \
+         ON CONFLICT (id) DO UPDATE SET human_id = excluded.human_id, \
+         request_type = excluded.request_type, fields = excluded.fields, \
+         is_master = excluded.is_master, current_site = excluded.current_site, \
+         from_site = excluded.from_site, to_site = excluded.to_site, \
+         from_request_id = excluded.from_request_id, to_request_id = excluded.to_request_id, \
+         mapping = excluded.mapping, transfer_status = excluded.transfer_status, \
+         update_status = excluded.update_status, history = excluded.history, \
+         revision = excluded.revision, updated_at = excluded.updated_at, \
+         pending_op = excluded.pending_op, transfer_error = excluded.transfer_error",
+    )?
+    .execute(params![
+        r.id.to_string(),
+        r.human_id,
+        r.request_type.as_str(),
+        json(&r.fields)?,
+        d.master,
+        d.current_site.as_str(),
+        d.from_site,
+        d.to_site,
+        d.from_request_id,
+        d.to_request_id,
+        d.mapping,
+        d.transfer_status,
+        d.update_status,
+        json(&d.history)?,
+        i64::try_from(r.revision).unwrap_or(i64::MAX),
+        r.created_at.to_rfc3339(),
+        r.updated_at.to_rfc3339(),
+        d.pending_operation,
+        d.transfer_error,
+    ])?;
+    Ok(())
+}
+
+/// Takes the next human id of this site (never reused).
+pub(crate) fn next_human_id(conn: &Connection, site: &SiteCode) -> Result<String> {
+    let n: i64 = conn
+        .prepare_cached("UPDATE request_counter SET last = last + 1 WHERE id = 1 RETURNING last")?
+        .query_row([], |r| r.get(0))?;
+    Ok(human_id(site, n.max(0) as u64))
+}
+
+impl Request {
+    /// What a target needs to hold a copy.
+    pub fn state(&self) -> RequestState {
+        RequestState {
+            request_id: self.id,
+            human_id: self.human_id.clone(),
+            request_type: self.request_type.clone(),
+            fields: self.fields.clone(),
+            revision: self.revision,
+            created_at: self.created_at,
+            history: self.distribution.history.clone(),
+        }
+    }
+}
+
+pub(crate) fn record(
     conn: &Connection,
     kind: RequestEventKind,
     r: &Request,
@@ -223,13 +282,13 @@ fn record(
     Ok(())
 }
 
-fn json<T: Serialize>(v: &T) -> Result<String> {
+pub(crate) fn json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()))
 }
 
 const SELECT: &str = "SELECT id, human_id, request_type, fields, is_master, current_site, \
      from_site, to_site, from_request_id, to_request_id, mapping, transfer_status, update_status, \
-     history, revision, created_at, updated_at FROM requests";
+     history, revision, created_at, updated_at, pending_op, transfer_error FROM requests";
 
 /// One request by id or human id.
 pub fn get(conn: &Connection, id: &str) -> Result<Option<Request>> {
@@ -259,7 +318,7 @@ type Row = (
     String,
     bool,
     String,
-    [Option<String>; 7],
+    [Option<String>; 9],
     String,
     i64,
     String,
@@ -274,7 +333,17 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(3)?,
         r.get(4)?,
         r.get(5)?,
-        [r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?, r.get(12)?],
+        [
+            r.get(6)?,
+            r.get(7)?,
+            r.get(8)?,
+            r.get(9)?,
+            r.get(10)?,
+            r.get(11)?,
+            r.get(12)?,
+            r.get(17)?,
+            r.get(18)?,
+        ],
         r.get(13)?,
         r.get(14)?,
         r.get(15)?,
@@ -300,6 +369,8 @@ fn decode(r: Row) -> Result<Request> {
         mapping,
         transfer_status,
         update_status,
+        pending_operation,
+        transfer_error,
     ] = r.6;
     Ok(Request {
         id: r.0.parse().map_err(|_| corrupt("id", &r.0))?,
@@ -316,6 +387,8 @@ fn decode(r: Row) -> Result<Request> {
             mapping,
             transfer_status,
             update_status,
+            pending_operation,
+            transfer_error,
             history: serde_json::from_str(&r.7).map_err(|_| corrupt("history", &r.7))?,
         },
         revision: u64::try_from(r.8).map_err(|_| corrupt("revision", &r.8.to_string()))?,

@@ -51,6 +51,8 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub commands_changed: watch::Receiver<u64>,
+    /// Wakes this replica's sessions after commands were appended here (request operations).
+    pub commands_wake: Arc<watch::Sender<u64>>,
     pub heartbeat: Duration,
     /// Fallback poll for commands committed elsewhere (see `Store::watch_commands`).
     pub command_poll: Duration,
@@ -611,6 +613,7 @@ impl Session {
             });
         }
         let n = events.len() as u64;
+        let requests = crate::store::requests::has_request_events(&events);
         let acked = match self
             .gw
             .store
@@ -623,6 +626,15 @@ impl Session {
                 self.gw.metrics.events_quarantined.inc_by(quarantined);
                 if quarantined > 0 {
                     tracing::warn!(agent = %self.agent, quarantined, "malformed events quarantined");
+                }
+                if requests {
+                    // Commands the ledger decided for other agents go out right away (the
+                    // ledger sweep moves them too should this fail or the replica stop here).
+                    match self.gw.store.flush_request_commands().await {
+                        Ok(0) => {}
+                        Ok(_) => self.gw.commands_wake.send_modify(|n| *n = n.wrapping_add(1)),
+                        Err(e) => tracing::warn!(error = %e, "could not flush request commands; the sweep will"),
+                    }
                 }
                 acked
             }

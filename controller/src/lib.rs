@@ -7,6 +7,7 @@ pub mod appointments;
 pub mod auth;
 pub mod config_admin;
 pub mod console;
+pub mod distribution;
 pub mod ctl;
 pub mod error;
 pub mod gateway;

@@ -132,6 +132,15 @@ pub async fn serve(
         commands_tx.clone(),
         shutdown.clone(),
     ));
+    // The distributed-request ledger: timeouts, retries, scheduled updates, staged commands.
+    let ledger_wake = commands_tx.clone();
+    tasks.spawn(crate::distribution::run_ledger(
+        store.clone(),
+        clock.clone(),
+        Duration::from_millis(settings.request_ledger_tick_ms.max(50)),
+        commands_tx.clone(),
+        shutdown.clone(),
+    ));
     let api_state =
         ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: commands_tx };
     let router = api::router(api_state.clone(), settings.max_body_bytes)
@@ -148,6 +157,7 @@ pub async fn serve(
         store,
         metrics,
         commands_changed: commands_rx,
+        commands_wake: ledger_wake,
         heartbeat,
         command_poll: Duration::from_millis(settings.command_poll_ms.max(100)),
         shutdown: shutdown.clone(),

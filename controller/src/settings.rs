@@ -28,6 +28,9 @@ pub struct Settings {
     pub command_poll_ms: u64,
     /// The nightly appointment sync scheduler looks for due sites this often.
     pub appointment_sync_tick_ms: u64,
+    /// The distributed-request ledger sweeps (timeouts, retries, hourly and daily updates)
+    /// this often.
+    pub request_ledger_tick_ms: u64,
     /// Appointments per chunk of a bulk appointment sync.
     pub appointment_sync_chunk: usize,
     pub max_body_bytes: usize,
@@ -60,6 +63,7 @@ impl Default for Settings {
             heartbeat_ms: 5_000,
             command_poll_ms: 2_000,
             appointment_sync_tick_ms: 30_000,
+            request_ledger_tick_ms: 1_000,
             appointment_sync_chunk: meridian_shared::appointments::DEFAULT_SYNC_CHUNK,
             max_body_bytes: 1024 * 1024,
             bootstrap_token_file: None,
@@ -121,6 +125,7 @@ impl fmt::Debug for Settings {
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("command_poll_ms", &self.command_poll_ms)
             .field("appointment_sync_tick_ms", &self.appointment_sync_tick_ms)
+            .field("request_ledger_tick_ms", &self.request_ledger_tick_ms)
             .field("appointment_sync_chunk", &self.appointment_sync_chunk)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("bootstrap_token_file", &self.bootstrap_token_file)

@@ -19,11 +19,28 @@ pub enum ControllerCommand {
     /// `FetchAppointments` RPC and replace the appointments of its days. The agent records the
     /// request and acknowledges at once; the transfer runs beside the session.
     SyncAppointments(SyncRequest),
+    /// Apply one cross-site operation on a request (`transfers`): store or stage a copy,
+    /// update a copy, delete one. Answered with a `REQUEST_OP_OUTCOME` event.
+    ApplyOperation(Box<crate::transfers::ApplyOperation>),
+    /// The staged ownership transfer or return is the target's: it becomes the master.
+    CommitOperation(crate::transfers::Decision),
+    /// The staged ownership transfer or return was cancelled or timed out: drop it.
+    AbortOperation(crate::transfers::Decision),
+    /// How an operation this site asked for ended (the source takes the ownership back when an
+    /// ownership transfer or return did not succeed).
+    OperationResult(crate::transfers::OperationResult),
+    /// A `REQUEST_APPLY` withdrawn before the target acknowledged it (superseded or cancelled).
+    Withdrawn(crate::transfers::Withdrawn),
 }
 
 pub const APPLY_CONFIG: &str = "APPLY_CONFIG";
 pub const APPOINTMENT_UPSERT: &str = "APPOINTMENT_UPSERT";
 pub const APPOINTMENTS_SYNC: &str = "APPOINTMENTS_SYNC";
+pub const REQUEST_APPLY: &str = "REQUEST_APPLY";
+pub const REQUEST_COMMIT: &str = "REQUEST_COMMIT";
+pub const REQUEST_ABORT: &str = "REQUEST_ABORT";
+pub const REQUEST_RESULT: &str = "REQUEST_RESULT";
+pub const REQUEST_WITHDRAWN: &str = "REQUEST_WITHDRAWN";
 
 /// The payload of `APPOINTMENTS_SYNC`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +65,11 @@ impl ControllerCommand {
             ControllerCommand::ApplyConfig(_) => APPLY_CONFIG,
             ControllerCommand::UpsertAppointment(_) => APPOINTMENT_UPSERT,
             ControllerCommand::SyncAppointments(_) => APPOINTMENTS_SYNC,
+            ControllerCommand::ApplyOperation(_) => REQUEST_APPLY,
+            ControllerCommand::CommitOperation(_) => REQUEST_COMMIT,
+            ControllerCommand::AbortOperation(_) => REQUEST_ABORT,
+            ControllerCommand::OperationResult(_) => REQUEST_RESULT,
+            ControllerCommand::Withdrawn(_) => REQUEST_WITHDRAWN,
         }
     }
 
@@ -56,6 +78,12 @@ impl ControllerCommand {
             ControllerCommand::ApplyConfig(c) => serde_json::to_vec(c).unwrap_or_default(),
             ControllerCommand::UpsertAppointment(a) => serde_json::to_vec(a).unwrap_or_default(),
             ControllerCommand::SyncAppointments(r) => serde_json::to_vec(r).unwrap_or_default(),
+            ControllerCommand::ApplyOperation(o) => serde_json::to_vec(o).unwrap_or_default(),
+            ControllerCommand::CommitOperation(d) | ControllerCommand::AbortOperation(d) => {
+                serde_json::to_vec(d).unwrap_or_default()
+            }
+            ControllerCommand::OperationResult(r) => serde_json::to_vec(r).unwrap_or_default(),
+            ControllerCommand::Withdrawn(w) => serde_json::to_vec(w).unwrap_or_default(),
         }
     }
 
@@ -74,6 +102,21 @@ impl ControllerCommand {
             APPOINTMENTS_SYNC => Ok(ControllerCommand::SyncAppointments(
                 serde_json::from_slice(payload).map_err(bad)?,
             )),
+            REQUEST_APPLY => {
+                Ok(ControllerCommand::ApplyOperation(serde_json::from_slice(payload).map_err(bad)?))
+            }
+            REQUEST_COMMIT => Ok(ControllerCommand::CommitOperation(
+                serde_json::from_slice(payload).map_err(bad)?,
+            )),
+            REQUEST_ABORT => {
+                Ok(ControllerCommand::AbortOperation(serde_json::from_slice(payload).map_err(bad)?))
+            }
+            REQUEST_RESULT => Ok(ControllerCommand::OperationResult(
+                serde_json::from_slice(payload).map_err(bad)?,
+            )),
+            REQUEST_WITHDRAWN => {
+                Ok(ControllerCommand::Withdrawn(serde_json::from_slice(payload).map_err(bad)?))
+            }
             other => Err(CommandDecodeError::UnknownKind(other.chars().take(80).collect())),
         }
     }

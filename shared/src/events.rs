@@ -38,6 +38,12 @@ pub enum AgentEvent {
     /// A service request was created at the branch (`REQUEST_CREATED`) or its fields changed
     /// (`REQUEST_UPDATED`): its whole new state.
     Request(RequestEventKind, RequestChanged),
+    /// The site asks for a cross-site operation on one of its requests (`transfers`).
+    RequestOperation(crate::transfers::OperationRequested),
+    /// The site's answer to a `REQUEST_APPLY` command.
+    RequestOperationOutcome(crate::transfers::OperationOutcome),
+    /// The site deleted a request (master or read-only copy).
+    RequestDeleted(crate::transfers::RequestDeleted),
 }
 
 /// The request lifecycle events.
@@ -248,6 +254,9 @@ impl AgentEvent {
             AgentEvent::BranchClosed(_) => BRANCH_CLOSED,
             AgentEvent::BranchReopened(_) => BRANCH_REOPENED,
             AgentEvent::Request(kind, _) => kind.as_str(),
+            AgentEvent::RequestOperation(_) => crate::transfers::REQUEST_OPERATION,
+            AgentEvent::RequestOperationOutcome(_) => crate::transfers::REQUEST_OP_OUTCOME,
+            AgentEvent::RequestDeleted(_) => crate::transfers::REQUEST_DELETED,
         }
     }
 
@@ -264,6 +273,9 @@ impl AgentEvent {
             AgentEvent::BranchClosed(e) => serde_json::to_vec(e),
             AgentEvent::BranchReopened(e) => serde_json::to_vec(e),
             AgentEvent::Request(_, e) => serde_json::to_vec(e),
+            AgentEvent::RequestOperation(e) => serde_json::to_vec(e),
+            AgentEvent::RequestOperationOutcome(e) => serde_json::to_vec(e),
+            AgentEvent::RequestDeleted(e) => serde_json::to_vec(e),
         };
         // Serializing plain structs of strings and numbers cannot fail.
         value.unwrap_or_default()
@@ -321,6 +333,15 @@ impl AgentEvent {
             ),
             BRANCH_REOPENED => {
                 AgentEvent::BranchReopened(serde_json::from_slice(payload).map_err(bad)?)
+            }
+            crate::transfers::REQUEST_OPERATION => {
+                AgentEvent::RequestOperation(serde_json::from_slice(payload).map_err(bad)?)
+            }
+            crate::transfers::REQUEST_OP_OUTCOME => {
+                AgentEvent::RequestOperationOutcome(serde_json::from_slice(payload).map_err(bad)?)
+            }
+            crate::transfers::REQUEST_DELETED => {
+                AgentEvent::RequestDeleted(serde_json::from_slice(payload).map_err(bad)?)
             }
             _ => return Ok(None),
         }))

@@ -62,6 +62,20 @@ pub struct RequestMapping {
     pub return_mapping: Option<Code>,
     #[serde(default)]
     pub duplicates: DuplicatePolicy,
+    /// What the source keeps after an ownership transfer or return with this mapping.
+    #[serde(default)]
+    pub source_copy: SourceCopy,
+}
+
+/// What the source keeps after it hands the ownership over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceCopy {
+    /// A read-only copy (updated by the master per the rule's update policy).
+    #[default]
+    Keep,
+    /// Nothing: the source's copy is deleted once the target holds the request (archiving).
+    Delete,
 }
 
 fn yes() -> bool {

@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (9, include_str!("../../../migrations/agent/0009_appointment_sync.sql")),
     (10, include_str!("../../../migrations/agent/0010_branch_closures.sql")),
     (11, include_str!("../../../migrations/agent/0011_requests.sql")),
+    (12, include_str!("../../../migrations/agent/0012_request_distribution.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;

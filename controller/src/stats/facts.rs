@@ -301,7 +301,10 @@ impl Projection {
             | AgentEvent::AppointmentStatus(_)
             | AgentEvent::BranchClosed(_)
             | AgentEvent::BranchReopened(_)
-            | AgentEvent::Request(..) => {}
+            | AgentEvent::Request(..)
+            | AgentEvent::RequestOperation(_)
+            | AgentEvent::RequestOperationOutcome(_)
+            | AgentEvent::RequestDeleted(_) => {}
         }
     }
 

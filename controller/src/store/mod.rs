@@ -27,6 +27,7 @@ pub mod appointments;
 pub mod conformance;
 pub mod maintenance;
 mod postgres;
+pub mod requests;
 mod sql_common;
 mod sqlite;
 pub mod stats;
@@ -220,6 +221,7 @@ pub trait Store:
     stats::StatsStore
     + appointments::AppointmentStore
     + appointment_sync::AppointmentSyncStore
+    + requests::RequestStore
     + Send
     + Sync
     + 'static

@@ -210,6 +210,7 @@ macro_rules! impl_store {
         $crate::store::stats_sql::impl_stats_store!($ty);
         $crate::store::appointments::impl_appointment_store!($ty);
         $crate::store::appointment_sync::impl_appointment_sync_store!($ty, lock = $lock);
+        $crate::store::requests::impl_request_store!($ty, lock = $lock);
 
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.
@@ -734,6 +735,7 @@ macro_rules! impl_store {
                         Self::apply_appointment_events(&mut tx, &site, &fresh).await?;
                     }
                     Self::apply_sync_reports(&mut tx, &agent_id, &fresh).await?;
+                    Self::apply_request_events(&mut tx, &agent_id, &site, &fresh, received_at).await?;
                 }
                 let mut rows = $crate::store::stats_sql::Rows::new(&$crate::store::stats_sql::QUARANTINE);
                 for e in &refused {
