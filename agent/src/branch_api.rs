@@ -48,7 +48,11 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/appointments/sync", get(appointment_sync_status))
         .route("/api/v1/closures", get(list_closures).post(close_branch))
         .route("/api/v1/requests", get(list_requests).post(create_request))
-        .route("/api/v1/requests/{id}", get(get_request).patch(update_request))
+        .route(
+            "/api/v1/requests/{id}",
+            get(get_request).patch(update_request).delete(delete_request),
+        )
+        .route("/api/v1/requests/{id}/operations", post(start_operation))
         .route("/api/v1/closures/{id}", axum::routing::delete(reopen_branch))
         .route("/api/v1/appointments/check-in", post(check_in_by_text))
         .route("/api/v1/appointments/{id}/check-in", post(check_in_by_id))
@@ -287,6 +291,53 @@ async fn update_request(
         change(&ctx, move |c, config, now| crate::requests::update(c, config, &id, &patch, now))
             .await?,
     ))
+}
+
+/// Starts a cross-site operation on a request of this site (transfer with a mode and a target,
+/// update, return): 202 with the operation id and the request as it is here now (an ownership
+/// transfer or a return makes it read-only until the controller settles it). Works offline:
+/// the operation waits in the outbox. 404 unknown; 409 not the master here; 422 bad spec.
+async fn start_operation(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+    body: Result<Json<crate::distribution::OperationSpec>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::distribution::Started>), ApiError> {
+    let Json(spec) = body?;
+    if id.len() > 64 {
+        return Err(Error::NotFound("request".into()).into());
+    }
+    if spec.action == meridian_shared::transfers::OpKind::Delete {
+        return Err(
+            Error::Validation("delete a request with DELETE /api/v1/requests/{id}".into()).into()
+        );
+    }
+    let started =
+        change(&ctx, move |c, config, now| crate::distribution::start(c, config, &id, &spec, now))
+            .await?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
+}
+
+/// Deletes a request here: the master (its copies at other sites follow) or a read-only copy
+/// alone. 204; 404 unknown; 409 while its ownership is being handed over.
+async fn delete_request(
+    State(ctx): State<Arc<Context>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if id.len() > 64 {
+        return Err(Error::NotFound("request".into()).into());
+    }
+    let spec = crate::distribution::OperationSpec {
+        action: meridian_shared::transfers::OpKind::Delete,
+        mode: None,
+        target: None,
+        mapping: None,
+        pool: None,
+        update: Default::default(),
+        rule: None,
+    };
+    change(&ctx, move |c, config, now| crate::distribution::start(c, config, &id, &spec, now))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn get_request(

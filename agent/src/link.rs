@@ -408,78 +408,107 @@ async fn apply_command(
     kind: &str,
     payload: &[u8],
 ) -> Result<Option<String>, LinkError> {
-    let decoded = ControllerCommand::decode(kind, payload);
     let site = identity.site.clone();
-    let kind = kind.to_owned();
+    let (kind, payload) = (kind.to_owned(), payload.to_vec());
     let now = ctx.clock.now();
-    let sync_requested = matches!(decoded, Ok(ControllerCommand::SyncAppointments(_)));
     let config = ctx.config.borrow().clone();
-    let (applied, appointment, error) = ctx
+    let applied = ctx
         .db
         .write(move |conn| {
-            if seq <= queries::last_applied_command(conn)? {
-                return Ok((None, false, None));
-            }
-            let outcome = match decoded {
-                Ok(ControllerCommand::ApplyConfig(snap)) if snap.site.code.as_str() != site => Err(
-                    format!("configuration for site {} sent to an agent of {site}", snap.site.code),
-                ),
-                Ok(ControllerCommand::ApplyConfig(snap)) => {
-                    let applied = queries::apply_config(conn, &snap, now)?;
-                    Ok((applied.then_some(*snap), false))
-                }
-                Ok(ControllerCommand::UpsertAppointment(a)) if a.site.as_str() != site => {
-                    Err(format!("appointment of site {} sent to an agent of {site}", a.site))
-                }
-                Ok(ControllerCommand::UpsertAppointment(a)) => {
-                    Ok((None, crate::appointment_sync::apply_live(conn, &a, seq, now)?))
-                }
-                Ok(ControllerCommand::SyncAppointments(req)) => {
-                    crate::appointment_sync::record_request(conn, &req, now)?;
-                    Ok((None, false))
-                }
-                Ok(cmd) => {
-                    match crate::distribution::apply_command(conn, config.as_deref(), &cmd, now) {
-                        Ok(_arrived) => Ok((None, true)),
-                        Err(
-                            e @ (crate::error::Error::Store(_)
-                            | crate::error::Error::StoreGone(_)
-                            | crate::error::Error::Internal(_)),
-                        ) => {
-                            return Err(e);
-                        }
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            match outcome {
-                Ok((applied, appointment)) => {
-                    queries::record_command(conn, seq, &kind, None, now)?;
-                    Ok((applied, appointment, None))
-                }
-                Err(e) => {
-                    queries::record_command(conn, seq, &kind, Some(&e), now)?;
-                    Ok((None, false, Some(e)))
-                }
-            }
+            apply_command_in(conn, &site, config.as_deref(), seq, &kind, &payload, now)
         })
         .await?;
-    if let Some(snap) = applied {
+    if let Some(snap) = applied.config {
         tracing::info!(revision = snap.revision, "applied configuration");
         ctx.config.send_replace(Some(Arc::new(snap)));
         ctx.changed();
-    } else if appointment {
+    } else if applied.changed {
         // An appointment or a request changed (and a request operation's outcome waits in
         // the outbox): wake the outbox pump and the terminals.
         tracing::debug!(seq, "stored a change from the controller");
         ctx.changed();
     }
-    if sync_requested && error.is_none() {
+    if applied.sync_requested && applied.error.is_none() {
         ctx.sync_requested.notify_one();
     }
-    if let Some(e) = &error {
+    if let Some(e) = &applied.error {
         tracing::warn!(seq, error = %e, "rejected a command from the controller");
     }
-    Ok(error)
+    Ok(applied.error)
+}
+
+/// What applying one command did.
+#[derive(Debug, Default)]
+pub struct CommandApplied {
+    /// A newer configuration now in force.
+    pub config: Option<meridian_shared::config::SiteConfig>,
+    /// Whether stored state changed (appointments, requests).
+    pub changed: bool,
+    /// Requests that arrived here as master (for the arrival rules).
+    pub arrived: Vec<crate::requests::Request>,
+    pub sync_requested: bool,
+    /// Why the command was rejected (recorded, and acknowledged with it).
+    pub error: Option<String>,
+}
+
+/// Applies command `seq` inside one store job: skipped if already applied, else applied and
+/// recorded together (with its error if it is rejected: a command that cannot be applied never
+/// blocks the log). Store failures are returned, and the job rolls back.
+pub fn apply_command_in(
+    conn: &rusqlite::Connection,
+    site: &str,
+    config: Option<&meridian_shared::config::SiteConfig>,
+    seq: u64,
+    kind: &str,
+    payload: &[u8],
+    now: DateTime<Utc>,
+) -> crate::error::Result<CommandApplied> {
+    use crate::error::Error;
+    if seq <= queries::last_applied_command(conn)? {
+        return Ok(CommandApplied::default());
+    }
+    let mut done = CommandApplied::default();
+    let outcome = match ControllerCommand::decode(kind, payload) {
+        Ok(ControllerCommand::ApplyConfig(snap)) if snap.site.code.as_str() != site => {
+            Err(format!("configuration for site {} sent to an agent of {site}", snap.site.code))
+        }
+        Ok(ControllerCommand::ApplyConfig(snap)) => {
+            if queries::apply_config(conn, &snap, now)? {
+                done.config = Some(*snap);
+            }
+            Ok(())
+        }
+        Ok(ControllerCommand::UpsertAppointment(a)) if a.site.as_str() != site => {
+            Err(format!("appointment of site {} sent to an agent of {site}", a.site))
+        }
+        Ok(ControllerCommand::UpsertAppointment(a)) => {
+            done.changed = crate::appointment_sync::apply_live(conn, &a, seq, now)?;
+            Ok(())
+        }
+        Ok(ControllerCommand::SyncAppointments(req)) => {
+            crate::appointment_sync::record_request(conn, &req, now)?;
+            done.sync_requested = true;
+            Ok(())
+        }
+        Ok(cmd) => match crate::distribution::apply_command(conn, config, &cmd, now) {
+            Ok(arrived) => {
+                done.changed = true;
+                done.arrived = arrived;
+                Ok(())
+            }
+            Err(e @ (Error::Store(_) | Error::StoreGone(_) | Error::Internal(_))) => {
+                return Err(e);
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    match outcome {
+        Ok(()) => queries::record_command(conn, seq, kind, None, now)?,
+        Err(e) => {
+            queries::record_command(conn, seq, kind, Some(&e), now)?;
+            done = CommandApplied { error: Some(e), ..CommandApplied::default() };
+        }
+    }
+    Ok(done)
 }
