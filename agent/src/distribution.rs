@@ -108,12 +108,17 @@ pub fn start(
             else {
                 return Err(invalid(
                     "action",
-                    format!("request {} was never transferred here: nothing to return to", r.human_id),
+                    format!(
+                        "request {} was never transferred here: nothing to return to",
+                        r.human_id
+                    ),
                 ));
             };
             let mapping = match (&spec.mapping, &came.mapping) {
                 (Some(m), _) => Some(m.clone()),
-                (None, Some(m)) => find_mapping(config, m.as_str()).and_then(|m| m.return_mapping.clone()),
+                (None, Some(m)) => {
+                    find_mapping(config, m.as_str()).and_then(|m| m.return_mapping.clone())
+                }
                 (None, None) => None,
             };
             (Some(TransferMode::Ownership), OpTarget::Site(came.from_site.clone()), mapping)
@@ -283,7 +288,9 @@ fn localize(
         (None, None) => state.request_type.clone(),
     };
     let Some(t) = find_type(config, type_code.as_str()) else {
-        return Err(not_yet(format!("request type {type_code} is not configured at this site yet")));
+        return Err(not_yet(format!(
+            "request type {type_code} is not configured at this site yet"
+        )));
     };
     let values = match mapped {
         Some(m) => m.apply(&state.fields, t),
@@ -294,9 +301,9 @@ fn localize(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     };
-    let values = t.check_new(&values).map_err(|e| {
-        refuse(format!("the request does not fit type {} here: {e}", t.code))
-    })?;
+    let values = t
+        .check_new(&values)
+        .map_err(|e| refuse(format!("the request does not fit type {} here: {e}", t.code)))?;
     Ok((t.code.clone(), values))
 }
 
@@ -594,10 +601,14 @@ pub fn apply_command(
 ) -> Result<Vec<Request>> {
     let configured = || config.ok_or(Error::NotConfigured);
     match cmd {
-        ControllerCommand::ApplyOperation(op) => apply(conn, configured()?, op, now).map(|_| vec![]),
+        ControllerCommand::ApplyOperation(op) => {
+            apply(conn, configured()?, op, now).map(|_| vec![])
+        }
         ControllerCommand::CommitOperation(d) => Ok(commit(conn, d, now)?.into_iter().collect()),
         ControllerCommand::AbortOperation(d) => abort(conn, d).map(|()| vec![]),
-        ControllerCommand::OperationResult(r) => result(conn, configured()?, r, now).map(|()| vec![]),
+        ControllerCommand::OperationResult(r) => {
+            result(conn, configured()?, r, now).map(|()| vec![])
+        }
         ControllerCommand::Withdrawn(_) => Ok(vec![]),
         other => Err(Error::Internal(format!("{} is not a request command", other.kind()))),
     }

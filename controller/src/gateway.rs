@@ -633,7 +633,9 @@ impl Session {
                     match self.gw.store.flush_request_commands().await {
                         Ok(0) => {}
                         Ok(_) => self.gw.commands_wake.send_modify(|n| *n = n.wrapping_add(1)),
-                        Err(e) => tracing::warn!(error = %e, "could not flush request commands; the sweep will"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not flush request commands; the sweep will")
+                        }
                     }
                 }
                 acked

@@ -19,6 +19,7 @@ pub mod mappings;
 pub mod requests;
 pub mod settings;
 pub mod shutdown;
+pub mod transfers;
 pub mod visits;
 
 pub use error::{ValidationError, ValidationErrors};
