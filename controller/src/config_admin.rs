@@ -33,6 +33,8 @@ pub enum ResourceInput {
     Webhook(Webhook),
     RequestType(meridian_shared::requests::RequestType),
     RequestMapping(meridian_shared::mappings::RequestMapping),
+    RequestRule(meridian_shared::rules::RequestRule),
+    RequestPool(meridian_shared::rules::RequestPool),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +69,8 @@ impl ResourceInput {
             ResourceInput::Webhook(x) => Resource::Webhook(x),
             ResourceInput::RequestType(x) => Resource::RequestType(x),
             ResourceInput::RequestMapping(x) => Resource::RequestMapping(x),
+            ResourceInput::RequestRule(x) => Resource::RequestRule(x),
+            ResourceInput::RequestPool(x) => Resource::RequestPool(x),
             ResourceInput::StaffUser(u) => Resource::StaffUser(StaffUser {
                 username: u.username,
                 name: u.name,

@@ -424,3 +424,152 @@ async fn request_types_are_managed_centrally_and_bad_schemas_are_refused() {
     check(&api, "GET", "/api/v1/request-types/REPAIR", Token::Admin, In::Empty, 404, "not_found")
         .await;
 }
+
+/// Distribution rules and pools (issue 6) at `/api/v1/request-rules` and
+/// `/api/v1/request-pools`: a good pool and rule are saved; a rule whose condition does not
+/// parse or does not type-check against its request type, that names an unknown site, mapping
+/// or pool, whose mapping is for another type, or that would move requests in a loop with
+/// another rule is a 422 naming the rule's field, and none of those refusals changes anything.
+#[tokio::test]
+async fn distribution_rules_are_validated_when_saved() {
+    let api = Api::start().await;
+    let seed = json!({"resources": [
+        {"kind": "site", "code": "SFO", "name": "San Francisco", "time_zone": "America/Los_Angeles"},
+        {"kind": "site", "code": "CHI", "name": "Chicago", "time_zone": "America/Chicago"},
+        {"kind": "request_type", "code": "REPAIR", "name": "Furniture repair", "fields": [
+            {"name": "summary", "type": "text", "max_length": 80, "required": true},
+            {"name": "category", "type": "enum", "values": ["chair", "table"]},
+            {"name": "upholstery", "type": "boolean"}
+        ]},
+        {"kind": "request_type", "code": "UPHOLSTERY", "name": "Upholstery", "fields": [
+            {"name": "summary", "type": "text", "max_length": 120, "required": true}
+        ]},
+        {"kind": "request_mapping", "code": "R2R", "name": "Repair to repair",
+         "source_type": "REPAIR", "target_type": "REPAIR"},
+        {"kind": "request_mapping", "code": "U2U", "name": "Upholstery to upholstery",
+         "source_type": "UPHOLSTERY", "target_type": "UPHOLSTERY"}
+    ]});
+    let (status, report) =
+        api.send(Method::POST, "/api/v1/apply", Token::Admin, In::Json(seed)).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+
+    let pool = json!({"code": "chairs", "name": "Chairs", "timeout_minutes": 120});
+    let (status, body) =
+        api.send(Method::POST, "/api/v1/request-pools", Token::Admin, In::Json(pool)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let rule = |code: &str, changes: Value| {
+        let mut r = json!({"code": code, "name": format!("Rule {code}"),
+            "request_type": "REPAIR", "sites": ["SFO"], "trigger": {"on": "create"},
+            "condition": "fields.category == 'chair' && fields.upholstery",
+            "action": "transfer", "mode": "ownership", "mapping": "R2R", "pool": "chairs",
+            "target": {"site": "CHI"}});
+        for (k, v) in changes.as_object().expect("object") {
+            r[k] = v.clone();
+        }
+        r
+    };
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/api/v1/request-rules",
+            Token::Admin,
+            In::Json(rule("TO_CHI", json!({}))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) =
+        api.send(Method::GET, "/api/v1/request-rules/TO_CHI", Token::Viewer, In::Empty).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["bounce_limit"].clone(), body["update"].clone()),
+        (json!(3), json!("immediately"))
+    );
+    let revision = api.config().await["revision"].clone();
+
+    // (the rule's changes, the field the refusal names, a fragment of its message)
+    let refusals = [
+        (json!({"condition": "fields.category == 'chair' &&"}), "condition", "does not parse"),
+        (
+            json!({"condition": "fields.category + 1 == 2"}),
+            "condition",
+            "fails on a sample REPAIR request",
+        ),
+        (
+            json!({"condition": "fields.colour == 'red'"}),
+            "condition",
+            "request type REPAIR has no field colour",
+        ),
+        (json!({"condition": "fields.summary"}), "condition", "not a boolean"),
+        (json!({"target": {"site": "LON"}}), "target.site", "unknown site LON"),
+        (json!({"mapping": "NOPE"}), "mapping", "unknown request mapping NOPE"),
+        (json!({"pool": "NOPE"}), "pool", "unknown request pool NOPE"),
+        (
+            json!({"mapping": "U2U"}),
+            "mapping",
+            "mapping U2U maps requests of type UPHOLSTERY, not REPAIR",
+        ),
+        (json!({"mode": null}), "mode", "a transfer needs a mode"),
+    ];
+    for (changes, field, fragment) in refusals {
+        let bad = rule("BAD", changes.clone());
+        let (status, body) =
+            api.send(Method::POST, "/api/v1/request-rules", Token::Admin, In::Json(bad)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{changes}: {body}");
+        assert_eq!(body["code"], "validation_failed", "{changes}: {body}");
+        let named = body["details"].as_array().is_some_and(|d| {
+            d.iter().any(|e| {
+                e["field"].as_str().is_some_and(|f| f.ends_with(&format!("BAD.{field}")))
+                    && e["message"].as_str().is_some_and(|m| m.contains(fragment))
+            })
+        });
+        assert!(named, "{changes}: expected {field}: {fragment} in {body}");
+    }
+
+    // Two arrival rules that hand a request back and forth: the second one saved closes the
+    // loop and is refused, naming both rules and the sites.
+    let arrival = |code: &str, at: &str, to: &str| {
+        rule(
+            code,
+            json!({"trigger": {"on": "arrival"}, "sites": [at], "target": {"site": to},
+                          "condition": null}),
+        )
+    };
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/api/v1/request-rules",
+            Token::Admin,
+            In::Json(arrival("A", "SFO", "CHI")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let revision_with_a = api.config().await["revision"].clone();
+    assert_ne!(revision_with_a, revision);
+    let (status, body) = api
+        .send(
+            Method::POST,
+            "/api/v1/request-rules",
+            Token::Admin,
+            In::Json(arrival("B", "CHI", "SFO")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("rules A and B would move a request in a loop: SFO → CHI → SFO"),
+        "{body}"
+    );
+
+    // Nothing was changed by the refusals.
+    assert_eq!(api.config().await["revision"], revision_with_a, "refusals wrote nothing");
+    let (status, body) =
+        api.send(Method::GET, "/api/v1/request-rules", Token::Admin, In::Empty).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let codes: Vec<&str> =
+        body.as_array().expect("list").iter().filter_map(|r| r["code"].as_str()).collect();
+    assert_eq!(codes, ["A", "TO_CHI"], "{body}");
+    let (status, body) =
+        api.send(Method::GET, "/api/v1/request-pools", Token::Admin, In::Empty).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body.as_array().map(Vec::len), Some(1), "{body}");
+}

@@ -33,10 +33,12 @@ pub enum ResourceKind {
     Webhook,
     RequestType,
     RequestMapping,
+    RequestRule,
+    RequestPool,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 10] = [
+    pub const ALL: [ResourceKind; 12] = [
         ResourceKind::Site,
         ResourceKind::Service,
         ResourceKind::Queue,
@@ -47,6 +49,8 @@ impl ResourceKind {
         ResourceKind::Webhook,
         ResourceKind::RequestType,
         ResourceKind::RequestMapping,
+        ResourceKind::RequestRule,
+        ResourceKind::RequestPool,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +65,8 @@ impl ResourceKind {
             ResourceKind::Webhook => "webhook",
             ResourceKind::RequestType => "request_type",
             ResourceKind::RequestMapping => "request_mapping",
+            ResourceKind::RequestRule => "request_rule",
+            ResourceKind::RequestPool => "request_pool",
         }
     }
 
@@ -72,6 +78,8 @@ impl ResourceKind {
                 | ResourceKind::StaffUser
                 | ResourceKind::RequestType
                 | ResourceKind::RequestMapping
+                | ResourceKind::RequestRule
+                | ResourceKind::RequestPool
         )
     }
 }
@@ -503,6 +511,10 @@ pub enum Resource {
     RequestType(crate::requests::RequestType),
     /// A request mapping (issue 6): global, checked against both of its types.
     RequestMapping(crate::mappings::RequestMapping),
+    /// A distribution rule (issue 6): global; its condition type-checks against its type.
+    RequestRule(crate::rules::RequestRule),
+    /// A request pool (issue 6): global.
+    RequestPool(crate::rules::RequestPool),
 }
 
 impl Resource {
@@ -518,6 +530,8 @@ impl Resource {
             Resource::Webhook(_) => ResourceKind::Webhook,
             Resource::RequestType(_) => ResourceKind::RequestType,
             Resource::RequestMapping(_) => ResourceKind::RequestMapping,
+            Resource::RequestRule(_) => ResourceKind::RequestRule,
+            Resource::RequestPool(_) => ResourceKind::RequestPool,
         }
     }
 
@@ -533,6 +547,8 @@ impl Resource {
             Resource::Webhook(w) => (Some(w.site.clone()), w.code.to_string()),
             Resource::RequestType(t) => (None, t.code.to_string()),
             Resource::RequestMapping(m) => (None, m.code.to_string()),
+            Resource::RequestRule(r) => (None, r.code.to_string()),
+            Resource::RequestPool(p) => (None, p.code.to_string()),
         };
         ResourceKey { kind: self.kind(), site, code }
     }
@@ -617,6 +633,8 @@ impl Resource {
             Resource::RequestType(t) => t.validate(&mut errs),
             // Checked against its types by `ConfigSet::validate`.
             Resource::RequestMapping(_) => {}
+            Resource::RequestRule(r) => r.validate(&mut errs),
+            Resource::RequestPool(p) => p.validate(&mut errs),
             Resource::StaffUser(u) => {
                 check_name(&u.name, "name", &mut errs);
                 if !u.password_hash.starts_with("$argon2") {
@@ -678,6 +696,55 @@ impl ConfigSet {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Every distribution rule, by code.
+    pub fn request_rules(&self) -> BTreeMap<&Code, &crate::rules::RequestRule> {
+        self.resources
+            .values()
+            .filter_map(|r| match r {
+                Resource::RequestRule(x) => Some((&x.code, x)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every request pool, by code.
+    pub fn request_pools(&self) -> BTreeMap<&Code, &crate::rules::RequestPool> {
+        self.resources
+            .values()
+            .filter_map(|r| match r {
+                Resource::RequestPool(x) => Some((&x.code, x)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The sites a rule's `target` sends a request from `source` to: one site, every site with
+    /// the group's tag, every site, or the next site of the follow-the-sun chain — never
+    /// `source` itself, each site once, in code order (follow-the-sun: the one site).
+    pub fn expand_target(&self, target: &crate::rules::Target, source: &SiteCode) -> Vec<SiteCode> {
+        use crate::rules::Target;
+        let mut sites: Vec<SiteCode> = match target {
+            Target::Site(s) => self.site(s).map(|x| x.code.clone()).into_iter().collect(),
+            Target::Group(tag) => {
+                self.sites().filter(|s| s.tags.contains(tag)).map(|s| s.code.clone()).collect()
+            }
+            Target::AllSites(all) => {
+                if *all {
+                    self.sites().map(|s| s.code.clone()).collect()
+                } else {
+                    vec![]
+                }
+            }
+            Target::FollowTheSun(chain) => {
+                Target::follow_the_sun_next(chain, source).into_iter().collect()
+            }
+        };
+        sites.retain(|s| s != source);
+        sites.sort();
+        sites.dedup();
+        sites
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
@@ -764,6 +831,12 @@ impl ConfigSet {
                 | Resource::ConnectorKey(_)
                 | Resource::Webhook(_)
                 | Resource::RequestType(_) => {}
+                Resource::RequestRule(r) => {
+                    let mut own = ValidationErrors::default();
+                    crate::rules::check_rule(r, self, &mut own);
+                    errs.0.extend(own.nest(&at).0);
+                }
+                Resource::RequestPool(_) => {}
                 Resource::RequestMapping(m) => {
                     let types = self.request_types();
                     let mappings = self.request_mappings();
@@ -773,6 +846,7 @@ impl ConfigSet {
                 }
             }
         }
+        crate::rules::check_loops(self, &mut errs);
         errs.into_result()
     }
 
@@ -791,6 +865,8 @@ impl ConfigSet {
             webhooks: vec![],
             request_types: vec![],
             request_mappings: vec![],
+            request_rules: vec![],
+            request_pools: vec![],
         };
         for res in self.resources.values() {
             match res {
@@ -803,6 +879,10 @@ impl ConfigSet {
                 Resource::Webhook(w) if &w.site == site => snap.webhooks.push(w.clone()),
                 Resource::RequestType(t) => snap.request_types.push(t.clone()),
                 Resource::RequestMapping(m) => snap.request_mappings.push(m.clone()),
+                Resource::RequestRule(r) if r.is_evaluated_at(site) => {
+                    snap.request_rules.push(r.clone())
+                }
+                Resource::RequestPool(p) => snap.request_pools.push(p.clone()),
                 _ => {}
             }
         }
@@ -830,6 +910,12 @@ pub struct SiteConfig {
     /// Every request mapping (global).
     #[serde(default)]
     pub request_mappings: Vec<crate::mappings::RequestMapping>,
+    /// The distribution rules evaluated at this site (`sites` empty or naming it).
+    #[serde(default)]
+    pub request_rules: Vec<crate::rules::RequestRule>,
+    /// Every request pool (global).
+    #[serde(default)]
+    pub request_pools: Vec<crate::rules::RequestPool>,
 }
 
 impl SiteConfig {

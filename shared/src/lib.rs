@@ -17,6 +17,7 @@ pub mod events;
 pub mod ids;
 pub mod mappings;
 pub mod requests;
+pub mod rules;
 pub mod settings;
 pub mod shutdown;
 pub mod transfers;

@@ -25,6 +25,7 @@ use crate::store::{AgentRecord, ApiToken, EnrollmentToken, Role, Store};
 pub mod appointment_sync;
 pub mod appointments;
 pub mod error;
+pub mod request_ops;
 
 use error::{ApiError, ApiResult};
 
@@ -74,6 +75,8 @@ pub fn router_with_clock(
         .route("/staff/{username}", get(get_staff).put(put_staff).delete(delete_staff))
         .merge(global_routes("/request-types", ResourceKind::RequestType))
         .merge(global_routes("/request-mappings", ResourceKind::RequestMapping))
+        .merge(global_routes("/request-rules", ResourceKind::RequestRule))
+        .merge(global_routes("/request-pools", ResourceKind::RequestPool))
         .route("/config", get(export_config))
         .route("/config/revisions", get(list_revisions))
         .route("/apply", post(apply))
@@ -90,6 +93,11 @@ pub fn router_with_clock(
         .route("/stats/status", get(stats_status))
         .route("/stats/quarantine", get(quarantine))
         .route("/stats/rebuild", post(rebuild_stats))
+        .merge(request_ops::routes(request_ops::RequestOpsState {
+            store: state.store.clone(),
+            clock: booking.clock.clone(),
+            commands_changed: state.commands_changed.clone(),
+        }))
         .merge(appointment_sync::routes(booking.clone()))
         .merge(appointments::routes(booking))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));

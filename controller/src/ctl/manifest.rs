@@ -89,7 +89,8 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
     Ok(total)
 }
 
-const KINDS_HINT: &str = "site, service, queue, service_point, work_profile, staff_user";
+const KINDS_HINT: &str = "site, service, queue, service_point, work_profile, staff_user, \
+     connector_key, webhook, request_type, request_mapping, request_rule, request_pool";
 
 /// Every resource in the file with its place (`document 2`, `document 3, item 1`) and its kind
 /// normalised. Checks YAML syntax and `kind` only.
@@ -221,6 +222,8 @@ mod tests {
         check("WorkProfile", Some("work_profile"));
         check("StaffUser", Some("staff_user"));
         check("staff-user", Some("staff_user"));
+        check("RequestRule", Some("request_rule"));
+        check("request-pool", Some("request_pool"));
         check("sites", None);
         check("staff", None);
         check("widget", None);
