@@ -155,6 +155,7 @@ impl Sim {
                         c,
                         &site,
                         config.as_ref(),
+                        &meridian_agent::request_rules::RuleSet::default(),
                         cmd.seq,
                         &cmd.kind,
                         &cmd.payload,

@@ -271,8 +271,16 @@ async fn create_request(
     body: Result<Json<crate::requests::NewRequest>, JsonRejection>,
 ) -> Json201<crate::requests::Request> {
     let Json(input) = body?;
-    let made =
-        change(&ctx, move |c, config, now| crate::requests::create(c, config, &input, now)).await?;
+    let rules = ctx.rules.get(&*ctx.site_config()?);
+    let made = change(&ctx, move |c, config, now| {
+        let made = crate::requests::create(c, config, &input, now)?;
+        let event = crate::request_rules::RuleEvent::Created;
+        if crate::request_rules::on_event(c, config, &rules, &made, event, now)? == 0 {
+            return Ok(made);
+        }
+        Ok(crate::requests::get(c, &made.id.to_string())?.unwrap_or(made))
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(made)))
 }
 
@@ -287,9 +295,18 @@ async fn update_request(
     if id.len() > 64 {
         return Err(Error::NotFound("request".into()).into());
     }
+    let rules = ctx.rules.get(&*ctx.site_config()?);
     Ok(Json(
-        change(&ctx, move |c, config, now| crate::requests::update(c, config, &id, &patch, now))
-            .await?,
+        change(&ctx, move |c, config, now| {
+            let before = crate::requests::get(c, &id)?.map(|r| r.fields).unwrap_or_default();
+            let changed = crate::requests::update(c, config, &id, &patch, now)?;
+            let event = crate::request_rules::RuleEvent::Modified(&before);
+            if crate::request_rules::on_event(c, config, &rules, &changed, event, now)? == 0 {
+                return Ok(changed);
+            }
+            Ok(crate::requests::get(c, &changed.id.to_string())?.unwrap_or(changed))
+        })
+        .await?,
     ))
 }
 

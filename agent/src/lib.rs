@@ -23,6 +23,7 @@ pub mod distribution;
 pub mod error;
 pub mod link;
 pub mod openapi;
+pub mod request_rules;
 pub mod requests;
 pub mod settings;
 pub mod store;
@@ -46,6 +47,8 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// Signalled when the controller asks for a bulk appointment sync.
     pub sync_requested: Notify,
+    /// The distribution rules of the applied configuration, compiled.
+    pub rules: request_rules::RuleCache,
 }
 
 impl Context {
@@ -63,6 +66,7 @@ impl Context {
             activity: watch::Sender::new(0),
             clock,
             sync_requested: Notify::new(),
+            rules: request_rules::RuleCache::default(),
         }))
     }
 }
@@ -93,6 +97,31 @@ impl Context {
     pub fn changed(&self) {
         self.outbox_changed.notify_one();
         self.activity.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// Runs the time-triggered distribution rules (schedules, close of business) when due.
+async fn escalation_sweep(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(config) = ctx.site_config() else { continue };
+        let rules = ctx.rules.get(&config);
+        if rules.is_empty() {
+            continue;
+        }
+        match ctx
+            .change(move |c, config, now| request_rules::run_escalations(c, config, &rules, now))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(operations = n, "time-triggered distribution rules fired"),
+            Err(e) => tracing::warn!(error = %e, "distribution rule sweep failed; retrying"),
+        }
     }
 }
 
@@ -157,6 +186,11 @@ pub async fn run_with(
         tokio::spawn(appointment_sync::run(ctx.clone(), link_settings.clone(), shutdown.clone()));
     let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, shutdown.clone()));
     let sweep_task = tokio::spawn(end_of_day_sweep(ctx.clone(), shutdown.clone()));
+    let escalation_task = tokio::spawn(escalation_sweep(
+        ctx.clone(),
+        Duration::from_millis(settings.rule_sweep_ms.max(10)),
+        shutdown.clone(),
+    ));
     let no_show_task = tokio::spawn(check_in::run_no_show_sweep(ctx.clone(), shutdown.clone()));
     let webhook_settings = webhooks::WebhookSettings {
         backoff: BackoffPolicy {
@@ -183,6 +217,7 @@ pub async fn run_with(
     let _ = link_task.await;
     let _ = sync_task.await;
     let _ = sweep_task.await;
+    let _ = escalation_task.await;
     let _ = no_show_task.await;
     let _ = webhook_task.await;
     served.map_err(|e| Error::Internal(format!("branch server: {e}")))

@@ -412,10 +412,11 @@ async fn apply_command(
     let (kind, payload) = (kind.to_owned(), payload.to_vec());
     let now = ctx.clock.now();
     let config = ctx.config.borrow().clone();
+    let rules = config.as_deref().map(|c| ctx.rules.get(c)).unwrap_or_default();
     let applied = ctx
         .db
         .write(move |conn| {
-            apply_command_in(conn, &site, config.as_deref(), seq, &kind, &payload, now)
+            apply_command_in(conn, &site, config.as_deref(), &rules, seq, &kind, &payload, now)
         })
         .await?;
     if let Some(snap) = applied.config {
@@ -453,11 +454,14 @@ pub struct CommandApplied {
 
 /// Applies command `seq` inside one store job: skipped if already applied, else applied and
 /// recorded together (with its error if it is rejected: a command that cannot be applied never
-/// blocks the log). Store failures are returned, and the job rolls back.
+/// blocks the log). A request arriving here as master fires this site's arrival rules in the
+/// same job. Store failures are returned, and the job rolls back.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_command_in(
     conn: &rusqlite::Connection,
     site: &str,
     config: Option<&meridian_shared::config::SiteConfig>,
+    rules: &crate::request_rules::RuleSet,
     seq: u64,
     kind: &str,
     payload: &[u8],
@@ -492,6 +496,18 @@ pub fn apply_command_in(
         }
         Ok(cmd) => match crate::distribution::apply_command(conn, config, &cmd, now) {
             Ok(arrived) => {
+                if let Some(config) = config {
+                    for r in &arrived {
+                        crate::request_rules::on_event(
+                            conn,
+                            config,
+                            rules,
+                            r,
+                            crate::request_rules::RuleEvent::Arrived,
+                            now,
+                        )?;
+                    }
+                }
                 done.changed = true;
                 done.arrived = arrived;
                 Ok(())

@@ -28,6 +28,9 @@ pub struct Settings {
     /// Webhook retry backoff (exponential with full jitter, capped).
     pub webhook_backoff_base_ms: u64,
     pub webhook_backoff_cap_ms: u64,
+    /// How often the time-triggered distribution rules (schedules, close of business) are
+    /// checked.
+    pub rule_sweep_ms: u64,
     /// When set, the bound branch server address is written here as JSON once listening.
     pub ready_file: Option<PathBuf>,
     pub log: String,
@@ -46,6 +49,7 @@ impl Default for Settings {
             backoff_cap_ms: 30_000,
             webhook_backoff_base_ms: 1_000,
             webhook_backoff_cap_ms: 300_000,
+            rule_sweep_ms: 30_000,
             ready_file: None,
             log: "info".into(),
         }
@@ -71,6 +75,7 @@ impl fmt::Debug for Settings {
             .field("backoff_cap_ms", &self.backoff_cap_ms)
             .field("webhook_backoff_base_ms", &self.webhook_backoff_base_ms)
             .field("webhook_backoff_cap_ms", &self.webhook_backoff_cap_ms)
+            .field("rule_sweep_ms", &self.rule_sweep_ms)
             .field("ready_file", &self.ready_file)
             .field("log", &self.log)
             .finish()

@@ -19,3 +19,10 @@ CREATE TABLE request_staged (
     state        TEXT NOT NULL,
     staged_at    TEXT NOT NULL
 ) STRICT;
+
+-- When each time-triggered distribution rule (a cron schedule or the close of business, in the
+-- site's time zone) runs next; a run missed while the agent was down happens at the next sweep.
+CREATE TABLE request_rule_schedule (
+    rule    TEXT PRIMARY KEY,
+    due_at  TEXT
+) STRICT;

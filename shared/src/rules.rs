@@ -10,7 +10,7 @@
 //!
 //! The agent evaluates rules with `compile` + `CompiledRule::matches` and schedules time
 //! triggers with `next_occurrence`; the controller resolves targets with
-//! `ConfigSet::expand_target` and enforces `RequestRule::bounce_limit` with `bounces`.
+//! `ConfigSet::expand_target` and enforces `RequestRule::bounce_limit` with `transfers::bounces`.
 //!
 //! A condition sees four variables: `request` (a map: `type`, `human_id`, `site` — the
 //! evaluating site —, `created_at` and `updated_at` as timestamps, `age_days` as a double),
@@ -168,29 +168,7 @@ pub enum Action {
     Delete,
 }
 
-/// How a transfer treats the ownership.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TransferMode {
-    /// The target becomes the master.
-    Ownership,
-    /// The target gets a read-only copy; the source stays master.
-    DataOnly,
-    /// The target gets a new, unlinked request of its own.
-    IndependentCopy,
-}
-
-/// When a master's changes reach a read-only copy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UpdatePolicy {
-    #[default]
-    Immediately,
-    Hourly,
-    Daily,
-    OnReturn,
-    Never,
-}
+pub use crate::transfers::{TransferMode, UpdatePolicy};
 
 /// Where a rule sends a request, written with one key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,7 +242,7 @@ impl RequestRule {
                                 "target",
                                 format!(
                                     "an {} transfer goes to one site: use site or follow_the_sun",
-                                    mode_name(mode)
+                                    TransferMode::as_str(mode)
                                 ),
                             );
                         }
@@ -367,27 +345,6 @@ impl RequestRule {
     pub fn pool_code(&self) -> &str {
         self.pool.as_ref().map_or(DEFAULT_POOL, Code::as_str)
     }
-}
-
-fn mode_name(mode: TransferMode) -> &'static str {
-    match mode {
-        TransferMode::Ownership => "ownership",
-        TransferMode::DataOnly => "data_only",
-        TransferMode::IndependentCopy => "independent_copy",
-    }
-}
-
-/// Immediate reversals (a move X→Y directly followed by Y→X) between `a` and `b` in a
-/// request's history of moves `(from, to)`: what `RequestRule::bounce_limit` counts.
-pub fn bounces(history_pairs: &[(SiteCode, SiteCode)], a: &SiteCode, b: &SiteCode) -> u32 {
-    let count = history_pairs
-        .windows(2)
-        .filter(|w| {
-            let ((f0, t0), (f1, t1)) = (&w[0], &w[1]);
-            f0 == t1 && t0 == f1 && ((f0 == a && t0 == b) || (f0 == b && t0 == a))
-        })
-        .count();
-    u32::try_from(count).unwrap_or(u32::MAX)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1512,22 +1469,6 @@ mod tests {
         check(json!({"all_sites": true}), "SFO", &["CHI", "PAR", "TYO"]);
         check(json!({"follow_the_sun": ["SFO", "TYO", "PAR"]}), "PAR", &["SFO"]);
         check(json!({"follow_the_sun": ["SFO", "TYO", "PAR"]}), "CHI", &[]);
-    }
-
-    #[test]
-    fn bounces_count_immediate_reversals() {
-        let check = |moves: &[(&str, &str)], expected: u32| {
-            let h: Vec<(SiteCode, SiteCode)> = moves.iter().map(|(a, b)| (s(a), s(b))).collect();
-            assert_eq!(bounces(&h, &s("SFO"), &s("CHI")), expected, "{moves:?}");
-            assert_eq!(bounces(&h, &s("CHI"), &s("SFO")), expected, "{moves:?} reversed");
-        };
-        check(&[], 0);
-        check(&[("SFO", "CHI")], 0);
-        check(&[("SFO", "CHI"), ("CHI", "SFO")], 1);
-        check(&[("SFO", "CHI"), ("CHI", "SFO"), ("SFO", "CHI")], 2);
-        check(&[("SFO", "CHI"), ("CHI", "TYO"), ("TYO", "SFO"), ("SFO", "CHI")], 0);
-        check(&[("SFO", "TYO"), ("TYO", "SFO")], 0);
-        check(&[("CHI", "SFO"), ("SFO", "TYO"), ("TYO", "SFO"), ("SFO", "CHI")], 0);
     }
 
     #[test]
