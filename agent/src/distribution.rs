@@ -31,8 +31,7 @@ use crate::error::{Error, Result};
 use crate::requests::{self, Distribution, Request};
 use crate::store::queries::append_event;
 
-/// The pool operations without one run in.
-pub const DEFAULT_POOL: &str = "default";
+pub use meridian_shared::rules::DEFAULT_POOL;
 
 /// An operation a person, an integration or a rule asks for (`POST /api/v1/requests/{id}/
 /// operations`).
@@ -95,7 +94,17 @@ pub fn start(
         return delete(conn, &r, None, now).map(|()| Started { operation: None, request: None });
     }
     requests::check_master(&r)?;
-    let pool = spec.pool.clone().unwrap_or_else(|| Code::parse(DEFAULT_POOL).expect("valid"));
+    let pool = match &spec.pool {
+        Some(p)
+            if p.as_str() != DEFAULT_POOL
+                && !config.request_pools.iter().any(|known| &known.code == p) =>
+        {
+            return Err(invalid("pool", format!("unknown pool {p}")));
+        }
+        Some(p) => p.clone(),
+        None => Code::parse(DEFAULT_POOL)
+            .map_err(|e| Error::Internal(format!("the default pool's code: {e}")))?,
+    };
     let (mode, target, mapping) = match spec.action {
         OpKind::Return => {
             if spec.target.is_some() || spec.mode.is_some() {

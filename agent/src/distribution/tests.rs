@@ -300,6 +300,9 @@ fn a_type_or_mapping_the_target_lacks_is_refused_for_now_and_bad_specs_change_no
     let mut wrong_type = spec(OpKind::Transfer, Some(TransferMode::DataOnly), Some("CHI"));
     wrong_type.mapping = Some(Code::parse("FROM-WORKSHOP").unwrap());
     assert_eq!(refused(wrong_type), "mapping");
+    let mut pool = spec(OpKind::Transfer, Some(TransferMode::DataOnly), Some("CHI"));
+    pool.pool = Some(Code::parse("nightly").unwrap());
+    assert_eq!(refused(pool), "pool");
     let mut group = spec(OpKind::Transfer, Some(TransferMode::Ownership), None);
     group.target = Some(OpTarget::Group("emea".into()));
     assert_eq!(refused(group), "target");

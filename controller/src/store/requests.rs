@@ -1545,7 +1545,7 @@ macro_rules! impl_request_store {
 }
 pub(crate) use impl_request_store;
 
-pub(crate) const DEFAULT_POOL: &str = "default";
+pub(crate) use meridian_shared::rules::DEFAULT_POOL;
 
 /// A new operation row.
 #[derive(Clone, Copy)]
