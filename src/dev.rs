@@ -216,6 +216,31 @@ pub fn demo_resources(connector_key_hash: &str) -> Vec<serde_json::Value> {
     ] {
         out.push(json!({"kind": "staff_user", "username": user, "name": name, "roles": roles, "sites": sites, "password": DEMO_PASSWORD}));
     }
+    // Distributed requests: repairs; chairs go to the Chicago workshop when created in San
+    // Francisco; open repairs follow the sun SFO -> TYO -> CHI at each site's close; closed
+    // ones are broadcast to every site as a knowledge base.
+    out.push(json!({"kind": "request_type", "code": "REPAIR", "name": "Furniture repair", "fields": [
+        {"name": "summary", "type": "text", "max_length": 200, "required": true},
+        {"name": "category", "type": "enum", "values": ["chair", "table", "sofa"], "required": true},
+        {"name": "upholstery", "type": "boolean", "default": false},
+        {"name": "status", "type": "enum", "values": ["open", "closed"], "default": "open"}
+    ]}));
+    out.push(json!({"kind": "request_mapping", "code": "REPAIR", "name": "Repair as is",
+        "source_type": "REPAIR", "target_type": "REPAIR", "return_mapping": "REPAIR",
+        "duplicates": "overwrite"}));
+    out.push(json!({"kind": "request_pool", "code": "default", "name": "Default", "timeout_minutes": 1440}));
+    out.push(json!({"kind": "request_rule", "code": "CHAIRS", "name": "Chairs to the Chicago workshop",
+        "request_type": "REPAIR", "sites": ["SFO"], "trigger": {"on": "create"},
+        "condition": "fields.category == 'chair'", "action": "transfer", "mode": "ownership",
+        "mapping": "REPAIR", "target": {"site": "CHI"}}));
+    out.push(json!({"kind": "request_rule", "code": "SUN", "name": "Follow the sun",
+        "request_type": "REPAIR", "trigger": {"on": "close_of_business"},
+        "condition": "fields.status == 'open'", "action": "transfer", "mode": "ownership",
+        "mapping": "REPAIR", "target": {"follow_the_sun": ["SFO", "TYO", "CHI"]}}));
+    out.push(json!({"kind": "request_rule", "code": "KB", "name": "Closed repairs to every site",
+        "request_type": "REPAIR", "trigger": {"on": "status_change", "field": "status"},
+        "condition": "fields.status == 'closed'", "action": "transfer", "mode": "data_only",
+        "mapping": "REPAIR", "target": {"all_sites": true}, "update": "never"}));
     out
 }
 
