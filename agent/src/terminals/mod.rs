@@ -6,7 +6,9 @@
 //! - `/display` — "now serving", live over server-sent events (public);
 //! - `/workstation` — staff log in at a counter and call, serve, transfer and end visits;
 //!   reception checks in today's appointments there;
-//! - `/branch` — the supervisor's status page.
+//! - `/branch` — the supervisor's status page;
+//! - `/requests` — staff (same login as the workstation) search, read, create, edit, transfer,
+//!   return and delete service requests.
 //!
 //! Every page shows `#offline-banner` while the branch is offline from central.
 
@@ -26,6 +28,7 @@ use crate::link::LinkStatus;
 mod branch_page;
 mod display;
 mod kiosk;
+mod requests;
 mod workstation;
 
 pub fn router(ctx: Arc<Context>) -> Router {
@@ -44,6 +47,12 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/workstation/action", post(workstation::action))
         .route("/workstation/check-in", post(workstation::check_in))
         .route("/branch", get(branch_page::page))
+        .route("/requests", get(requests::list).post(requests::create))
+        .route("/requests/new", get(requests::new_form))
+        .route("/requests/{id}", get(requests::detail))
+        .route("/requests/{id}/edit", post(requests::edit))
+        .route("/requests/{id}/operations", post(requests::operation))
+        .route("/requests/{id}/delete", post(requests::delete))
         .with_state(ctx)
 }
 
