@@ -1,7 +1,12 @@
 //! Prometheus metrics, each emitted from one place, rendered on `/metrics`.
 
 use prometheus_client::encoding::text::encode;
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -15,6 +20,21 @@ pub struct Metrics {
     pub commands_sent: Counter,
     pub enrollments: Counter,
     pub enrollments_refused: Counter,
+    /// Open operations of the request ledger per lane (`pool`, `target`).
+    pub request_ops_open: Family<Lane, Gauge>,
+    /// Age of each lane's oldest open operation.
+    pub request_ops_oldest_age_seconds: Family<Lane, Gauge<f64, AtomicU64>>,
+    /// Operations seen failing since start-up, by `result` (failure, timeout, cancelled).
+    pub request_ops_failed: Family<Vec<(String, String)>, Counter>,
+    /// The lanes last set, so a lane that emptied is removed rather than left stale.
+    lanes_shown: Mutex<BTreeSet<(String, String)>>,
+}
+
+/// The labels of one ledger lane.
+pub type Lane = Vec<(String, String)>;
+
+fn lane(pool: &str, target: &str) -> Lane {
+    vec![("pool".to_owned(), pool.to_owned()), ("target".to_owned(), target.to_owned())]
 }
 
 impl Default for Metrics {
@@ -29,6 +49,10 @@ impl Default for Metrics {
             commands_sent: Counter::default(),
             enrollments: Counter::default(),
             enrollments_refused: Counter::default(),
+            request_ops_open: Family::default(),
+            request_ops_oldest_age_seconds: Family::default(),
+            request_ops_failed: Family::default(),
+            lanes_shown: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register("sessions_active", "Open agent sessions", m.sessions_active.clone());
@@ -51,11 +75,53 @@ impl Default for Metrics {
             "Enrollment attempts refused",
             m.enrollments_refused.clone(),
         );
+        registry.register(
+            "request_ops_open",
+            "Open operations of the distributed-request ledger per pool and target site",
+            m.request_ops_open.clone(),
+        );
+        registry.register(
+            "request_ops_oldest_age_seconds",
+            "Age of the oldest open ledger operation per pool and target site",
+            m.request_ops_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "request_ops_failed",
+            "Ledger operations that ended failed, by result (failure, timeout, cancelled)",
+            m.request_ops_failed.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Sets the ledger's lane gauges from its backlog; lanes no longer open are removed.
+    pub fn set_request_backlog(&self, lanes: &[crate::store::requests::LaneBacklog]) {
+        let now: BTreeSet<(String, String)> =
+            lanes.iter().map(|l| (l.pool.clone(), l.target_site.clone())).collect();
+        for l in lanes {
+            let labels = lane(&l.pool, &l.target_site);
+            self.request_ops_open
+                .get_or_create(&labels)
+                .set(i64::try_from(l.open).unwrap_or(i64::MAX));
+            self.request_ops_oldest_age_seconds.get_or_create(&labels).set(l.oldest_age_seconds);
+        }
+        let mut shown = self.lanes_shown.lock().unwrap_or_else(|p| p.into_inner());
+        for (pool, target) in shown.difference(&now) {
+            let labels = lane(pool, target);
+            self.request_ops_open.remove(&labels);
+            self.request_ops_oldest_age_seconds.remove(&labels);
+        }
+        *shown = now;
+    }
+
+    /// Counts `n` more operations that ended failed with `result`.
+    pub fn count_request_ops_failed(&self, result: &str, n: u64) {
+        self.request_ops_failed
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc_by(n);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

@@ -139,6 +139,7 @@ pub async fn serve(
         clock.clone(),
         Duration::from_millis(settings.request_ledger_tick_ms.max(50)),
         commands_tx.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ));
     let api_state =

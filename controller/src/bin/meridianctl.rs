@@ -69,6 +69,46 @@ enum Command {
     /// Appointments booked centrally (times are the site's wall clock, YYYY-MM-DDTHH:MM).
     #[command(subcommand)]
     Appointments(AppointmentsCommand),
+    /// The distributed-request ledger: cross-site operations, their backlog, who holds a
+    /// request.
+    #[command(subcommand)]
+    Requests(RequestsCommand),
+}
+
+#[derive(Subcommand)]
+enum RequestsCommand {
+    /// List operations, newest first.
+    Ops {
+        /// queued, pending, retry, applied, failed, superseded, or open (the first three).
+        #[arg(long)]
+        status: Option<String>,
+        /// Source or target site.
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        pool: Option<String>,
+        /// A request's id or human id.
+        #[arg(long)]
+        request: Option<String>,
+        /// At most this many (1-1000, default 100).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Show one operation towards one target site.
+    Op { op: String, target: String },
+    /// Cancel an open operation; an ownership transfer's request goes back to its source.
+    Cancel {
+        op: String,
+        target: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Send an operation again now (one waiting to retry, or a failed copy or delete).
+    Retry { op: String, target: String },
+    /// Open and retrying operations per lane (pool × target site), with the oldest's age.
+    Backlog,
+    /// Who holds a request (its id or human id): master site, copies, operations.
+    Owner { id: String },
 }
 
 #[derive(Subcommand)]
@@ -330,6 +370,36 @@ async fn appointments(
     }
 }
 
+async fn requests(client: &Client, cmd: RequestsCommand, out: Output) -> ctl::Result<String> {
+    use meridian_controller::ctl::requests as req;
+    let now = chrono::Utc::now();
+    match cmd {
+        RequestsCommand::Ops { status, site, pool, request, limit } => {
+            let filter = req::OpsFilter {
+                status: status.as_deref(),
+                site: site.as_deref(),
+                pool: pool.as_deref(),
+                request: request.as_deref(),
+                limit,
+            };
+            req::render_ops(&req::ops(client, &filter).await?, out, now)
+        }
+        RequestsCommand::Op { op, target } => {
+            req::render_op(&req::op(client, &op, &target).await?, out, now)
+        }
+        RequestsCommand::Cancel { op, target, reason } => {
+            req::render_op(&req::cancel(client, &op, &target, reason.as_deref()).await?, out, now)
+        }
+        RequestsCommand::Retry { op, target } => {
+            req::render_op(&req::retry(client, &op, &target).await?, out, now)
+        }
+        RequestsCommand::Backlog => req::render_backlog(&req::backlog(client).await?, out),
+        RequestsCommand::Owner { id } => {
+            req::render_owner(&req::owner(client, &id).await?, out, now)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> ctl::Result<String> {
     let token = match &cli.token_file {
         Some(path) => Some(ctl::read_token_file(path)?),
@@ -400,6 +470,7 @@ async fn run(cli: Cli) -> ctl::Result<String> {
             ctl::render_stats(&rows, out)
         }
         Command::Appointments(cmd) => appointments(&client, cmd, out).await,
+        Command::Requests(cmd) => requests(&client, cmd, out).await,
         Command::Token(TokenCommand::Delete { id }) => {
             ctl::delete_api_token(&client, &id).await?;
             Ok(format!("API token {id} deleted\n"))

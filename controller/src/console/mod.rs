@@ -10,11 +10,14 @@
 //! - `/console/stats` — the statistics dashboard (SVG charts with their numbers as tables and
 //!   CSV), filtered by date range and site; admins can rebuild statistics from raw events.
 //! - `/console/quarantine` — events set aside, with the reason.
+//! - `/console/requests` — the distributed-request ledger: backlog per lane, open and failed
+//!   operations; admins cancel or retry them.
 //!
 //! Viewers see everything and change nothing: every changing action checks the admin role.
 
 mod charts;
 mod dashboard;
+mod requests;
 
 use axum::Form;
 use axum::extract::State;
@@ -41,6 +44,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/console/stats.csv", get(dashboard::stats_csv))
         .route("/console/stats/rebuild", post(dashboard::rebuild))
         .route("/console/quarantine", get(dashboard::quarantine_page))
+        .route("/console/requests", get(requests::requests_page))
+        .route("/console/requests/cancel", post(requests::cancel))
+        .route("/console/requests/retry", post(requests::retry))
         .route("/console/logout", post(logout))
         .layer(middleware::from_fn_with_state(state.clone(), require_sign_in));
     Router::new()
@@ -70,6 +76,7 @@ fn shell(who: Option<&ApiToken>, active: &str) -> Markup {
         ("live", "/console/live", "Live"),
         ("stats", "/console/stats", "Statistics"),
         ("quarantine", "/console/quarantine", "Quarantine"),
+        ("requests", "/console/requests", "Requests"),
     ];
     html! {
         header {

@@ -34,6 +34,7 @@ use serde_json::{Value, json};
 pub mod appointments;
 pub mod manifest;
 pub mod render;
+pub mod requests;
 
 /// How long one request may take before meridianctl gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
