@@ -852,15 +852,13 @@ async fn throughput(pg_url: String, db_name: String, params: &Params) -> Result<
 /// Waits `d` while no simulated agent fails.
 async fn watch_agents(tasks: &mut JoinSet<Result<Held>>, d: Duration) -> Result<()> {
     let until = Instant::now() + d;
-    loop {
-        tokio::select! {
+    tokio::select! {
             Some(done) = tasks.join_next() => {
                 tasks.abort_all();
                 done.context("a simulated agent panicked")??;
                 bail!("a simulated agent stopped early");
             }
-            _ = tokio::time::sleep_until(until) => return Ok(()),
-        }
+            _ = tokio::time::sleep_until(until) => Ok(()),
     }
 }
 

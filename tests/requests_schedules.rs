@@ -210,7 +210,7 @@ impl World {
             for (_, ctx) in &self.agents {
                 let (high, acked) = ctx
                     .db
-                    .read(|c| meridian_agent::store::queries::outbox_state(c))
+                    .read(meridian_agent::store::queries::outbox_state)
                     .await
                     .expect("outbox");
                 let pending: i64 = ctx

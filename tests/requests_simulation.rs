@@ -102,7 +102,7 @@ impl Sim {
 
     /// Streams site `i`'s outbox to the controller; the acknowledgement may be lost.
     async fn deliver_events(&mut self, i: usize, lose_ack: bool) {
-        let (_, acked) = self.sites[i].db.read(|c| queries::outbox_state(c)).await.expect("outbox");
+        let (_, acked) = self.sites[i].db.read(queries::outbox_state).await.expect("outbox");
         let batch = self.sites[i]
             .db
             .read(move |c| queries::outbox_after(c, acked, 200))
@@ -181,7 +181,7 @@ impl Sim {
         let path = self.sites[i].path.clone();
         // The old store's thread ends when its handle is dropped.
         self.sites[i].db = Db::open(&path).expect("reopen agent store");
-        let config = self.sites[i].db.read(|c| queries::site_config(c)).await.expect("config");
+        let config = self.sites[i].db.read(queries::site_config).await.expect("config");
         self.sites[i].config = config;
     }
 
@@ -436,7 +436,7 @@ impl Sim {
             let mut idle = open.is_empty();
             for i in 0..self.sites.len() {
                 let (high, acked) =
-                    self.sites[i].db.read(|c| queries::outbox_state(c)).await.expect("outbox");
+                    self.sites[i].db.read(queries::outbox_state).await.expect("outbox");
                 let agent =
                     self.store.agent(self.sites[i].agent).await.expect("agent").expect("known");
                 idle &= high == acked && agent.command_acked_seq == agent.command_seq;

@@ -39,6 +39,10 @@ impl Backend for PgStore {
         "SELECT pg_advisory_xact_lock(hashtext('meridian_booking:' || $1))";
     const SCHEDULE_LOCK: &'static str =
         "SELECT pg_try_advisory_xact_lock(hashtext('meridian_appointment_sync_schedule'))";
+    const LEDGER_LOCK: &'static str =
+        "SELECT pg_try_advisory_xact_lock(hashtext('meridian_request_ledger'))";
+    const FLUSH_LOCK: &'static str =
+        "SELECT pg_try_advisory_xact_lock(hashtext('meridian_request_flush:' || $1))";
 
     fn insert_rows(table: &Table, write: Write) -> String {
         let arrays: Vec<String> = table

@@ -1236,6 +1236,76 @@ macro_rules! impl_request_store {
                 Ok(())
             }
 
+            /// Moves `agent`'s staged commands into its log in one transaction; 0 when there
+            /// were none or another flusher holds the agent (it looks again after its commit).
+            async fn flush_agent_commands(&self, agent: &str) -> $crate::error::Result<u64> {
+                let mut tx = self.tx().await?;
+                let mine: bool = sqlx::query_scalar(<$ty as $crate::store::sql_common::Backend>::FLUSH_LOCK)
+                    .bind(agent)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if !mine {
+                    return Ok(0);
+                }
+                let rows: Vec<(i64, String, String, Option<String>, Option<String>, chrono::DateTime<chrono::Utc>)> =
+                    sqlx::query_as(
+                        "SELECT id, kind, payload, op_id, target_site, created_at FROM staged_commands \
+                         WHERE agent_id = $1 ORDER BY id",
+                    )
+                    .bind(agent)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                if rows.is_empty() {
+                    return Ok(0);
+                }
+                // One sequence bump for the batch; a revoked agent's commands are dropped (its
+                // operations are re-sent to the site's new agent by the sweep).
+                let last: Option<i64> = sqlx::query_scalar(
+                    "UPDATE agents SET command_seq = command_seq + $2 WHERE id = $1 AND revoked_at IS NULL \
+                     RETURNING command_seq",
+                )
+                .bind(agent)
+                .bind(rows.len() as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let mut seq = last.map(|l| l - rows.len() as i64);
+                for (id, kind, payload, op, target, created_at) in &rows {
+                    if let Some(s) = seq.as_mut() {
+                        *s += 1;
+                        sqlx::query(
+                            "INSERT INTO agent_commands (agent_id, seq, kind, payload, created_at) VALUES ($1, $2, $3, $4, $5)",
+                        )
+                        .bind(agent)
+                        .bind(*s)
+                        .bind(kind)
+                        .bind(payload)
+                        .bind(created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        if let (Some(op), Some(target)) = (op, target) {
+                            sqlx::query(
+                                "UPDATE request_ops SET command_seq = $3 WHERE op_id = $1 AND target_site = $2 AND agent_id = $4",
+                            )
+                            .bind(op)
+                            .bind(target)
+                            .bind(*s)
+                            .bind(agent)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                    }
+                    sqlx::query("DELETE FROM staged_commands WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if seq.is_some() {
+                    Self::notify_commands(&mut tx).await?;
+                }
+                tx.commit().await?;
+                Ok(if seq.is_some() { rows.len() as u64 } else { 0 })
+            }
+
             async fn req_open_op(
                 tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
                 op_id: &str,
@@ -1259,49 +1329,20 @@ macro_rules! impl_request_store {
         impl $crate::store::requests::RequestStore for $ty {
             async fn flush_request_commands(&self) -> $crate::error::Result<u64> {
                 let agents: Vec<(String,)> =
-                    sqlx::query_as("SELECT DISTINCT agent_id FROM staged_commands")
+                    sqlx::query_as("SELECT DISTINCT agent_id FROM staged_commands ORDER BY agent_id")
                         .fetch_all(&self.pool)
                         .await?;
                 let mut moved = 0u64;
                 for (agent,) in agents {
-                    let mut tx = self.tx().await?;
-                    let rows: Vec<(i64, String, String, Option<String>, Option<String>, chrono::DateTime<chrono::Utc>)> =
-                        sqlx::query_as(concat!(
-                            "SELECT id, kind, payload, op_id, target_site, created_at FROM staged_commands \
-                             WHERE agent_id = $1 ORDER BY id",
-                            $lock
-                        ))
-                        .bind(&agent)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    let active: Option<(i32,)> = sqlx::query_as(
-                        "SELECT 1 FROM agents WHERE id = $1 AND revoked_at IS NULL",
-                    )
-                    .bind(&agent)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    for (id, kind, payload, op, target, created_at) in rows {
-                        if active.is_some() {
-                            let seq = Self::enqueue_command(&mut tx, &agent, &kind, payload.as_bytes(), created_at).await?;
-                            if let (Some(op), Some(target)) = (op, target) {
-                                sqlx::query(
-                                    "UPDATE request_ops SET command_seq = $3 WHERE op_id = $1 AND target_site = $2 AND agent_id = $4",
-                                )
-                                .bind(op)
-                                .bind(target)
-                                .bind(seq as i64)
-                                .bind(&agent)
-                                .execute(&mut *tx)
-                                .await?;
-                            }
-                            moved += 1;
+                    // Until nothing is left: rows another session staged while this one held
+                    // the agent's flush lock (and so skipped) are moved on the next round.
+                    loop {
+                        let n = self.flush_agent_commands(&agent).await?;
+                        if n == 0 {
+                            break;
                         }
-                        sqlx::query("DELETE FROM staged_commands WHERE id = $1")
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
+                        moved += n;
                     }
-                    tx.commit().await?;
                 }
                 Ok(moved)
             }
@@ -1313,9 +1354,12 @@ macro_rules! impl_request_store {
             ) -> $crate::error::Result<$crate::store::requests::SweepReport> {
                 let mut report = $crate::store::requests::SweepReport::default();
                 let mut tx = self.tx().await?;
-                sqlx::query(<$ty as $crate::store::sql_common::Backend>::SCHEDULE_LOCK)
-                    .execute(&mut *tx)
+                let mine: bool = sqlx::query_scalar(<$ty as $crate::store::sql_common::Backend>::LEDGER_LOCK)
+                    .fetch_one(&mut *tx)
                     .await?;
+                if !mine {
+                    return Ok(report);
+                }
                 let open: Vec<$crate::store::requests::LedgerRow> = sqlx::query_as(concat!(
                     $crate::store::requests::ledger_select!(),
                     " WHERE o.status IN ('queued', 'pending', 'retry') ORDER BY o.created_at, o.op_id"

@@ -850,6 +850,13 @@ pub trait Backend {
     /// Returns whether this transaction may run the nightly sync scheduler's tick now (one
     /// replica at a time; the others skip their tick).
     const SCHEDULE_LOCK: &'static str;
+    /// Returns whether this transaction may sweep the request ledger now (one replica at a
+    /// time; the others skip their tick).
+    const LEDGER_LOCK: &'static str;
+    /// Returns whether this transaction may move agent `$1`'s staged commands (one flusher per
+    /// agent at a time; another that finds it taken leaves the rows to the holder, which looks
+    /// again after its commit).
+    const FLUSH_LOCK: &'static str;
     /// `INSERT` into `table` of the rows `bind_rows` binds, meeting stored rows as `write` says.
     fn insert_rows(table: &super::stats_sql::Table, write: super::stats_sql::Write) -> String;
     /// Binds `rows` to a statement from `insert_rows`.

@@ -36,6 +36,8 @@ impl Backend for SqliteStore {
     const SITE_LOCK: &'static str = "SELECT $1";
     const BOOKING_LOCK: &'static str = "SELECT $1";
     const SCHEDULE_LOCK: &'static str = "SELECT TRUE";
+    const LEDGER_LOCK: &'static str = "SELECT TRUE";
+    const FLUSH_LOCK: &'static str = "SELECT $1 IS NOT NULL";
 
     fn insert_rows(table: &Table, write: Write) -> String {
         let values: Vec<String> =
