@@ -186,6 +186,97 @@ async fn forged_and_replayed_messages_change_nothing(store: &dyn Store) {
     assert_eq!(commands(store, chi.agent).await.len(), 2);
 }
 
+fn transfer_in(id: Uuid, op: Uuid, to: &str, pool: &str, mode: TransferMode) -> AgentEvent {
+    let mut e = transfer(id, op, to);
+    if let AgentEvent::RequestOperation(o) = &mut e {
+        o.pool = Code::parse(pool).expect("pool");
+        o.mode = Some(mode);
+    }
+    e
+}
+
+fn refused_for_now(op: Uuid) -> AgentEvent {
+    AgentEvent::RequestOperationOutcome(OperationOutcome {
+        op_id: op,
+        attempt: 1,
+        outcome: Outcome::Rejected {
+            reason: "request type REPAIR is not configured here yet".into(),
+            retryable: true,
+        },
+        at: Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 1).unwrap(),
+    })
+}
+
+/// The `(op, attempt)` of every `REQUEST_APPLY` in `agent`'s log, in order.
+async fn applies(store: &dyn Store, agent: AgentId) -> Vec<(Uuid, u32)> {
+    commands(store, agent)
+        .await
+        .into_iter()
+        .filter_map(|(kind, payload)| match ControllerCommand::decode(&kind, &payload) {
+            Ok(ControllerCommand::ApplyOperation(a)) => Some((a.op_id, a.attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A target that refuses for now puts its operation in `retry`; later operations of the same
+/// pool to that site queue behind it (FIFO per lane) while other pools flow; the sweep sends it
+/// again after the backoff and then the queued ones, in order; the timeout ends what never
+/// succeeds with a visible failure and gives the ownership back.
+async fn lanes_retry_in_order_and_time_out(store: &dyn Store) {
+    let (mut sfo, mut chi, _) = setup(store).await;
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    send(store, &mut sfo, &[created(a), created(b), created(c)]).await;
+    let (op_a, op_b, op_c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    send(store, &mut sfo, &[transfer_in(a, op_a, "CHI", "default", TransferMode::DataOnly)]).await;
+    send(store, &mut chi, &[refused_for_now(op_a)]).await;
+    let status = |op: Uuid| async move {
+        store.request_op(&op.to_string(), "CHI").await.expect("op").expect("recorded").status
+    };
+    assert_eq!(status(op_a).await, "retry");
+    send(store, &mut sfo, &[transfer_in(b, op_b, "CHI", "default", TransferMode::DataOnly)]).await;
+    send(store, &mut sfo, &[transfer_in(c, op_c, "CHI", "urgent", TransferMode::Ownership)]).await;
+    assert_eq!(status(op_b).await, "queued", "behind the retry in its lane");
+    assert_eq!(status(op_c).await, "pending", "another pool does not wait");
+    assert_eq!(applies(store, chi.agent).await, [(op_a, 1), (op_c, 1)]);
+
+    let timeouts = meridian_controller::store::requests::PoolTimeouts::default();
+    let soon = Utc::now() + chrono::Duration::seconds(6);
+    let report = store.sweep_request_ops(soon, &timeouts).await.expect("sweep");
+    assert_eq!(report.retried, 1);
+    store.flush_request_commands().await.expect("flush");
+    assert_eq!(applies(store, chi.agent).await, [(op_a, 1), (op_c, 1), (op_a, 2), (op_b, 1)]);
+    assert_eq!((status(op_a).await, status(op_b).await), ("pending".into(), "pending".into()));
+
+    // Nothing answers within the pool's day: every open operation times out, visibly, and the
+    // ownership transfer gives the request back to its source.
+    let later = Utc::now() + chrono::Duration::hours(25);
+    let report = store.sweep_request_ops(later, &timeouts).await.expect("sweep");
+    assert_eq!(report.timed_out, 3);
+    for op in [op_a, op_b, op_c] {
+        let o = store.request_op(&op.to_string(), "CHI").await.expect("op").expect("recorded");
+        assert_eq!((o.status.as_str(), o.result.as_deref()), ("failed", Some("timeout")));
+        assert!(o.reason.as_deref().unwrap_or_default().contains("no outcome from CHI"), "{o:?}");
+    }
+    let owner = store.request_ownership(&c.to_string()).await.expect("owner").expect("known");
+    assert_eq!((owner.master_site.as_deref(), owner.in_flight_op), (Some("SFO"), None));
+}
+
+#[tokio::test]
+async fn lanes_retry_in_order_and_time_out_on_sqlite() {
+    let store =
+        meridian_controller::store::open(&testing::fresh_sqlite_url()).await.expect("store");
+    lanes_retry_in_order_and_time_out(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn lanes_retry_in_order_and_time_out_on_postgres() {
+    let store = meridian_controller::store::open(&testing::fresh_postgres_url().await)
+        .await
+        .expect("store");
+    lanes_retry_in_order_and_time_out(store.as_ref()).await;
+}
+
 #[tokio::test]
 async fn forged_and_replayed_messages_change_nothing_on_sqlite() {
     let store =
