@@ -229,10 +229,12 @@ pub fn demo_resources(connector_key_hash: &str) -> Vec<serde_json::Value> {
         "source_type": "REPAIR", "target_type": "REPAIR", "return_mapping": "REPAIR",
         "duplicates": "overwrite"}));
     out.push(json!({"kind": "request_pool", "code": "default", "name": "Default", "timeout_minutes": 1440}));
-    out.push(json!({"kind": "request_rule", "code": "CHAIRS", "name": "Chairs to the Chicago workshop",
+    out.push(
+        json!({"kind": "request_rule", "code": "CHAIRS", "name": "Chairs to the Chicago workshop",
         "request_type": "REPAIR", "sites": ["SFO"], "trigger": {"on": "create"},
         "condition": "fields.category == 'chair'", "action": "transfer", "mode": "ownership",
-        "mapping": "REPAIR", "target": {"site": "CHI"}}));
+        "mapping": "REPAIR", "target": {"site": "CHI"}}),
+    );
     out.push(json!({"kind": "request_rule", "code": "SUN", "name": "Follow the sun",
         "request_type": "REPAIR", "trigger": {"on": "close_of_business"},
         "condition": "fields.status == 'open'", "action": "transfer", "mode": "ownership",
