@@ -36,3 +36,4 @@ bench:
 	cargo bench --bench agent_tickets
 	cargo bench --bench stats_query
 	cargo bench --bench appointment_sync
+	cargo bench --bench request_transfers
