@@ -18,6 +18,7 @@
 //! default 2000), `MERIDIAN_BENCH_WORKLOAD` (`lifecycles`, `creations` or `both`, the default),
 //! `MERIDIAN_BENCH_SQLITE` (`0` skips the SQLite run, `1` forces it in smoke mode).
 
+#[allow(dead_code)]
 mod common;
 
 use std::process::ExitCode;
@@ -26,8 +27,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::{
-    Controller, EnrolledAgent, ThreadCpu, enroll, enrollment_token, env_flag, env_number,
-    filesystem_of, init_tracing, machine_info, stat_cpu_seconds,
+    Controller, EnrolledAgent, ThreadCpu, drop_database, enroll, enrollment_token, env_flag,
+    env_number, filesystem_of, init_tracing, machine_info, stat_cpu_seconds,
 };
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::store::Store;
@@ -197,24 +198,6 @@ async fn run_workload(params: &Params, workload: &Workload) -> Result<()> {
     }
     pg.close().await.context("closing the benchmark database")?;
     drop_database(&db_name).await
-}
-
-/// Drops the benchmark's PostgreSQL database (it holds twice the events); kept on failure.
-async fn drop_database(name: &str) -> Result<()> {
-    ensure!(
-        name.starts_with("meridian_t_")
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
-        "refusing to drop unexpected database {name:?}"
-    );
-    let admin = testing::postgres_admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .with_context(|| format!("cannot connect to {admin} to drop {name}"))?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut conn)
-        .await
-        .with_context(|| format!("dropping the benchmark database {name}"))?;
-    Ok(())
 }
 
 /// Removes the temporary directory of a `testing::fresh_sqlite_url()` database.

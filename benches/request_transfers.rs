@@ -56,8 +56,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chrono::Utc;
 use common::{
-    Controller, EnrolledAgent, ThreadCpu, enroll, enrollment_token, env_flag, env_number,
-    init_tracing, machine_info, stat_cpu_seconds,
+    Controller, EnrolledAgent, ThreadCpu, describe_threads, drop_database, enroll,
+    enrollment_token, env_flag, env_number, init_tracing, machine_info, pg_backend_cpu,
 };
 use futures::{FutureExt, StreamExt};
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
@@ -1343,65 +1343,4 @@ fn cores() -> usize {
 fn load_average() -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-/// Drops the benchmark's PostgreSQL database.
-async fn drop_database(name: &str) -> Result<()> {
-    ensure!(
-        name.starts_with("meridian_t_")
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
-        "refusing to drop unexpected database {name:?}"
-    );
-    let admin = testing::postgres_admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .with_context(|| format!("cannot connect to {admin} to drop {name}"))?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut conn)
-        .await
-        .with_context(|| format!("dropping the benchmark database {name}"))?;
-    Ok(())
-}
-
-/// CPU seconds of the PostgreSQL backends connected to database `db_name`, from /proc.
-fn pg_backend_cpu(db_name: &str) -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    let mut total = 0.0;
-    for entry in entries.flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() != "postgres" {
-            continue;
-        }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(db_name) {
-            total +=
-                stat_cpu_seconds(std::path::Path::new(&format!("/proc/{pid}/stat"))).unwrap_or(0.0);
-        }
-    }
-    total
-}
-
-/// The four threads that used the most CPU, busiest first (the main thread, named after the
-/// executable, as `main`).
-fn describe_threads(threads: &ThreadCpu) -> String {
-    let exe: Option<String> = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().chars().take(15).collect()));
-    let mut threads: Vec<(&String, &f64)> = threads.0.iter().collect();
-    threads.sort_by(|a, b| b.1.total_cmp(a.1));
-    let parts: Vec<String> = threads
-        .iter()
-        .take(4)
-        .map(|(name, s)| {
-            let name = if exe.as_deref() == Some(name.as_str()) { "main" } else { name.as_str() };
-            format!("{name} {s:.2} s")
-        })
-        .collect();
-    if parts.is_empty() { "-".into() } else { parts.join(", ") }
 }

@@ -7,12 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use chrono::Utc;
 use meridian_controller::server::{Listeners, serve};
 use meridian_controller::store::{self, EnrollmentToken, Store};
+use meridian_controller::testing;
 use meridian_controller::{Settings, auth};
 use meridian_shared::SiteCode;
+use sqlx::Connection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -223,4 +225,67 @@ pub async fn enroll(gateway_url: &str, index: usize, token: &str) -> Result<Enro
         credential: response.credential,
         channel,
     })
+}
+
+// ---------- PostgreSQL and CPU accounting ----------
+
+/// Drops a benchmark's PostgreSQL database (`meridian_t_…` only).
+pub async fn drop_database(name: &str) -> Result<()> {
+    ensure!(
+        name.starts_with("meridian_t_")
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+        "refusing to drop unexpected database {name:?}"
+    );
+    let admin = testing::postgres_admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .with_context(|| format!("cannot connect to {admin} to drop {name}"))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("dropping the benchmark database {name}"))?;
+    Ok(())
+}
+
+/// CPU seconds of the PostgreSQL backends connected to database `db_name`, from /proc.
+pub fn pg_backend_cpu(db_name: &str) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "postgres" {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(db_name) {
+            total +=
+                stat_cpu_seconds(std::path::Path::new(&format!("/proc/{pid}/stat"))).unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// The four threads that used the most CPU, busiest first (the main thread, named after the
+/// executable, as `main`).
+pub fn describe_threads(threads: &ThreadCpu) -> String {
+    let exe: Option<String> = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().chars().take(15).collect()));
+    let mut threads: Vec<(&String, &f64)> = threads.0.iter().collect();
+    threads.sort_by(|a, b| b.1.total_cmp(a.1));
+    let parts: Vec<String> = threads
+        .iter()
+        .take(4)
+        .map(|(name, s)| {
+            let name = if exe.as_deref() == Some(name.as_str()) { "main" } else { name.as_str() };
+            format!("{name} {s:.2} s")
+        })
+        .collect();
+    if parts.is_empty() { "-".into() } else { parts.join(", ") }
 }
