@@ -1009,11 +1009,7 @@ macro_rules! impl_request_store {
                     .await?;
                     let commit = ControllerCommand::CommitOperation(Decision { op_id: op_uuid, request_id: request_uuid });
                     Self::req_stage(tx, agent_id, &commit, None, at).await?;
-                    sqlx::query("DELETE FROM request_copies WHERE request_id = $1 AND site = $2")
-                        .bind(&op.request_id)
-                        .bind(&op.target_site)
-                        .execute(&mut **tx)
-                        .await?;
+                    Self::req_drop_copy(tx, &op.request_id, &op.target_site).await?;
                     if op.keep_copy {
                         sqlx::query(
                             "INSERT INTO request_copies (request_id, site, update_policy, mapping, sent_revision, dirty, last_sent_at) \
@@ -1028,11 +1024,7 @@ macro_rules! impl_request_store {
                         .execute(&mut **tx)
                         .await?;
                     } else {
-                        sqlx::query("DELETE FROM request_copies WHERE request_id = $1 AND site = $2")
-                            .bind(&op.request_id)
-                            .bind(&op.source_site)
-                            .execute(&mut **tx)
-                            .await?;
+                        Self::req_drop_copy(tx, &op.request_id, &op.source_site).await?;
                     }
                     if op.kind == "return" {
                         // Copies waiting for the return get the request's state now.
@@ -1050,11 +1042,7 @@ macro_rules! impl_request_store {
                         }
                     }
                 } else if op.kind == "delete" {
-                    sqlx::query("DELETE FROM request_copies WHERE request_id = $1 AND site = $2")
-                        .bind(&op.request_id)
-                        .bind(&op.target_site)
-                        .execute(&mut **tx)
-                        .await?;
+                    Self::req_drop_copy(tx, &op.request_id, &op.target_site).await?;
                 } else if op.mode.as_deref() != Some("independent_copy") {
                     Self::req_record_copy(tx, op, &op.request_id, at).await?;
                 }
@@ -1135,13 +1123,23 @@ macro_rules! impl_request_store {
                     Self::req_stage_for_site(tx, &op.source_site, &cmd, at).await?;
                 } else if op.kind == "update" && result == "failure" {
                     // The copy is gone at that site (deleted alone): stop updating it.
-                    sqlx::query("DELETE FROM request_copies WHERE request_id = $1 AND site = $2")
-                        .bind(&op.request_id)
-                        .bind(&op.target_site)
-                        .execute(&mut **tx)
-                        .await?;
+                    Self::req_drop_copy(tx, &op.request_id, &op.target_site).await?;
                 }
                 Self::req_release_lane(tx, &op.pool, &op.target_site, at).await
+            }
+
+            /// Forgets the read-only copy of `request` at `site` (no more updates go there).
+            async fn req_drop_copy(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                request: &str,
+                site: &str,
+            ) -> $crate::error::Result<()> {
+                sqlx::query("DELETE FROM request_copies WHERE request_id = $1 AND site = $2")
+                    .bind(request)
+                    .bind(site)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
             }
 
             /// Sends the lane's queued operations, in order, once nothing in it waits to retry.
@@ -1185,11 +1183,7 @@ macro_rules! impl_request_store {
             ) -> $crate::error::Result<()> {
                 let id = d.request_id.to_string();
                 if !d.was_master {
-                    sqlx::query("DELETE FROM request_copies WHERE request_id = $1 AND site = $2")
-                        .bind(&id)
-                        .bind(site)
-                        .execute(&mut **tx)
-                        .await?;
+                    Self::req_drop_copy(tx, &id, site).await?;
                     return Ok(());
                 }
                 let row: Option<(Option<String>, String)> = sqlx::query_as(concat!(
