@@ -1347,6 +1347,17 @@ macro_rules! impl_request_store {
                 timeouts: &$crate::store::requests::PoolTimeouts,
             ) -> $crate::error::Result<$crate::store::requests::SweepReport> {
                 let mut report = $crate::store::requests::SweepReport::default();
+                // Most ticks find nothing to do: say so without a write transaction (on
+                // SQLite that would take the single writer's lock every tick).
+                let work: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM request_ops WHERE status IN ('queued', 'pending', 'retry')) \
+                     OR EXISTS (SELECT 1 FROM request_copies WHERE dirty)",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                if !work {
+                    return Ok(report);
+                }
                 let mut tx = self.tx().await?;
                 let mine: bool = sqlx::query_scalar(<$ty as $crate::store::sql_common::Backend>::LEDGER_LOCK)
                     .fetch_one(&mut *tx)
