@@ -33,6 +33,17 @@ pub struct Settings {
     pub rule_sweep_ms: u64,
     /// When set, the bound branch server address is written here as JSON once listening.
     pub ready_file: Option<PathBuf>,
+    /// Public keys of the release signers this agent trusts (`ed25519:<base64>`), configured
+    /// at install. An upgrade whose manifest is not signed by one of them is refused. In the
+    /// environment: `MERIDIAN_AGENT_RELEASE_KEYS=ed25519:…,ed25519:…`.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub release_keys: Vec<String>,
+    /// How long a new binary has, after the switch, to establish its session and report
+    /// healthy before the watchdog rolls back (an `AGENT_UPGRADE` may ask for another time).
+    pub upgrade_health_timeout_ms: u64,
+    /// Crashes of a new binary before it is healthy that the watchdog tolerates; one more
+    /// rolls back to the previous binary.
+    pub upgrade_max_crashes: u32,
     pub log: String,
 }
 
@@ -51,9 +62,43 @@ impl Default for Settings {
             webhook_backoff_cap_ms: 300_000,
             rule_sweep_ms: 30_000,
             ready_file: None,
+            release_keys: Vec::new(),
+            upgrade_health_timeout_ms: 120_000,
+            upgrade_max_crashes: 3,
             log: "info".into(),
         }
     }
+}
+
+/// A list from a TOML array, or from one comma-separated string (an environment variable).
+fn list_or_comma_separated<'de, D>(d: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct ListOrText;
+    impl<'de> serde::de::Visitor<'de> for ListOrText {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of strings or one comma-separated string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element::<String>()? {
+                out.push(v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(ListOrText)
 }
 
 impl Settings {
@@ -77,6 +122,9 @@ impl fmt::Debug for Settings {
             .field("webhook_backoff_cap_ms", &self.webhook_backoff_cap_ms)
             .field("rule_sweep_ms", &self.rule_sweep_ms)
             .field("ready_file", &self.ready_file)
+            .field("release_keys", &self.release_keys)
+            .field("upgrade_health_timeout_ms", &self.upgrade_health_timeout_ms)
+            .field("upgrade_max_crashes", &self.upgrade_max_crashes)
             .field("log", &self.log)
             .finish()
     }

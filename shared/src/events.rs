@@ -19,6 +19,11 @@ pub const APPOINTMENTS_SYNC_FAILED: &str = "APPOINTMENTS_SYNC_FAILED";
 pub const APPOINTMENT_STATUS: &str = "APPOINTMENT_STATUS";
 pub const BRANCH_CLOSED: &str = "BRANCH_CLOSED";
 pub const BRANCH_REOPENED: &str = "BRANCH_REOPENED";
+pub const AGENT_UPGRADE_STATUS: &str = "AGENT_UPGRADE_STATUS";
+/// Longest accepted `UpgradeStatus::reason`, in characters (the agent cuts longer ones).
+pub const MAX_UPGRADE_REASON: usize = 1000;
+/// Longest accepted version text in an `UpgradeStatus`.
+pub const MAX_VERSION_TEXT: usize = 64;
 
 /// A typed event produced by the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +49,90 @@ pub enum AgentEvent {
     RequestOperationOutcome(crate::transfers::OperationOutcome),
     /// The site deleted a request (master or read-only copy).
     RequestDeleted(crate::transfers::RequestDeleted),
+    /// Where an `AGENT_UPGRADE` stands at the agent (downloading, staged, switching, healthy,
+    /// rolled back, failed).
+    UpgradeStatus(UpgradeStatus),
+}
+
+/// The phases an agent reports for an upgrade (`AGENT_UPGRADE_STATUS`). `healthy`,
+/// `rolled_back` and `failed` end an upgrade; the others are progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradePhase {
+    /// The artifact is being fetched (`FetchRelease`, resumed after a cut).
+    Downloading,
+    /// Verified and kept next to the running binary, waiting for the switch window.
+    Staged,
+    /// The agent stops its services and restarts on the new binary under a watchdog.
+    Switching,
+    /// The new binary runs, its session is established: the upgrade is done.
+    Healthy,
+    /// The new binary crashed or never became healthy: the previous one runs again.
+    RolledBack,
+    /// Refused or impossible (signature, digest, platform, downgrade, …); nothing replaced.
+    Failed,
+}
+
+impl UpgradePhase {
+    pub const ALL: [UpgradePhase; 6] = [
+        Self::Downloading,
+        Self::Staged,
+        Self::Switching,
+        Self::Healthy,
+        Self::RolledBack,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Downloading => "downloading",
+            Self::Staged => "staged",
+            Self::Switching => "switching",
+            Self::Healthy => "healthy",
+            Self::RolledBack => "rolled_back",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether the upgrade is over in this phase.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Healthy | Self::RolledBack | Self::Failed)
+    }
+}
+
+/// The payload of `AGENT_UPGRADE_STATUS`: one step of an upgrade, sent through the outbox
+/// (exactly once). Extra fields from a newer agent are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeStatus {
+    /// The rollout whose `AGENT_UPGRADE` this answers.
+    pub rollout_id: uuid::Uuid,
+    /// The release's (target) version.
+    pub version: String,
+    /// The version the reporting process runs (the new one once healthy, the old one after a
+    /// rollback).
+    pub running_version: String,
+    pub phase: UpgradePhase,
+    /// Why it failed or was rolled back (at most `MAX_UPGRADE_REASON` characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl UpgradeStatus {
+    /// The wire checks beyond the types: version texts present and short, the reason bounded.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, v) in [("version", &self.version), ("running_version", &self.running_version)] {
+            if v.is_empty() || v.len() > MAX_VERSION_TEXT || v.chars().any(char::is_control) {
+                return Err(format!(
+                    "{name} must be 1-{MAX_VERSION_TEXT} characters without control characters"
+                ));
+            }
+        }
+        if self.reason.as_ref().is_some_and(|r| r.chars().count() > MAX_UPGRADE_REASON) {
+            return Err(format!("reason is longer than {MAX_UPGRADE_REASON} characters"));
+        }
+        Ok(())
+    }
 }
 
 /// The request lifecycle events.
@@ -257,6 +346,7 @@ impl AgentEvent {
             AgentEvent::RequestOperation(_) => crate::transfers::REQUEST_OPERATION,
             AgentEvent::RequestOperationOutcome(_) => crate::transfers::REQUEST_OP_OUTCOME,
             AgentEvent::RequestDeleted(_) => crate::transfers::REQUEST_DELETED,
+            AgentEvent::UpgradeStatus(_) => AGENT_UPGRADE_STATUS,
         }
     }
 
@@ -276,6 +366,7 @@ impl AgentEvent {
             AgentEvent::RequestOperation(e) => serde_json::to_vec(e),
             AgentEvent::RequestOperationOutcome(e) => serde_json::to_vec(e),
             AgentEvent::RequestDeleted(e) => serde_json::to_vec(e),
+            AgentEvent::UpgradeStatus(e) => serde_json::to_vec(e),
         };
         // Serializing plain structs of strings and numbers cannot fail.
         value.unwrap_or_default()
@@ -342,6 +433,11 @@ impl AgentEvent {
             }
             crate::transfers::REQUEST_DELETED => {
                 AgentEvent::RequestDeleted(serde_json::from_slice(payload).map_err(bad)?)
+            }
+            AGENT_UPGRADE_STATUS => {
+                let e: UpgradeStatus = serde_json::from_slice(payload).map_err(bad)?;
+                e.check().map_err(WireEventError::Payload)?;
+                AgentEvent::UpgradeStatus(e)
             }
             _ => return Ok(None),
         }))
@@ -492,5 +588,52 @@ mod tests {
             r#"{{"appointment_id":"{id}","status":"no_show","revision":1,"at":"{at}","later":true}}"#
         );
         assert!(validate_wire_event(APPOINTMENT_STATUS, ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn upgrade_status_events_round_trip_and_are_checked_on_the_wire() {
+        let status = UpgradeStatus {
+            rollout_id: uuid::Uuid::now_v7(),
+            version: "1.2.0".into(),
+            running_version: "1.1.0".into(),
+            phase: UpgradePhase::RolledBack,
+            reason: Some("exited with status 3 before becoming healthy".into()),
+            at: DateTime::from_timestamp(1_800_000_000, 0).expect("time"),
+        };
+        let ev = AgentEvent::UpgradeStatus(status.clone());
+        assert_eq!(ev.kind(), AGENT_UPGRADE_STATUS);
+        let json: serde_json::Value = serde_json::from_slice(&ev.payload()).expect("json");
+        assert_eq!(json["phase"], "rolled_back");
+        assert!(validate_wire_event(ev.kind(), &ev.payload()).is_ok());
+        assert_eq!(AgentEvent::decode(ev.kind(), &ev.payload()).expect("decode"), Some(ev));
+        for phase in UpgradePhase::ALL {
+            let v = serde_json::to_value(phase).expect("json");
+            assert_eq!(v, phase.as_str());
+        }
+        let bad = |mutate: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = serde_json::to_value(&status).expect("json");
+            mutate(&mut v);
+            let payload = v.to_string();
+            assert!(
+                matches!(
+                    validate_wire_event(AGENT_UPGRADE_STATUS, payload.as_bytes()),
+                    Err(WireEventError::Payload(_))
+                ),
+                "{payload}"
+            );
+        };
+        bad(&|v| v["phase"] = "exploded".into());
+        bad(&|v| v["rollout_id"] = "not-a-uuid".into());
+        bad(&|v| v["version"] = "".into());
+        bad(&|v| v["running_version"] = "x".repeat(MAX_VERSION_TEXT + 1).into());
+        bad(&|v| v["reason"] = "r".repeat(MAX_UPGRADE_REASON + 1).into());
+        bad(&|v| {
+            v.as_object_mut().expect("object").remove("at");
+        });
+        // A newer agent's extra field is accepted; no reason is fine.
+        let mut newer = serde_json::to_value(&status).expect("json");
+        newer["later"] = true.into();
+        newer.as_object_mut().expect("object").remove("reason");
+        assert!(validate_wire_event(AGENT_UPGRADE_STATUS, newer.to_string().as_bytes()).is_ok());
     }
 }

@@ -38,10 +38,18 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, include_str!("../../../migrations/agent/0010_branch_closures.sql")),
     (11, include_str!("../../../migrations/agent/0011_requests.sql")),
     (12, include_str!("../../../migrations/agent/0012_request_distribution.sql")),
+    (13, include_str!("../../../migrations/agent/0013_upgrades.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Outcome + Send>;
+
+/// What the store thread is asked to do.
+enum Msg {
+    Job(Job),
+    /// Finish what is queued before, close the database, then answer.
+    Close(oneshot::Sender<()>),
+}
 
 struct Outcome {
     ok: bool,
@@ -51,7 +59,7 @@ struct Outcome {
 
 #[derive(Clone)]
 pub struct Db {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Msg>,
     health: Arc<Mutex<Option<String>>>,
 }
 
@@ -73,7 +81,7 @@ impl Db {
             set_health(&health, Some(format!("integrity check failed: {check}")));
         }
         migrate(&mut conn)?;
-        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
         let thread_health = health.clone();
         std::thread::Builder::new()
             .name("agent-store".into())
@@ -116,7 +124,7 @@ impl Db {
             }
         });
         self.jobs
-            .send(job)
+            .send(Msg::Job(job))
             .await
             .map_err(|_| Error::StoreGone("the store thread has stopped".into()))?;
         match rx.await {
@@ -125,6 +133,16 @@ impl Db {
             Err(_) => Err(Error::StoreGone(
                 self.health().unwrap_or_else(|| "the store thread has stopped".into()),
             )),
+        }
+    }
+
+    /// Closes the database after every job queued before this call (the agent does before it
+    /// restarts on another binary): later calls on any clone fail with `StoreGone`. Returns
+    /// once the connection is closed (the WAL checkpointed and the file released).
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Msg::Close(tx)).await.is_ok() {
+            let _ = rx.await;
         }
     }
 
@@ -159,17 +177,36 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>, health: Arc<Mutex<Option<String>>>) {
+fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Msg>, health: Arc<Mutex<Option<String>>>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut closing = None;
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+        match first {
+            Msg::Job(job) => batch.push(job),
+            Msg::Close(done) => closing = Some(done),
+        }
+        while closing.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Msg::Job(job)) => batch.push(job),
+                Ok(Msg::Close(done)) => closing = Some(done),
                 Err(_) => break,
             }
         }
-        run_batch(&conn, &mut batch, &health);
+        if !batch.is_empty() {
+            run_batch(&conn, &mut batch, &health);
+        }
+        if closing.is_some() {
+            break;
+        }
+    }
+    // Jobs queued after a close are dropped unrun: their callers get `StoreGone`.
+    rx.close();
+    while rx.try_recv().is_ok() {}
+    if let Err((_, e)) = conn.close() {
+        tracing::error!(error = %e, "closing the agent database failed");
+    }
+    if let Some(done) = closing {
+        let _ = done.send(());
     }
 }
 
@@ -381,6 +418,26 @@ mod tests {
                 .expect("read");
             assert_eq!(stored == 1, told_ok, "write {i}: told ok = {told_ok}, stored = {stored}");
         }
+    }
+
+    #[tokio::test]
+    async fn close_finishes_what_was_queued_and_refuses_the_rest() {
+        let db = temp_db();
+        let insert = |k: &'static str| {
+            let db = db.clone();
+            async move {
+                db.write(move |c| {
+                    c.execute("INSERT INTO meta (key, value) VALUES (?1, 'x')", [k])?;
+                    Ok(())
+                })
+                .await
+            }
+        };
+        let (before, ()) = tokio::join!(insert("before"), db.close());
+        assert!(before.is_ok(), "{before:?}");
+        let after = insert("after").await;
+        assert!(matches!(after, Err(Error::StoreGone(_))), "{after:?}");
+        db.close().await;
     }
 
     #[tokio::test]

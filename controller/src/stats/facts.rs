@@ -304,7 +304,8 @@ impl Projection {
             | AgentEvent::Request(..)
             | AgentEvent::RequestOperation(_)
             | AgentEvent::RequestOperationOutcome(_)
-            | AgentEvent::RequestDeleted(_) => {}
+            | AgentEvent::RequestDeleted(_)
+            | AgentEvent::UpgradeStatus(_) => {}
         }
     }
 
