@@ -100,6 +100,16 @@ impl AgentGateway for ScriptedGateway {
         let rest: Vec<_> = chunks.iter().skip(req.from_chunk as usize).cloned().map(Ok).collect();
         Ok(Response::new(Box::pin(futures::stream::iter(rest))))
     }
+
+    type FetchReleaseStream =
+        Pin<Box<dyn Stream<Item = Result<meridian_proto::ReleaseChunk, Status>> + Send>>;
+
+    async fn fetch_release(
+        &self,
+        _: Request<meridian_proto::FetchReleaseRequest>,
+    ) -> Result<Response<Self::FetchReleaseStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 fn snap(n: u32, site: &str) -> AppointmentSnapshot {

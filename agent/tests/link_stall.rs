@@ -77,6 +77,16 @@ impl AgentGateway for DeafGateway {
     ) -> Result<Response<Self::FetchAppointmentsStream>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    type FetchReleaseStream =
+        Pin<Box<dyn Stream<Item = Result<meridian_proto::ReleaseChunk, Status>> + Send>>;
+
+    async fn fetch_release(
+        &self,
+        _: Request<meridian_proto::FetchReleaseRequest>,
+    ) -> Result<Response<Self::FetchReleaseStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 #[tokio::test]

@@ -70,6 +70,8 @@ const SYNC_CHUNK_PAGE: u32 = 4;
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<ControllerFrame, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<AppointmentChunk, Status>> + Send>>;
+type ReleaseStream =
+    Pin<Box<dyn Stream<Item = Result<meridian_proto::ReleaseChunk, Status>> + Send>>;
 
 fn status_from(e: Error) -> Status {
     match e {
@@ -154,6 +156,16 @@ impl AgentGateway for Gateway {
             tracing::warn!(agent = %id, site = %site, code = ?s.code(), error = %s.message(),
                 "appointment sync fetch refused");
         })
+    }
+
+    type FetchReleaseStream = ReleaseStream;
+
+    async fn fetch_release(
+        &self,
+        request: Request<meridian_proto::FetchReleaseRequest>,
+    ) -> Result<Response<Self::FetchReleaseStream>, Status> {
+        self.authenticate(request.metadata()).await?;
+        Err(Status::unimplemented("release downloads are not served yet"))
     }
 }
 
