@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod mappings;
+pub mod releases;
 pub mod requests;
 pub mod rules;
 pub mod settings;

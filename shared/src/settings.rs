@@ -22,3 +22,36 @@ where
         .build()?
         .try_deserialize()
 }
+
+/// Deserializes a list of strings from a TOML array or from one comma-separated string (an
+/// environment variable such as `MERIDIAN_CONTROLLER_RELEASE_KEYS=ed25519:…,ed25519:…`).
+/// Use with `#[serde(deserialize_with = "…")]`.
+pub fn list_or_comma_separated<'de, D>(d: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct ListOrText;
+    impl<'de> serde::de::Visitor<'de> for ListOrText {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of strings or one comma-separated string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element::<String>()? {
+                out.push(v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(ListOrText)
+}
