@@ -45,14 +45,20 @@ const COMMAND_PAGE: u32 = 100;
 /// Outbound frames buffered per session; when full the session task waits (backpressure from
 /// a slow agent link), it never drops a frame.
 const OUTBOUND_BUFFER: usize = 64;
+/// How long a command acknowledgement without an error may wait to be recorded, so that an
+/// agent acknowledging command by command costs one write per period, not one per command.
+/// Only monitoring reads the recorded cursor in the meantime: the agent's Hello names what it
+/// applied, so a lost acknowledgement never resends a command it has.
+const ACK_RECORD_PERIOD: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub commands_changed: watch::Receiver<u64>,
-    /// Wakes this replica's sessions after commands were appended here (request operations).
-    pub commands_wake: Arc<watch::Sender<u64>>,
+    /// This replica's sessions by agent: request operations wake only the agents whose logs
+    /// got commands.
+    pub agent_wakes: Arc<crate::wake::AgentWakes>,
     pub heartbeat: Duration,
     /// Fallback poll for commands committed elsewhere (see `Store::watch_commands`).
     pub command_poll: Duration,
@@ -134,6 +140,7 @@ impl AgentGateway for Gateway {
             site: agent.site.to_string(),
             inbound: request.into_inner(),
             outbound: tx,
+            ack: AckCursor::default(),
         };
         self.tasks.spawn(session.run());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -329,6 +336,14 @@ struct Session {
     site: String,
     inbound: Streaming<AgentFrame>,
     outbound: mpsc::Sender<Result<ControllerFrame, Status>>,
+    ack: AckCursor,
+}
+
+/// Command acknowledgements received and recorded.
+#[derive(Default)]
+struct AckCursor {
+    received: u64,
+    recorded: u64,
 }
 
 /// Why a session ended.
@@ -376,6 +391,9 @@ impl Session {
             End::Transport(s) => tracing::info!(status = %s, "agent stream failed"),
         }
         self.gw.metrics.sessions_active.dec();
+        if let Err(End::Store(e)) = self.record_ack().await {
+            tracing::warn!(error = %e, "could not record the last command acknowledgement");
+        }
         let offline = AgentStatusUpdate {
             connected: false,
             last_seen: Some(Utc::now()),
@@ -455,6 +473,9 @@ impl Session {
         .await?;
 
         let mut wake = self.gw.commands_changed.clone();
+        let mut agent_wake = self.gw.agent_wakes.subscribe(&self.agent.to_string());
+        let mut record_acks = tokio::time::interval(ACK_RECORD_PERIOD);
+        record_acks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ping = tokio::time::interval(heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut poll = tokio::time::interval(self.gw.command_poll);
@@ -481,6 +502,10 @@ impl Session {
                     self.check_still_enrolled().await?;
                     command_cursor = self.send_commands(command_cursor).await?;
                 }
+                _ = agent_wake.changed() => {
+                    command_cursor = self.send_commands(command_cursor).await?;
+                }
+                _ = record_acks.tick() => self.record_ack().await?,
                 _ = poll.tick() => {
                     command_cursor = self.send_commands(command_cursor).await?;
                 }
@@ -497,6 +522,19 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Records the newest command acknowledgement received, if it is not recorded yet.
+    async fn record_ack(&mut self) -> Result<(), End> {
+        if self.ack.received > self.ack.recorded {
+            self.gw
+                .store
+                .ack_commands(self.agent, self.ack.received, None)
+                .await
+                .map_err(End::Store)?;
+            self.ack.recorded = self.ack.received;
+        }
+        Ok(())
     }
 
     async fn check_still_enrolled(&self) -> Result<(), End> {
@@ -548,11 +586,17 @@ impl Session {
                 if let Some(e) = &error {
                     tracing::warn!(up_to = ack.up_to_seq, error = %e, "agent reported a failed command");
                 }
-                self.gw
-                    .store
-                    .ack_commands(self.agent, ack.up_to_seq, error.as_deref())
-                    .await
-                    .map_err(End::Store)
+                self.ack.received = self.ack.received.max(ack.up_to_seq);
+                if error.is_some() {
+                    // A failure is recorded at once, with its reason.
+                    self.gw
+                        .store
+                        .ack_commands(self.agent, ack.up_to_seq, error.as_deref())
+                        .await
+                        .map_err(End::Store)?;
+                    self.ack.recorded = self.ack.recorded.max(ack.up_to_seq);
+                }
+                Ok(())
             }
             Some(agent_frame::Body::Status(s)) => {
                 let now = Utc::now();
@@ -642,9 +686,12 @@ impl Session {
                 if requests {
                     // Commands the ledger decided for other agents go out right away (the
                     // ledger sweep moves them too should this fail or the replica stop here).
-                    match self.gw.store.flush_request_commands().await {
-                        Ok(0) => {}
-                        Ok(_) => self.gw.commands_wake.send_modify(|n| *n = n.wrapping_add(1)),
+                    match self.gw.store.flush_request_commands_by_agent().await {
+                        Ok(flushed) => {
+                            for (agent, _) in flushed {
+                                self.gw.agent_wakes.wake(&agent);
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "could not flush request commands; the sweep will")
                         }

@@ -17,6 +17,7 @@ pub mod settings;
 pub mod stats;
 pub mod store;
 pub mod testing;
+pub mod wake;
 
 pub use error::{Error, Result};
 pub use settings::Settings;

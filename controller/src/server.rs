@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -118,9 +117,11 @@ pub async fn serve(
         shutdown.clone(),
     ));
     // Other replicas' commits wake this replica's sessions (LISTEN/NOTIFY on PostgreSQL).
+    let agent_wakes = Arc::new(crate::wake::AgentWakes::default());
     tasks.spawn({
         let (store, wake, shutdown) = (store.clone(), commands_tx.clone(), shutdown.clone());
-        async move { store.watch_commands(wake, shutdown).await }
+        let agents = agent_wakes.clone();
+        async move { store.watch_commands(wake, agents, shutdown).await }
     });
     let clock: Arc<dyn meridian_shared::clock::Clock> =
         Arc::new(meridian_shared::clock::SystemClock);
@@ -133,7 +134,6 @@ pub async fn serve(
         shutdown.clone(),
     ));
     // The distributed-request ledger: timeouts, retries, scheduled updates, staged commands.
-    let ledger_wake = commands_tx.clone();
     tasks.spawn(crate::distribution::run_ledger(
         store.clone(),
         clock.clone(),
@@ -158,7 +158,7 @@ pub async fn serve(
         store,
         metrics,
         commands_changed: commands_rx,
-        commands_wake: ledger_wake,
+        agent_wakes,
         heartbeat,
         command_poll: Duration::from_millis(settings.command_poll_ms.max(100)),
         shutdown: shutdown.clone(),
@@ -198,11 +198,15 @@ pub async fn serve(
             .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
     let gateway_shutdown = shutdown.clone();
+    // The builder's `tcp_nodelay` applies only to sockets tonic binds itself: without it on
+    // these, a command written right after an acknowledgement waits for the agent's delayed
+    // ACK (Nagle), some 40 ms per hop.
+    let incoming = tonic::transport::server::TcpIncoming::from(listeners.gateway)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(heartbeat * 2));
     let result = builder
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.gateway), async move {
-            gateway_shutdown.cancelled().await
-        })
+        .serve_with_incoming_shutdown(incoming, async move { gateway_shutdown.cancelled().await })
         .await;
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {

@@ -284,12 +284,15 @@ pub trait Store:
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<CommandRecord>>;
-    /// Bumps `wake` whenever any controller replica commits new commands or revokes an agent,
-    /// until `shutdown`. PostgreSQL uses LISTEN/NOTIFY; the single-replica SQLite store returns
-    /// at once (its own replica wakes sessions directly). Sessions also poll as a fallback.
+    /// Bumps `wake` whenever any controller replica commits new commands for every session or
+    /// revokes an agent, and wakes the one agent in `agents` when a replica appended commands
+    /// to that agent's log alone, until `shutdown`. PostgreSQL uses LISTEN/NOTIFY (the payload
+    /// names the agent, or is empty); the single-replica SQLite store returns at once (its own
+    /// replica wakes sessions directly). Sessions also poll as a fallback.
     async fn watch_commands(
         &self,
         wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+        agents: std::sync::Arc<crate::wake::AgentWakes>,
         shutdown: tokio_util::sync::CancellationToken,
     );
 

@@ -43,6 +43,8 @@ impl Backend for PgStore {
         "SELECT pg_try_advisory_xact_lock(hashtext('meridian_request_ledger'))";
     const FLUSH_LOCK: &'static str =
         "SELECT pg_try_advisory_xact_lock(hashtext('meridian_request_flush:' || $1))";
+    const INGEST_LOCK: &'static str =
+        "SELECT pg_advisory_xact_lock(hashtext('meridian_ingest:' || $1))";
 
     fn insert_rows(table: &Table, write: Write) -> String {
         let arrays: Vec<String> = table
@@ -103,9 +105,22 @@ impl PgStore {
         Ok(())
     }
 
+    /// Tells every replica (on commit) that commands were appended to `agent`'s log alone.
+    async fn notify_agent_commands(
+        tx: &mut Transaction<'static, Postgres>,
+        agent: &str,
+    ) -> Result<()> {
+        sqlx::query("SELECT pg_notify('meridian_commands', $1)")
+            .bind(agent)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn watch_commands_impl(
         &self,
         wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+        agents: std::sync::Arc<crate::wake::AgentWakes>,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         let backoff = meridian_shared::backoff::BackoffPolicy::default();
@@ -117,9 +132,12 @@ impl PgStore {
                 // Commands may have been committed while we were not listening.
                 wake.send_modify(|n| *n = n.wrapping_add(1));
                 loop {
-                    listener.recv().await?;
+                    let note = listener.recv().await?;
                     attempt = 0;
-                    wake.send_modify(|n| *n = n.wrapping_add(1));
+                    match note.payload() {
+                        "" => wake.send_modify(|n| *n = n.wrapping_add(1)),
+                        agent => agents.wake(agent),
+                    }
                 }
                 #[allow(unreachable_code)]
                 Ok::<(), sqlx::Error>(())

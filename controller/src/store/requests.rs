@@ -239,11 +239,31 @@ pub fn has_request_events(events: &[crate::store::IncomingEvent]) -> bool {
 }
 
 /// The ledger's operations for admins (API, `meridianctl`, console).
+/// The command log, written a flush's batch at a time.
+pub(crate) const AGENT_COMMANDS: crate::store::stats_sql::Table = crate::store::stats_sql::Table {
+    name: "agent_commands",
+    cols: &[
+        ("agent_id", crate::store::stats_sql::Col::Text),
+        ("seq", crate::store::stats_sql::Col::Int),
+        ("kind", crate::store::stats_sql::Col::Text),
+        ("payload", crate::store::stats_sql::Col::Text),
+        ("created_at", crate::store::stats_sql::Col::Time),
+    ],
+    key: &["agent_id", "seq"],
+    update: false,
+};
+
 #[async_trait::async_trait]
 pub trait RequestStore: Send + Sync {
     /// Moves staged commands into the agents' command logs (one agent per transaction).
     /// Returns how many were moved.
-    async fn flush_request_commands(&self) -> Result<u64>;
+    async fn flush_request_commands(&self) -> Result<u64> {
+        Ok(self.flush_request_commands_by_agent().await?.iter().map(|(_, n)| n).sum())
+    }
+
+    /// As `flush_request_commands`, naming the agents (store keys) whose logs got commands and
+    /// how many, so that only their sessions are woken.
+    async fn flush_request_commands_by_agent(&self) -> Result<Vec<(String, u64)>>;
     /// Times out, retries and dispatches open operations and sends the hourly and daily
     /// updates that are due.
     async fn sweep_request_ops(
@@ -599,7 +619,7 @@ macro_rules! impl_request_store {
                 .execute(&mut **tx)
                 .await?;
                 if blocked.is_none() {
-                    Self::req_dispatch(tx, &a.op_id.to_string(), op.target, 1, at).await?;
+                    Self::req_dispatch(tx, &a.op_id.to_string(), op.target, 1, Some(a), at).await?;
                 }
                 Ok(())
             }
@@ -611,26 +631,29 @@ macro_rules! impl_request_store {
                 op: &str,
                 target: &str,
                 attempt: u32,
+                known: Option<&meridian_shared::transfers::ApplyOperation>,
                 at: chrono::DateTime<chrono::Utc>,
             ) -> $crate::error::Result<()> {
-                let (payload,): (String,) = sqlx::query_as(
-                    "SELECT payload FROM request_ops WHERE op_id = $1 AND target_site = $2",
-                )
-                .bind(op)
-                .bind(target)
-                .fetch_one(&mut **tx)
-                .await?;
-                let mut apply: meridian_shared::transfers::ApplyOperation =
-                    serde_json::from_str(&payload).map_err(|e| {
-                        $crate::error::Error::Internal(format!("corrupt request_ops.payload: {e}"))
-                    })?;
+                let mut apply = match known {
+                    Some(apply) => apply.clone(),
+                    None => {
+                        let (payload,): (String,) = sqlx::query_as(
+                            "SELECT payload FROM request_ops WHERE op_id = $1 AND target_site = $2",
+                        )
+                        .bind(op)
+                        .bind(target)
+                        .fetch_one(&mut **tx)
+                        .await?;
+                        serde_json::from_str::<meridian_shared::transfers::ApplyOperation>(&payload)
+                            .map_err(|e| {
+                                $crate::error::Error::Internal(format!("corrupt request_ops.payload: {e}"))
+                            })?
+                    }
+                };
                 apply.attempt = attempt;
-                let agent = Self::req_agent_of(tx, target).await?;
                 let command = meridian_shared::commands::ControllerCommand::ApplyOperation(Box::new(apply));
-                let payload = command.payload();
-                if let Some(agent) = &agent {
-                    Self::req_stage(tx, agent, &command, Some((op, target)), at).await?;
-                }
+                let payload = String::from_utf8_lossy(&command.payload()).into_owned();
+                let agent = Self::req_stage_at_site(tx, target, command.kind(), &payload, Some((op, target)), at).await?;
                 sqlx::query(
                     "UPDATE request_ops SET status = 'pending', attempt = $3, agent_id = $4, \
                      command_seq = NULL, payload = $5, next_attempt_at = NULL, updated_at = $6 \
@@ -640,7 +663,7 @@ macro_rules! impl_request_store {
                 .bind(target)
                 .bind(attempt as i32)
                 .bind(agent)
-                .bind(String::from_utf8_lossy(&payload).into_owned())
+                .bind(payload)
                 .bind(at)
                 .execute(&mut **tx)
                 .await?;
@@ -684,6 +707,31 @@ macro_rules! impl_request_store {
                 Ok(())
             }
 
+            /// Stages a command for the active agent of `site` in one statement; returns that
+            /// agent, or `None` when the site has none.
+            async fn req_stage_at_site(
+                tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
+                site: &str,
+                kind: &str,
+                payload: &str,
+                op: Option<(&str, &str)>,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<Option<String>> {
+                Ok(sqlx::query_scalar(
+                    "INSERT INTO staged_commands (agent_id, kind, payload, op_id, target_site, created_at) \
+                     SELECT id, $2, $3, $4, $5, $6 FROM agents WHERE site = $1 AND revoked_at IS NULL \
+                     ORDER BY enrolled_at DESC LIMIT 1 RETURNING agent_id",
+                )
+                .bind(site)
+                .bind(kind)
+                .bind(payload)
+                .bind(op.map(|o| o.0))
+                .bind(op.map(|o| o.1))
+                .bind(at)
+                .fetch_optional(&mut **tx)
+                .await?)
+            }
+
             /// Stages `command` for the active agent of `site`, if it has one.
             async fn req_stage_for_site(
                 tx: &mut sqlx::Transaction<'static, <$ty as $crate::store::sql_common::Backend>::Db>,
@@ -691,8 +739,9 @@ macro_rules! impl_request_store {
                 command: &meridian_shared::commands::ControllerCommand,
                 at: chrono::DateTime<chrono::Utc>,
             ) -> $crate::error::Result<()> {
-                match Self::req_agent_of(tx, site).await? {
-                    Some(agent) => Self::req_stage(tx, &agent, command, None, at).await,
+                let payload = String::from_utf8_lossy(&command.payload()).into_owned();
+                match Self::req_stage_at_site(tx, site, command.kind(), &payload, None, at).await? {
+                    Some(_) => Ok(()),
                     None => {
                         tracing::warn!(site, kind = command.kind(), "no active agent to tell; the site learns it when one enrols");
                         Ok(())
@@ -758,14 +807,30 @@ macro_rules! impl_request_store {
                     Some((None, None, None)) => Some(format!("request {} has no master", op.request.human_id)),
                     Some(_) => None,
                 };
-                let sites = Self::req_sites(tx).await?;
-                let targets: Vec<String> = match &op.target {
-                    OpTarget::Site(s) => vec![s.to_string()],
-                    OpTarget::Group(g) => sites.iter().filter(|(_, tags)| tags.contains(g)).map(|(c, _)| c.clone()).collect(),
-                    OpTarget::AllSites => sites.iter().map(|(c, _)| c.clone()).collect(),
+                let (targets, unknown): (Vec<String>, Option<String>) = match &op.target {
+                    // One site: only whether it is configured (not every site's body).
+                    OpTarget::Site(s) => {
+                        let known: Option<(i32,)> = sqlx::query_as(
+                            "SELECT 1 FROM config_resources WHERE kind = 'site' AND code = $1",
+                        )
+                        .bind(s.as_str())
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                        let targets: Vec<String> =
+                            [s.to_string()].into_iter().filter(|t| t != site).collect();
+                        let unknown = known.is_none().then(|| s.to_string()).filter(|_| !targets.is_empty());
+                        (targets, unknown)
+                    }
+                    OpTarget::Group(g) => {
+                        let sites = Self::req_sites(tx).await?;
+                        let targets = sites.into_iter().filter(|(c, tags)| tags.contains(g) && c != site).map(|(c, _)| c).collect();
+                        (targets, None)
+                    }
+                    OpTarget::AllSites => {
+                        let sites = Self::req_sites(tx).await?;
+                        (sites.into_iter().map(|(c, _)| c).filter(|c| c != site).collect(), None)
+                    }
                 };
-                let targets: Vec<String> = targets.into_iter().filter(|t| t != site).collect();
-                let unknown = targets.iter().find(|t| !sites.iter().any(|(c, _)| c == *t));
                 let problem = not_master.clone().or_else(|| {
                     if targets.is_empty() {
                         Some("no other site matches the target".to_owned())
@@ -1149,26 +1214,20 @@ macro_rules! impl_request_store {
                 target: &str,
                 at: chrono::DateTime<chrono::Utc>,
             ) -> $crate::error::Result<()> {
-                let retrying: Option<(i32,)> = sqlx::query_as(
-                    "SELECT 1 FROM request_ops WHERE pool = $1 AND target_site = $2 AND status = 'retry' LIMIT 1",
-                )
-                .bind(pool)
-                .bind(target)
-                .fetch_optional(&mut **tx)
-                .await?;
-                if retrying.is_some() {
-                    return Ok(());
-                }
-                let queued: Vec<(String, i32)> = sqlx::query_as(
-                    "SELECT op_id, attempt FROM request_ops WHERE pool = $1 AND target_site = $2 \
-                     AND status = 'queued' ORDER BY created_at, op_id",
+                // One look at the lane (the partial index holds only retry and queued rows).
+                let held: Vec<(String, i32, String)> = sqlx::query_as(
+                    "SELECT op_id, attempt, status FROM request_ops WHERE pool = $1 AND target_site = $2 \
+                     AND status IN ('retry', 'queued') ORDER BY created_at, op_id",
                 )
                 .bind(pool)
                 .bind(target)
                 .fetch_all(&mut **tx)
                 .await?;
-                for (op, attempt) in queued {
-                    Self::req_dispatch(tx, &op, target, attempt.max(1) as u32, at).await?;
+                if held.iter().any(|(_, _, status)| status == "retry") {
+                    return Ok(());
+                }
+                for (op, attempt, _) in held {
+                    Self::req_dispatch(tx, &op, target, attempt.max(1) as u32, None, at).await?;
                 }
                 Ok(())
             }
@@ -1263,19 +1322,18 @@ macro_rules! impl_request_store {
                 .fetch_optional(&mut *tx)
                 .await?;
                 let mut seq = last.map(|l| l - rows.len() as i64);
-                for (id, kind, payload, op, target, created_at) in &rows {
+                let mut log = $crate::store::stats_sql::Rows::new(&$crate::store::requests::AGENT_COMMANDS);
+                for (_, kind, payload, op, target, created_at) in &rows {
                     if let Some(s) = seq.as_mut() {
                         *s += 1;
-                        sqlx::query(
-                            "INSERT INTO agent_commands (agent_id, seq, kind, payload, created_at) VALUES ($1, $2, $3, $4, $5)",
-                        )
-                        .bind(agent)
-                        .bind(*s)
-                        .bind(kind)
-                        .bind(payload)
-                        .bind(created_at)
-                        .execute(&mut *tx)
-                        .await?;
+                        use $crate::store::stats_sql::Cell;
+                        log.push(&[
+                            Cell::Text(Some(agent)),
+                            Cell::Int(Some(*s)),
+                            Cell::Text(Some(kind)),
+                            Cell::Text(Some(payload)),
+                            Cell::Time(Some(*created_at)),
+                        ])?;
                         if let (Some(op), Some(target)) = (op, target) {
                             sqlx::query(
                                 "UPDATE request_ops SET command_seq = $3 WHERE op_id = $1 AND target_site = $2 AND agent_id = $4",
@@ -1288,13 +1346,23 @@ macro_rules! impl_request_store {
                             .await?;
                         }
                     }
-                    sqlx::query("DELETE FROM staged_commands WHERE id = $1")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
                 }
+                // The whole batch in one statement.
+                Self::write_rows(&mut tx, &log, $crate::store::stats_sql::Write::Insert).await?;
+                // Exactly the rows read (not a range: a row staged meanwhile with a lower id
+                // commits after this read and waits for the next flush).
+                let moved: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
+                let moved: Vec<&str> = moved.iter().map(String::as_str).collect();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM staged_commands WHERE agent_id = $2 AND {}",
+                    <$ty as $crate::store::sql_common::Backend>::in_ids("CAST(id AS TEXT)")
+                )))
+                .bind(<$ty as $crate::store::sql_common::Backend>::ids(&moved))
+                .bind(agent)
+                .execute(&mut *tx)
+                .await?;
                 if seq.is_some() {
-                    Self::notify_commands(&mut tx).await?;
+                    Self::notify_agent_commands(&mut tx, agent).await?;
                 }
                 tx.commit().await?;
                 Ok(if seq.is_some() { rows.len() as u64 } else { 0 })
@@ -1321,15 +1389,16 @@ macro_rules! impl_request_store {
 
         #[async_trait::async_trait]
         impl $crate::store::requests::RequestStore for $ty {
-            async fn flush_request_commands(&self) -> $crate::error::Result<u64> {
+            async fn flush_request_commands_by_agent(&self) -> $crate::error::Result<Vec<(String, u64)>> {
                 let agents: Vec<(String,)> =
                     sqlx::query_as("SELECT DISTINCT agent_id FROM staged_commands ORDER BY agent_id")
                         .fetch_all(&self.pool)
                         .await?;
-                let mut moved = 0u64;
+                let mut flushed = Vec::new();
                 for (agent,) in agents {
                     // Until nothing is left: rows another session staged while this one held
                     // the agent's flush lock (and so skipped) are moved on the next round.
+                    let mut moved = 0u64;
                     loop {
                         let n = self.flush_agent_commands(&agent).await?;
                         if n == 0 {
@@ -1337,8 +1406,11 @@ macro_rules! impl_request_store {
                         }
                         moved += n;
                     }
+                    if moved > 0 {
+                        flushed.push((agent, moved));
+                    }
                 }
-                Ok(moved)
+                Ok(flushed)
             }
 
             async fn sweep_request_ops(
@@ -1390,7 +1462,7 @@ macro_rules! impl_request_store {
                         current.is_some() && current != op.agent_id
                     };
                     if due || stranded {
-                        Self::req_dispatch(&mut tx, &op.op_id.to_string(), &op.target_site, op.attempt + 1, now).await?;
+                        Self::req_dispatch(&mut tx, &op.op_id.to_string(), &op.target_site, op.attempt + 1, None, now).await?;
                         if due {
                             Self::req_release_lane(&mut tx, &op.pool, &op.target_site, now).await?;
                             report.retried += 1;
@@ -1523,7 +1595,7 @@ macro_rules! impl_request_store {
                     .bind(target_site)
                     .execute(&mut *tx)
                     .await?;
-                Self::req_dispatch(&mut tx, op_id, target_site, op.attempt + 1, now).await?;
+                Self::req_dispatch(&mut tx, op_id, target_site, op.attempt + 1, None, now).await?;
                 let op = Self::req_open_op(&mut tx, op_id, target_site).await?;
                 tx.commit().await?;
                 Ok(op)

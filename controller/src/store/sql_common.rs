@@ -625,9 +625,10 @@ macro_rules! impl_store {
             async fn watch_commands(
                 &self,
                 wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+                agents: std::sync::Arc<$crate::wake::AgentWakes>,
                 shutdown: tokio_util::sync::CancellationToken,
             ) {
-                self.watch_commands_impl(wake, shutdown).await
+                self.watch_commands_impl(wake, agents, shutdown).await
             }
 
             async fn prepare_partitions(
@@ -698,14 +699,17 @@ macro_rules! impl_store {
                             .await?;
                     }
                 }
-                let row: Option<(i64, String, Option<chrono::DateTime<chrono::Utc>>)> =
-                    sqlx::query_as(concat!(
-                        "SELECT acked_seq, site, revoked_at FROM agents WHERE id = $1",
-                        $lock
-                    ))
+                // One ingest per agent at a time; the agent's row itself is only written by the
+                // last statement, so flushes of commands to this agent do not wait for the batch.
+                sqlx::query(<$ty as $crate::store::sql_common::Backend>::INGEST_LOCK)
                     .bind(&agent_id)
-                    .fetch_optional(&mut *tx)
+                    .execute(&mut *tx)
                     .await?;
+                let row: Option<(i64, String, Option<chrono::DateTime<chrono::Utc>>)> =
+                    sqlx::query_as("SELECT acked_seq, site, revoked_at FROM agents WHERE id = $1")
+                        .bind(&agent_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
                 let (acked, site) = match row {
                     Some((acked, site, None)) => (acked as u64, site),
                     _ => return Ok(Err(IngestError::UnknownAgent)),
@@ -749,11 +753,18 @@ macro_rules! impl_store {
                     rows.push(&$crate::store::stats_sql::quarantine_cells(&q, "ingest", &e.payload, Some(e.occurred_at), received_at))?;
                 }
                 Self::write_rows(&mut tx, &rows, $crate::store::stats_sql::Write::Upsert).await?;
-                sqlx::query("UPDATE agents SET acked_seq = $2 WHERE id = $1")
-                    .bind(&agent_id)
-                    .bind(new_acked as i64)
-                    .execute(&mut *tx)
-                    .await?;
+                // Revoked meanwhile (this transaction does not hold the row): nothing is kept.
+                let moved = sqlx::query(
+                    "UPDATE agents SET acked_seq = $2 WHERE id = $1 AND revoked_at IS NULL",
+                )
+                .bind(&agent_id)
+                .bind(new_acked as i64)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if moved == 0 {
+                    return Ok(Err(IngestError::UnknownAgent));
+                }
                 tx.commit().await?;
                 Ok(Ok(new_acked))
             }
@@ -857,6 +868,11 @@ pub trait Backend {
     /// agent at a time; another that finds it taken leaves the rows to the holder, which looks
     /// again after its commit).
     const FLUSH_LOCK: &'static str;
+    /// Takes the transaction-scoped lock under which agent `$1`'s events are ingested (one
+    /// ingest per agent at a time, without holding the agent's row: the command log's head on
+    /// that row stays free for other agents' flushes while the batch is applied). A no-op where
+    /// writers are serialized.
+    const INGEST_LOCK: &'static str;
     /// `INSERT` into `table` of the rows `bind_rows` binds, meeting stored rows as `write` says.
     fn insert_rows(table: &super::stats_sql::Table, write: super::stats_sql::Write) -> String;
     /// Binds `rows` to a statement from `insert_rows`.

@@ -38,6 +38,7 @@ impl Backend for SqliteStore {
     const SCHEDULE_LOCK: &'static str = "SELECT TRUE";
     const LEDGER_LOCK: &'static str = "SELECT TRUE";
     const FLUSH_LOCK: &'static str = "SELECT $1 IS NOT NULL";
+    const INGEST_LOCK: &'static str = "SELECT $1";
 
     fn insert_rows(table: &Table, write: Write) -> String {
         let values: Vec<String> =
@@ -74,9 +75,17 @@ impl SqliteStore {
         Ok(())
     }
 
+    async fn notify_agent_commands(
+        _tx: &mut Transaction<'static, Sqlite>,
+        _agent: &str,
+    ) -> Result<()> {
+        Ok(())
+    }
+
     async fn watch_commands_impl(
         &self,
         _wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+        _agents: std::sync::Arc<crate::wake::AgentWakes>,
         _shutdown: tokio_util::sync::CancellationToken,
     ) {
     }
