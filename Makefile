@@ -1,12 +1,15 @@
 # `make test` is the one test command: it provisions PostgreSQL, then runs formatting, lints and
 # the whole suite (unit, conformance on SQLite and PostgreSQL, end-to-end with fault injection).
+# Before the suite it builds the upgrade fixture: a second meridian-agent binary that reports
+# version 99.0.0-fixture (MERIDIAN_AGENT_VERSION, read with option_env! by the agent crate) into
+# $(CARGO_TARGET_DIR)/upgrade-fixture, for the rollout tests that upgrade real agent processes.
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/meridian-target
 export MERIDIAN_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 
-.PHONY: test provision fmt-check clippy unit-and-e2e clean-test-databases run bench
+.PHONY: test provision fmt-check clippy unit-and-e2e clean-test-databases run bench upgrade-fixture
 
-test: provision fmt-check clippy clean-test-databases unit-and-e2e
+test: provision fmt-check clippy clean-test-databases upgrade-fixture unit-and-e2e
 
 provision:
 	bash tests/provision-postgres.sh
@@ -24,6 +27,9 @@ clean-test-databases:
 	  psql "$(MERIDIAN_TEST_DATABASE_URL)" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'meridian\_t\_%'" \
 	  | while read -r db; do psql "$(MERIDIAN_TEST_DATABASE_URL)" -qc "DROP DATABASE IF EXISTS $$db" >/dev/null; done; \
 	fi
+
+upgrade-fixture:
+	MERIDIAN_AGENT_VERSION=99.0.0-fixture cargo build -p meridian-agent --bin meridian-agent --target-dir $(CARGO_TARGET_DIR)/upgrade-fixture
 
 unit-and-e2e:
 	cargo test --workspace --lib --bins --tests

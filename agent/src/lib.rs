@@ -3,6 +3,7 @@
 //! commands. Everything the branch does works from the local store, with or without the link.
 #![forbid(unsafe_code)]
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,11 +29,25 @@ pub mod requests;
 pub mod settings;
 pub mod store;
 pub mod terminals;
+pub mod upgrade;
 pub mod visits;
 pub mod webhooks;
 
 pub use error::{Error, Result};
 pub use settings::Settings;
+
+/// The version this agent reports (the session's Hello, enrollment, upgrade status events).
+/// A build with `MERIDIAN_AGENT_VERSION` set reports that instead of the crate's version, so
+/// tests can build a second agent binary that differs only in its version
+/// (`make upgrade-fixture`).
+pub const VERSION: &str = match option_env!("MERIDIAN_AGENT_VERSION") {
+    Some(v) => v,
+    None => meridian_shared::VERSION,
+};
+
+/// How long the branch server may take to close its connections at shutdown (live feeds stay
+/// open otherwise) before it is dropped.
+const SERVER_GRACE: Duration = Duration::from_secs(5);
 
 /// State shared by the branch server and the link.
 pub struct Context {
@@ -49,10 +64,26 @@ pub struct Context {
     pub sync_requested: Notify,
     /// The distribution rules of the applied configuration, compiled.
     pub rules: request_rules::RuleCache,
+    /// Upgrades of the agent's own binary: who signs releases, where they are staged, whether
+    /// this process can replace its binary at all.
+    pub upgrades: upgrade::Upgrades,
 }
 
 impl Context {
+    /// Opens the agent's store; an agent opened this way runs inside another program and
+    /// cannot replace its binary (`open_with` takes the capability).
     pub async fn open(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Context>> {
+        Self::open_with(settings, clock, None).await
+    }
+
+    /// Like `open`, with the capability to replace the binary (the `meridian-agent` executable
+    /// passes its `Upgrader`).
+    pub async fn open_with(
+        settings: &Settings,
+        clock: Arc<dyn Clock>,
+        upgrader: Option<upgrade::Upgrader>,
+    ) -> Result<Arc<Context>> {
+        let upgrades = upgrade::Upgrades::new(settings, upgrader)?;
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
             Error::Internal(format!("cannot create {}: {e}", settings.data_dir.display()))
         })?;
@@ -67,6 +98,7 @@ impl Context {
             clock,
             sync_requested: Notify::new(),
             rules: request_rules::RuleCache::default(),
+            upgrades,
         }))
     }
 }
@@ -151,6 +183,8 @@ async fn end_of_day_sweep(ctx: Arc<Context>, shutdown: CancellationToken) {
 }
 
 /// Runs an agent until `shutdown`: the branch server on `http`, the link in the background.
+/// It runs inside the calling program, so it cannot replace its binary: an `AGENT_UPGRADE` is
+/// answered with `failed` (`run_upgradable` is the executable's entry point).
 pub async fn run(settings: Settings, http: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let ctx = Context::open(&settings, Arc::new(SystemClock)).await?;
     run_with(ctx, settings, http, shutdown).await
@@ -163,6 +197,41 @@ pub async fn run_with(
     http: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    serve(ctx, settings, http, shutdown).await.map(|_| ())
+}
+
+/// The `meridian-agent` executable's agent: like `run`, and it may switch to a new release.
+/// When it does, it stops its services, closes the store and installs the release; the caller
+/// then becomes the new binary's watchdog (`upgrade::Exit`).
+pub async fn run_upgradable(
+    settings: Settings,
+    http: TcpListener,
+    shutdown: CancellationToken,
+    upgrader: upgrade::Upgrader,
+) -> Result<upgrade::Exit> {
+    let ctx = Context::open_with(&settings, Arc::new(SystemClock), Some(upgrader.clone())).await?;
+    let limits = ctx.upgrades.limits;
+    let dir = ctx.upgrades.dir.clone();
+    match serve(ctx.clone(), settings, http, shutdown).await? {
+        None => Ok(upgrade::Exit::Stopped),
+        Some(plan) => {
+            // Everything is stopped; the database is closed before another binary opens it.
+            ctx.db.close().await;
+            Ok(upgrade::install(&dir, &plan, &upgrader, limits))
+        }
+    }
+}
+
+/// Runs the agent's services until `shutdown`, or until the upgrader decides to switch (then
+/// returns its plan with everything stopped).
+async fn serve(
+    ctx: Arc<Context>,
+    settings: Settings,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<Option<upgrade::SwitchPlan>> {
+    // The agent's own services: stopped by `shutdown` or by a switch.
+    let services = shutdown.child_token();
     let ca_cert = match &settings.ca_cert {
         Some(p) => Some(
             std::fs::read(p)
@@ -183,15 +252,20 @@ pub async fn run_with(
         },
     };
     let sync_task =
-        tokio::spawn(appointment_sync::run(ctx.clone(), link_settings.clone(), shutdown.clone()));
-    let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, shutdown.clone()));
-    let sweep_task = tokio::spawn(end_of_day_sweep(ctx.clone(), shutdown.clone()));
+        tokio::spawn(appointment_sync::run(ctx.clone(), link_settings.clone(), services.clone()));
+    let upgrade_task = tokio::spawn(upgrade::run(
+        ctx.clone(),
+        upgrade::GatewaySource::new(ctx.clone(), link_settings.clone()),
+        services.clone(),
+    ));
+    let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, services.clone()));
+    let sweep_task = tokio::spawn(end_of_day_sweep(ctx.clone(), services.clone()));
     let escalation_task = tokio::spawn(escalation_sweep(
         ctx.clone(),
         Duration::from_millis(settings.rule_sweep_ms.max(10)),
-        shutdown.clone(),
+        services.clone(),
     ));
-    let no_show_task = tokio::spawn(check_in::run_no_show_sweep(ctx.clone(), shutdown.clone()));
+    let no_show_task = tokio::spawn(check_in::run_no_show_sweep(ctx.clone(), services.clone()));
     let webhook_settings = webhooks::WebhookSettings {
         backoff: BackoffPolicy {
             base: Duration::from_millis(settings.webhook_backoff_base_ms.max(1)),
@@ -201,7 +275,7 @@ pub async fn run_with(
         },
         timeout: Duration::from_secs(10),
     };
-    let webhook_task = tokio::spawn(webhooks::run(ctx.clone(), webhook_settings, shutdown.clone()));
+    let webhook_task = tokio::spawn(webhooks::run(ctx.clone(), webhook_settings, services.clone()));
     let addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, "branch server listening");
     if let Some(file) = &settings.ready_file {
@@ -209,16 +283,36 @@ pub async fn run_with(
         std::fs::write(file, ready.to_string())
             .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
-    let server_shutdown = shutdown.clone();
-    let served = axum::serve(http, branch_api::router(ctx.clone()).merge(terminals::router(ctx)))
-        .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-        .await;
-    shutdown.cancel();
+    let server_shutdown = services.clone();
+    let mut server = Box::pin(
+        axum::serve(http, branch_api::router(ctx.clone()).merge(terminals::router(ctx)))
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+            .into_future(),
+    );
+    let served = tokio::select! {
+        served = &mut server => served,
+        _ = async {
+            services.cancelled().await;
+            tokio::time::sleep(SERVER_GRACE).await;
+        } => {
+            // Open live feeds would hold the server forever: drop it (and the listener).
+            tracing::warn!("branch connections still open after the grace period; closing the server");
+            Ok(())
+        }
+    };
+    // Closes the listener (a new binary binds the same address).
+    drop(server);
+    services.cancel();
     let _ = link_task.await;
     let _ = sync_task.await;
     let _ = sweep_task.await;
     let _ = escalation_task.await;
     let _ = no_show_task.await;
     let _ = webhook_task.await;
-    served.map_err(|e| Error::Internal(format!("branch server: {e}")))
+    let plan = upgrade_task.await.ok().flatten();
+    if plan.is_none() {
+        shutdown.cancel();
+    }
+    served.map_err(|e| Error::Internal(format!("branch server: {e}")))?;
+    Ok(plan)
 }

@@ -166,7 +166,7 @@ async fn enroll(ctx: &Context, settings: &LinkSettings) -> Result<Identity, Link
         .enroll(meridian_proto::EnrollRequest {
             token: settings.enrollment_token.clone(),
             hostname,
-            version: meridian_shared::VERSION.to_owned(),
+            version: crate::VERSION.to_owned(),
         })
         .await
         .map_err(|s| LinkError::Refused(format!("enrollment: {}", s.message())))?
@@ -209,7 +209,7 @@ async fn session(
     out.send(frame(agent_frame::Body::Hello(meridian_proto::Hello {
         agent_id: identity.agent_id.clone(),
         site_code: identity.site.clone(),
-        version: meridian_shared::VERSION.to_owned(),
+        version: crate::VERSION.to_owned(),
         config_revision,
         last_applied_command_seq: last_command,
         outbox_high_water: high_water,
@@ -413,10 +413,21 @@ async fn apply_command(
     let now = ctx.clock.now();
     let config = ctx.config.borrow().clone();
     let rules = config.as_deref().map(|c| ctx.rules.get(c)).unwrap_or_default();
+    let gate = ctx.upgrades.gate.clone();
     let applied = ctx
         .db
         .write(move |conn| {
-            apply_command_in(conn, &site, config.as_deref(), &rules, seq, &kind, &payload, now)
+            apply_command_with_gate(
+                conn,
+                &site,
+                config.as_deref(),
+                &rules,
+                &gate,
+                seq,
+                &kind,
+                &payload,
+                now,
+            )
         })
         .await?;
     if let Some(snap) = applied.config {
@@ -431,6 +442,9 @@ async fn apply_command(
     }
     if applied.sync_requested && applied.error.is_none() {
         ctx.sync_requested.notify_one();
+    }
+    if applied.upgrade_requested && applied.error.is_none() {
+        ctx.upgrades.requested.notify_one();
     }
     if let Some(e) = &applied.error {
         tracing::warn!(seq, error = %e, "rejected a command from the controller");
@@ -448,6 +462,8 @@ pub struct CommandApplied {
     /// Requests that arrived here as master (for the arrival rules).
     pub arrived: Vec<crate::requests::Request>,
     pub sync_requested: bool,
+    /// An upgrade was recorded, superseded or cancelled (the upgrader has work).
+    pub upgrade_requested: bool,
     /// Why the command was rejected (recorded, and acknowledged with it).
     pub error: Option<String>,
 }
@@ -455,13 +471,32 @@ pub struct CommandApplied {
 /// Applies command `seq` inside one store job: skipped if already applied, else applied and
 /// recorded together (with its error if it is rejected: a command that cannot be applied never
 /// blocks the log). A request arriving here as master fires this site's arrival rules in the
-/// same job. Store failures are returned, and the job rolls back.
+/// same job. Store failures are returned, and the job rolls back. An `AGENT_UPGRADE` is judged
+/// by a gate that trusts no release key (see `apply_command_with_gate`).
 #[allow(clippy::too_many_arguments)]
 pub fn apply_command_in(
     conn: &rusqlite::Connection,
     site: &str,
     config: Option<&meridian_shared::config::SiteConfig>,
     rules: &crate::request_rules::RuleSet,
+    seq: u64,
+    kind: &str,
+    payload: &[u8],
+    now: DateTime<Utc>,
+) -> crate::error::Result<CommandApplied> {
+    let gate = crate::upgrade::Gate::none();
+    apply_command_with_gate(conn, site, config, rules, &gate, seq, kind, payload, now)
+}
+
+/// `apply_command_in`, with the gate `AGENT_UPGRADE` commands are judged by (the agent's
+/// release keys, platform, version and whether it can replace its binary).
+#[allow(clippy::too_many_arguments)]
+pub fn apply_command_with_gate(
+    conn: &rusqlite::Connection,
+    site: &str,
+    config: Option<&meridian_shared::config::SiteConfig>,
+    rules: &crate::request_rules::RuleSet,
+    gate: &crate::upgrade::Gate,
     seq: u64,
     kind: &str,
     payload: &[u8],
@@ -492,6 +527,16 @@ pub fn apply_command_in(
         Ok(ControllerCommand::SyncAppointments(req)) => {
             crate::appointment_sync::record_request(conn, &req, now)?;
             done.sync_requested = true;
+            Ok(())
+        }
+        Ok(ControllerCommand::Upgrade(cmd)) => {
+            done.upgrade_requested = crate::upgrade::apply_command(conn, gate, seq, &cmd, now)?;
+            // A refusal is reported as `AGENT_UPGRADE_STATUS failed` in the outbox.
+            done.changed = true;
+            Ok(())
+        }
+        Ok(ControllerCommand::CancelUpgrade(c)) => {
+            done.upgrade_requested = crate::upgrade::cancel(conn, c.rollout_id, now)?;
             Ok(())
         }
         Ok(cmd) => match crate::distribution::apply_command(conn, config, &cmd, now) {

@@ -36,7 +36,7 @@ pub struct Settings {
     /// Public keys of the release signers this agent trusts (`ed25519:<base64>`), configured
     /// at install. An upgrade whose manifest is not signed by one of them is refused. In the
     /// environment: `MERIDIAN_AGENT_RELEASE_KEYS=ed25519:…,ed25519:…`.
-    #[serde(deserialize_with = "list_or_comma_separated")]
+    #[serde(deserialize_with = "meridian_shared::settings::list_or_comma_separated")]
     pub release_keys: Vec<String>,
     /// How long a new binary has, after the switch, to establish its session and report
     /// healthy before the watchdog rolls back (an `AGENT_UPGRADE` may ask for another time).
@@ -68,37 +68,6 @@ impl Default for Settings {
             log: "info".into(),
         }
     }
-}
-
-/// A list from a TOML array, or from one comma-separated string (an environment variable).
-fn list_or_comma_separated<'de, D>(d: D) -> Result<Vec<String>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    struct ListOrText;
-    impl<'de> serde::de::Visitor<'de> for ListOrText {
-        type Value = Vec<String>;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a list of strings or one comma-separated string")
-        }
-
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
-        }
-
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::new();
-            while let Some(v) = seq.next_element::<String>()? {
-                out.push(v);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_any(ListOrText)
 }
 
 impl Settings {
