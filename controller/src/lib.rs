@@ -12,6 +12,7 @@ pub mod distribution;
 pub mod error;
 pub mod gateway;
 pub mod metrics;
+pub mod rollouts;
 pub mod server;
 pub mod settings;
 pub mod stats;

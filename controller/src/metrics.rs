@@ -28,6 +28,12 @@ pub struct Metrics {
     pub request_ops_failed: Family<Vec<(String, String)>, Counter>,
     /// The lanes last set, so a lane that emptied is removed rather than left stale.
     lanes_shown: Mutex<BTreeSet<(String, String)>>,
+    /// Rollouts per `state` (running, paused, halted, aborted, completed).
+    pub rollouts: Family<Vec<(String, String)>, Gauge>,
+    /// Sites of each unfinished rollout per `state` (labels `rollout`, `state`).
+    pub rollout_sites: Family<Vec<(String, String)>, Gauge>,
+    /// The (rollout, state) pairs last set, so a finished rollout's gauges are removed.
+    rollout_sites_shown: Mutex<BTreeSet<(String, String)>>,
 }
 
 /// The labels of one ledger lane.
@@ -35,6 +41,10 @@ pub type Lane = Vec<(String, String)>;
 
 fn lane(pool: &str, target: &str) -> Lane {
     vec![("pool".to_owned(), pool.to_owned()), ("target".to_owned(), target.to_owned())]
+}
+
+fn rollout_labels((rollout, state): &(String, String)) -> Vec<(String, String)> {
+    vec![("rollout".to_owned(), rollout.clone()), ("state".to_owned(), state.clone())]
 }
 
 impl Default for Metrics {
@@ -53,6 +63,9 @@ impl Default for Metrics {
             request_ops_oldest_age_seconds: Family::default(),
             request_ops_failed: Family::default(),
             lanes_shown: Mutex::default(),
+            rollouts: Family::default(),
+            rollout_sites: Family::default(),
+            rollout_sites_shown: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register("sessions_active", "Open agent sessions", m.sessions_active.clone());
@@ -90,6 +103,12 @@ impl Default for Metrics {
             "Ledger operations that ended failed, by result (failure, timeout, cancelled)",
             m.request_ops_failed.clone(),
         );
+        registry.register("rollouts", "Agent upgrade rollouts per state", m.rollouts.clone());
+        registry.register(
+            "rollout_sites",
+            "Sites of each unfinished agent upgrade rollout per state",
+            m.rollout_sites.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -120,6 +139,42 @@ impl Metrics {
         self.request_ops_failed
             .get_or_create(&vec![("result".to_owned(), result.to_owned())])
             .inc_by(n);
+    }
+
+    /// Sets the rollout gauges from a summary; a finished rollout's site gauges are removed.
+    pub fn set_rollout_summary(&self, summary: &crate::store::rollouts::RolloutSummary) {
+        for (state, n) in &summary.rollouts {
+            self.rollouts
+                .get_or_create(&vec![("state".to_owned(), state.as_str().to_owned())])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        let mut now = BTreeSet::new();
+        for (rollout, state, n) in &summary.sites {
+            let key = (rollout.to_string(), state.as_str().to_owned());
+            self.rollout_sites
+                .get_or_create(&rollout_labels(&key))
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            now.insert(key);
+        }
+        // Every state of a shown rollout is set, zeros included, so a site that moved on
+        // leaves no stale count behind.
+        let rollouts: BTreeSet<&String> = now.iter().map(|(r, _)| r).collect();
+        let mut zeros = Vec::new();
+        for r in rollouts {
+            for state in crate::rollouts::SiteState::ALL {
+                let key = (r.clone(), state.as_str().to_owned());
+                if !now.contains(&key) {
+                    self.rollout_sites.get_or_create(&rollout_labels(&key)).set(0);
+                    zeros.push(key);
+                }
+            }
+        }
+        now.extend(zeros);
+        let mut shown = self.rollout_sites_shown.lock().unwrap_or_else(|p| p.into_inner());
+        for key in shown.difference(&now) {
+            self.rollout_sites.remove(&rollout_labels(key));
+        }
+        *shown = now;
     }
 
     pub fn render(&self) -> String {

@@ -142,6 +142,21 @@ pub async fn serve(
         metrics.clone(),
         shutdown.clone(),
     ));
+    // Agent upgrade rollouts: waves, maintenance windows, halts (one replica at a time).
+    tasks.spawn(crate::rollouts::run_driver(
+        store.clone(),
+        clock.clone(),
+        Duration::from_millis(settings.rollout_tick_ms.max(50)),
+        crate::rollouts::DriverSettings {
+            health_timeout_s: settings.rollout_health_timeout_s.clamp(
+                *crate::rollouts::HEALTH_TIMEOUT_RANGE.start(),
+                *crate::rollouts::HEALTH_TIMEOUT_RANGE.end(),
+            ),
+        },
+        commands_tx.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let api_state =
         ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: commands_tx };
     let router = api::router(api_state.clone(), settings.max_body_bytes)

@@ -31,6 +31,11 @@ pub struct Settings {
     /// The distributed-request ledger sweeps (timeouts, retries, hourly and daily updates)
     /// this often.
     pub request_ledger_tick_ms: u64,
+    /// The rollout driver moves the agent upgrade rollouts forward this often.
+    pub rollout_tick_ms: u64,
+    /// How long a switched agent has to come up healthy before its watchdog rolls it back, for
+    /// rollouts that do not set `health_timeout_s` (seconds).
+    pub rollout_health_timeout_s: u32,
     /// Appointments per chunk of a bulk appointment sync.
     pub appointment_sync_chunk: usize,
     pub max_body_bytes: usize,
@@ -64,6 +69,8 @@ impl Default for Settings {
             command_poll_ms: 2_000,
             appointment_sync_tick_ms: 30_000,
             request_ledger_tick_ms: 1_000,
+            rollout_tick_ms: 2_000,
+            rollout_health_timeout_s: 120,
             appointment_sync_chunk: meridian_shared::appointments::DEFAULT_SYNC_CHUNK,
             max_body_bytes: 1024 * 1024,
             bootstrap_token_file: None,
@@ -126,6 +133,8 @@ impl fmt::Debug for Settings {
             .field("command_poll_ms", &self.command_poll_ms)
             .field("appointment_sync_tick_ms", &self.appointment_sync_tick_ms)
             .field("request_ledger_tick_ms", &self.request_ledger_tick_ms)
+            .field("rollout_tick_ms", &self.rollout_tick_ms)
+            .field("rollout_health_timeout_s", &self.rollout_health_timeout_s)
             .field("appointment_sync_chunk", &self.appointment_sync_chunk)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("bootstrap_token_file", &self.bootstrap_token_file)

@@ -26,6 +26,7 @@ pub mod appointment_sync;
 pub mod appointments;
 pub mod error;
 pub mod request_ops;
+pub mod rollouts;
 
 use error::{ApiError, ApiResult};
 
@@ -94,6 +95,11 @@ pub fn router_with_clock(
         .route("/stats/quarantine", get(quarantine))
         .route("/stats/rebuild", post(rebuild_stats))
         .merge(request_ops::routes(request_ops::RequestOpsState {
+            store: state.store.clone(),
+            clock: booking.clock.clone(),
+            commands_changed: state.commands_changed.clone(),
+        }))
+        .merge(rollouts::routes(rollouts::RolloutsState {
             store: state.store.clone(),
             clock: booking.clock.clone(),
             commands_changed: state.commands_changed.clone(),

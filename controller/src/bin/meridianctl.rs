@@ -73,6 +73,72 @@ enum Command {
     /// request.
     #[command(subcommand)]
     Requests(RequestsCommand),
+    /// Agent upgrade rollouts: roll a release out to sites in waves, follow, pause, resume,
+    /// abort.
+    #[command(subcommand)]
+    Rollouts(RolloutsCommand),
+}
+
+#[derive(Subcommand)]
+enum RolloutsCommand {
+    /// Roll a release out to sites: in waves (one canary site, then the rest, by default),
+    /// each site inside its maintenance window (outside its business hours by default).
+    Create {
+        /// The release's version, e.g. 1.4.0.
+        #[arg(long)]
+        version: String,
+        /// The release's platform, e.g. x86_64-linux.
+        #[arg(long)]
+        platform: String,
+        /// A target site (repeat it, or comma-separate); the order cuts the waves.
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// Every site with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Every site.
+        #[arg(long)]
+        all: bool,
+        /// The waves: sites, percentages and rest, like 1,10%,rest, or a JSON list.
+        #[arg(long)]
+        waves: Option<String>,
+        /// Seconds to wait between the end of a wave and the next.
+        #[arg(long)]
+        wave_pause: Option<u64>,
+        /// More failed or rolled back sites than this halt the rollout (default 0).
+        #[arg(long)]
+        max_failures: Option<u32>,
+        /// HH:MM-HH:MM in each site's time (default: outside the site's business hours).
+        #[arg(long)]
+        window: Option<String>,
+        /// Allow sites to go to a lower version than they run.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Seconds a switched agent has to come up healthy before it rolls back.
+        #[arg(long)]
+        health_timeout: Option<u32>,
+    },
+    /// List rollouts, newest first.
+    List {
+        /// running, paused, halted, aborted or completed.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many (1-1000, default 100).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Show one rollout and every site's state.
+    Show { id: String },
+    /// Stop sending upgrades until resumed (what was sent runs its course).
+    Pause { id: String },
+    /// Resume a paused rollout.
+    Resume { id: String },
+    /// Abort a rollout: what has not switched is cancelled.
+    Abort {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -400,6 +466,51 @@ async fn requests(client: &Client, cmd: RequestsCommand, out: Output) -> ctl::Re
     }
 }
 
+async fn rollouts(client: &Client, cmd: RolloutsCommand, out: Output) -> ctl::Result<String> {
+    use meridian_controller::ctl::rollouts as ro;
+    match cmd {
+        RolloutsCommand::Create {
+            version,
+            platform,
+            sites,
+            tag,
+            all,
+            waves,
+            wave_pause,
+            max_failures,
+            window,
+            allow_downgrade,
+            health_timeout,
+        } => {
+            let body = ro::create_body(&ro::CreateArgs {
+                version: &version,
+                platform: &platform,
+                sites: &sites,
+                tag: tag.as_deref(),
+                all,
+                waves: waves.as_deref(),
+                wave_pause_s: wave_pause,
+                max_failures,
+                window: window.as_deref(),
+                allow_downgrade,
+                health_timeout_s: health_timeout,
+            })?;
+            ro::render_one(&ro::create(client, &body).await?, out)
+        }
+        RolloutsCommand::List { state, limit } => ro::render_list(
+            &ro::list(client, state.as_deref(), limit).await?,
+            out,
+            chrono::Utc::now(),
+        ),
+        RolloutsCommand::Show { id } => ro::render_one(&ro::show(client, &id).await?, out),
+        RolloutsCommand::Pause { id } => ro::render_one(&ro::pause(client, &id).await?, out),
+        RolloutsCommand::Resume { id } => ro::render_one(&ro::resume(client, &id).await?, out),
+        RolloutsCommand::Abort { id, reason } => {
+            ro::render_one(&ro::abort(client, &id, reason.as_deref()).await?, out)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> ctl::Result<String> {
     let token = match &cli.token_file {
         Some(path) => Some(ctl::read_token_file(path)?),
@@ -471,6 +582,7 @@ async fn run(cli: Cli) -> ctl::Result<String> {
         }
         Command::Appointments(cmd) => appointments(&client, cmd, out).await,
         Command::Requests(cmd) => requests(&client, cmd, out).await,
+        Command::Rollouts(cmd) => rollouts(&client, cmd, out).await,
         Command::Token(TokenCommand::Delete { id }) => {
             ctl::delete_api_token(&client, &id).await?;
             Ok(format!("API token {id} deleted\n"))

@@ -12,12 +12,15 @@
 //! - `/console/quarantine` — events set aside, with the reason.
 //! - `/console/requests` — the distributed-request ledger: backlog per lane, open and failed
 //!   operations; admins cancel or retry them.
+//! - `/console/rollouts` — agent upgrade rollouts and, per rollout, every site's state;
+//!   admins pause, resume or abort them.
 //!
 //! Viewers see everything and change nothing: every changing action checks the admin role.
 
 mod charts;
 mod dashboard;
 mod requests;
+mod rollouts;
 
 use axum::Form;
 use axum::extract::State;
@@ -47,6 +50,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/console/requests", get(requests::requests_page))
         .route("/console/requests/cancel", post(requests::cancel))
         .route("/console/requests/retry", post(requests::retry))
+        .route("/console/rollouts", get(rollouts::list_page))
+        .route("/console/rollouts/{id}", get(rollouts::detail_page))
+        .route("/console/rollouts/pause", post(rollouts::pause))
+        .route("/console/rollouts/resume", post(rollouts::resume))
+        .route("/console/rollouts/abort", post(rollouts::abort))
         .route("/console/logout", post(logout))
         .layer(middleware::from_fn_with_state(state.clone(), require_sign_in));
     Router::new()
@@ -77,6 +85,7 @@ fn shell(who: Option<&ApiToken>, active: &str) -> Markup {
         ("stats", "/console/stats", "Statistics"),
         ("quarantine", "/console/quarantine", "Quarantine"),
         ("requests", "/console/requests", "Requests"),
+        ("rollouts", "/console/rollouts", "Rollouts"),
     ];
     html! {
         header {

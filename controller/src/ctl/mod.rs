@@ -35,6 +35,7 @@ pub mod appointments;
 pub mod manifest;
 pub mod render;
 pub mod requests;
+pub mod rollouts;
 
 /// How long one request may take before meridianctl gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

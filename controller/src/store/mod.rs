@@ -28,6 +28,7 @@ pub mod conformance;
 pub mod maintenance;
 mod postgres;
 pub mod requests;
+pub mod rollouts;
 mod sql_common;
 mod sqlite;
 pub mod stats;
@@ -222,6 +223,7 @@ pub trait Store:
     + appointments::AppointmentStore
     + appointment_sync::AppointmentSyncStore
     + requests::RequestStore
+    + rollouts::RolloutStore
     + Send
     + Sync
     + 'static

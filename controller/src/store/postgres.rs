@@ -41,6 +41,8 @@ impl Backend for PgStore {
         "SELECT pg_try_advisory_xact_lock(hashtext('meridian_appointment_sync_schedule'))";
     const LEDGER_LOCK: &'static str =
         "SELECT pg_try_advisory_xact_lock(hashtext('meridian_request_ledger'))";
+    const ROLLOUT_LOCK: &'static str =
+        "SELECT pg_try_advisory_xact_lock(hashtext('meridian_rollouts'))";
     const FLUSH_LOCK: &'static str =
         "SELECT pg_try_advisory_xact_lock(hashtext('meridian_request_flush:' || $1))";
     const INGEST_LOCK: &'static str =

@@ -211,6 +211,7 @@ macro_rules! impl_store {
         $crate::store::appointments::impl_appointment_store!($ty);
         $crate::store::appointment_sync::impl_appointment_sync_store!($ty, lock = $lock);
         $crate::store::requests::impl_request_store!($ty, lock = $lock);
+        $crate::store::rollouts::impl_rollout_store!($ty, lock = $lock);
 
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.
@@ -740,6 +741,7 @@ macro_rules! impl_store {
                     }
                     Self::apply_sync_reports(&mut tx, &agent_id, &fresh).await?;
                     Self::apply_request_events(&mut tx, &agent_id, &site, &fresh, received_at).await?;
+                    Self::apply_upgrade_reports(&mut tx, &agent_id, &site, &fresh, received_at).await?;
                 }
                 let mut rows = $crate::store::stats_sql::Rows::new(&$crate::store::stats_sql::QUARANTINE);
                 for e in &refused {
@@ -864,6 +866,9 @@ pub trait Backend {
     /// Returns whether this transaction may sweep the request ledger now (one replica at a
     /// time; the others skip their tick).
     const LEDGER_LOCK: &'static str;
+    /// Returns whether this transaction may drive the rollouts now (one replica at a time;
+    /// the others skip their tick).
+    const ROLLOUT_LOCK: &'static str;
     /// Returns whether this transaction may move agent `$1`'s staged commands (one flusher per
     /// agent at a time; another that finds it taken leaves the rows to the holder, which looks
     /// again after its commit).

@@ -37,6 +37,7 @@ impl Backend for SqliteStore {
     const BOOKING_LOCK: &'static str = "SELECT $1";
     const SCHEDULE_LOCK: &'static str = "SELECT TRUE";
     const LEDGER_LOCK: &'static str = "SELECT TRUE";
+    const ROLLOUT_LOCK: &'static str = "SELECT TRUE";
     const FLUSH_LOCK: &'static str = "SELECT $1 IS NOT NULL";
     const INGEST_LOCK: &'static str = "SELECT $1";
 
