@@ -1,4 +1,5 @@
-//! The agent gateway (gRPC): `Enroll` and the bidirectional `Session`.
+//! The agent gateway (gRPC): `Enroll`, the bidirectional `Session`, and the bulk transfers
+//! beside it (`FetchAppointments`; `FetchRelease`, a release artifact from a byte offset).
 //!
 //! A session: authenticate the credential in the `authorization` metadata → wait for Hello
 //! (which must name the same agent) → Welcome with the central acknowledgement → then, until
@@ -73,6 +74,9 @@ pub struct Gateway {
 
 /// Chunks of a bulk appointment sync read from the store at a time.
 const SYNC_CHUNK_PAGE: u32 = 4;
+/// Release chunks (1 MiB each) read ahead of the agent per download; when full the reader
+/// waits for the agent, so a download holds at most this many chunks plus one in memory.
+const RELEASE_BUFFER: usize = 2;
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<ControllerFrame, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<AppointmentChunk, Status>> + Send>>;
@@ -171,8 +175,15 @@ impl AgentGateway for Gateway {
         &self,
         request: Request<meridian_proto::FetchReleaseRequest>,
     ) -> Result<Response<Self::FetchReleaseStream>, Status> {
-        self.authenticate(request.metadata()).await?;
-        Err(Status::unimplemented("release downloads are not served yet"))
+        let agent = self.authenticate(request.metadata()).await?;
+        let req = request.into_inner();
+        let (site, id) = (agent.site.clone(), agent.id);
+        let (version, platform, offset) = (req.version.clone(), req.platform.clone(), req.offset);
+        self.fetch_release_inner(req).await.map(Response::new).inspect_err(|s| {
+            tracing::warn!(agent = %id, site = %site, version = %version.chars().take(64).collect::<String>(),
+                platform = %platform.chars().take(64).collect::<String>(), offset,
+                code = ?s.code(), error = %s.message(), "release fetch refused");
+        })
     }
 }
 
@@ -199,6 +210,88 @@ impl Gateway {
             return Err(Status::permission_denied("this agent has been revoked; enroll again"));
         }
         Ok(agent)
+    }
+
+    /// Streams release (`version`, `platform`)'s artifact from byte `offset` to its end, a
+    /// stored chunk (≤ 1 MiB) at a time, read from the store as the agent takes them.
+    async fn fetch_release_inner(
+        &self,
+        req: meridian_proto::FetchReleaseRequest,
+    ) -> Result<ReleaseStream, Status> {
+        use crate::store::releases::RELEASE_CHUNK_BYTES;
+        if req.version.len() > meridian_shared::releases::MAX_VERSION_LEN || req.platform.len() > 64
+        {
+            return Err(Status::invalid_argument("version or platform is too long"));
+        }
+        let missing = || {
+            Status::not_found(format!("no release {} for platform {}", req.version, req.platform))
+        };
+        let release = self
+            .store
+            .release(&req.version, &req.platform)
+            .await
+            .map_err(status_from)?
+            .ok_or_else(missing)?;
+        if req.offset > release.size {
+            return Err(Status::invalid_argument(format!(
+                "offset {} is beyond release {} for {} ({} bytes)",
+                req.offset, release.version, release.platform, release.size
+            )));
+        }
+        tracing::info!(version = %release.version, platform = %release.platform,
+            offset = req.offset, size = release.size, "sending release");
+        let chunk_bytes = RELEASE_CHUNK_BYTES as u64;
+        let (tx, rx) = mpsc::channel(RELEASE_BUFFER);
+        let (store, metrics, shutdown) =
+            (self.store.clone(), self.metrics.clone(), self.shutdown.clone());
+        self.tasks.spawn(async move {
+            let mut next = req.offset / chunk_bytes;
+            // Bytes of the first chunk the agent already has.
+            let mut skip = (req.offset % chunk_bytes) as usize;
+            while next < release.chunk_count() {
+                let page = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    page = store.release_chunks(release.id, next, 1) => page,
+                };
+                let (idx, mut data) = match page.map(|p| p.into_iter().next()) {
+                    Ok(Some(chunk)) if chunk.0 == next && skip <= chunk.1.len() => chunk,
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(Status::not_found(format!(
+                                "release {} for {} was deleted while it was being sent",
+                                release.version, release.platform
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Ok(Some((idx, _))) => {
+                        tracing::error!(release = %release.id, expected = next, found = idx,
+                            "release chunks are not laid out as stored");
+                        let _ = tx.send(Err(Status::internal("internal error"))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(status_from(e))).await;
+                        return;
+                    }
+                };
+                if skip > 0 {
+                    data.drain(..skip);
+                }
+                let offset = idx * chunk_bytes + skip as u64;
+                skip = 0;
+                let len = data.len() as u64;
+                if len == 0 {
+                    return; // the agent asked from the very end: nothing left to send
+                }
+                metrics.release_bytes_served.inc_by(len);
+                if tx.send(Ok(meridian_proto::ReleaseChunk { offset, data })).await.is_err() {
+                    return; // the agent went away; it resumes from what it has
+                }
+                next = idx + 1;
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
     /// Takes (or finds) the sync's snapshot and streams its chunks from `from_chunk`, a page

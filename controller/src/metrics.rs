@@ -26,6 +26,12 @@ pub struct Metrics {
     pub request_ops_oldest_age_seconds: Family<Lane, Gauge<f64, AtomicU64>>,
     /// Operations seen failing since start-up, by `result` (failure, timeout, cancelled).
     pub request_ops_failed: Family<Vec<(String, String)>, Counter>,
+    /// Bytes of release artifacts sent to agents (`FetchRelease`).
+    pub release_bytes_served: Counter,
+    /// Releases stored by `POST /api/v1/releases`.
+    pub releases_uploaded: Counter,
+    /// Release uploads refused, by the error `code`.
+    pub release_uploads_refused: Family<Vec<(String, String)>, Counter>,
     /// The lanes last set, so a lane that emptied is removed rather than left stale.
     lanes_shown: Mutex<BTreeSet<(String, String)>>,
     /// Rollouts per `state` (running, paused, halted, aborted, completed).
@@ -62,6 +68,9 @@ impl Default for Metrics {
             request_ops_open: Family::default(),
             request_ops_oldest_age_seconds: Family::default(),
             request_ops_failed: Family::default(),
+            release_bytes_served: Counter::default(),
+            releases_uploaded: Counter::default(),
+            release_uploads_refused: Family::default(),
             lanes_shown: Mutex::default(),
             rollouts: Family::default(),
             rollout_sites: Family::default(),
@@ -83,6 +92,21 @@ impl Default for Metrics {
         );
         registry.register("commands_sent", "Commands sent to agents", m.commands_sent.clone());
         registry.register("enrollments", "Agents enrolled", m.enrollments.clone());
+        registry.register(
+            "release_bytes_served",
+            "Bytes of release artifacts sent to agents",
+            m.release_bytes_served.clone(),
+        );
+        registry.register(
+            "releases_uploaded",
+            "Agent releases uploaded and stored",
+            m.releases_uploaded.clone(),
+        );
+        registry.register(
+            "release_uploads_refused",
+            "Agent release uploads refused, by error code",
+            m.release_uploads_refused.clone(),
+        );
         registry.register(
             "enrollments_refused",
             "Enrollment attempts refused",
@@ -114,6 +138,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a refused release upload under its error code.
+    pub fn release_upload_refused(&self, code: &str) {
+        self.release_uploads_refused
+            .get_or_create(&vec![("code".to_owned(), code.to_owned())])
+            .inc();
+    }
+
     /// Sets the ledger's lane gauges from its backlog; lanes no longer open are removed.
     pub fn set_request_backlog(&self, lanes: &[crate::store::requests::LaneBacklog]) {
         let now: BTreeSet<(String, String)> =

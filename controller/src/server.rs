@@ -96,6 +96,8 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // A malformed release key is a configuration error: refuse to start.
+    let release_policy = settings.release_policy()?;
     let metrics = Arc::new(Metrics::default());
     let (commands_tx, commands_rx) = tokio::sync::watch::channel(0u64);
     let tasks = TaskTracker::new();
@@ -159,8 +161,9 @@ pub async fn serve(
     ));
     let api_state =
         ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: commands_tx };
-    let router = api::router(api_state.clone(), settings.max_body_bytes)
-        .merge(crate::console::router(api_state));
+    let router =
+        api::router_with(api_state.clone(), settings.max_body_bytes, clock.clone(), release_policy)
+            .merge(crate::console::router(api_state));
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
         axum::serve(listeners.api, router)

@@ -39,6 +39,15 @@ pub struct Settings {
     /// Appointments per chunk of a bulk appointment sync.
     pub appointment_sync_chunk: usize,
     pub max_body_bytes: usize,
+    /// Public keys of the release signers whose agent releases may be uploaded
+    /// (`ed25519:<base64>`, as `meridianctl release keygen` prints them). Empty (the default):
+    /// every upload is refused. In the environment:
+    /// `MERIDIAN_CONTROLLER_RELEASE_KEYS=ed25519:…,ed25519:…`.
+    #[serde(deserialize_with = "meridian_shared::settings::list_or_comma_separated")]
+    pub release_keys: Vec<String>,
+    /// Largest agent release artifact accepted by `POST /api/v1/releases` (bytes; the upload
+    /// is refused while it streams once it goes beyond).
+    pub max_release_bytes: u64,
     /// Where the bootstrap admin token is written on first start (mode 0600).
     pub bootstrap_token_file: Option<PathBuf>,
     /// When set, the bound API and gateway addresses are written here as JSON once the
@@ -73,6 +82,8 @@ impl Default for Settings {
             rollout_health_timeout_s: 120,
             appointment_sync_chunk: meridian_shared::appointments::DEFAULT_SYNC_CHUNK,
             max_body_bytes: 1024 * 1024,
+            release_keys: Vec::new(),
+            max_release_bytes: 200 * 1024 * 1024,
             bootstrap_token_file: None,
             ready_file: None,
             log: "info".into(),
@@ -93,6 +104,12 @@ impl Settings {
             events_days: self.retention_events_days,
             facts_days: self.retention_facts_days,
         }
+    }
+
+    /// The release keys and upload limit the admin API enforces; a malformed key is a
+    /// configuration error.
+    pub fn release_policy(&self) -> crate::Result<crate::api::releases::ReleasePolicy> {
+        crate::api::releases::ReleasePolicy::new(&self.release_keys, self.max_release_bytes)
     }
 
     /// The database URL to open (the default SQLite file when unset).
@@ -137,6 +154,8 @@ impl fmt::Debug for Settings {
             .field("rollout_health_timeout_s", &self.rollout_health_timeout_s)
             .field("appointment_sync_chunk", &self.appointment_sync_chunk)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("release_keys", &self.release_keys)
+            .field("max_release_bytes", &self.max_release_bytes)
             .field("bootstrap_token_file", &self.bootstrap_token_file)
             .field("ready_file", &self.ready_file)
             .field("log", &self.log)

@@ -25,6 +25,7 @@ use crate::store::{AgentRecord, ApiToken, EnrollmentToken, Role, Store};
 pub mod appointment_sync;
 pub mod appointments;
 pub mod error;
+pub mod releases;
 pub mod request_ops;
 pub mod rollouts;
 
@@ -53,11 +54,23 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     router_with_clock(state, max_body_bytes, Arc::new(meridian_shared::clock::SystemClock))
 }
 
-/// The API with the clock bookings are checked against (tests pass a `ManualClock`).
+/// The API with the clock bookings are checked against (tests pass a `ManualClock`), trusting
+/// no release key (release uploads are refused).
 pub fn router_with_clock(
     state: ApiState,
     max_body_bytes: usize,
     clock: Arc<dyn meridian_shared::clock::Clock>,
+) -> Router {
+    router_with(state, max_body_bytes, clock, releases::ReleasePolicy::default())
+}
+
+/// The whole API: `router_with_clock` plus the release keys and the size limit that release
+/// uploads are checked against (`Settings::release_policy`).
+pub fn router_with(
+    state: ApiState,
+    max_body_bytes: usize,
+    clock: Arc<dyn meridian_shared::clock::Clock>,
+    release_policy: releases::ReleasePolicy,
 ) -> Router {
     let booking = appointments::AppointmentsState {
         store: state.store.clone(),
@@ -98,6 +111,11 @@ pub fn router_with_clock(
             store: state.store.clone(),
             clock: booking.clock.clone(),
             commands_changed: state.commands_changed.clone(),
+        }))
+        .merge(releases::routes(releases::ReleasesState {
+            store: state.store.clone(),
+            metrics: state.metrics.clone(),
+            policy: release_policy,
         }))
         .merge(rollouts::routes(rollouts::RolloutsState {
             store: state.store.clone(),

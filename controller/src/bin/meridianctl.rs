@@ -77,6 +77,56 @@ enum Command {
     /// abort.
     #[command(subcommand)]
     Rollouts(RolloutsCommand),
+    /// Signed agent releases: make a signing key, sign a binary, upload it, list releases.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Create a release signing key: the private key goes to --out (mode 0600, never
+    /// overwritten); the public key line (`ed25519:…`) is printed, for `release_keys` in the
+    /// controller's and the agents' settings.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign an agent binary: writes its manifest (version, platform, SHA-256, size, signature).
+    /// Offline; keep the private key away from the controller.
+    Sign {
+        /// The private key file `release keygen` wrote.
+        #[arg(long)]
+        key: PathBuf,
+        /// Semantic version of the binary, e.g. 1.4.0.
+        #[arg(long)]
+        version: String,
+        /// ARCH-OS the binary runs on, e.g. x86_64-linux (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        #[arg(long)]
+        binary: PathBuf,
+        /// Release notes (shown to admins; not signed).
+        #[arg(long, default_value = "")]
+        notes: String,
+        /// Write the manifest here (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Upload a signed release: its manifest and the binary it names.
+    Upload {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long)]
+        binary: PathBuf,
+    },
+    /// List releases, newest version first.
+    List,
+    /// Show a version's releases (every platform, or --platform's).
+    Show {
+        version: String,
+        #[arg(long)]
+        platform: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -466,6 +516,52 @@ async fn requests(client: &Client, cmd: RequestsCommand, out: Output) -> ctl::Re
     }
 }
 
+/// `release keygen` and `release sign` work offline (`client` is `None` for them); the other
+/// release commands need the API.
+async fn release(client: Option<&Client>, cmd: ReleaseCommand, out: Output) -> ctl::Result<String> {
+    use meridian_controller::ctl::releases as rel;
+    let api = || client.ok_or_else(|| ctl::CtlError::Usage("this command needs --server".into()));
+    match cmd {
+        ReleaseCommand::Keygen { out: path } => {
+            let key = rel::keygen(&path)?;
+            eprintln!(
+                "private key {} written to {} (keep it secret, away from the controller)",
+                key.key_id,
+                path.display()
+            );
+            Ok(format!("{}\n", key.public))
+        }
+        ReleaseCommand::Sign { key, version, platform, binary, notes, out: manifest_out } => {
+            let platform = platform.unwrap_or_else(meridian_shared::releases::current_platform);
+            let manifest = rel::sign(rel::SignArgs {
+                key: &key,
+                version: &version,
+                platform: &platform,
+                binary: &binary,
+                notes: &notes,
+            })?;
+            let json = rel::manifest_json(&manifest)?;
+            match manifest_out {
+                None => Ok(json),
+                Some(path) => {
+                    std::fs::write(&path, json).map_err(|source| ctl::CtlError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                    Ok(rel::render_signed(&manifest, &path))
+                }
+            }
+        }
+        ReleaseCommand::Upload { manifest, binary } => {
+            rel::render_uploaded(&rel::upload(api()?, &manifest, &binary).await?, out)
+        }
+        ReleaseCommand::List => rel::render_list(&rel::list(api()?).await?, out),
+        ReleaseCommand::Show { version, platform } => {
+            rel::render_show(&rel::show(api()?, &version, platform.as_deref()).await?, out)
+        }
+    }
+}
+
 async fn rollouts(client: &Client, cmd: RolloutsCommand, out: Output) -> ctl::Result<String> {
     use meridian_controller::ctl::rollouts as ro;
     match cmd {
@@ -512,6 +608,13 @@ async fn rollouts(client: &Client, cmd: RolloutsCommand, out: Output) -> ctl::Re
 }
 
 async fn run(cli: Cli) -> ctl::Result<String> {
+    let command = match cli.command {
+        // Offline: no server or token needed.
+        Command::Release(cmd @ (ReleaseCommand::Keygen { .. } | ReleaseCommand::Sign { .. })) => {
+            return release(None, cmd, cli.output).await;
+        }
+        other => other,
+    };
     let token = match &cli.token_file {
         Some(path) => Some(ctl::read_token_file(path)?),
         None => cli.token,
@@ -525,7 +628,7 @@ async fn run(cli: Cli) -> ctl::Result<String> {
             ctl::render_list(what, &items, out, chrono::Utc::now())
         }
     };
-    match cli.command {
+    match command {
         Command::Get { what, site } => list(what, site).await,
         Command::Apply { file, dry_run } => {
             let text = ctl::read_manifest(&file)?;
@@ -583,6 +686,7 @@ async fn run(cli: Cli) -> ctl::Result<String> {
         Command::Appointments(cmd) => appointments(&client, cmd, out).await,
         Command::Requests(cmd) => requests(&client, cmd, out).await,
         Command::Rollouts(cmd) => rollouts(&client, cmd, out).await,
+        Command::Release(cmd) => release(Some(&client), cmd, out).await,
         Command::Token(TokenCommand::Delete { id }) => {
             ctl::delete_api_token(&client, &id).await?;
             Ok(format!("API token {id} deleted\n"))

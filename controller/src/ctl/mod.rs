@@ -33,6 +33,7 @@ use serde_json::{Value, json};
 
 pub mod appointments;
 pub mod manifest;
+pub mod releases;
 pub mod render;
 pub mod requests;
 pub mod rollouts;

@@ -178,7 +178,8 @@ pub fn short_id(id: &str) -> String {
     id.chars().take(8).collect()
 }
 
-fn grid(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+/// Rows under headers, columns three spaces apart, no borders.
+pub(super) fn grid(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t.set_header(headers.to_vec());

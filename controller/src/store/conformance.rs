@@ -1006,6 +1006,84 @@ pub async fn branch_closures_flag_earlier_bookings_and_refuse_new_ones(store: &d
     assert_eq!(conflict(other_site.id).await, Some(Conflict::SlotClosedAtBranch));
 }
 
+/// A release is stored whole (row and chunks in one transaction) once per (version, platform),
+/// listed newest version first, read back chunk by chunk from any index, and deleted with its
+/// chunks; chunks not laid out as the store keeps them are refused with nothing stored.
+pub async fn releases_are_stored_whole_and_read_by_chunk(store: &dyn Store) {
+    use super::releases::{NewRelease, RELEASE_CHUNK_BYTES};
+    let chunk = RELEASE_CHUNK_BYTES;
+    let new = |version: &str, platform: &str, size: u64| NewRelease {
+        manifest: meridian_shared::releases::ReleaseManifest {
+            version: version.into(),
+            platform: platform.into(),
+            sha256: "ab".repeat(32),
+            size,
+            key_id: "0123456789abcdef".into(),
+            signature: "c2ln".into(),
+            notes: "notes".into(),
+        },
+        uploaded_by: "admin".into(),
+        uploaded_at: t0(),
+    };
+    let data: Vec<Vec<u8>> = vec![vec![1; chunk], vec![2; chunk], vec![3; 10]];
+    let size = (2 * chunk + 10) as u64;
+    let stored = store.create_release(&new("1.4.0", "x86_64-linux", size), &data).await;
+    let stored = stored.expect("stored");
+    assert_eq!((stored.size, stored.chunk_count()), (size, 3));
+    assert_eq!(stored.manifest(), new("1.4.0", "x86_64-linux", size).manifest);
+    assert_eq!(store.release("1.4.0", "x86_64-linux").await.expect("read"), Some(stored.clone()));
+    // Once per (version, platform).
+    let again = store.create_release(&new("1.4.0", "x86_64-linux", 10), &[vec![9; 10]]).await;
+    assert!(matches!(again, Err(Error::Conflict(_))), "{again:?}");
+    // Chunks not laid out as stored: refused, nothing kept.
+    for (chunks, size) in [
+        (vec![vec![1; 10], vec![2; 10]], 20),
+        (vec![vec![1; chunk + 1]], chunk as u64 + 1),
+        (vec![vec![1; 10]], 11),
+        (vec![], 0),
+    ] {
+        let refused = store.create_release(&new("1.5.0", "x86_64-linux", size), &chunks).await;
+        assert!(matches!(refused, Err(Error::Internal(_))), "{refused:?}");
+    }
+    assert!(store.release("1.5.0", "x86_64-linux").await.expect("read").is_none());
+    store.create_release(&new("1.10.0", "x86_64-linux", 5), &[vec![5; 5]]).await.expect("stored");
+    store.create_release(&new("1.4.0", "aarch64-linux", 5), &[vec![6; 5]]).await.expect("stored");
+    let listed: Vec<(String, String)> = store
+        .list_releases()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| (r.version, r.platform))
+        .collect();
+    let pair = |v: &str, p: &str| (v.to_owned(), p.to_owned());
+    assert_eq!(
+        listed,
+        [
+            pair("1.10.0", "x86_64-linux"),
+            pair("1.4.0", "aarch64-linux"),
+            pair("1.4.0", "x86_64-linux")
+        ]
+    );
+    let of_version = store.releases_of_version("1.4.0").await.expect("version");
+    assert_eq!(
+        of_version.iter().map(|r| r.platform.as_str()).collect::<Vec<_>>(),
+        ["aarch64-linux", "x86_64-linux"]
+    );
+    // Chunks from any index, in order, with their indexes; nothing past the end.
+    let page = store.release_chunks(stored.id, 1, 5).await.expect("chunks");
+    assert_eq!(page, vec![(1, data[1].clone()), (2, data[2].clone())]);
+    assert_eq!(
+        store.release_chunks(stored.id, 0, 1).await.expect("chunks"),
+        vec![(0, data[0].clone())]
+    );
+    assert!(store.release_chunks(stored.id, 3, 5).await.expect("chunks").is_empty());
+    // Deleted with its chunks; other releases stay.
+    assert!(store.delete_release("1.4.0", "x86_64-linux").await.expect("delete"));
+    assert!(!store.delete_release("1.4.0", "x86_64-linux").await.expect("delete"));
+    assert!(store.release_chunks(stored.id, 0, 5).await.expect("chunks").is_empty());
+    assert_eq!(store.list_releases().await.expect("list").len(), 2);
+}
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -1024,6 +1102,7 @@ macro_rules! store_conformance_suite {
             appointments_of_today_go_live_to_the_sites_agents,
             appointment_attendance_flows_back_with_the_conflict_rules,
             branch_closures_flag_earlier_bookings_and_refuse_new_ones,
+            releases_are_stored_whole_and_read_by_chunk,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -27,6 +27,7 @@ pub mod appointments;
 pub mod conformance;
 pub mod maintenance;
 mod postgres;
+pub mod releases;
 pub mod requests;
 pub mod rollouts;
 mod sql_common;
@@ -224,6 +225,7 @@ pub trait Store:
     + appointment_sync::AppointmentSyncStore
     + requests::RequestStore
     + rollouts::RolloutStore
+    + releases::ReleaseStore
     + Send
     + Sync
     + 'static
