@@ -173,7 +173,7 @@ async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, Api
     Ok(Json(StatusView {
         site: identity.as_ref().map(|i| i.site.clone()),
         agent_id: identity.as_ref().map(|i| i.agent_id.clone()),
-        version: meridian_shared::VERSION.to_owned(),
+        version: crate::VERSION.to_owned(),
         enrolled: identity.is_some(),
         connected: link.connected,
         since: link.since,

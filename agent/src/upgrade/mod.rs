@@ -685,6 +685,9 @@ pub async fn pass<S: ReleaseSource>(
         .write(move |c| transition(c, id, &v, "switching", UpgradePhase::Switching, None, now))
         .await?;
     ctx.changed();
+    // Let the controller hear `switching` before the agent goes quiet (briefly: the outbox
+    // keeps it for the next binary otherwise).
+    drain_outbox(ctx, SWITCH_DRAIN).await?;
     let health_timeout = if u.health_timeout_s > 0 {
         Duration::from_secs(u64::from(u.health_timeout_s))
     } else {
@@ -696,6 +699,24 @@ pub async fn pass<S: ReleaseSource>(
         to_version: version,
         health_timeout,
     }))
+}
+
+/// How long a switch waits for the controller to acknowledge what the agent queued.
+const SWITCH_DRAIN: Duration = Duration::from_secs(3);
+
+/// Waits (at most `patience`, and only while the link is up) until the controller has
+/// acknowledged every event queued so far.
+async fn drain_outbox(ctx: &Context, patience: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let (high, _) = ctx.db.read(queries::outbox_state).await?;
+    while ctx.link.borrow().connected && tokio::time::Instant::now() < deadline {
+        let (_, acked) = ctx.db.read(queries::outbox_state).await?;
+        if acked >= high {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 fn retry_delay(attempts: u32) -> Duration {
