@@ -177,4 +177,28 @@ mod tests {
         let s = Settings { database_url: "postgres://u:pw@h/db".into(), ..Default::default() };
         assert!(!format!("{s:?}").contains("pw"));
     }
+
+    #[test]
+    fn release_keys_come_as_a_list_or_comma_separated() {
+        let key = || meridian_shared::releases::PrivateKey::generate().public_key().to_string();
+        let (a, b) = (key(), key());
+        let dir = crate::testing::temp_dir("controller-settings");
+        let load = |toml: String| {
+            let file = dir.join("controller.toml");
+            std::fs::write(&file, toml).expect("write");
+            Settings::load(Some(&file)).expect("settings")
+        };
+        let listed = load(format!("release_keys = [\"{a}\", \"{b}\"]\n"));
+        assert_eq!(listed.release_keys, [a.clone(), b.clone()]);
+        let joined = load(format!("release_keys = \" {a} , {b} \"\nmax_release_bytes = 1024\n"));
+        assert_eq!(joined.release_keys, [a.clone(), b]);
+        let policy = joined.release_policy().expect("policy");
+        assert_eq!((policy.keys().len(), policy.max_bytes()), (2, 1024));
+        assert_eq!(Settings::default().max_release_bytes, 200 * 1024 * 1024);
+        assert!(Settings::default().release_policy().expect("policy").keys().is_empty());
+        let bad =
+            Settings { release_keys: vec![a, "ed25519-private:AAAA".into()], ..Default::default() };
+        let e = bad.release_policy().expect_err("a malformed key").to_string();
+        assert!(e.contains("release_keys[1]"), "{e}");
+    }
 }
