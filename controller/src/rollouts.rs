@@ -1843,4 +1843,154 @@ mod tests {
             apply(SiteState::Healthy),
         );
     }
+
+    // ---------- a model of the driver under random reports, windows and ticks ----------
+
+    /// What a test agent does next with the upgrade it was sent.
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        /// The driver ticks, `minutes` later, with these sites' windows open (bit mask).
+        Tick { minutes: i64, open: u8 },
+        /// Site `site` (index) reports its next phase; `fails` ends it rolled back.
+        Report { site: usize, fails: bool },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0i64..120, any::<u8>()).prop_map(|(minutes, open)| Step::Tick { minutes, open }),
+            (0usize..8, proptest::bool::weighted(0.1))
+                .prop_map(|(site, fails)| Step::Report { site, fails }),
+        ]
+    }
+
+    /// Applies a decision as the store does.
+    fn apply(d: &mut RolloutDetail, dec: &Decision, now: DateTime<Utc>) {
+        for s in &dec.sends {
+            let row = d.sites.iter_mut().find(|x| x.site == s.site).expect("site");
+            row.command_seq = Some(row.command_seq.unwrap_or(0) + 1);
+            row.agent_id = Some(s.agent_id.clone());
+            row.switch_before = Some(s.switch_before);
+            row.commanded_at = Some(now);
+        }
+        for c in &dec.cancels {
+            let row = d.sites.iter_mut().find(|x| x.site == c.site).expect("site");
+            row.state = SiteState::Skipped;
+            row.cancel_seq = Some(1);
+        }
+        for (site, reason) in &dec.skips {
+            let row = d.sites.iter_mut().find(|x| &x.site == site).expect("site");
+            row.state = SiteState::Skipped;
+            row.reason = Some(reason.clone());
+        }
+        if let Some(u) = &dec.rollout {
+            d.rollout.state = u.state;
+            d.rollout.current_wave = u.current_wave;
+            d.rollout.next_wave_at = u.next_wave_at;
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        #[test]
+        fn waves_windows_and_halts_hold_under_any_order_of_events(
+            waves in proptest::collection::vec(1u32..4, 1..4),
+            sizes in 1usize..8,
+            max_failures in 0u32..2,
+            pause in 0u64..3600,
+            steps in proptest::collection::vec(step(), 1..80),
+        ) {
+            // Sites S0..Sn cut into waves of the given sizes (the last takes the rest).
+            let mut sites = Vec::new();
+            let mut wave = 1u32;
+            let mut left_in_wave = waves[0];
+            for i in 0..sizes {
+                if left_in_wave == 0 && (wave as usize) < waves.len() {
+                    wave += 1;
+                    left_in_wave = waves[wave as usize - 1];
+                }
+                left_in_wave = left_in_wave.saturating_sub(1);
+                sites.push(row(&format!("S{i}"), wave, SiteState::Pending));
+            }
+            let wave_count = sites.iter().filter_map(|s| s.wave).max().unwrap_or(0);
+            let mut d = detail(rollout(wave_count, pause, max_failures), sites);
+            let agents = agents_of(&d);
+            let mut now = at("2026-03-09T00:00:00Z");
+            let mut halted_untouched: Option<Vec<String>> = None;
+            for st in steps {
+                match st {
+                    Step::Report { site, fails } => {
+                        let Some(row) = d.sites.get_mut(site % sizes) else { continue };
+                        if row.command_seq.is_none() || row.state.is_final() {
+                            continue;
+                        }
+                        row.state = match (row.state, fails) {
+                            (_, true) => SiteState::RolledBack,
+                            (SiteState::Pending, _) => SiteState::Downloading,
+                            (SiteState::Downloading, _) => SiteState::Staged,
+                            (SiteState::Staged, _) => SiteState::Switching,
+                            _ => SiteState::Healthy,
+                        };
+                    }
+                    Step::Tick { minutes, open } => {
+                        now += Duration::minutes(minutes);
+                        let until = now + Duration::hours(1);
+                        let names: Vec<String> = d.sites.iter().map(|s| s.site.clone()).collect();
+                        let window = |site: &str| {
+                            let i = names.iter().position(|n| n == site).unwrap_or(0);
+                            if open & (1 << (i % 8)) != 0 {
+                                WindowState::Open { until }
+                            } else {
+                                WindowState::Closed { opens_at: until }
+                            }
+                        };
+                        let failures = d.sites.iter().filter(|s| s.state.is_failure()).count();
+                        let before = d.clone();
+                        let dec = decide(&before, &agents, &window, now);
+                        // Over the limit: nothing is sent, the rollout halts.
+                        if before.rollout.state == RolloutState::Running
+                            && failures as u32 > max_failures
+                        {
+                            proptest::prop_assert!(dec.sends.is_empty());
+                            proptest::prop_assert_eq!(
+                                dec.rollout.as_ref().map(|u| u.state),
+                                Some(RolloutState::Halted)
+                            );
+                        }
+                        apply(&mut d, &dec, now);
+                        for s in &dec.sends {
+                            let row = before.sites.iter().find(|x| x.site == s.site).expect("site");
+                            let w = row.wave.expect("a wave");
+                            // Only into an open window, until its end.
+                            let open_now = matches!(window(&s.site), WindowState::Open { .. });
+                            proptest::prop_assert!(open_now);
+                            proptest::prop_assert_eq!(s.switch_before, until);
+                            // Never ahead of the rollout's wave, never before every earlier
+                            // wave is final.
+                            proptest::prop_assert!(w <= d.rollout.current_wave);
+                            proptest::prop_assert!(
+                                d.sites.iter().filter(|x| x.wave.is_some_and(|x| x < w)).all(|x| x.state.is_final()),
+                                "{} sent before an earlier wave ended: {:?}", s.site, before.sites
+                            );
+                            proptest::prop_assert!(!row.state.is_final() && row.state != SiteState::Switching);
+                        }
+                        if d.rollout.state == RolloutState::Halted && halted_untouched.is_none() {
+                            halted_untouched = Some(
+                                d.sites.iter().filter(|s| s.command_seq.is_none()).map(|s| s.site.clone()).collect(),
+                            );
+                        }
+                        if d.rollout.state == RolloutState::Completed {
+                            proptest::prop_assert!(d.sites.iter().all(|s| s.state.is_final()));
+                        }
+                    }
+                }
+            }
+            // Sites never commanded before the halt stay untouched.
+            if let Some(untouched) = halted_untouched {
+                for s in d.sites.iter().filter(|s| untouched.contains(&s.site)) {
+                    proptest::prop_assert!(s.command_seq.is_none(), "{} commanded after the halt", s.site);
+                }
+            }
+        }
+    }
 }
