@@ -98,3 +98,27 @@ impl fmt::Debug for Settings {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_settings_file_is_valid_and_a_malformed_key_is_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
+        let settings = Settings::load(Some(&path)).expect("deploy/agent.example.toml");
+        assert!(settings.release_keys.is_empty());
+        assert_eq!(settings.upgrade_max_crashes, 3);
+        crate::upgrade::Gate::new(&settings.release_keys, None).expect("keys");
+        // A key list in TOML, and a malformed key refused when the agent starts.
+        let file = std::env::temp_dir().join(format!("agent-{}.toml", uuid::Uuid::new_v4()));
+        let key = meridian_shared::releases::PrivateKey::generate().public_key().to_string();
+        std::fs::write(&file, format!("release_keys = [\"{key}\", \"ed25519:nope\"]\n"))
+            .expect("write");
+        let settings = Settings::load(Some(&file)).expect("load");
+        assert_eq!(settings.release_keys, [key.clone(), "ed25519:nope".to_owned()]);
+        let err = crate::upgrade::Gate::new(&settings.release_keys, None).expect_err("refused");
+        assert!(err.to_string().contains("release_keys[1]"), "{err}");
+        assert!(crate::upgrade::Gate::new(&[key], None).is_ok());
+    }
+}
