@@ -1052,7 +1052,7 @@ pub fn cancel_command(id: uuid::Uuid) -> (&'static str, Vec<u8>) {
 /// What the driver needs besides the store.
 #[derive(Debug, Clone, Copy)]
 pub struct DriverSettings {
-    /// `health_timeout_s` of rollouts that do not set one.
+    /// `health_timeout_s` of rollouts that do not set one (0: each agent's own setting).
     pub health_timeout_s: u32,
 }
 

@@ -150,10 +150,9 @@ pub async fn serve(
         clock.clone(),
         Duration::from_millis(settings.rollout_tick_ms.max(50)),
         crate::rollouts::DriverSettings {
-            health_timeout_s: settings.rollout_health_timeout_s.clamp(
-                *crate::rollouts::HEALTH_TIMEOUT_RANGE.start(),
-                *crate::rollouts::HEALTH_TIMEOUT_RANGE.end(),
-            ),
+            health_timeout_s: settings
+                .rollout_health_timeout_s
+                .min(*crate::rollouts::HEALTH_TIMEOUT_RANGE.end()),
         },
         commands_tx.clone(),
         metrics.clone(),

@@ -34,7 +34,8 @@ pub struct Settings {
     /// The rollout driver moves the agent upgrade rollouts forward this often.
     pub rollout_tick_ms: u64,
     /// How long a switched agent has to come up healthy before its watchdog rolls it back, for
-    /// rollouts that do not set `health_timeout_s` (seconds).
+    /// rollouts that do not set `health_timeout_s` (seconds; 0: each agent's own
+    /// `upgrade_health_timeout_ms`).
     pub rollout_health_timeout_s: u32,
     /// Appointments per chunk of a bulk appointment sync.
     pub appointment_sync_chunk: usize,
