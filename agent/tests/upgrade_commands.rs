@@ -317,6 +317,24 @@ async fn a_closed_window_keeps_the_release_staged_until_a_later_command() {
 }
 
 #[tokio::test]
+async fn a_switch_that_was_never_installed_is_reported_failed() {
+    let signer = Signer::new();
+    let mut a = agent("abandoned", &signer, true).await;
+    let bytes = artifact(0);
+    let rollout = Uuid::now_v7();
+    let release = signer.sign(NEW, &releases::current_platform(), &bytes);
+    a.apply(&order(release, rollout, start() + chrono::Duration::hours(1))).await;
+    let mut source = ScriptedSource::new(bytes, 4096);
+    assert!(matches!(a.pass(&mut source).await, Pass::Switch(_)));
+    // The agent stops before `install` (power cut): the next start finds no state.json.
+    assert_eq!(a.pass(&mut source).await, Pass::Idle);
+    assert_eq!(a.phases().await, ["downloading", "staged", "switching", "failed"]);
+    let record = a.record(rollout).await;
+    assert_eq!(record.state, "failed");
+    assert!(record.reason.is_some_and(|r| r.contains("stopped before")));
+}
+
+#[tokio::test]
 async fn a_cut_download_resumes_and_each_phase_is_reported_once() {
     let signer = Signer::new();
     let mut a = agent("resume", &signer, true).await;

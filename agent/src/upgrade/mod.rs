@@ -511,8 +511,16 @@ pub enum Pass {
 /// (no new switch starts meanwhile).
 pub async fn settle(ctx: &Context) -> Result<bool> {
     let dir = &ctx.upgrades.dir;
-    let Some(mut state) = dir.read_state().map_err(io_error)? else { return Ok(false) };
+    let state = dir.read_state().map_err(io_error)?;
     let now = ctx.clock.now();
+    // A switch recorded here that `state.json` does not know was never installed (the agent
+    // stopped in between): it failed.
+    let installed = state.as_ref().map(|s| s.rollout_id);
+    let abandoned = ctx.db.write(move |c| abandon_switches(c, installed, now)).await?;
+    if abandoned > 0 {
+        ctx.changed();
+    }
+    let Some(mut state) = state else { return Ok(false) };
     match state.phase {
         UpgradePhase::Switching => {
             if state.to_version != ctx.upgrades.gate.running() {
@@ -553,6 +561,27 @@ pub async fn settle(ctx: &Context) -> Result<bool> {
         }
         _ => Ok(false),
     }
+}
+
+/// Fails the upgrades left `switching` other than `installed`; returns how many.
+fn abandon_switches(
+    conn: &Connection,
+    installed: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<usize> {
+    let except = installed.map(|id| id.to_string()).unwrap_or_default();
+    let stale: Vec<(String, String)> = conn
+        .prepare_cached(
+            "SELECT rollout_id, version FROM upgrades WHERE state = 'switching' AND rollout_id <> ?1",
+        )?
+        .query_map([except], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let reason = "the agent stopped before the new binary was installed";
+    for (id, version) in &stale {
+        let id: Uuid = id.parse().map_err(|_| corrupt("rollout_id"))?;
+        transition(conn, id, version, "failed", UpgradePhase::Failed, Some(reason), now)?;
+    }
+    Ok(stale.len())
 }
 
 fn io_error(e: std::io::Error) -> Error {
