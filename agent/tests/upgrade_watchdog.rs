@@ -21,6 +21,7 @@ use upgrade_support::{temp_dir, wait_until, write_script};
 use uuid::Uuid;
 
 const OLD: &str = "echo 'the old binary'";
+// The scripts that serve loop for at most a minute, so none outlives a failed test for long.
 
 struct Setup {
     data: PathBuf,
@@ -102,7 +103,7 @@ async fn a_good_binary_becomes_healthy_gets_the_signals_and_the_previous_one_is_
                  sed 's/\"phase\":\"switching\"/\"phase\":\"healthy\"/' {st} > {st}.new \
                  && mv {st}.new {st}\n\
                  trap 'echo TERM >> {got}; exit 7' TERM\n\
-                 while :; do sleep 0.02; done",
+                 i=0; while [ $i -lt 3000 ]; do sleep 0.02; i=$((i+1)); done",
                 runs = data.join("runs").display(),
                 st = UpgradeDir::new(data).state().display(),
                 got = data.join("signals").display(),
@@ -179,7 +180,7 @@ async fn a_binary_that_never_becomes_healthy_is_stopped_and_rolled_back_at_the_d
         "hang",
         |data| {
             format!(
-                "trap '' TERM\necho $$ > {}\nwhile :; do sleep 0.02; done",
+                "trap '' TERM\necho $$ > {}\ni=0; while [ $i -lt 3000 ]; do sleep 0.02; i=$((i+1)); done",
                 data.join("pid").display()
             )
         },
@@ -214,7 +215,7 @@ async fn a_stop_signal_while_switching_is_forwarded_and_not_counted_as_a_crash()
         "stop",
         |data| {
             format!(
-                "trap 'echo TERM > {}; exit 0' TERM\necho up > {}\nwhile :; do sleep 0.02; done",
+                "trap 'echo TERM > {}; exit 0' TERM\necho up > {}\ni=0; while [ $i -lt 3000 ]; do sleep 0.02; i=$((i+1)); done",
                 data.join("term").display(),
                 data.join("up").display()
             )

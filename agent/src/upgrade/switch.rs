@@ -320,6 +320,9 @@ impl Watchdog {
             match tokio::process::Command::new(self.dir.current())
                 .args(self.upgrader.args())
                 .env(SUPERVISED_ENV, "1")
+                // Supervision abandoned (a panic, the runtime dropped): never leave the new
+                // binary running unwatched; the next start supervises the switch again.
+                .kill_on_drop(true)
                 .spawn()
             {
                 Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && busy < 50 => {
