@@ -24,8 +24,8 @@
 //! `halted` (more than `max_failures` sites failed or rolled back) | `aborted` (by an admin);
 //! the last three are final. A site is `pending` (not yet commanded, or commanded and not yet
 //! reporting) → `downloading` → `staged` → `switching` → `healthy` | `rolled_back` | `failed`;
-//! or `skipped` (no agent, already on the version, never reached because the rollout
-//! stopped, or cancelled before it switched). Waves run in order: wave n + 1 starts
+//! or `skipped` (no agent, already on the version, or cancelled before it switched); a site
+//! not reached when the rollout stopped stays `pending`, untouched, with the reason. Waves run in order: wave n + 1 starts
 //! `wave_pause_s` after every site of wave n is final; sites of later waves are never
 //! commanded before that, so a halt leaves them untouched.
 
@@ -799,8 +799,12 @@ pub struct RolloutUpdate {
 pub struct Decision {
     pub sends: Vec<SendUpgrade>,
     pub cancels: Vec<CancelUpgrade>,
-    /// Sites never commanded that will not be: (site, reason).
+    /// Sites never commanded that will not be (no agent, no longer configured): `skipped`
+    /// with the reason.
     pub skips: Vec<(String, String)>,
+    /// Sites never commanded when the rollout stopped: they stay `pending`, untouched, with
+    /// the reason.
+    pub untouched: Vec<(String, String)>,
     pub rollout: Option<RolloutUpdate>,
 }
 
@@ -809,6 +813,7 @@ impl Decision {
         self.sends.is_empty()
             && self.cancels.is_empty()
             && self.skips.is_empty()
+            && self.untouched.is_empty()
             && self.rollout.is_none()
     }
 }
@@ -941,8 +946,9 @@ fn step_site(
     }
 }
 
-/// Stops a rollout (halt or abort): what has been sent and has not switched is cancelled,
-/// sites never commanded are skipped (never touched), switching sites are left to report.
+/// Stops a rollout (halt or abort): what has been sent and has not switched is cancelled (and
+/// `skipped`), sites never commanded stay `pending` and are never touched (the reason says
+/// why), switching sites are left to report.
 pub fn stop(r: &RolloutDetail, to: RolloutState, reason: &str) -> Decision {
     let word = to.as_str();
     let mut d = Decision::default();
@@ -954,7 +960,9 @@ pub fn stop(r: &RolloutDetail, to: RolloutState, reason: &str) -> Decision {
                 agent_id: agent.clone(),
                 reason: format!("upgrade cancelled: the rollout was {word}"),
             }),
-            _ => d.skips.push((s.site.clone(), format!("not upgraded: the rollout was {word}"))),
+            _ => {
+                d.untouched.push((s.site.clone(), format!("not upgraded: the rollout was {word}")))
+            }
         }
     }
     d.rollout = Some(RolloutUpdate {
@@ -1062,6 +1070,8 @@ pub struct TickReport {
     pub upgrades_sent: u32,
     pub cancels_sent: u32,
     pub sites_skipped: u32,
+    /// Sites left untouched because their rollout stopped.
+    pub sites_untouched: u32,
     /// Rollouts whose state, wave or pause changed.
     pub rollouts_changed: u32,
 }
@@ -1111,6 +1121,7 @@ pub async fn tick(
             report.upgrades_sent += done.sends.len() as u32;
             report.cancels_sent += done.cancels.len() as u32;
             report.sites_skipped += done.skips.len() as u32;
+            report.sites_untouched += done.untouched.len() as u32;
             if let Some(u) = &done.rollout {
                 report.rollouts_changed += 1;
                 tracing::info!(rollout = %r.rollout.id, state = u.state.as_str(), wave = u.current_wave,
@@ -1741,8 +1752,9 @@ mod tests {
                 reason: "upgrade cancelled: the rollout was halted".into()
             }]
         );
+        assert!(step.skips.is_empty());
         assert_eq!(
-            step.skips,
+            step.untouched,
             vec![("TYO".to_owned(), "not upgraded: the rollout was halted".to_owned())]
         );
         let u = step.rollout.expect("halted");
@@ -1762,7 +1774,7 @@ mod tests {
         // Abort is the same stop.
         let aborted = stop(&d, RolloutState::Aborted, "aborted by admin");
         assert_eq!(aborted.cancels.len(), 1);
-        assert_eq!(aborted.skips[0].1, "not upgraded: the rollout was aborted");
+        assert_eq!(aborted.untouched[0].1, "not upgraded: the rollout was aborted");
         assert_eq!(
             aborted.rollout.and_then(|u| u.halted_reason).as_deref(),
             Some("aborted by admin")
@@ -1881,6 +1893,10 @@ mod tests {
         for (site, reason) in &dec.skips {
             let row = d.sites.iter_mut().find(|x| &x.site == site).expect("site");
             row.state = SiteState::Skipped;
+            row.reason = Some(reason.clone());
+        }
+        for (site, reason) in &dec.untouched {
+            let row = d.sites.iter_mut().find(|x| &x.site == site).expect("site");
             row.reason = Some(reason.clone());
         }
         if let Some(u) = &dec.rollout {

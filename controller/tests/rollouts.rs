@@ -696,7 +696,15 @@ async fn a_failure_halts_and_the_other_sites_are_never_commanded(url: &str) {
     let v = f.show(&id).await;
     assert_eq!(site(&v, "SFO")["reason"], "the new binary exited at once");
     let report = f.tick().await;
-    assert_eq!((report.upgrades_sent, report.sites_skipped, report.rollouts_changed), (0, 2, 1));
+    assert_eq!(
+        (
+            report.upgrades_sent,
+            report.sites_skipped,
+            report.sites_untouched,
+            report.rollouts_changed
+        ),
+        (0, 0, 2, 1)
+    );
     let v = f.show(&id).await;
     assert_eq!(v["state"], "halted", "{v:#}");
     assert!(
@@ -706,7 +714,7 @@ async fn a_failure_halts_and_the_other_sites_are_never_commanded(url: &str) {
             .contains("SFO rolled_back (the new binary exited at once)"),
         "{v:#}"
     );
-    expect_states(&v, &[("SFO", "rolled_back"), ("CHI", "skipped"), ("TYO", "skipped")]);
+    expect_states(&v, &[("SFO", "rolled_back"), ("CHI", "pending"), ("TYO", "pending")]);
     assert_eq!(site(&v, "CHI")["reason"], "not upgraded: the rollout was halted");
     for a in [&chi, &tyo] {
         assert!(upgrade_commands(f.store.as_ref(), a.agent.id).await.is_empty(), "never touched");
@@ -790,7 +798,8 @@ async fn pause_resume_and_abort(url: &str) {
         (v["state"].as_str(), v["halted_reason"].as_str()),
         (Some("aborted"), Some("aborted by bootstrap: bad week"))
     );
-    expect_states(&v, &[("SFO", "skipped"), ("CHI", "switching"), ("TYO", "skipped")]);
+    expect_states(&v, &[("SFO", "skipped"), ("CHI", "switching"), ("TYO", "pending")]);
+    assert_eq!(site(&v, "TYO")["reason"], "not upgraded: the rollout was aborted");
     assert_eq!(site(&v, "SFO")["reason"], "upgrade cancelled: the rollout was aborted");
     assert!(site(&v, "SFO")["cancel_seq"].is_u64());
     let sfo_cmds = upgrade_commands(f.store.as_ref(), sfo.agent.id).await;
@@ -810,12 +819,12 @@ async fn pause_resume_and_abort(url: &str) {
     sfo.report(f.store.as_ref(), status(&id, UpgradePhase::Downloading, "1.3.0")).await;
     expect_states(
         &f.show(&id).await,
-        &[("SFO", "skipped"), ("CHI", "healthy"), ("TYO", "skipped")],
+        &[("SFO", "skipped"), ("CHI", "healthy"), ("TYO", "pending")],
     );
     sfo.report(f.store.as_ref(), status(&id, UpgradePhase::Healthy, "1.4.0")).await;
     expect_states(
         &f.show(&id).await,
-        &[("SFO", "healthy"), ("CHI", "healthy"), ("TYO", "skipped")],
+        &[("SFO", "healthy"), ("CHI", "healthy"), ("TYO", "pending")],
     );
     assert_eq!(f.tick().await, TickReport::default());
     // Unknown rollouts.

@@ -581,6 +581,18 @@ macro_rules! impl_rollout_store {
                     .execute(&mut **tx)
                     .await?;
                 }
+                for (site, reason) in &d.untouched {
+                    sqlx::query(
+                        "UPDATE rollout_sites SET reason = $3, updated_at = $4 \
+                         WHERE rollout_id = $1 AND site = $2",
+                    )
+                    .bind(&id)
+                    .bind(site)
+                    .bind(reason)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                }
                 if let Some(u) = &d.rollout {
                     sqlx::query(
                         "UPDATE rollouts SET state = $2, current_wave = $3, next_wave_at = $4, \
