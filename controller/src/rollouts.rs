@@ -909,8 +909,21 @@ fn step_site(
     d: &mut Decision,
 ) {
     let commanded = s.command_seq.is_some();
+    let replaced = current.is_some() && current != s.agent_id.as_ref();
     match s.state {
-        SiteState::Switching => {}
+        // Switching: its agent reports how it ends, unless the site got a new agent
+        // meanwhile (new hardware, enrolled from scratch), which gets the upgrade itself.
+        SiteState::Switching => {
+            if let (true, WindowState::Open { until }, Some(agent)) =
+                (replaced, window(&s.site), current)
+            {
+                d.sends.push(SendUpgrade {
+                    site: s.site.clone(),
+                    agent_id: agent.clone(),
+                    switch_before: until,
+                });
+            }
+        }
         SiteState::Pending if !commanded => match (window(&s.site), current) {
             (WindowState::Unavailable { reason }, _) => {
                 d.skips.push((s.site.clone(), format!("not upgraded: {reason}")));
@@ -930,7 +943,6 @@ fn step_site(
             // Sent before: again when the site got a new agent (the old one's log is gone),
             // or when the window it was sent for is over and a new one is open (the agent
             // kept it staged).
-            let replaced = current.is_some() && current != s.agent_id.as_ref();
             let expired = s.switch_before.is_none_or(|t| t <= now);
             if let (true, WindowState::Open { until }, Some(agent)) =
                 (replaced || expired, window(&s.site), current)
@@ -1715,6 +1727,10 @@ mod tests {
             step.sends.iter().map(|s| s.agent_id.as_str()).collect::<Vec<_>>(),
             vec!["agent-SFO-2"]
         );
+        // Also while it was switching (its agent will never report).
+        d.sites[0].state = SiteState::Switching;
+        assert_eq!(sends(&decide(&d, &agents, &opened, later)), vec!["SFO"]);
+        assert!(decide(&d, &agents_of(&d), &opened, later).is_empty(), "same agent: it reports");
         // A site no longer configured, or without an agent, is skipped with the reason.
         d.sites[0] = row("SFO", 1, SiteState::Pending);
         let gone = |_: &str| WindowState::Unavailable {
