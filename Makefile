@@ -28,8 +28,10 @@ clean-test-databases:
 	  | while read -r db; do psql "$(MERIDIAN_TEST_DATABASE_URL)" -qc "DROP DATABASE IF EXISTS $$db" >/dev/null; done; \
 	fi
 
+# Without debug info and stripped (about 27 MB instead of 260): the rollout tests upload it.
 upgrade-fixture:
-	MERIDIAN_AGENT_VERSION=99.0.0-fixture cargo build -p meridian-agent --bin meridian-agent --target-dir $(CARGO_TARGET_DIR)/upgrade-fixture
+	MERIDIAN_AGENT_VERSION=99.0.0-fixture CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_DEV_STRIP=true \
+	  cargo build -p meridian-agent --bin meridian-agent --target-dir $(CARGO_TARGET_DIR)/upgrade-fixture
 
 unit-and-e2e:
 	cargo test --workspace --lib --bins --tests

@@ -6,8 +6,9 @@
 //!    its own binary becomes `previous`, `state.json` says `switching` (with the deadline),
 //!    `staged` is renamed to `current` (atomic).
 //! 2. A stays as a thin watchdog parent (`Watchdog::supervise`): it starts `current` with its
-//!    own arguments (and `MERIDIAN_UPGRADE_SUPERVISED=1`), forwards SIGTERM/SIGINT to it and
-//!    waits. B reports `healthy` once its session is established and marks `state.json`
+//!    own arguments (and `MERIDIAN_UPGRADE_SUPERVISED=<its pid>`: B asks the kernel for
+//!    SIGTERM should its watchdog die, so it never runs on unwatched, holding the store and
+//!    the port), forwards SIGTERM/SIGINT to it and waits. B reports `healthy` once its session is established and marks `state.json`
 //!    `healthy`; from then on the watchdog only forwards signals and exits with B's code.
 //! 3. If B exits before it is healthy more than `max_crashes` times, or is not healthy by the
 //!    deadline, the watchdog stops it, renames `previous` back to `current`, writes
@@ -107,9 +108,31 @@ pub enum Boot {
     Supervise(Watchdog),
 }
 
+/// A supervised agent stops (SIGTERM, a clean shutdown) when its watchdog dies, whatever
+/// kills it: left running, it would hold the store and the branch port while the service
+/// manager starts the agent again. `parent` is the watchdog's pid; a watchdog already gone
+/// before this point is refused the same way.
+fn die_with_watchdog(parent: &str) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(io::Error::from)?;
+    let expected: u32 = parent.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{SUPERVISED_ENV}={parent:?} is not a pid"),
+        )
+    })?;
+    if std::os::unix::process::parent_id() != expected {
+        return Err(io::Error::other(format!(
+            "the watchdog (pid {expected}) is gone; not running unsupervised"
+        )));
+    }
+    Ok(())
+}
+
 /// Decides what a starting agent does (see the module documentation).
 pub fn boot(dir: &UpgradeDir, upgrader: &Upgrader, limits: WatchdogLimits) -> io::Result<Boot> {
-    if std::env::var_os(SUPERVISED_ENV).is_some() {
+    if let Some(parent) = std::env::var_os(SUPERVISED_ENV) {
+        die_with_watchdog(&parent.to_string_lossy())?;
         return Ok(Boot::Run);
     }
     let state = match dir.read_state() {
@@ -319,7 +342,7 @@ impl Watchdog {
         loop {
             match tokio::process::Command::new(self.dir.current())
                 .args(self.upgrader.args())
-                .env(SUPERVISED_ENV, "1")
+                .env(SUPERVISED_ENV, std::process::id().to_string())
                 // Supervision abandoned (a panic, the runtime dropped): never leave the new
                 // binary running unwatched; the next start supervises the switch again.
                 .kill_on_drop(true)
