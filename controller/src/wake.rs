@@ -23,11 +23,8 @@ impl AgentWakes {
 
     /// Subscribes a session of `agent`; the registration ends when the returned value drops.
     pub fn subscribe(self: &Arc<Self>, agent: &str) -> AgentWake {
-        let rx = self
-            .map()
-            .entry(agent.to_owned())
-            .or_insert_with(|| watch::Sender::new(0))
-            .subscribe();
+        let rx =
+            self.map().entry(agent.to_owned()).or_insert_with(|| watch::Sender::new(0)).subscribe();
         AgentWake { rx, agent: agent.to_owned(), wakes: self.clone() }
     }
 

@@ -782,6 +782,11 @@ async fn pause_resume_and_abort(url: &str) {
     let (code, v) = f.post(&id, "resume").await;
     assert_eq!((code, v["state"].as_str()), (StatusCode::OK, Some("running")), "{v}");
     assert_eq!(f.tick().await.upgrades_sent, 2);
+    // The release cannot be deleted while the rollout uses it.
+    let release = format!("/api/v1/releases/1.4.0/{PLATFORM}");
+    let (code, e) = f.call(Method::DELETE, &release, &f.admin, None).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{e}");
+    assert!(e.to_string().contains(&id), "the refusal names the rollout: {e}");
     sfo.report(f.store.as_ref(), status(&id, UpgradePhase::Staged, "1.3.0")).await;
     chi.report(f.store.as_ref(), status(&id, UpgradePhase::Switching, "1.3.0")).await;
     // Abort: SFO (staged) is cancelled, CHI (switching) is left to finish, TYO never touched.
@@ -814,6 +819,9 @@ async fn pause_resume_and_abort(url: &str) {
         let (code, e) = f.post(&id, action).await;
         assert_eq!(code, StatusCode::CONFLICT, "{action}: {e}");
     }
+    // Aborted: the release may go (CHI's late report below still counts).
+    let (code, e) = f.call(Method::DELETE, &release, &f.admin, None).await;
+    assert_eq!(code, StatusCode::NO_CONTENT, "{e}");
     // The truth still arrives: CHI switched, and SFO's cancel came too late (it had switched).
     chi.report(f.store.as_ref(), status(&id, UpgradePhase::Healthy, "1.4.0")).await;
     sfo.report(f.store.as_ref(), status(&id, UpgradePhase::Downloading, "1.3.0")).await;

@@ -155,7 +155,7 @@ pub(crate) fn sort_newest_first(releases: &mut [ReleaseRecord]) {
 
 /// Expands to `#[async_trait] impl ReleaseStore for $ty`.
 macro_rules! impl_release_store {
-    ($ty:ty) => {
+    ($ty:ty, lock = $lock:literal) => {
         #[async_trait::async_trait]
         impl $crate::store::releases::ReleaseStore for $ty {
             async fn create_release(
@@ -295,15 +295,34 @@ macro_rules! impl_release_store {
                 platform: &str,
             ) -> $crate::error::Result<bool> {
                 let mut tx = self.tx().await?;
-                let id: Option<(String,)> =
-                    sqlx::query_as("SELECT id FROM releases WHERE version = $1 AND platform = $2")
-                        .bind(version)
-                        .bind(platform)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                // Locked: a rollout being created for it waits, then finds it gone.
+                let id: Option<(String,)> = sqlx::query_as(concat!(
+                    "SELECT id FROM releases WHERE version = $1 AND platform = $2",
+                    $lock
+                ))
+                .bind(version)
+                .bind(platform)
+                .fetch_optional(&mut *tx)
+                .await?;
                 let Some((id,)) = id else {
                     return Ok(false);
                 };
+                let in_use: Vec<(String,)> = sqlx::query_as(
+                    "SELECT id FROM rollouts WHERE version = $1 AND platform = $2 \
+                     AND state IN ('running', 'paused') ORDER BY created_at",
+                )
+                .bind(version)
+                .bind(platform)
+                .fetch_all(&mut *tx)
+                .await?;
+                if !in_use.is_empty() {
+                    let ids: Vec<String> = in_use.into_iter().map(|(id,)| id).collect();
+                    return Err($crate::error::Error::Conflict(format!(
+                        "release {version} for {platform} is used by unfinished rollout(s) {}: \
+                         finish or abort them first",
+                        ids.join(", ")
+                    )));
+                }
                 sqlx::query("DELETE FROM release_chunks WHERE release_id = $1")
                     .bind(&id)
                     .execute(&mut *tx)

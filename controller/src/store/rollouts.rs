@@ -671,9 +671,11 @@ macro_rules! impl_rollout_store {
                 let version = spec.version.to_string();
                 let id = new.id.to_string();
                 let mut tx = self.tx().await?;
-                let platforms: Vec<String> = sqlx::query_scalar(
+                // Locked, as a release delete locks it: neither commits past the other.
+                let platforms: Vec<String> = sqlx::query_scalar(concat!(
                     "SELECT platform FROM releases WHERE version = $1 ORDER BY platform",
-                )
+                    $lock
+                ))
                 .bind(&version)
                 .fetch_all(&mut *tx)
                 .await?;

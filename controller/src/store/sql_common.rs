@@ -212,7 +212,7 @@ macro_rules! impl_store {
         $crate::store::appointment_sync::impl_appointment_sync_store!($ty, lock = $lock);
         $crate::store::requests::impl_request_store!($ty, lock = $lock);
         $crate::store::rollouts::impl_rollout_store!($ty, lock = $lock);
-        $crate::store::releases::impl_release_store!($ty);
+        $crate::store::releases::impl_release_store!($ty, lock = $lock);
 
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.
