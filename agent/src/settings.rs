@@ -36,7 +36,7 @@ pub struct Settings {
     /// Public keys of the release signers this agent trusts (`ed25519:<base64>`), configured
     /// at install. An upgrade whose manifest is not signed by one of them is refused. In the
     /// environment: `MERIDIAN_AGENT_RELEASE_KEYS=ed25519:…,ed25519:…`.
-    #[serde(deserialize_with = "meridian_shared::settings::list_or_comma_separated")]
+    #[serde(default, deserialize_with = "meridian_shared::settings::list_or_comma_separated")]
     pub release_keys: Vec<String>,
     /// How long a new binary has, after the switch, to establish its session and report
     /// healthy before the watchdog rolls back (an `AGENT_UPGRADE` may ask for another time).
@@ -109,6 +109,10 @@ mod tests {
         let settings = Settings::load(Some(&path)).expect("deploy/agent.example.toml");
         assert!(settings.release_keys.is_empty());
         assert_eq!(settings.upgrade_max_crashes, 3);
+        // Nothing set at all: no keys (an empty default list does not survive the layering).
+        let empty = std::env::temp_dir().join(format!("agent-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(&empty, "").expect("write");
+        assert!(Settings::load(Some(&empty)).expect("defaults").release_keys.is_empty());
         crate::upgrade::Gate::new(&settings.release_keys, None).expect("keys");
         // A key list in TOML, and a malformed key refused when the agent starts.
         let file = std::env::temp_dir().join(format!("agent-{}.toml", uuid::Uuid::new_v4()));

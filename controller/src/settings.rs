@@ -44,7 +44,7 @@ pub struct Settings {
     /// (`ed25519:<base64>`, as `meridianctl release keygen` prints them). Empty (the default):
     /// every upload is refused. In the environment:
     /// `MERIDIAN_CONTROLLER_RELEASE_KEYS=ed25519:…,ed25519:…`.
-    #[serde(deserialize_with = "meridian_shared::settings::list_or_comma_separated")]
+    #[serde(default, deserialize_with = "meridian_shared::settings::list_or_comma_separated")]
     pub release_keys: Vec<String>,
     /// Largest agent release artifact accepted by `POST /api/v1/releases` (bytes; the upload
     /// is refused while it streams once it goes beyond).
@@ -189,6 +189,8 @@ mod tests {
             std::fs::write(&file, toml).expect("write");
             Settings::load(Some(&file)).expect("settings")
         };
+        // Not set anywhere: none (an empty default list does not survive the layering).
+        assert!(load(String::new()).release_keys.is_empty());
         let listed = load(format!("release_keys = [\"{a}\", \"{b}\"]\n"));
         assert_eq!(listed.release_keys, [a.clone(), b.clone()]);
         let joined = load(format!("release_keys = \" {a} , {b} \"\nmax_release_bytes = 1024\n"));
