@@ -72,58 +72,25 @@ fn config() -> Vec<ResourceInput> {
     .collect()
 }
 
-/// Stores a release (version, platform) directly, as an upload would have.
-async fn add_release(url: &str, version: &str, platform: &str) {
-    let row = (
-        Uuid::now_v7().to_string(),
-        version.to_owned(),
-        platform.to_owned(),
-        "ab".repeat(32),
-        1024i64,
-        "0123456789abcdef".to_owned(),
-        // A well-formed ed25519 signature (64 bytes); the controller does not check it again.
-        format!("{}==", "A".repeat(86)),
-        "notes".to_owned(),
-        "test".to_owned(),
-        Utc::now(),
-    );
-    let sql = "INSERT INTO releases (id, version, platform, sha256, size, key_id, signature, notes, \
-               uploaded_by, uploaded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
-    if url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
-        sqlx::query(sql)
-            .bind(row.0)
-            .bind(row.1)
-            .bind(row.2)
-            .bind(row.3)
-            .bind(row.4)
-            .bind(row.5)
-            .bind(row.6)
-            .bind(row.7)
-            .bind(row.8)
-            .bind(row.9)
-            .execute(&pool)
-            .await
-            .expect("release row");
-        pool.close().await;
-    } else {
-        let pool = sqlx::PgPool::connect(url).await.expect("postgres");
-        sqlx::query(sql)
-            .bind(row.0)
-            .bind(row.1)
-            .bind(row.2)
-            .bind(row.3)
-            .bind(row.4)
-            .bind(row.5)
-            .bind(row.6)
-            .bind(row.7)
-            .bind(row.8)
-            .bind(row.9)
-            .execute(&pool)
-            .await
-            .expect("release row");
-        pool.close().await;
-    }
+/// Stores a release (version, platform) through the store, as an accepted upload does (the
+/// rollout never reads the artifact; its one chunk only has the manifest's size).
+async fn add_release(store: &dyn Store, version: &str, platform: &str) {
+    let artifact = format!("agent {version} for {platform}").into_bytes();
+    let key = meridian_shared::releases::PrivateKey::generate();
+    let unsigned = meridian_shared::releases::UnsignedRelease::of_artifact(
+        version,
+        platform,
+        "notes",
+        &artifact[..],
+    )
+    .expect("release");
+    let manifest = meridian_shared::releases::sign(&key, unsigned).expect("signed");
+    let release = meridian_controller::store::releases::NewRelease {
+        manifest,
+        uploaded_by: "test".into(),
+        uploaded_at: Utc::now(),
+    };
+    store.create_release(&release, &[artifact]).await.expect("release stored");
 }
 
 /// A store with the sites, releases 1.4.0 (x86_64-linux, aarch64-linux) and 1.2.0, tokens, the
@@ -145,9 +112,9 @@ impl Fixture {
         config_admin::change(store.as_ref(), "test", config(), vec![], ChangeMode::Upsert)
             .await
             .expect("config");
-        add_release(url, "1.4.0", PLATFORM).await;
-        add_release(url, "1.4.0", "aarch64-linux").await;
-        add_release(url, "1.2.0", PLATFORM).await;
+        add_release(store.as_ref(), "1.4.0", PLATFORM).await;
+        add_release(store.as_ref(), "1.4.0", "aarch64-linux").await;
+        add_release(store.as_ref(), "1.2.0", PLATFORM).await;
         let admin =
             ensure_bootstrap_token(store.as_ref(), None).await.expect("bootstrap").expect("fresh");
         let (token, viewer) = api::new_api_token("dashboard", Role::Viewer);
