@@ -482,6 +482,7 @@ async fn simulated_agent(
         last_applied_command_seq: 0,
         outbox_high_water: last_seq,
         agent_time_ms: Utc::now().timestamp_millis(),
+        ..Default::default()
     })))
     .await
     .map_err(|_| anyhow!("agent {index}: outbound stream closed"))?;

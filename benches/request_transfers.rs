@@ -953,6 +953,7 @@ async fn simulated_agent(
         last_applied_command_seq: 0,
         outbox_high_water: 0,
         agent_time_ms: Utc::now().timestamp_millis(),
+        ..Default::default()
     })))
     .await
     .map_err(|_| anyhow!("agent {index}: outbound stream closed"))?;

@@ -130,7 +130,11 @@ impl Sim {
         self.store.flush_request_commands().await.expect("flush");
         if !lose_ack {
             let now = self.now;
-            self.sites[i].db.write(move |c| queries::ack_outbox(c, up_to, now)).await.expect("ack");
+            self.sites[i]
+                .db
+                .write(move |c| queries::ack_outbox(c, up_to, now, chrono::Duration::hours(24)))
+                .await
+                .expect("ack");
         }
     }
 

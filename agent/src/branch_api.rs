@@ -160,13 +160,29 @@ pub struct StatusView {
     pub outbox_high_water: u64,
     pub last_acked_seq: u64,
     pub store_error: Option<String>,
+    /// The newest thing the start of a session found about a restored store (this agent's
+    /// from a backup, or the controller's from a dump).
+    #[serde(default)]
+    pub store_notice: Option<StoreNotice>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreNotice {
+    pub kind: String,
+    pub message: String,
+    pub at: String,
 }
 
 async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, ApiError> {
-    let (identity, (high, acked), revision) = ctx
+    let (identity, (high, acked), revision, notice) = ctx
         .db
         .read(|c| {
-            Ok((queries::identity(c)?, queries::outbox_state(c)?, queries::config_revision(c)?))
+            Ok((
+                queries::identity(c)?,
+                queries::outbox_state(c)?,
+                queries::config_revision(c)?,
+                queries::last_notice(c)?,
+            ))
         })
         .await?;
     let link = ctx.link.borrow().clone();
@@ -183,6 +199,7 @@ async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, Api
         outbox_high_water: high,
         last_acked_seq: acked,
         store_error: ctx.db.health(),
+        store_notice: notice.map(|(kind, message, at)| StoreNotice { kind, message, at }),
     }))
 }
 
@@ -781,7 +798,7 @@ const FEED_PAGE: u32 = 200;
 
 /// The live event feed for local subscribers: server-sent events, one per outbox event, with
 /// the event's sequence as SSE id, so a subscriber resumes with `Last-Event-ID` (or `?after=`)
-/// for as long as the branch retains events (`LOCAL_RETENTION`). An older cursor gets
+/// for as long as the branch retains events (`Settings::local_retention_s`). An older cursor gets
 /// `410 cursor_expired` rather than a silent gap. A local integration: `VISIT_CREATED` carries
 /// the visit's customer fields whether or not the site shares them with central
 /// (`visits::for_local_subscribers`).

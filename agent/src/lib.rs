@@ -67,6 +67,8 @@ pub struct Context {
     /// Upgrades of the agent's own binary: who signs releases, where they are staged, whether
     /// this process can replace its binary at all.
     pub upgrades: upgrade::Upgrades,
+    /// How long acknowledged events stay in the outbox (`Settings::local_retention_s`).
+    pub local_retention: chrono::Duration,
 }
 
 impl Context {
@@ -99,6 +101,9 @@ impl Context {
             sync_requested: Notify::new(),
             rules: request_rules::RuleCache::default(),
             upgrades,
+            local_retention: chrono::Duration::seconds(
+                i64::try_from(settings.local_retention_s).unwrap_or(i64::MAX / 1_000),
+            ),
         }))
     }
 }

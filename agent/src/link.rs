@@ -202,18 +202,51 @@ async fn session(
         None => enroll(ctx, settings).await?,
     };
     let mut client = connect(settings, settings.heartbeat).await?;
-    let (high_water, _) = ctx.db.read(queries::outbox_state).await?;
-    let config_revision = ctx.db.read(queries::config_revision).await?;
-    let last_command = ctx.db.read(queries::last_applied_command).await?;
+    let (outbox, config_revision, head, checkpoints) = ctx
+        .db
+        .write(|c| {
+            let head = queries::applied_head(c)?;
+            Ok((
+                queries::outbox_report(c)?,
+                queries::config_revision(c)?,
+                head,
+                queries::applied_checkpoints(c, head.seq)?,
+            ))
+        })
+        .await?;
+    let high_water = outbox.high_water;
     let (out, out_rx) = mpsc::channel::<AgentFrame>(OUTBOUND_BUFFER);
     out.send(frame(agent_frame::Body::Hello(meridian_proto::Hello {
         agent_id: identity.agent_id.clone(),
         site_code: identity.site.clone(),
         version: crate::VERSION.to_owned(),
         config_revision,
-        last_applied_command_seq: last_command,
+        last_applied_command_seq: head.seq,
         outbox_high_water: high_water,
         agent_time_ms: ctx.clock.now().timestamp_millis(),
+        outbox_acked: outbox.acked,
+        outbox_oldest: outbox.oldest_retained,
+        lineage: outbox
+            .lineage
+            .iter()
+            .map(|s| meridian_proto::Segment {
+                id: s.id,
+                first_seq: s.first_seq,
+                origin_keep_through: s.origin.map_or(0, |o| o.keep_through),
+                origin_base: s.origin.map_or(0, |o| o.base),
+                origin_moved_head: s.origin.map_or(0, |o| o.moved_head),
+            })
+            .collect(),
+        last_applied_command_nonce: head.nonce,
+        holes: outbox
+            .holes
+            .iter()
+            .map(|h| meridian_proto::Gap { first: h.first, last: h.last })
+            .collect(),
+        applied_checkpoints: checkpoints
+            .into_iter()
+            .map(|(seq, nonce)| meridian_proto::AppliedCommand { seq, nonce })
+            .collect(),
     })))
     .await
     .map_err(|_| LinkError::Lost("outbound closed".into()))?;
@@ -245,9 +278,7 @@ async fn session(
     };
     let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms))
         .clamp(Duration::from_millis(100), Duration::from_secs(60));
-    let acked = welcome.acked_event_seq.min(high_water);
-    let now = ctx.clock.now();
-    ctx.db.write(move |c| queries::ack_outbox(c, acked, now)).await?;
+    let acked = start_streams(ctx, &welcome).await?;
     tracing::info!(acked, high_water, config_revision, "session established");
     set_link(ctx, true, None);
 
@@ -302,6 +333,87 @@ async fn session(
             }
         }
     }
+}
+
+/// Takes the Welcome's cursors: renumbers the outbox when the store came back from a backup
+/// older than what the controller holds, sets aside commands applied from a controller log
+/// since restored from an older dump, and takes the controller's acknowledgement as its own
+/// (lower than the one held when the controller's database went back: nothing it lacks is
+/// pruned then). Returns the acknowledgement.
+async fn start_streams(ctx: &Context, welcome: &meridian_proto::Welcome) -> Result<u64, LinkError> {
+    let now = ctx.clock.now();
+    let steps: Vec<meridian_shared::lineage::Step> = welcome
+        .resequence
+        .iter()
+        .map(|r| meridian_shared::lineage::Step {
+            keep_through: r.keep_through,
+            base: r.base,
+            segment: r.segment_id,
+            moved_head: r.moved_head,
+        })
+        .collect();
+    if let Some(bad) = steps.iter().find(|s| s.base <= s.keep_through || s.segment == 0) {
+        return Err(LinkError::Refused(format!(
+            "malformed renumbering from the controller: {bad:?}"
+        )));
+    }
+    let floors: Vec<queries::TicketFloor> = welcome
+        .ticket_floors
+        .iter()
+        .map(|f| queries::TicketFloor {
+            queue: f.queue.clone(),
+            business_day: f.business_day.clone(),
+            last_number: f.last_number,
+        })
+        .collect();
+    let rebase = welcome.command_rebase_to;
+    let retention = ctx.local_retention;
+    let welcome_acked = welcome.acked_event_seq;
+    let (acked, moved, set_aside) = ctx
+        .db
+        .write(move |c| {
+            let mut moved = None;
+            for step in &steps {
+                *moved.get_or_insert(0) += queries::resequence(c, step, now)?;
+            }
+            if moved.is_some() {
+                queries::raise_ticket_counters(c, &floors)?;
+            }
+            let set_aside = match rebase {
+                Some(to) => {
+                    let n = queries::set_aside_commands(c, to, now)?;
+                    queries::note(
+                        c,
+                        "controller_restored",
+                        &format!(
+                            "controller restored: {n} commands applied after {to} set aside; \
+                             the controller streams its log again from there"
+                        ),
+                        now,
+                    )?;
+                    Some(n)
+                }
+                None => None,
+            };
+            let (high_water, _) = queries::outbox_state(c)?;
+            let acked = welcome_acked.min(high_water);
+            queries::set_acked(c, acked)?;
+            queries::ack_outbox(c, acked, now, retention)?;
+            Ok((acked, moved, set_aside))
+        })
+        .await?;
+    if let Some(moved) = moved {
+        tracing::warn!(
+            moved,
+            acked,
+            "store restored from a backup: unsent events renumbered above the controller's acknowledgement"
+        );
+        ctx.changed();
+    }
+    if let Some(n) = set_aside {
+        tracing::warn!(set_aside = n, to = ?rebase, "controller database restored from a dump: applied commands set aside, its log streams again");
+    }
+    Ok(acked)
 }
 
 /// The frames going up to the controller. A send that cannot complete within `stall_after`
@@ -361,7 +473,8 @@ async fn handle(
                 c.acked = up_to;
                 c.progress_at = Instant::now();
                 let now = ctx.clock.now();
-                ctx.db.write(move |conn| queries::ack_outbox(conn, up_to, now)).await?;
+                let retention = ctx.local_retention;
+                ctx.db.write(move |conn| queries::ack_outbox(conn, up_to, now, retention)).await?;
             } else if up_to < c.sent {
                 // A re-acknowledgement below what we sent: resend from there.
                 c.acked = up_to;
@@ -370,7 +483,8 @@ async fn handle(
             pump(ctx, out, c).await
         }
         Some(controller_frame::Body::Command(cmd)) => {
-            let error = apply_command(ctx, identity, cmd.seq, &cmd.kind, &cmd.payload).await?;
+            let error =
+                apply_command(ctx, identity, cmd.seq, cmd.nonce, &cmd.kind, &cmd.payload).await?;
             send(
                 out,
                 agent_frame::Body::CommandAck(meridian_proto::CommandAck {
@@ -405,6 +519,7 @@ async fn apply_command(
     ctx: &Arc<Context>,
     identity: &Identity,
     seq: u64,
+    nonce: u64,
     kind: &str,
     payload: &[u8],
 ) -> Result<Option<String>, LinkError> {
@@ -423,7 +538,7 @@ async fn apply_command(
                 config.as_deref(),
                 &rules,
                 &gate,
-                seq,
+                (seq, nonce),
                 &kind,
                 &payload,
                 now,
@@ -485,11 +600,13 @@ pub fn apply_command_in(
     now: DateTime<Utc>,
 ) -> crate::error::Result<CommandApplied> {
     let gate = crate::upgrade::Gate::none();
-    apply_command_with_gate(conn, site, config, rules, &gate, seq, kind, payload, now)
+    apply_command_with_gate(conn, site, config, rules, &gate, (seq, 0), kind, payload, now)
 }
 
 /// `apply_command_in`, with the gate `AGENT_UPGRADE` commands are judged by (the agent's
-/// release keys, platform, version and whether it can replace its binary).
+/// release keys, platform, version and whether it can replace its binary), for the command
+/// `(seq, nonce)`: one whose nonce was applied before and set aside (see
+/// `queries::set_aside_commands`) is recorded without being applied again.
 #[allow(clippy::too_many_arguments)]
 pub fn apply_command_with_gate(
     conn: &rusqlite::Connection,
@@ -497,13 +614,17 @@ pub fn apply_command_with_gate(
     config: Option<&meridian_shared::config::SiteConfig>,
     rules: &crate::request_rules::RuleSet,
     gate: &crate::upgrade::Gate,
-    seq: u64,
+    (seq, nonce): (u64, u64),
     kind: &str,
     payload: &[u8],
     now: DateTime<Utc>,
 ) -> crate::error::Result<CommandApplied> {
     use crate::error::Error;
     if seq <= queries::last_applied_command(conn)? {
+        return Ok(CommandApplied::default());
+    }
+    if queries::take_set_aside(conn, nonce)? {
+        queries::record_command(conn, seq, nonce, kind, None, now)?;
         return Ok(CommandApplied::default());
     }
     let mut done = CommandApplied::default();
@@ -565,9 +686,9 @@ pub fn apply_command_with_gate(
         Err(e) => Err(e.to_string()),
     };
     match outcome {
-        Ok(()) => queries::record_command(conn, seq, kind, None, now)?,
+        Ok(()) => queries::record_command(conn, seq, nonce, kind, None, now)?,
         Err(e) => {
-            queries::record_command(conn, seq, kind, Some(&e), now)?;
+            queries::record_command(conn, seq, nonce, kind, Some(&e), now)?;
             done = CommandApplied { error: Some(e), ..CommandApplied::default() };
         }
     }

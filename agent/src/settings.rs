@@ -44,6 +44,10 @@ pub struct Settings {
     /// Crashes of a new binary before it is healthy that the watchdog tolerates; one more
     /// rolls back to the previous binary.
     pub upgrade_max_crashes: u32,
+    /// How long acknowledged events stay at the branch: the live feed and webhooks resume from
+    /// them, and they are sent again should the controller's database come back from a dump
+    /// older than them (older ones become a gap the controller records).
+    pub local_retention_s: u64,
     pub log: String,
 }
 
@@ -65,6 +69,7 @@ impl Default for Settings {
             release_keys: Vec::new(),
             upgrade_health_timeout_ms: 120_000,
             upgrade_max_crashes: 3,
+            local_retention_s: 86_400,
             log: "info".into(),
         }
     }

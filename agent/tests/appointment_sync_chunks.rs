@@ -58,6 +58,7 @@ impl AgentGateway for ScriptedGateway {
             controller_time_ms: 0,
             heartbeat_interval_ms: 200,
             controller_version: "scripted".into(),
+            ..Default::default()
         });
         tx.send(Ok(ControllerFrame { body: Some(welcome) })).await.ok();
         *self.commands.lock().expect("lock") = Some(tx.clone());
@@ -225,6 +226,7 @@ async fn a_corrupt_chunk_is_refused_and_the_previous_set_stays_in_force() {
                 seq,
                 kind: cmd.kind().into(),
                 payload: cmd.payload(),
+                ..Default::default()
             })),
         }
     };

@@ -617,7 +617,10 @@ async fn the_live_event_feed_resumes_from_a_cursor_and_streams_new_events() {
         (StatusCode::UNPROCESSABLE_ENTITY, Some("validation_failed"))
     );
     let later = ctx.clock.now() + chrono::Duration::days(2);
-    ctx.db.write(move |c| queries::ack_outbox(c, 5, later)).await.expect("ack and prune");
+    ctx.db
+        .write(move |c| queries::ack_outbox(c, 5, later, chrono::Duration::hours(24)))
+        .await
+        .expect("ack and prune");
     let (status, v) = call(&r, Method::GET, "/api/v1/events?after=0", None).await;
     assert_eq!((status, v["code"].as_str()), (StatusCode::GONE, Some("cursor_expired")));
 }

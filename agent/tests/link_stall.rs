@@ -50,6 +50,7 @@ impl AgentGateway for DeafGateway {
                 controller_time_ms: 0,
                 heartbeat_interval_ms: 200,
                 controller_version: "deaf".into(),
+                ..Default::default()
             });
             if tx.send(Ok(ControllerFrame { body: Some(welcome) })).await.is_err() {
                 return;

@@ -94,7 +94,7 @@ impl Agent {
                     None,
                     &RuleSet::default(),
                     &gate,
-                    seq,
+                    (seq, 0),
                     &kind,
                     &payload,
                     now,

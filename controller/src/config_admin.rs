@@ -278,6 +278,7 @@ pub async fn change(
         let summary = summarize(&plan.changes);
         let commit = ConfigCommit {
             expected_revision: revision,
+            revision_floor: None,
             actor: actor.to_owned(),
             summary,
             upserts: plan.upserts.clone(),
@@ -305,6 +306,39 @@ fn summarize(changes: &[Change]) -> String {
         s.push_str(&format!(" and {} more", changed.len() - 5));
     }
     s
+}
+
+/// Publishes `site`'s current configuration again at a new revision above `floor`: an agent
+/// applied revision `floor` from a controller database since restored from an older dump, and
+/// would skip every revision up to it as old. Returns the new revision.
+pub async fn republish_above(store: &dyn Store, site: &SiteCode, floor: u64) -> Result<u64> {
+    for _attempt in 0..5 {
+        let (revision, resources) = store.load_config().await?;
+        let set = ConfigSet::from_resources(resources);
+        let new_revision = revision.max(floor) + 1;
+        let Some(snap) = set.snapshot(site, new_revision) else {
+            return Err(Error::NotFound(format!("site {site}")));
+        };
+        let commit = ConfigCommit {
+            expected_revision: revision,
+            revision_floor: Some(new_revision),
+            actor: "controller".into(),
+            summary: format!(
+                "configuration of {site} published again above revision {floor}, which its \
+                 agent applied from this database before it was restored"
+            ),
+            upserts: vec![],
+            deletes: vec![],
+            publish: vec![(site.clone(), ControllerCommand::ApplyConfig(Box::new(snap)).payload())],
+            at: Utc::now(),
+        };
+        match store.commit_config(commit).await {
+            Ok(rev) => return Ok(rev),
+            Err(Error::RevisionConflict) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::RevisionConflict)
 }
 
 /// Builds the snapshot for `site` at the current revision (for enrollment).

@@ -20,6 +20,13 @@ pub struct Metrics {
     pub commands_sent: Counter,
     pub enrollments: Counter,
     pub enrollments_refused: Counter,
+    /// Restored stores found at the start of sessions, by `kind` (agent_restored,
+    /// controller_restored, event_gap).
+    pub store_incidents: Family<Vec<(String, String)>, Counter>,
+    /// Events a restored agent renumbered above the controller's mark.
+    pub events_resequenced: Counter,
+    /// Events recorded as a gap (the agent no longer held them).
+    pub events_in_gaps: Counter,
     /// Open operations of the request ledger per lane (`pool`, `target`).
     pub request_ops_open: Family<Lane, Gauge>,
     /// Age of each lane's oldest open operation.
@@ -65,6 +72,9 @@ impl Default for Metrics {
             commands_sent: Counter::default(),
             enrollments: Counter::default(),
             enrollments_refused: Counter::default(),
+            store_incidents: Family::default(),
+            events_resequenced: Counter::default(),
+            events_in_gaps: Counter::default(),
             request_ops_open: Family::default(),
             request_ops_oldest_age_seconds: Family::default(),
             request_ops_failed: Family::default(),
@@ -111,6 +121,21 @@ impl Default for Metrics {
             "enrollments_refused",
             "Enrollment attempts refused",
             m.enrollments_refused.clone(),
+        );
+        registry.register(
+            "store_incidents",
+            "Restored stores found at the start of agent sessions, by kind",
+            m.store_incidents.clone(),
+        );
+        registry.register(
+            "events_resequenced",
+            "Events a restored agent renumbered above the controller's acknowledgement",
+            m.events_resequenced.clone(),
+        );
+        registry.register(
+            "events_in_gaps",
+            "Events recorded as a gap: acknowledged by the controller, never stored",
+            m.events_in_gaps.clone(),
         );
         registry.register(
             "request_ops_open",

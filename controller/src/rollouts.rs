@@ -1430,6 +1430,8 @@ mod tests {
             clock_skew_ms: 0,
             store_error: None,
             site_revision: 1,
+            open_incidents: 0,
+            incident: None,
         }
     }
 

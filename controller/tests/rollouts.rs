@@ -360,6 +360,7 @@ impl SimAgent {
             last_applied_command_seq: last_applied,
             outbox_high_water: self.next_seq - 1,
             agent_time_ms: Utc::now().timestamp_millis(),
+            ..Default::default()
         })))
         .await
         .expect("hello");

@@ -15,6 +15,7 @@ pub mod customer;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod lineage;
 pub mod mappings;
 pub mod releases;
 pub mod requests;

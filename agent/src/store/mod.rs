@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../../../migrations/agent/0011_requests.sql")),
     (12, include_str!("../../../migrations/agent/0012_request_distribution.sql")),
     (13, include_str!("../../../migrations/agent/0013_upgrades.sql")),
+    (14, include_str!("../../../migrations/agent/0014_store_lineage.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;
@@ -81,6 +82,8 @@ impl Db {
             set_health(&health, Some(format!("integrity check failed: {check}")));
         }
         migrate(&mut conn)?;
+        // Every opening numbers on in a new segment (see meridian_shared::lineage).
+        queries::open_segment(&conn)?;
         let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
         let thread_health = health.clone();
         std::thread::Builder::new()

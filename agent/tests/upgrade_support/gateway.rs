@@ -59,6 +59,7 @@ impl Gateway {
                 seq,
                 kind: cmd.kind().into(),
                 payload: cmd.payload(),
+                ..Default::default()
             })),
         };
         downlink.send(Ok(frame)).await.expect("send the command");
@@ -115,6 +116,7 @@ impl AgentGateway for Gateway {
             controller_time_ms: 0,
             heartbeat_interval_ms: 200,
             controller_version: "scripted".into(),
+            ..Default::default()
         });
         tx.send(Ok(ControllerFrame { body: Some(welcome) })).await.ok();
         let state = self.0.clone();

@@ -25,6 +25,7 @@ use crate::store::{AgentRecord, ApiToken, EnrollmentToken, Role, Store};
 pub mod appointment_sync;
 pub mod appointments;
 pub mod error;
+pub mod incidents;
 pub mod releases;
 pub mod request_ops;
 pub mod rollouts;
@@ -122,6 +123,7 @@ pub fn router_with(
             clock: booking.clock.clone(),
             commands_changed: state.commands_changed.clone(),
         }))
+        .merge(incidents::routes(incidents::IncidentsState { store: state.store.clone() }))
         .merge(appointment_sync::routes(booking.clone()))
         .merge(appointments::routes(booking))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -719,6 +721,13 @@ pub struct AgentView {
     pub enrolled_at: chrono::DateTime<Utc>,
     pub revoked: bool,
     pub revoked_at: Option<chrono::DateTime<Utc>>,
+    /// Incidents of this agent not acknowledged yet (`/api/v1/incidents`): a store restored
+    /// from a backup on either end, a gap of events.
+    #[serde(default)]
+    pub open_incidents: u64,
+    /// The newest of them, e.g. "restored from backup: resequenced 300 events".
+    #[serde(default)]
+    pub incident: Option<String>,
 }
 
 impl From<AgentRecord> for AgentView {
@@ -750,6 +759,8 @@ impl From<AgentRecord> for AgentView {
             enrolled_at: a.enrolled_at,
             revoked: a.revoked_at.is_some(),
             revoked_at: a.revoked_at,
+            open_incidents: a.open_incidents,
+            incident: a.incident,
         }
     }
 }

@@ -213,13 +213,13 @@ async fn fleet(State(state): State<ApiState>, headers: HeaderMap) -> Response {
         main {
             table #fleet {
                 tr { th { "Site" } th { "Name" } th { "Agent" } th { "Link" } th { "Version" } th { "Configuration" }
-                     th { "Backlog" } th { "Clock skew" } th { "Store" } }
+                     th { "Backlog" } th { "Clock skew" } th { "Store" } th { "Incidents" } }
                 @for site in config.sites() {
                     @let agent = agents.iter().filter(|a| a.site == site.code && a.revoked_at.is_none()).max_by_key(|a| a.enrolled_at);
                     tr .site data-site=(site.code) {
                         td { (site.code) } td { (site.name) }
                         @match agent {
-                            None => { td colspan="7" .stale { "no agent enrolled" } }
+                            None => { td colspan="8" .stale { "no agent enrolled" } }
                             Some(a) => {
                                 @let view = AgentView::from(a.clone());
                                 td { (view.id.chars().take(8).collect::<String>()) }
@@ -241,6 +241,12 @@ async fn fleet(State(state): State<ApiState>, headers: HeaderMap) -> Response {
                                 td .backlog { (view.outbox_pending) }
                                 td { (format!("{:+} ms", view.clock_skew_ms)) }
                                 td { @if let Some(e) = &view.store_error { span .offline { (e) } } @else { "ok" } }
+                                td .incidents {
+                                    @if let Some(i) = &view.incident {
+                                        span .offline { (i) }
+                                        @if view.open_incidents > 1 { " (" (view.open_incidents) " open)" }
+                                    } @else { "none" }
+                                }
                             }
                         }
                     }

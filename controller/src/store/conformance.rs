@@ -27,6 +27,7 @@ fn site(code: &str) -> Resource {
 
 fn commit(expected: u64, upserts: Vec<Resource>, publish: &[&str]) -> ConfigCommit {
     ConfigCommit {
+        revision_floor: None,
         expected_revision: expected,
         actor: "test".into(),
         summary: format!("{} change(s)", upserts.len()),
@@ -1084,6 +1085,132 @@ pub async fn releases_are_stored_whole_and_read_by_chunk(store: &dyn Store) {
     assert_eq!(store.list_releases().await.expect("list").len(), 2);
 }
 
+pub async fn session_repairs_are_atomic_and_incidents_acknowledged_once(store: &dyn Store) {
+    use crate::store::sessions::{Incident, IncidentFilter, IncidentKind, SessionRepair};
+    use meridian_shared::lineage::{Gap, Segment};
+    store.commit_config(commit(0, vec![site("SFO")], &["SFO"])).await.expect("c");
+    let agent = enroll_agent(store, "SFO", "lineage").await;
+    let created: Vec<IncomingEvent> = (1..=6u64)
+        .map(|seq| IncomingEvent {
+            seq,
+            kind: "VISIT_CREATED".into(),
+            occurred_at: t0(),
+            payload: format!(
+                "{{\"visit_id\":\"{}\",\"ticket\":\"A{seq:03}\",\"service\":\"GEN\",\
+                 \"queue\":\"{}\",\"business_day\":\"2026-11-02\",\
+                 \"created_at\":\"2026-11-02T09:00:00Z\"}}",
+                meridian_shared::VisitId::new(),
+                if seq % 2 == 0 { "general" } else { "accounts" }
+            ),
+            quarantine: None,
+        })
+        .collect();
+    assert_eq!(store.ingest_events(agent.id, &created, t0()).await.expect("ingest"), Ok(6));
+
+    // The command at the agent's head, by its nonce.
+    let head = store.commands_after(agent.id, 0, 10).await.expect("commands");
+    assert!(head[0].nonce > 0, "every logged command has a nonce");
+    let state = store.session_state(agent.id, 0, &[head[0].seq, 99]).await.expect("state");
+    assert_eq!(state.acked, 6);
+    assert_eq!(state.nonces.into_iter().collect::<Vec<_>>(), [(head[0].seq, head[0].nonce)]);
+    assert!(state.lineage.is_empty() && state.gaps.is_empty());
+
+    // A lineage written, then read from the segment covering floor + 1.
+    let seg = |id, first_seq| Segment { id, first_seq, origin: None };
+    let repair = |expected, acked, from, lineage: Vec<Segment>, incidents| SessionRepair {
+        expected_acked: expected,
+        acked,
+        lineage_from: from,
+        lineage,
+        incidents,
+    };
+    let origin = meridian_shared::lineage::Origin { keep_through: 2, base: 3, moved_head: 7 };
+    let lineage = vec![seg(11, 1), Segment { origin: Some(origin), ..seg(12, 4) }, seg(13, 9)];
+    assert!(
+        store.repair_session(agent.id, &repair(6, 6, 1, lineage.clone(), vec![])).await.expect("r")
+    );
+    assert_eq!(store.session_state(agent.id, 0, &[]).await.expect("s").lineage, lineage);
+    assert_eq!(store.session_state(agent.id, 5, &[]).await.expect("s").lineage, lineage[1..]);
+    assert_eq!(store.session_state(agent.id, 8, &[]).await.expect("s").lineage, lineage[2..]);
+
+    // A repair made from a stale acknowledgement writes nothing.
+    let gap = Incident {
+        gap: Some(Gap { first: 7, last: 20 }),
+        ..Incident::new(agent.id, "SFO", IncidentKind::EventGap, "gap of 14 events".into(), t0())
+    };
+    let stale = repair(5, 20, 9, vec![seg(14, 9)], vec![gap.clone()]);
+    assert!(!store.repair_session(agent.id, &stale).await.expect("stale"));
+    assert_eq!(store.agent(agent.id).await.expect("a").expect("agent").acked_seq, 6);
+    assert!(
+        store
+            .incidents(&IncidentFilter { limit: 10, ..Default::default() })
+            .await
+            .expect("l")
+            .is_empty()
+    );
+
+    // A gap moves the acknowledgement with its incident, in one go.
+    let fixed = repair(6, 20, 9, vec![seg(14, 9)], vec![gap.clone()]);
+    assert!(store.repair_session(agent.id, &fixed).await.expect("gap"));
+    let row = store.agent(agent.id).await.expect("a").expect("agent");
+    assert_eq!((row.acked_seq, row.open_incidents), (20, 1));
+    assert_eq!(row.incident.as_deref(), Some("gap of 14 events"));
+    let state = store.session_state(agent.id, 0, &[]).await.expect("s");
+    assert_eq!(state.lineage, [lineage[0], lineage[1], seg(14, 9)]);
+    assert_eq!(state.gaps, [Gap { first: 7, last: 20 }]);
+    assert!(store.session_state(agent.id, 20, &[]).await.expect("s").gaps.is_empty());
+
+    let at = |seqs: &[u64]| -> Vec<IncomingEvent> {
+        seqs.iter().map(|&seq| IncomingEvent { seq, ..created[0].clone() }).collect()
+    };
+    assert_eq!(store.ingest_events(agent.id, &at(&[21]), t0()).await.expect("i"), Ok(21));
+    // A batch steps over a recorded gap, and over nothing else.
+    let later = Incident {
+        gap: Some(Gap { first: 25, last: 30 }),
+        ..Incident::new(agent.id, "SFO", IncidentKind::EventGap, "gap of 6 events".into(), t0())
+    };
+    let no_lineage = u64::MAX >> 1;
+    assert!(
+        store
+            .repair_session(agent.id, &repair(21, 21, no_lineage, vec![], vec![later]))
+            .await
+            .expect("r")
+    );
+    assert_eq!(
+        store.ingest_events(agent.id, &at(&[22, 23, 24, 31]), t0()).await.expect("i"),
+        Ok(31)
+    );
+    assert_eq!(
+        store.ingest_events(agent.id, &at(&[33]), t0()).await.expect("i"),
+        Err(IngestError::Gap { first: 33, acked: 31 })
+    );
+    assert_eq!(
+        store.ingest_events(agent.id, &at(&[32, 34]), t0()).await.expect("i"),
+        Err(IngestError::NotContiguous(34))
+    );
+
+    let open = IncidentFilter { agent: Some(agent.id.to_string()), open_only: true, limit: 10 };
+    let listed = store.incidents(&open).await.expect("list");
+    assert_eq!(listed.len(), 2);
+    let listed: Vec<Incident> = listed.into_iter().filter(|i| i.id == gap.id).collect();
+    assert_eq!((listed[0].kind, listed[0].gap), (IncidentKind::EventGap, gap.gap));
+    assert!(store.acknowledge_incident(&gap.id, "ops", t0()).await.expect("ack"));
+    assert!(!store.acknowledge_incident(&gap.id, "ops", t0()).await.expect("ack again"));
+    assert_eq!(store.incidents(&open).await.expect("list").len(), 1);
+    let row = store.agent(agent.id).await.expect("a").expect("agent");
+    assert_eq!((row.open_incidents, row.incident.as_deref()), (1, Some("gap of 6 events")));
+    let all =
+        store.incidents(&IncidentFilter { limit: 10, ..Default::default() }).await.expect("l");
+    let acknowledged = all.iter().find(|i| i.id == gap.id).expect("listed");
+    assert_eq!(acknowledged.acknowledged_by.as_deref(), Some("ops"));
+
+    // The last ticket per queue and day after a sequence.
+    let floors = store.ticket_floors(agent.id, 2, t0() - Duration::days(1)).await.expect("floors");
+    // (seqs 21–31 repeat the first event: queue "accounts", ticket A001)
+    let floors: Vec<(String, String)> = floors.into_iter().map(|f| (f.queue, f.ticket)).collect();
+    assert_eq!(floors, [("accounts".into(), "A001".into()), ("general".into(), "A006".into())]);
+}
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -1103,6 +1230,7 @@ macro_rules! store_conformance_suite {
             appointment_attendance_flows_back_with_the_conflict_rules,
             branch_closures_flag_earlier_bookings_and_refuse_new_ones,
             releases_are_stored_whole_and_read_by_chunk,
+            session_repairs_are_atomic_and_incidents_acknowledged_once,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

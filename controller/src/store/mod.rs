@@ -30,6 +30,7 @@ mod postgres;
 pub mod releases;
 pub mod requests;
 pub mod rollouts;
+pub mod sessions;
 mod sql_common;
 mod sqlite;
 pub mod stats;
@@ -57,6 +58,10 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
 #[derive(Debug, Clone)]
 pub struct ConfigCommit {
     pub expected_revision: u64,
+    /// Commit at this revision instead of `expected_revision + 1` (must be above it): to bring
+    /// the revision above what an agent applied from a controller database later restored
+    /// from a dump.
+    pub revision_floor: Option<u64>,
     pub actor: String,
     pub summary: String,
     pub upserts: Vec<Resource>,
@@ -65,6 +70,14 @@ pub struct ConfigCommit {
     /// stamped with the new revision) to enqueue for every active agent of the site.
     pub publish: Vec<(SiteCode, Vec<u8>)>,
     pub at: DateTime<Utc>,
+}
+
+impl ConfigCommit {
+    /// The revision this commit creates.
+    pub fn revision(&self) -> u64 {
+        let next = self.expected_revision + 1;
+        self.revision_floor.map_or(next, |f| f.max(next))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -160,6 +173,10 @@ pub struct AgentRecord {
     pub store_error: Option<String>,
     /// The latest revision of the site's configuration (what `config_revision` should reach).
     pub site_revision: u64,
+    /// Incidents of this agent no admin has acknowledged yet (see `sessions`).
+    pub open_incidents: u64,
+    /// The newest of them, as a sentence.
+    pub incident: Option<String>,
 }
 
 /// What a session reports about its agent.
@@ -205,6 +222,8 @@ pub struct CommandRecord {
     pub kind: String,
     pub payload: Vec<u8>,
     pub created_at: DateTime<Utc>,
+    /// Random, fixed when logged (0 for commands logged before nonces existed).
+    pub nonce: u64,
 }
 
 /// Why an event batch was refused (the agent resends from the acknowledged sequence).
@@ -226,6 +245,7 @@ pub trait Store:
     + requests::RequestStore
     + rollouts::RolloutStore
     + releases::ReleaseStore
+    + sessions::SessionStore
     + Send
     + Sync
     + 'static

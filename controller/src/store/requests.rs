@@ -248,6 +248,7 @@ pub(crate) const AGENT_COMMANDS: crate::store::stats_sql::Table = crate::store::
         ("kind", crate::store::stats_sql::Col::Text),
         ("payload", crate::store::stats_sql::Col::Text),
         ("created_at", crate::store::stats_sql::Col::Time),
+        ("nonce", crate::store::stats_sql::Col::Int),
     ],
     key: &["agent_id", "seq"],
     update: false,
@@ -1333,6 +1334,7 @@ macro_rules! impl_request_store {
                             Cell::Text(Some(kind)),
                             Cell::Text(Some(payload)),
                             Cell::Time(Some(*created_at)),
+                            Cell::Int(Some(meridian_shared::lineage::new_nonce() as i64)),
                         ])?;
                         if let (Some(op), Some(target)) = (op, target) {
                             sqlx::query(

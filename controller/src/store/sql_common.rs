@@ -17,7 +17,11 @@ macro_rules! agent_select {
         "SELECT a.id, a.site, a.hostname, a.credential_hash, \
          a.enrolled_at, a.revoked_at, a.version, a.connected, a.last_seen, a.config_revision, \
          a.acked_seq, a.command_seq, a.command_acked_seq, a.command_error, a.outbox_pending, \
-         a.clock_skew_ms, a.store_error, COALESCE(sr.revision, 0) AS site_revision \
+         a.clock_skew_ms, a.store_error, COALESCE(sr.revision, 0) AS site_revision, \
+         (SELECT COUNT(*) FROM agent_incidents i \
+          WHERE i.agent_id = a.id AND i.acknowledged_at IS NULL) AS open_incidents, \
+         (SELECT i.summary FROM agent_incidents i WHERE i.agent_id = a.id \
+          AND i.acknowledged_at IS NULL ORDER BY i.occurred_at DESC LIMIT 1) AS incident \
          FROM agents a LEFT JOIN site_revisions sr ON sr.site = a.site"
     };
 }
@@ -43,6 +47,8 @@ pub(super) struct AgentRow {
     clock_skew_ms: i64,
     store_error: Option<String>,
     site_revision: i64,
+    open_incidents: i64,
+    incident: Option<String>,
 }
 
 impl TryFrom<AgentRow> for AgentRecord {
@@ -67,6 +73,8 @@ impl TryFrom<AgentRow> for AgentRecord {
             clock_skew_ms: r.clock_skew_ms,
             store_error: r.store_error,
             site_revision: r.site_revision as u64,
+            open_incidents: r.open_incidents.max(0) as u64,
+            incident: r.incident,
         })
     }
 }
@@ -180,6 +188,7 @@ pub(super) struct CommandRow {
     kind: String,
     payload: String,
     created_at: DateTime<Utc>,
+    nonce: i64,
 }
 
 impl From<CommandRow> for CommandRecord {
@@ -189,6 +198,7 @@ impl From<CommandRow> for CommandRecord {
             kind: r.kind,
             payload: r.payload.into_bytes(),
             created_at: r.created_at,
+            nonce: r.nonce as u64,
         }
     }
 }
@@ -213,6 +223,7 @@ macro_rules! impl_store {
         $crate::store::requests::impl_request_store!($ty, lock = $lock);
         $crate::store::rollouts::impl_rollout_store!($ty, lock = $lock);
         $crate::store::releases::impl_release_store!($ty, lock = $lock);
+        $crate::store::sessions::impl_session_store!($ty);
 
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.
@@ -230,13 +241,15 @@ macro_rules! impl_store {
                 .fetch_one(&mut **tx)
                 .await?;
                 sqlx::query(
-                    "INSERT INTO agent_commands (agent_id, seq, kind, payload, created_at) VALUES ($1, $2, $3, $4, $5)",
+                    "INSERT INTO agent_commands (agent_id, seq, kind, payload, created_at, nonce) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
                 )
                 .bind(agent_id)
                 .bind(seq)
                 .bind(kind)
                 .bind(String::from_utf8_lossy(payload).into_owned())
                 .bind(at)
+                .bind(meridian_shared::lineage::new_nonce() as i64)
                 .execute(&mut **tx)
                 .await?;
                 Self::notify_commands(tx).await?;
@@ -297,7 +310,7 @@ macro_rules! impl_store {
                 if current as u64 != commit.expected_revision {
                     return Err($crate::error::Error::RevisionConflict);
                 }
-                let revision = (commit.expected_revision + 1) as i64;
+                let revision = commit.revision() as i64;
                 for res in &commit.upserts {
                     let key = res.key();
                     let body = serde_json::to_string(res)
@@ -719,13 +732,29 @@ macro_rules! impl_store {
                 let Some(first) = events.first() else {
                     return Ok(Ok(acked));
                 };
-                for (i, ev) in events.iter().enumerate() {
-                    if ev.seq != first.seq + i as u64 {
-                        return Ok(Err(IngestError::NotContiguous(ev.seq)));
+                let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+                if meridian_shared::lineage::out_of_place(acked, &seqs, &[]).is_some() {
+                    // Only a recorded gap (events the controller will never have) may be
+                    // stepped over.
+                    let gaps: Vec<(i64, i64)> = sqlx::query_as(
+                        "SELECT gap_first, gap_last FROM agent_incidents WHERE agent_id = $1 \
+                         AND kind = 'event_gap' AND gap_last > $2",
+                    )
+                    .bind(&agent_id)
+                    .bind(acked as i64)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let gaps: Vec<meridian_shared::lineage::Gap> = gaps
+                        .into_iter()
+                        .map(|(f, l)| meridian_shared::lineage::Gap { first: f as u64, last: l as u64 })
+                        .collect();
+                    if let Some(seq) = meridian_shared::lineage::out_of_place(acked, &seqs, &gaps) {
+                        return Ok(Err(if seq == first.seq {
+                            IngestError::Gap { first: first.seq, acked }
+                        } else {
+                            IngestError::NotContiguous(seq)
+                        }));
                     }
-                }
-                if first.seq == 0 || first.seq > acked + 1 {
-                    return Ok(Err(IngestError::Gap { first: first.seq, acked }));
                 }
                 let fresh: Vec<&$crate::store::IncomingEvent> =
                     events.iter().filter(|e| e.seq > acked).collect();
@@ -805,7 +834,7 @@ macro_rules! impl_store {
                 limit: u32,
             ) -> $crate::error::Result<Vec<$crate::store::CommandRecord>> {
                 let rows: Vec<$crate::store::sql_common::CommandRow> = sqlx::query_as(
-                    "SELECT seq, kind, payload, created_at FROM agent_commands \
+                    "SELECT seq, kind, payload, created_at, nonce FROM agent_commands \
                      WHERE agent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                 )
                 .bind($crate::store::sql_common::agent_key(agent))
