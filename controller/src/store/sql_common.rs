@@ -21,7 +21,9 @@ macro_rules! agent_select {
          (SELECT COUNT(*) FROM agent_incidents i \
           WHERE i.agent_id = a.id AND i.acknowledged_at IS NULL) AS open_incidents, \
          (SELECT i.summary FROM agent_incidents i WHERE i.agent_id = a.id \
-          AND i.acknowledged_at IS NULL ORDER BY i.occurred_at DESC LIMIT 1) AS incident \
+          AND i.acknowledged_at IS NULL \
+          ORDER BY CASE WHEN i.kind = 'event_gap' THEN 0 ELSE 1 END, i.occurred_at DESC, i.id DESC \
+          LIMIT 1) AS incident \
          FROM agents a LEFT JOIN site_revisions sr ON sr.site = a.site"
     };
 }
