@@ -23,6 +23,7 @@ pub mod closures;
 pub mod distribution;
 pub mod error;
 pub mod link;
+pub mod metrics;
 pub mod openapi;
 pub mod request_rules;
 pub mod requests;
@@ -67,6 +68,8 @@ pub struct Context {
     /// Upgrades of the agent's own binary: who signs releases, where they are staged, whether
     /// this process can replace its binary at all.
     pub upgrades: upgrade::Upgrades,
+    /// Prometheus metrics (`/metrics` on `metrics_listen`).
+    pub metrics: metrics::Metrics,
 }
 
 impl Context {
@@ -87,8 +90,9 @@ impl Context {
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
             Error::Internal(format!("cannot create {}: {e}", settings.data_dir.display()))
         })?;
-        let db = store::Db::open(&settings.data_dir.join("agent.db"))?;
+        let db = store::Db::open(&settings.data_dir.join(store::DB_FILE))?;
         let config = db.read(store::queries::site_config).await?;
+        let metrics = metrics::Metrics::new(settings.data_dir.clone(), db.failures().clone());
         Ok(Arc::new(Context {
             db,
             config: watch::Sender::new(config.map(Arc::new)),
@@ -99,6 +103,7 @@ impl Context {
             sync_requested: Notify::new(),
             rules: request_rules::RuleCache::default(),
             upgrades,
+            metrics,
         }))
     }
 }
@@ -222,6 +227,27 @@ pub async fn run_upgradable(
     }
 }
 
+/// Binds the metrics listener (`metrics_listen`; empty = no metrics). It is unauthenticated:
+/// an address other than loopback is served, with a warning.
+async fn bind_metrics(addr: &str) -> Result<Option<TcpListener>> {
+    let addr = addr.trim();
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("metrics_listen {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("metrics_listen {addr}: {e}")))?;
+    if local.ip().is_loopback() {
+        tracing::info!(addr = %local, "metrics listening");
+    } else {
+        tracing::warn!(addr = %local, "metrics listening on a non-loopback address without authentication; keep it off the branch LAN");
+    }
+    Ok(Some(listener))
+}
+
 /// Runs the agent's services until `shutdown`, or until the upgrader decides to switch (then
 /// returns its plan with everything stopped).
 async fn serve(
@@ -239,6 +265,8 @@ async fn serve(
         ),
         None => None,
     };
+    // Before any task starts: a metrics address that cannot be bound stops the agent here.
+    let metrics_listener = bind_metrics(&settings.metrics_listen).await?;
     let link_settings = link::LinkSettings {
         controller_url: settings.controller_url.clone(),
         ca_cert,
@@ -276,13 +304,22 @@ async fn serve(
         timeout: Duration::from_secs(10),
     };
     let webhook_task = tokio::spawn(webhooks::run(ctx.clone(), webhook_settings, services.clone()));
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, "branch server listening");
     if let Some(file) = &settings.ready_file {
-        let ready = serde_json::json!({ "http": addr });
+        let ready = serde_json::json!({ "http": addr, "metrics": metrics_addr });
         std::fs::write(file, ready.to_string())
             .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
+    let metrics_task = metrics_listener.map(|listener| {
+        let stop = services.clone();
+        tokio::spawn(
+            axum::serve(listener, metrics::router(ctx.clone()))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .into_future(),
+        )
+    });
     let server_shutdown = services.clone();
     let mut server = Box::pin(
         axum::serve(http, branch_api::router(ctx.clone()).merge(terminals::router(ctx)))
@@ -303,6 +340,13 @@ async fn serve(
     // Closes the listener (a new binary binds the same address).
     drop(server);
     services.cancel();
+    if let Some(mut task) = metrics_task {
+        // A scrape in progress gets the grace period; then the listener is closed regardless.
+        if tokio::time::timeout(SERVER_GRACE, &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
     let _ = link_task.await;
     let _ = sync_task.await;
     let _ = sweep_task.await;
