@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub mod appointment_sync;
 pub mod appointments;
 pub mod auth;
+pub mod backup;
 pub mod branch_api;
 pub mod check_in;
 pub mod closures;
