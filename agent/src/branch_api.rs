@@ -62,7 +62,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/api/v1/sessions", post(login))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -142,6 +142,20 @@ impl From<JsonRejection> for ApiError {
             _ => "malformed_json",
         };
         ApiError::new(r.status(), code, r.body_text())
+    }
+}
+
+/// `GET /healthz`: 200 `{"status":"ok"}`, or 503 `{"status":"degraded","store_error":"…"}`
+/// while the store is unhealthy (a change failed at the store level — disk full, I/O error —
+/// and none has committed since). The link being down is not a degradation: the branch works.
+async fn healthz(State(ctx): State<Arc<Context>>) -> Response {
+    match ctx.db.health() {
+        None => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Some(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "degraded", "store_error": e })),
+        )
+            .into_response(),
     }
 }
 

@@ -17,12 +17,14 @@ use tokio_util::sync::CancellationToken;
 pub mod appointment_sync;
 pub mod appointments;
 pub mod auth;
+pub mod backup;
 pub mod branch_api;
 pub mod check_in;
 pub mod closures;
 pub mod distribution;
 pub mod error;
 pub mod link;
+pub mod metrics;
 pub mod openapi;
 pub mod request_rules;
 pub mod requests;
@@ -69,6 +71,8 @@ pub struct Context {
     pub upgrades: upgrade::Upgrades,
     /// How long acknowledged events stay in the outbox (`Settings::local_retention_s`).
     pub local_retention: chrono::Duration,
+    /// Prometheus metrics (`/metrics` on `metrics_listen`).
+    pub metrics: metrics::Metrics,
 }
 
 impl Context {
@@ -89,8 +93,9 @@ impl Context {
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
             Error::Internal(format!("cannot create {}: {e}", settings.data_dir.display()))
         })?;
-        let db = store::Db::open(&settings.data_dir.join("agent.db"))?;
+        let db = store::Db::open(&settings.data_dir.join(store::DB_FILE))?;
         let config = db.read(store::queries::site_config).await?;
+        let metrics = metrics::Metrics::new(settings.data_dir.clone(), db.failures().clone());
         Ok(Arc::new(Context {
             db,
             config: watch::Sender::new(config.map(Arc::new)),
@@ -104,6 +109,7 @@ impl Context {
             local_retention: chrono::Duration::seconds(
                 i64::try_from(settings.local_retention_s).unwrap_or(i64::MAX / 1_000),
             ),
+            metrics,
         }))
     }
 }
@@ -227,6 +233,27 @@ pub async fn run_upgradable(
     }
 }
 
+/// Binds the metrics listener (`metrics_listen`; empty = no metrics). It is unauthenticated:
+/// an address other than loopback is served, with a warning.
+async fn bind_metrics(addr: &str) -> Result<Option<TcpListener>> {
+    let addr = addr.trim();
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("metrics_listen {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("metrics_listen {addr}: {e}")))?;
+    if local.ip().is_loopback() {
+        tracing::info!(addr = %local, "metrics listening");
+    } else {
+        tracing::warn!(addr = %local, "metrics listening on a non-loopback address without authentication; keep it off the branch LAN");
+    }
+    Ok(Some(listener))
+}
+
 /// Runs the agent's services until `shutdown`, or until the upgrader decides to switch (then
 /// returns its plan with everything stopped).
 async fn serve(
@@ -244,6 +271,8 @@ async fn serve(
         ),
         None => None,
     };
+    // Before any task starts: a metrics address that cannot be bound stops the agent here.
+    let metrics_listener = bind_metrics(&settings.metrics_listen).await?;
     let link_settings = link::LinkSettings {
         controller_url: settings.controller_url.clone(),
         ca_cert,
@@ -281,13 +310,22 @@ async fn serve(
         timeout: Duration::from_secs(10),
     };
     let webhook_task = tokio::spawn(webhooks::run(ctx.clone(), webhook_settings, services.clone()));
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, "branch server listening");
     if let Some(file) = &settings.ready_file {
-        let ready = serde_json::json!({ "http": addr });
+        let ready = serde_json::json!({ "http": addr, "metrics": metrics_addr });
         std::fs::write(file, ready.to_string())
             .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
+    let metrics_task = metrics_listener.map(|listener| {
+        let stop = services.clone();
+        tokio::spawn(
+            axum::serve(listener, metrics::router(ctx.clone()))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .into_future(),
+        )
+    });
     let server_shutdown = services.clone();
     let mut server = Box::pin(
         axum::serve(http, branch_api::router(ctx.clone()).merge(terminals::router(ctx)))
@@ -308,6 +346,13 @@ async fn serve(
     // Closes the listener (a new binary binds the same address).
     drop(server);
     services.cancel();
+    if let Some(mut task) = metrics_task {
+        // A scrape in progress gets the grace period; then the listener is closed regardless.
+        if tokio::time::timeout(SERVER_GRACE, &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
     let _ = link_task.await;
     let _ = sync_task.await;
     let _ = sweep_task.await;

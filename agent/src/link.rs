@@ -90,6 +90,7 @@ pub async fn run(ctx: Arc<Context>, settings: LinkSettings, shutdown: Cancellati
             Err(e) => e.to_string(),
         };
         set_link(&ctx, false, Some(error.clone()));
+        ctx.metrics.link_reconnects.inc();
         if started.elapsed() >= HEALTHY_AFTER {
             attempt = 0;
         }
@@ -562,6 +563,7 @@ async fn apply_command(
         ctx.upgrades.requested.notify_one();
     }
     if let Some(e) = &applied.error {
+        ctx.metrics.commands_rejected.inc();
         tracing::warn!(seq, error = %e, "rejected a command from the controller");
     }
     Ok(applied.error)

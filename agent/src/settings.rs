@@ -15,6 +15,10 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// The branch LAN HTTP server (terminals and connector API).
     pub http_listen: String,
+    /// Prometheus `/metrics`, on a listener of its own; empty (the default) = off. It has no
+    /// authentication: bind it to loopback (`127.0.0.1:9464`) or a management network, never
+    /// to the branch LAN.
+    pub metrics_listen: String,
     /// PEM trust anchor for the controller's TLS certificate; the public web roots otherwise.
     pub ca_cert: Option<PathBuf>,
     /// One-time enrollment token, used only while the agent has no credential.
@@ -57,6 +61,7 @@ impl Default for Settings {
             controller_url: "http://127.0.0.1:8081".into(),
             data_dir: PathBuf::from("agent-data"),
             http_listen: "127.0.0.1:8101".into(),
+            metrics_listen: String::new(),
             ca_cert: None,
             enrollment_token: String::new(),
             heartbeat_ms: 3_000,
@@ -87,6 +92,7 @@ impl fmt::Debug for Settings {
             .field("controller_url", &self.controller_url)
             .field("data_dir", &self.data_dir)
             .field("http_listen", &self.http_listen)
+            .field("metrics_listen", &self.metrics_listen)
             .field("ca_cert", &self.ca_cert)
             .field("enrollment_token", &if self.enrollment_token.is_empty() { "" } else { "***" })
             .field("heartbeat_ms", &self.heartbeat_ms)

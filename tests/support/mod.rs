@@ -356,6 +356,8 @@ impl ControllerProc {
 pub struct AgentProc {
     pub child: Child,
     pub url: String,
+    /// `http://host:port/metrics` when started with `MERIDIAN_AGENT_METRICS_LISTEN`.
+    pub metrics: Option<String>,
     pub dir: PathBuf,
     controller_url: String,
 }
@@ -400,6 +402,7 @@ impl AgentProc {
         AgentProc {
             child,
             url: format!("http://{}", r["http"].as_str().expect("http addr")),
+            metrics: r["metrics"].as_str().map(|a| format!("http://{a}/metrics")),
             dir: dir.to_owned(),
             controller_url: controller_url.to_owned(),
         }

@@ -1,4 +1,5 @@
-//! `meridian-agent`: runs a branch agent, or prints its default configuration.
+//! `meridian-agent`: runs a branch agent, prints its default configuration, or backs up its
+//! store while it runs.
 //!
 //! Only this executable can upgrade itself (it hands `meridian_agent::run_upgradable` its
 //! `Upgrader`): at start it may exec the current release installed under
@@ -29,6 +30,12 @@ enum Command {
     Run,
     /// Print the default settings as TOML.
     PrintConfig,
+    /// Write a consistent copy of the agent's database (data_dir/agent.db) to DESTINATION,
+    /// mode 0600, while the agent runs; an existing file is never overwritten.
+    Backup {
+        /// The file to create.
+        destination: PathBuf,
+    },
 }
 
 /// How long the agent's tasks get to end when its runtime is dropped (before a watchdog takes
@@ -42,6 +49,13 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let settings = Settings::load(cli.config.as_deref())?;
+    if let Some(Command::Backup { destination }) = &cli.command {
+        let source = settings.data_dir.join(meridian_agent::store::DB_FILE);
+        let report = meridian_agent::backup::backup(&source, destination)
+            .with_context(|| format!("backing up {}", source.display()))?;
+        println!("{report}");
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log))
         .init();

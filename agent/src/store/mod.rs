@@ -7,18 +7,24 @@
 //! Invariants: a job's changes (state + its outbox event) commit together or not at all; a job
 //! that fails is rolled back to its savepoint without affecting the others in the batch; a
 //! panic in a job is re-raised in the caller. Store-level failures (disk full, corruption, I/O)
-//! are recorded in `health()` and logged at error level; they clear after the next good commit.
+//! are recorded in `health()`, counted (`failures()`) and logged at error level; they clear only
+//! after a later batch commits a change (a read, or a write that changed nothing, proves nothing
+//! about the disk: SQLite serves them without writing).
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::counter::Counter;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 
 pub mod queries;
+
+/// The database file in the agent's `data_dir`.
+pub const DB_FILE: &str = "agent.db";
 
 /// Jobs per group commit.
 const MAX_BATCH: usize = 256;
@@ -62,6 +68,8 @@ struct Outcome {
 pub struct Db {
     jobs: mpsc::Sender<Msg>,
     health: Arc<Mutex<Option<String>>>,
+    /// Batches that failed at the store level since the database was opened.
+    failures: Counter,
 }
 
 impl Db {
@@ -85,17 +93,24 @@ impl Db {
         // Every opening numbers on in a new segment (see meridian_shared::lineage).
         queries::open_segment(&conn)?;
         let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
-        let thread_health = health.clone();
+        let failures = Counter::default();
+        let status = Status { health: health.clone(), failures: failures.clone() };
         std::thread::Builder::new()
             .name("agent-store".into())
-            .spawn(move || store_thread(conn, rx, thread_health))
+            .spawn(move || store_thread(conn, rx, status))
             .map_err(|e| Error::Internal(format!("cannot start the store thread: {e}")))?;
-        Ok(Db { jobs: tx, health })
+        Ok(Db { jobs: tx, health, failures })
     }
 
-    /// The last store-level failure, if the store is currently unhealthy.
+    /// The last store-level failure, if the store is currently unhealthy: set when a batch
+    /// fails (disk full, I/O error, corruption), cleared when a later batch commits a change.
     pub fn health(&self) -> Option<String> {
         self.health.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Counts store-level failures (one per failed batch, as logged); `/metrics` shows it.
+    pub fn failures(&self) -> &Counter {
+        &self.failures
     }
 
     /// Runs `f` in a durable transaction (group-committed with other callers).
@@ -166,6 +181,29 @@ fn set_health(health: &Mutex<Option<String>>, value: Option<String>) {
     }
 }
 
+/// What the store thread reports about itself.
+struct Status {
+    health: Arc<Mutex<Option<String>>>,
+    failures: Counter,
+}
+
+impl Status {
+    /// Records a store-level failure: logged, counted, and unhealthy until a change commits.
+    fn failed(&self, error: &str) {
+        tracing::error!(error = %error, "agent store failure: the change was not recorded");
+        self.failures.inc();
+        set_health(&self.health, Some(error.to_owned()));
+    }
+
+    /// Records that a batch committed a change: the store is writable again.
+    fn wrote(&self) {
+        let was = std::mem::take(&mut *self.health.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(previous) = was {
+            tracing::info!(previous = %previous, "agent store healthy again: a change was committed");
+        }
+    }
+}
+
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (version, sql) in MIGRATIONS {
@@ -180,7 +218,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Msg>, health: Arc<Mutex<Option<String>>>) {
+fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Msg>, status: Status) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
     while let Some(first) = rx.blocking_recv() {
@@ -196,7 +234,7 @@ fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Msg>, health: Arc<Mutex
             }
         }
         if !batch.is_empty() {
-            run_batch(&conn, &mut batch, &health);
+            run_batch(&conn, &mut batch, &status);
         }
         if closing.is_some() {
             break;
@@ -213,11 +251,10 @@ fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Msg>, health: Arc<Mutex
     }
 }
 
-fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<String>>) {
+fn run_batch(conn: &Connection, batch: &mut Vec<Job>, status: &Status) {
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
-        let msg = e.to_string();
-        tracing::error!(error = %msg, "agent store cannot begin a transaction");
-        set_health(health, Some(msg.clone()));
+        let msg = format!("cannot begin a transaction: {e}");
+        status.failed(&msg);
         // Dropping the jobs unrun closes their reply channels: callers get `StoreGone`.
         batch.clear();
         return;
@@ -228,6 +265,8 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
     // some I/O errors): nothing in the batch may be reported as done, and no later job may run
     // outside the transaction.
     let mut aborted: Option<String> = None;
+    // Whether a job that succeeded changed rows (only such a commit proves the disk writable).
+    let mut changed = false;
     for job in batch.drain(..) {
         if aborted.is_some() {
             drop(job);
@@ -238,7 +277,9 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
             drop(job);
             continue;
         }
+        let changes_before = conn.total_changes();
         let outcome = job(conn);
+        changed |= outcome.ok && conn.total_changes() != changes_before;
         if let Some(f) = &outcome.store_failure {
             failure = Some(f.clone());
         }
@@ -265,11 +306,10 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &Mutex<Option<Stri
         let _ = conn.execute_batch("ROLLBACK");
     }
     match commit_error.as_ref().or(failure.as_ref()) {
-        Some(e) => {
-            tracing::error!(error = %e, "agent store failure: the change was not recorded");
-            set_health(health, Some(e.clone()));
-        }
-        None => set_health(health, None),
+        Some(e) => status.failed(e),
+        None if changed => status.wrote(),
+        // Reads and writes that changed nothing leave the health as it was.
+        None => {}
     }
     for outcome in outcomes {
         (outcome.finish)(commit_error.clone());
@@ -366,18 +406,29 @@ mod tests {
             .await;
         assert!(matches!(&full, Err(Error::Store(e)) if is_store_failure(e)), "{full:?}");
         assert!(db.health().is_some_and(|h| h.contains("full")), "{:?}", db.health());
+        assert_eq!(db.failures().get(), 1);
         let rows: i64 = db
             .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
             .await
             .expect("count");
         assert_eq!(rows, 0, "nothing half-written");
+        // Reads and writes that change nothing commit without touching the disk: no proof.
         db.write(|c| {
+            c.execute("DELETE FROM meta WHERE key = 'nothing'", [])?;
             c.query_row("PRAGMA max_page_count = 1073741823", [], |_| Ok(()))?;
             Ok(())
         })
         .await
         .expect("lift limit");
-        assert_eq!(db.health(), None, "a good commit clears the failure");
+        assert!(db.health().is_some_and(|h| h.contains("full")), "{:?}", db.health());
+        db.write(|c| {
+            c.execute("INSERT INTO meta (key, value) VALUES ('after', 'x')", [])?;
+            Ok(())
+        })
+        .await
+        .expect("write after the limit is lifted");
+        assert_eq!(db.health(), None, "a committed change clears the failure");
+        assert_eq!(db.failures().get(), 1, "the counter keeps counting");
     }
 
     #[tokio::test]
