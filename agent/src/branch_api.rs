@@ -160,6 +160,11 @@ pub struct StatusView {
     pub outbox_high_water: u64,
     pub last_acked_seq: u64,
     pub store_error: Option<String>,
+    /// The agent's clock: its skew from the trusted time, whether the agent uses the system
+    /// clock, and the alert while it does not.
+    pub clock: crate::clock::ClockHealth,
+    /// What the end-of-day sweep has done since the agent started.
+    pub end_of_day: crate::visits::EndOfDaySweeps,
 }
 
 async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, ApiError> {
@@ -183,6 +188,8 @@ async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, Api
         outbox_high_water: high,
         last_acked_seq: acked,
         store_error: ctx.db.health(),
+        clock: ctx.clock_health(),
+        end_of_day: ctx.end_of_day.borrow().clone(),
     }))
 }
 

@@ -213,7 +213,7 @@ async fn session(
         config_revision,
         last_applied_command_seq: last_command,
         outbox_high_water: high_water,
-        agent_time_ms: ctx.clock.now().timestamp_millis(),
+        agent_time_ms: ctx.system_time().timestamp_millis(),
     })))
     .await
     .map_err(|_| LinkError::Lost("outbound closed".into()))?;
@@ -243,6 +243,7 @@ async fn session(
         }
         Ok(Ok(Some(_))) => return Err(LinkError::Lost("expected Welcome".into())),
     };
+    ctx.controller_time(welcome.controller_time_ms);
     let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms))
         .clamp(Duration::from_millis(100), Duration::from_secs(60));
     let acked = welcome.acked_event_seq.min(high_water);
@@ -295,7 +296,7 @@ async fn session(
                     config_revision: revision,
                     outbox_pending: high.saturating_sub(acked),
                     outbox_high_water: high,
-                    agent_time_ms: now,
+                    agent_time_ms: ctx.system_time().timestamp_millis(),
                     store_error: ctx.db.health().unwrap_or_default(),
                 })).await?;
                 pump(ctx, &out, &mut cursors).await?;
