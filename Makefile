@@ -14,6 +14,7 @@ test: provision fmt-check clippy clean-test-databases upgrade-fixture unit-and-e
 provision:
 	bash tests/provision-postgres.sh
 	bash tests/provision-chromium.sh
+	bash tests/provision-faketime.sh
 
 fmt-check:
 	cargo fmt --all -- --check

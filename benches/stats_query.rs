@@ -721,6 +721,7 @@ async fn http_timing(params: &Params, store: Arc<dyn Store>, case: &Case) -> Res
         store,
         metrics: Arc::new(meridian_controller::metrics::Metrics::default()),
         commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+        clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
     };
     let router = api::router(state, 1 << 20);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding")?;

@@ -4,7 +4,6 @@
 //! in `.meridian-dev/`; running it again reuses it (same admin token, same agents, same data).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::Utc;
@@ -72,9 +71,10 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
             heartbeat_ms: 3_000,
             ..Default::default()
         };
-        let ctx = meridian_agent::Context::open(
+        let ctx = meridian_agent::Context::open_on(
             &agent_settings,
-            Arc::new(meridian_shared::clock::SystemClock),
+            meridian_agent::clock::ClockSource::system(),
+            None,
         )
         .await?;
         let enrolled = ctx.db.read(meridian_agent::store::queries::identity).await?.is_some();

@@ -174,6 +174,11 @@ pub struct StatusView {
     pub outbox_high_water: u64,
     pub last_acked_seq: u64,
     pub store_error: Option<String>,
+    /// The agent's clock: its skew from the trusted time, whether the agent uses the system
+    /// clock, and the alert while it does not.
+    pub clock: crate::clock::ClockHealth,
+    /// What the end-of-day sweep has done since the agent started.
+    pub end_of_day: crate::visits::EndOfDaySweeps,
     /// The newest thing the start of a session found about a restored store (this agent's
     /// from a backup, or the controller's from a dump).
     #[serde(default)]
@@ -214,6 +219,8 @@ async fn status(State(ctx): State<Arc<Context>>) -> Result<Json<StatusView>, Api
         last_acked_seq: acked,
         store_error: ctx.db.health(),
         store_notice: notice.map(|(kind, message, at)| StoreNotice { kind, message, at }),
+        clock: ctx.clock_health(),
+        end_of_day: ctx.end_of_day.borrow().clone(),
     }))
 }
 

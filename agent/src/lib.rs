@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_shared::backoff::BackoffPolicy;
-use meridian_shared::clock::{Clock, SystemClock};
+use meridian_shared::clock::Clock;
 use meridian_shared::config::SiteConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -20,6 +20,7 @@ pub mod auth;
 pub mod backup;
 pub mod branch_api;
 pub mod check_in;
+pub mod clock;
 pub mod closures;
 pub mod distribution;
 pub mod error;
@@ -61,7 +62,13 @@ pub struct Context {
     pub outbox_changed: Notify,
     /// Bumped after every committed change at the branch (terminals refresh on it).
     pub activity: watch::Sender<u64>,
+    /// The time everything at the branch uses.
     pub clock: Arc<dyn Clock>,
+    /// The guard behind `clock` when the agent runs on a guarded clock (`open_on` with
+    /// `ClockSource::Guarded`, as `run` does); `None` for an injected clock.
+    pub clock_guard: Option<Arc<clock::GuardedClock>>,
+    /// What the end-of-day sweep has done since start.
+    pub end_of_day: watch::Sender<visits::EndOfDaySweeps>,
     /// Signalled when the controller asks for a bulk appointment sync.
     pub sync_requested: Notify,
     /// The distribution rules of the applied configuration, compiled.
@@ -76,8 +83,9 @@ pub struct Context {
 }
 
 impl Context {
-    /// Opens the agent's store; an agent opened this way runs inside another program and
-    /// cannot replace its binary (`open_with` takes the capability).
+    /// Opens the agent's store with `clock` used as it is (unguarded: tests that move time on
+    /// purpose); an agent opened this way runs inside another program and cannot replace its
+    /// binary (`open_with` takes the capability).
     pub async fn open(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Context>> {
         Self::open_with(settings, clock, None).await
     }
@@ -89,6 +97,16 @@ impl Context {
         clock: Arc<dyn Clock>,
         upgrader: Option<upgrade::Upgrader>,
     ) -> Result<Arc<Context>> {
+        Self::open_on(settings, clock::ClockSource::Injected(clock), upgrader).await
+    }
+
+    /// Opens the agent's store on `source`: `ClockSource::system()` is the guarded wall clock
+    /// `run` uses; a guarded clock starts from the last good wall time the store kept.
+    pub async fn open_on(
+        settings: &Settings,
+        source: clock::ClockSource,
+        upgrader: Option<upgrade::Upgrader>,
+    ) -> Result<Arc<Context>> {
         let upgrades = upgrade::Upgrades::new(settings, upgrader)?;
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
             Error::Internal(format!("cannot create {}: {e}", settings.data_dir.display()))
@@ -96,6 +114,20 @@ impl Context {
         let db = store::Db::open(&settings.data_dir.join(store::DB_FILE))?;
         let config = db.read(store::queries::site_config).await?;
         let metrics = metrics::Metrics::new(settings.data_dir.clone(), db.failures().clone());
+        let (clock, clock_guard): (Arc<dyn Clock>, _) = match source {
+            clock::ClockSource::Injected(clock) => (clock, None),
+            clock::ClockSource::Guarded { system, monotonic, boot_id } => {
+                let last = db.read(store::queries::clock_last_good).await?;
+                let guard = Arc::new(clock::GuardedClock::new(
+                    system,
+                    monotonic,
+                    boot_id,
+                    settings.clock_tolerance(),
+                    last.as_ref(),
+                ));
+                (guard.clone(), Some(guard))
+            }
+        };
         Ok(Arc::new(Context {
             db,
             config: watch::Sender::new(config.map(Arc::new)),
@@ -103,6 +135,8 @@ impl Context {
             outbox_changed: Notify::new(),
             activity: watch::Sender::new(0),
             clock,
+            clock_guard,
+            end_of_day: watch::Sender::new(visits::EndOfDaySweeps::default()),
             sync_requested: Notify::new(),
             rules: request_rules::RuleCache::default(),
             upgrades,
@@ -134,6 +168,33 @@ impl Context {
         let result = self.db.write(move |c| f(c, &config, now)).await?;
         self.changed();
         Ok(result)
+    }
+
+    /// The clock's health (skew, trusted, alert) as of its last reading.
+    pub fn clock_health(&self) -> clock::ClockHealth {
+        match &self.clock_guard {
+            Some(guard) => guard.health(),
+            None => clock::ClockHealth::unguarded(),
+        }
+    }
+
+    /// The system's wall clock, unguarded: what the agent reports to the controller, so that
+    /// central measures the machine's real skew.
+    pub fn system_time(&self) -> chrono::DateTime<chrono::Utc> {
+        match &self.clock_guard {
+            Some(guard) => guard.system_now(),
+            None => self.clock.now(),
+        }
+    }
+
+    /// The controller's time from a session's Welcome (ms since the epoch; 0 when the
+    /// controller did not say): the guarded clock's reference from now on.
+    pub fn controller_time(&self, ms: i64) {
+        if let (Some(guard), Some(at)) =
+            (&self.clock_guard, chrono::DateTime::from_timestamp_millis(ms).filter(|_| ms > 0))
+        {
+            guard.controller_time(at);
+        }
     }
 
     /// Wakes the link (new outbox events) and the live terminals.
@@ -168,12 +229,9 @@ async fn escalation_sweep(ctx: Arc<Context>, every: Duration, shutdown: Cancella
     }
 }
 
-/// How often the end-of-day rule is checked.
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
-
-/// Ends visits left open when their business day is over (see `EndOfDay`).
-async fn end_of_day_sweep(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+/// Ends visits left open when their business day is over (see `EndOfDay`), every `every`.
+async fn end_of_day_sweep(ctx: Arc<Context>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -182,12 +240,19 @@ async fn end_of_day_sweep(ctx: Arc<Context>, shutdown: CancellationToken) {
         if ctx.site_config().is_err() {
             continue;
         }
-        match ctx.change(visits::close_finished_days).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                visits = n,
-                "ended visits left open at the end of their business day"
-            ),
+        let swept = ctx
+            .change(|c, config, now| Ok((visits::close_finished_days(c, config, now)?, now)))
+            .await;
+        match swept {
+            Ok((ended, at)) => {
+                if ended > 0 {
+                    tracing::info!(
+                        visits = ended,
+                        "ended visits left open at the end of their business day"
+                    );
+                }
+                ctx.end_of_day.send_modify(|s| s.record(at, ended));
+            }
             Err(e) => tracing::warn!(error = %e, "end-of-day sweep failed; retrying"),
         }
     }
@@ -197,7 +262,7 @@ async fn end_of_day_sweep(ctx: Arc<Context>, shutdown: CancellationToken) {
 /// It runs inside the calling program, so it cannot replace its binary: an `AGENT_UPGRADE` is
 /// answered with `failed` (`run_upgradable` is the executable's entry point).
 pub async fn run(settings: Settings, http: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    let ctx = Context::open(&settings, Arc::new(SystemClock)).await?;
+    let ctx = Context::open_on(&settings, clock::ClockSource::system(), None).await?;
     run_with(ctx, settings, http, shutdown).await
 }
 
@@ -220,7 +285,8 @@ pub async fn run_upgradable(
     shutdown: CancellationToken,
     upgrader: upgrade::Upgrader,
 ) -> Result<upgrade::Exit> {
-    let ctx = Context::open_with(&settings, Arc::new(SystemClock), Some(upgrader.clone())).await?;
+    let ctx =
+        Context::open_on(&settings, clock::ClockSource::system(), Some(upgrader.clone())).await?;
     let limits = ctx.upgrades.limits;
     let dir = ctx.upgrades.dir.clone();
     match serve(ctx.clone(), settings, http, shutdown).await? {
@@ -293,7 +359,12 @@ async fn serve(
         services.clone(),
     ));
     let link_task = tokio::spawn(link::run(ctx.clone(), link_settings, services.clone()));
-    let sweep_task = tokio::spawn(end_of_day_sweep(ctx.clone(), services.clone()));
+    let sweep_task = tokio::spawn(end_of_day_sweep(
+        ctx.clone(),
+        Duration::from_millis(settings.end_of_day_sweep_ms.max(10)),
+        services.clone(),
+    ));
+    let clock_task = tokio::spawn(clock::keep_last_good(ctx.clone(), services.clone()));
     let escalation_task = tokio::spawn(escalation_sweep(
         ctx.clone(),
         Duration::from_millis(settings.rule_sweep_ms.max(10)),
@@ -356,6 +427,7 @@ async fn serve(
     let _ = link_task.await;
     let _ = sync_task.await;
     let _ = sweep_task.await;
+    let _ = clock_task.await;
     let _ = escalation_task.await;
     let _ = no_show_task.await;
     let _ = webhook_task.await;

@@ -224,7 +224,7 @@ async fn session(
         config_revision,
         last_applied_command_seq: head.seq,
         outbox_high_water: high_water,
-        agent_time_ms: ctx.clock.now().timestamp_millis(),
+        agent_time_ms: ctx.system_time().timestamp_millis(),
         outbox_acked: outbox.acked,
         outbox_oldest: outbox.oldest_retained,
         lineage: outbox
@@ -277,6 +277,7 @@ async fn session(
         }
         Ok(Ok(Some(_))) => return Err(LinkError::Lost("expected Welcome".into())),
     };
+    ctx.controller_time(welcome.controller_time_ms);
     let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms))
         .clamp(Duration::from_millis(100), Duration::from_secs(60));
     let acked = start_streams(ctx, &welcome).await?;
@@ -327,7 +328,7 @@ async fn session(
                     config_revision: revision,
                     outbox_pending: high.saturating_sub(acked),
                     outbox_high_water: high,
-                    agent_time_ms: now,
+                    agent_time_ms: ctx.system_time().timestamp_millis(),
                     store_error: ctx.db.health().unwrap_or_default(),
                 })).await?;
                 pump(ctx, &out, &mut cursors).await?;

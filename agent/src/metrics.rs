@@ -184,6 +184,10 @@ impl Metrics {
         }
         self.store_unhealthy.set(i64::from(ctx.db.health().is_some()));
         self.link_connected.set(i64::from(ctx.link.borrow().connected));
+        let clock = ctx.clock_health();
+        if clock.reference.is_some() {
+            self.set_clock_skew_ms(clock.skew_ms);
+        }
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "cannot encode the metrics");

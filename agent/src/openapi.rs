@@ -8,7 +8,13 @@ use serde_json::{Value, json};
 
 /// (method, path, summary, request body schema, success status) of every documented operation.
 pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
-    ("get", "/api/v1/status", "Branch and link status (no authentication)", None, 200),
+    (
+        "get",
+        "/api/v1/status",
+        "Branch, link and clock status, end-of-day sweeps (no authentication)",
+        None,
+        200,
+    ),
     (
         "post",
         "/api/v1/sessions",

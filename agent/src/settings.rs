@@ -52,6 +52,13 @@ pub struct Settings {
     /// them, and they are sent again should the controller's database come back from a dump
     /// older than them (older ones become a gap the controller records).
     pub local_retention_s: u64,
+    /// How far the system clock may be from the trusted time (the controller's at the last
+    /// session, moved on by the monotonic clock) before the agent stops using it, uses the
+    /// trusted time instead and raises an alert (at least 1000).
+    pub clock_tolerance_ms: u64,
+    /// How often the end-of-day rule (ending visits left open when their day is over) is
+    /// checked.
+    pub end_of_day_sweep_ms: u64,
     pub log: String,
 }
 
@@ -75,6 +82,8 @@ impl Default for Settings {
             upgrade_health_timeout_ms: 120_000,
             upgrade_max_crashes: 3,
             local_retention_s: 86_400,
+            clock_tolerance_ms: meridian_shared::clock::DEFAULT_SKEW_TOLERANCE_MS,
+            end_of_day_sweep_ms: 30_000,
             log: "info".into(),
         }
     }
@@ -83,6 +92,11 @@ impl Default for Settings {
 impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
         meridian_shared::settings::load("MERIDIAN_AGENT", file)
+    }
+
+    /// `clock_tolerance_ms`, at least a second (less would raise alerts on ordinary jitter).
+    pub fn clock_tolerance(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.clock_tolerance_ms.max(1_000))
     }
 }
 
@@ -105,6 +119,8 @@ impl fmt::Debug for Settings {
             .field("release_keys", &self.release_keys)
             .field("upgrade_health_timeout_ms", &self.upgrade_health_timeout_ms)
             .field("upgrade_max_crashes", &self.upgrade_max_crashes)
+            .field("clock_tolerance_ms", &self.clock_tolerance_ms)
+            .field("end_of_day_sweep_ms", &self.end_of_day_sweep_ms)
             .field("log", &self.log)
             .finish()
     }
@@ -120,6 +136,7 @@ mod tests {
         let settings = Settings::load(Some(&path)).expect("deploy/agent.example.toml");
         assert!(settings.release_keys.is_empty());
         assert_eq!(settings.upgrade_max_crashes, 3);
+        assert_eq!(settings.clock_tolerance_ms, 120_000);
         // Nothing set at all: no keys (an empty default list does not survive the layering).
         let empty = std::env::temp_dir().join(format!("agent-{}.toml", uuid::Uuid::new_v4()));
         std::fs::write(&empty, "").expect("write");

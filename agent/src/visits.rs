@@ -881,6 +881,25 @@ pub fn recent_calls(conn: &Connection, limit: u32) -> Result<Vec<Visit>> {
     )
 }
 
+/// What the end-of-day sweep has done since the agent started (`/api/v1/status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EndOfDaySweeps {
+    /// Sweeps run.
+    pub runs: u64,
+    /// When the last sweep ran, by the agent's clock.
+    pub last_run_at: Option<DateTime<Utc>>,
+    /// Visits the last sweep ended.
+    pub last_ended: usize,
+}
+
+impl EndOfDaySweeps {
+    pub fn record(&mut self, at: DateTime<Utc>, ended: usize) {
+        self.runs += 1;
+        self.last_run_at = Some(at);
+        self.last_ended = ended;
+    }
+}
+
 /// Ends every visit whose business day is over under the site's end-of-day rule, with the
 /// outcome `closed_at_end_of_day`; returns how many were ended.
 pub fn close_finished_days(

@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::appointments::sync::ConfigCache;
 use crate::auth;
+use crate::clock_skew::SkewWatch;
 use crate::config_admin;
 use crate::error::{EnrollError, Error};
 use crate::metrics::Metrics;
@@ -70,6 +71,8 @@ pub struct Gateway {
     pub config: Arc<ConfigCache>,
     /// Appointments per chunk of a bulk appointment sync.
     pub sync_chunk: usize,
+    /// An agent clock further than this from ours raises an alert (`clock_skew::SkewWatch`).
+    pub clock_skew_tolerance: Duration,
 }
 
 /// Chunks of a bulk appointment sync read from the store at a time.
@@ -145,6 +148,12 @@ impl AgentGateway for Gateway {
             inbound: request.into_inner(),
             outbound: tx,
             ack: AckCursor::default(),
+            clock: SkewWatch::new(
+                self.metrics.clone(),
+                self.clock_skew_tolerance,
+                agent.id,
+                agent.site.as_str(),
+            ),
         };
         self.tasks.spawn(session.run());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -430,6 +439,7 @@ struct Session {
     inbound: Streaming<AgentFrame>,
     outbound: mpsc::Sender<Result<ControllerFrame, Status>>,
     ack: AckCursor,
+    clock: SkewWatch,
 }
 
 /// Where a session's streams start, after the reconciliation.
@@ -550,6 +560,7 @@ impl Session {
         let now = Utc::now();
         let agent =
             self.gw.store.agent(self.agent).await.map_err(End::Store)?.ok_or(End::Revoked)?;
+        self.clock.observe(skew(hello.agent_time_ms, now));
         let status = AgentStatusUpdate {
             connected: true,
             last_seen: Some(now),
@@ -966,6 +977,7 @@ impl Session {
             }
             Some(agent_frame::Body::Status(s)) => {
                 let now = Utc::now();
+                self.clock.observe(skew(s.agent_time_ms, now));
                 let update = AgentStatusUpdate {
                     connected: true,
                     last_seen: Some(now),

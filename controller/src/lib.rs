@@ -5,6 +5,7 @@
 pub mod api;
 pub mod appointments;
 pub mod auth;
+pub mod clock_skew;
 pub mod config_admin;
 pub mod console;
 pub mod ctl;

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub events_resequenced: Counter,
     /// Events recorded as a gap (the agent no longer held them).
     pub events_in_gaps: Counter,
+    /// Agents in session on this replica whose clock is beyond `clock_skew_tolerance_ms`.
+    pub agents_clock_skewed: Gauge,
+    /// Times an agent's clock went beyond the tolerance (once per episode per session).
+    pub agent_clock_skew_alerts: Counter,
     /// Open operations of the request ledger per lane (`pool`, `target`).
     pub request_ops_open: Family<Lane, Gauge>,
     /// Age of each lane's oldest open operation.
@@ -75,6 +79,8 @@ impl Default for Metrics {
             store_incidents: Family::default(),
             events_resequenced: Counter::default(),
             events_in_gaps: Counter::default(),
+            agents_clock_skewed: Gauge::default(),
+            agent_clock_skew_alerts: Counter::default(),
             request_ops_open: Family::default(),
             request_ops_oldest_age_seconds: Family::default(),
             request_ops_failed: Family::default(),
@@ -136,6 +142,16 @@ impl Default for Metrics {
             "events_in_gaps",
             "Events recorded as a gap: acknowledged by the controller, never stored",
             m.events_in_gaps.clone(),
+        );
+        registry.register(
+            "agents_clock_skewed",
+            "Agents in session whose clock is beyond clock_skew_tolerance_ms of the controller's",
+            m.agents_clock_skewed.clone(),
+        );
+        registry.register(
+            "agent_clock_skew_alerts",
+            "Times an agent's clock went beyond clock_skew_tolerance_ms (once per episode)",
+            m.agent_clock_skew_alerts.clone(),
         );
         registry.register(
             "request_ops_open",

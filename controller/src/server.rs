@@ -158,8 +158,12 @@ pub async fn serve(
         metrics.clone(),
         shutdown.clone(),
     ));
-    let api_state =
-        ApiState { store: store.clone(), metrics: metrics.clone(), commands_changed: commands_tx };
+    let api_state = ApiState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        commands_changed: commands_tx,
+        clock_skew_tolerance: settings.clock_skew_tolerance(),
+    };
     let router =
         api::router_with(api_state.clone(), settings.max_body_bytes, clock.clone(), release_policy)
             .merge(crate::console::router(api_state));
@@ -183,6 +187,7 @@ pub async fn serve(
         clock,
         config: Arc::new(crate::appointments::sync::ConfigCache::default()),
         sync_chunk: settings.appointment_sync_chunk,
+        clock_skew_tolerance: settings.clock_skew_tolerance(),
     };
     let service = meridian_proto::agent_gateway_server::AgentGatewayServer::new(gateway)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,10 @@ pub struct Settings {
     /// Sessions look for new commands this often even without a wake-up (a safety net under
     /// LISTEN/NOTIFY, which wakes them at once).
     pub command_poll_ms: u64,
+    /// An agent whose clock (reported in every Hello and Status) is further than this from
+    /// the controller's raises an alert: a WARN line, the `agents_clock_skewed` gauge and
+    /// `clock_alert` in `GET /api/v1/agents` and the console.
+    pub clock_skew_tolerance_ms: u64,
     /// The nightly appointment sync scheduler looks for due sites this often.
     pub appointment_sync_tick_ms: u64,
     /// The distributed-request ledger sweeps (timeouts, retries, hourly and daily updates)
@@ -77,6 +82,7 @@ impl Default for Settings {
             dev_mode: false,
             heartbeat_ms: 5_000,
             command_poll_ms: 2_000,
+            clock_skew_tolerance_ms: meridian_shared::clock::DEFAULT_SKEW_TOLERANCE_MS,
             appointment_sync_tick_ms: 30_000,
             request_ledger_tick_ms: 1_000,
             rollout_tick_ms: 2_000,
@@ -111,6 +117,11 @@ impl Settings {
     /// configuration error.
     pub fn release_policy(&self) -> crate::Result<crate::api::releases::ReleasePolicy> {
         crate::api::releases::ReleasePolicy::new(&self.release_keys, self.max_release_bytes)
+    }
+
+    /// `clock_skew_tolerance_ms`.
+    pub fn clock_skew_tolerance(&self) -> Duration {
+        Duration::from_millis(self.clock_skew_tolerance_ms)
     }
 
     /// The database URL to open (the default SQLite file when unset).
@@ -149,6 +160,7 @@ impl fmt::Debug for Settings {
             .field("dev_mode", &self.dev_mode)
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("command_poll_ms", &self.command_poll_ms)
+            .field("clock_skew_tolerance_ms", &self.clock_skew_tolerance_ms)
             .field("appointment_sync_tick_ms", &self.appointment_sync_tick_ms)
             .field("request_ledger_tick_ms", &self.request_ledger_tick_ms)
             .field("rollout_tick_ms", &self.rollout_tick_ms)

@@ -55,6 +55,7 @@ impl Api {
             store,
             metrics: Arc::new(Metrics::default()),
             commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+            clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
         };
         Api { router: api::router(state, LIMIT), admin, viewer }
     }

@@ -309,6 +309,7 @@ async fn admins_trigger_a_sync_by_hand_and_list_syncs() {
         store: store.clone(),
         metrics: Arc::new(meridian_controller::metrics::Metrics::default()),
         commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+        clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
     };
     let clock = Arc::new(meridian_shared::clock::ManualClock::new(at("2026-03-09T01:00:00Z")));
     let router = api::router_with_clock(state, 1 << 20, clock);

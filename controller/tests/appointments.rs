@@ -56,6 +56,7 @@ async fn api(store: Arc<dyn Store>) -> Api {
         store,
         metrics: Arc::new(Metrics::default()),
         commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+        clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
     };
     let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()));
     Api { router: api::router_with_clock(state, 1 << 20, clock), admin, viewer }

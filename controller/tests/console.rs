@@ -1,5 +1,6 @@
 //! The operations console's fleet view: sign-in with an API token, every site listed with its
-//! agent's status, and no way in without a valid token.
+//! agent's status (a clock alert beyond the skew tolerance), and no way in without a valid
+//! token.
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ async fn console() -> (Arc<dyn Store>, Router, String) {
         store: store.clone(),
         metrics: Arc::new(Metrics::default()),
         commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+        clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
     };
     (store, meridian_controller::console::router(state), token)
 }
@@ -75,8 +77,11 @@ async fn the_fleet_view_lists_every_site_with_its_agent_status_behind_sign_in() 
     config_admin::change(store.as_ref(), "test", inputs, vec![], ChangeMode::Upsert)
         .await
         .expect("sites");
-    // SFO: connected, current; CHI: enrolled but offline with a backlog; TYO: no agent.
-    for (site, connected, backlog) in [("SFO", true, 0), ("CHI", false, 42)] {
+    // SFO: connected, current, its clock 90 s ahead (within the tolerance); CHI: enrolled but
+    // offline with a backlog, its clock a day ahead when last seen; TYO: no agent.
+    for (site, connected, backlog, skew) in
+        [("SFO", true, 0, 90_000), ("CHI", false, 42, 86_400_000)]
+    {
         let now = Utc::now();
         store
             .insert_enrollment_token(&EnrollmentToken {
@@ -114,6 +119,7 @@ async fn the_fleet_view_lists_every_site_with_its_agent_status_behind_sign_in() 
             last_seen: Some(now - chrono::Duration::minutes(if connected { 0 } else { 10 })),
             config_revision: Some(if connected { revision } else { 0 }),
             outbox_pending: Some(backlog),
+            clock_skew_ms: Some(skew),
             ..Default::default()
         };
         store.update_agent_status(agent.id, &status).await.expect("status");
@@ -144,4 +150,14 @@ async fn the_fleet_view_lists_every_site_with_its_agent_status_behind_sign_in() 
     assert!(row("CHI").contains("offline") && row("CHI").contains("since"), "{}", row("CHI"));
     assert!(row("CHI").contains("behind") && row("CHI").contains(">42<"), "{}", row("CHI"));
     assert!(row("TYO").contains("no agent enrolled"), "{}", row("TYO"));
+    assert!(
+        row("SFO").contains("+90000 ms") && !row("SFO").contains("clock alert"),
+        "{}",
+        row("SFO")
+    );
+    assert!(
+        row("CHI").contains("+86400000 ms") && row("CHI").contains("clock alert"),
+        "{}",
+        row("CHI")
+    );
 }

@@ -33,6 +33,7 @@ impl TestServer {
             store,
             metrics: Arc::new(Metrics::default()),
             commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+            clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
         };
         let router = api::router(state, 1024 * 1024);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -848,6 +848,7 @@ async fn uploads_need_a_configured_key_and_keys_must_be_valid() {
         store: store.clone(),
         metrics: Arc::new(Metrics::default()),
         commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+        clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
     };
     let router = api::router(state, MIB);
     let key = PrivateKey::generate();

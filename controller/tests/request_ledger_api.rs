@@ -145,6 +145,7 @@ impl Ledger {
             store: store.clone(),
             metrics: metrics.clone(),
             commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+            clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
         };
         let router = api::router_with_clock(api_state.clone(), 1 << 20, clock.clone())
             .merge(meridian_controller::console::router(api_state));

@@ -125,6 +125,7 @@ impl Fixture {
             store: store.clone(),
             metrics: metrics.clone(),
             commands_changed: Arc::new(watch::channel(0).0),
+            clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
         };
         let router = api::router_with_clock(state.clone(), 1 << 20, clock.clone())
             .merge(meridian_controller::console::router(state));

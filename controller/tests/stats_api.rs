@@ -58,6 +58,7 @@ async fn seeded(store: Arc<dyn Store>) -> (axum::Router, String) {
         store,
         metrics: Arc::new(Metrics::default()),
         commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+        clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
     };
     (meridian_controller::api::router(state, 1 << 20), token)
 }

@@ -258,6 +258,7 @@ async fn fleet(store: Arc<dyn Store>) -> Fleet {
         store: store.clone(),
         metrics: Arc::new(Metrics::default()),
         commands_changed: Arc::new(tokio::sync::watch::channel(0).0),
+        clock_skew_tolerance: meridian_controller::Settings::default().clock_skew_tolerance(),
     };
     Fleet {
         store,

@@ -47,6 +47,19 @@ pub fn save_identity(conn: &Connection, id: &Identity) -> Result<()> {
     meta_set(conn, "credential", &id.credential)
 }
 
+// ---------- clock ----------
+
+/// The last good wall time the guarded clock kept (`clock::keep_last_good`); a value this
+/// version cannot read counts as none.
+pub fn clock_last_good(conn: &Connection) -> Result<Option<crate::clock::LastGood>> {
+    Ok(meta_get(conn, "clock_last_good")?.and_then(|v| serde_json::from_str(&v).ok()))
+}
+
+pub fn save_clock_last_good(conn: &Connection, last: &crate::clock::LastGood) -> Result<()> {
+    let value = serde_json::to_string(last).map_err(|e| Error::Internal(e.to_string()))?;
+    meta_set(conn, "clock_last_good", &value)
+}
+
 // ---------- configuration and commands ----------
 
 pub fn site_config(conn: &Connection) -> Result<Option<SiteConfig>> {

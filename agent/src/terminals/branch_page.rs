@@ -54,6 +54,7 @@ pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Respon
     };
     let link = ctx.link.borrow().clone();
     let store_error = ctx.db.health();
+    let clock = ctx.clock_health();
     let body = html! {
         header { span { (config.site.name) " · branch status" } span { (username) } }
         main {
@@ -65,6 +66,7 @@ pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Respon
                 tr { th { "Configuration revision" } td #config-revision { (revision) } }
                 @if let Some(e) = &link.last_error { tr { th { "Last link error" } td { (e) } } }
                 @if let Some(e) = &store_error { tr { th { "Local store" } td .message { (e) } } }
+                @if let Some(alert) = &clock.alert { tr { th { "Clock" } td #clock-alert .message { (alert) } } }
             }
             h2 { "Queues" }
             table #queues {

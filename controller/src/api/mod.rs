@@ -41,6 +41,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Wakes agent sessions after a configuration commit.
     pub commands_changed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// An agent whose last measured clock skew is beyond this shows `clock_alert`.
+    pub clock_skew_tolerance: Duration,
 }
 
 /// The authenticated caller.
@@ -714,6 +716,8 @@ pub struct AgentView {
     pub outbox_pending: u64,
     /// Agent clock minus controller clock, as measured at the last report.
     pub clock_skew_ms: i64,
+    /// Whether that skew is beyond the controller's `clock_skew_tolerance_ms`.
+    pub clock_alert: bool,
     pub command_seq: u64,
     pub command_acked_seq: u64,
     pub command_error: Option<String>,
@@ -730,8 +734,9 @@ pub struct AgentView {
     pub incident: Option<String>,
 }
 
-impl From<AgentRecord> for AgentView {
-    fn from(a: AgentRecord) -> Self {
+impl AgentView {
+    /// The view of `a`, its clock judged against `clock_skew_tolerance`.
+    pub fn new(a: AgentRecord, clock_skew_tolerance: Duration) -> Self {
         let fresh = a.last_seen.is_some_and(|t| {
             Utc::now()
                 .signed_duration_since(t)
@@ -752,6 +757,7 @@ impl From<AgentRecord> for AgentView {
             acked_seq: a.acked_seq,
             outbox_pending: a.outbox_pending,
             clock_skew_ms: a.clock_skew_ms,
+            clock_alert: crate::clock_skew::alert(a.clock_skew_ms, clock_skew_tolerance),
             command_seq: a.command_seq,
             command_acked_seq: a.command_acked_seq,
             command_error: a.command_error,
@@ -772,7 +778,10 @@ fn agent_id(s: &str) -> ApiResult<AgentId> {
 }
 
 async fn list_agents(State(s): State<ApiState>) -> ApiResult<Json<Vec<AgentView>>> {
-    Ok(Json(s.store.list_agents().await?.into_iter().map(AgentView::from).collect()))
+    let tolerance = s.clock_skew_tolerance;
+    Ok(Json(
+        s.store.list_agents().await?.into_iter().map(|a| AgentView::new(a, tolerance)).collect(),
+    ))
 }
 
 async fn get_agent(
@@ -781,7 +790,7 @@ async fn get_agent(
 ) -> ApiResult<Json<AgentView>> {
     let id = agent_id(&id)?;
     let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
-    Ok(Json(agent.into()))
+    Ok(Json(AgentView::new(agent, s.clock_skew_tolerance)))
 }
 
 async fn revoke_agent(
@@ -796,7 +805,7 @@ async fn revoke_agent(
         s.commands_changed.send_modify(|n| *n += 1);
     }
     let agent = s.store.agent(id).await?.ok_or_else(|| Error::NotFound(format!("agent {id}")))?;
-    Ok(Json(agent.into()))
+    Ok(Json(AgentView::new(agent, s.clock_skew_tolerance)))
 }
 
 // ---------- API tokens ----------

@@ -3,8 +3,9 @@
 //! SameSite=Strict cookie scoped to `/console`.
 //!
 //! - `/console` — the fleet view: every site with its agent's status (connected or offline
-//!   since when, version, configuration applied vs current, outbox backlog, clock skew, store
-//!   health), refreshed every few seconds.
+//!   since when, version, configuration applied vs current, outbox backlog, clock skew with
+//!   a "clock alert" beyond `clock_skew_tolerance_ms`, store health), refreshed every few
+//!   seconds.
 //! - `/console/live` — the live branch panel: queues, longest waits, open counters per site,
 //!   marked stale for offline sites.
 //! - `/console/stats` — the statistics dashboard (SVG charts with their numbers as tables and
@@ -221,7 +222,7 @@ async fn fleet(State(state): State<ApiState>, headers: HeaderMap) -> Response {
                         @match agent {
                             None => { td colspan="8" .stale { "no agent enrolled" } }
                             Some(a) => {
-                                @let view = AgentView::from(a.clone());
+                                @let view = AgentView::new(a.clone(), state.clock_skew_tolerance);
                                 td { (view.id.chars().take(8).collect::<String>()) }
                                 td {
                                     @if view.connected { span .online .link { "connected" } }
@@ -239,7 +240,10 @@ async fn fleet(State(state): State<ApiState>, headers: HeaderMap) -> Response {
                                     @if !view.config_current { span .stale { " behind" } }
                                 }
                                 td .backlog { (view.outbox_pending) }
-                                td { (format!("{:+} ms", view.clock_skew_ms)) }
+                                td .clock {
+                                    (format!("{:+} ms", view.clock_skew_ms))
+                                    @if view.clock_alert { " " span .offline .clock-alert { "clock alert" } }
+                                }
                                 td { @if let Some(e) = &view.store_error { span .offline { (e) } } @else { "ok" } }
                                 td .incidents {
                                     @if let Some(i) = &view.incident {
