@@ -270,11 +270,15 @@ pub fn out_of_place(acked: u64, seqs: &[u64], gaps: &[Gap]) -> Option<u64> {
 /// it cannot tell and takes the agent's word.
 fn first_disagreement(central: &CentralEvents, agent: &AgentOutbox) -> Option<u64> {
     let from = agent.acked + 1;
-    // An event the agent holds where the controller wrote the sequence off.
+    // An event the agent holds, under another label than the controller's, where the
+    // controller wrote the sequence off (under the same label it is the very event that was
+    // written off: not a new one).
     let in_gap = central
         .gaps
         .iter()
-        .filter_map(|g| first_held(agent, g.first.max(from), g.last.min(agent.high_water)))
+        .filter_map(|g| {
+            first_foreign(central, agent, g.first.max(from), g.last.min(agent.high_water))
+        })
         .min();
     let to = central.acked;
     if from > to {
@@ -302,16 +306,33 @@ fn in_any(gaps: &[Gap], seq: u64) -> bool {
     gaps.iter().any(|g| g.first <= seq && seq <= g.last)
 }
 
-/// The first sequence in `first..=last` the agent holds (not one of its holes).
-fn first_held(agent: &AgentOutbox, first: u64, last: u64) -> Option<u64> {
-    let mut t = first;
-    while t <= last {
-        match agent.holes.iter().find(|h| h.first <= t && t <= h.last) {
-            Some(h) => t = h.last + 1,
-            None => return Some(t),
-        }
+/// The first sequence in `first..=last` the agent holds (not one of its holes) under another
+/// label than the controller's (or where the controller has none).
+fn first_foreign(
+    central: &CentralEvents,
+    agent: &AgentOutbox,
+    first: u64,
+    last: u64,
+) -> Option<u64> {
+    if first > last {
+        return None;
     }
-    None
+    // Whether the agent holds a sequence, and the labels, change only at these points.
+    let starts = central.lineage.iter().chain(&agent.lineage).map(|s| s.first_seq);
+    let hole_ends = agent.holes.iter().map(|h| h.last.saturating_add(1));
+    let mut points: Vec<u64> = std::iter::once(first)
+        .chain(starts.chain(hole_ends).filter(|&t| t > first && t <= last))
+        .collect();
+    points.sort_unstable();
+    points.dedup();
+    points.into_iter().find(|&t| {
+        let held = !agent.holes.iter().any(|h| h.first <= t && t <= h.last);
+        let same = match (covering(&central.lineage, t), covering(&agent.lineage, t)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        held && !same
+    })
 }
 
 /// One renumbering of an agent's outbox (see `EventPlan::Resequence`): every event after
