@@ -287,12 +287,14 @@ fn first_disagreement(central: &CentralEvents, agent: &AgentOutbox) -> Option<u6
     // Labels change only at segment starts, so checking `from` and every start inside the
     // range finds the first disagreement.
     let starts = central.lineage.iter().chain(&agent.lineage).map(|s| s.first_seq);
+    let edges = central.gaps.iter().chain(&agent.holes).map(|g| g.last.saturating_add(1));
     let mut points: Vec<u64> =
-        std::iter::once(from).chain(starts.filter(|&s| s > from && s <= to)).collect();
+        std::iter::once(from).chain(starts.chain(edges).filter(|&s| s > from && s <= to)).collect();
     points.sort_unstable();
     points.dedup();
     let label_mismatch = points.into_iter().find(|&t| {
         !in_any(&central.gaps, t)
+            && !in_any(&agent.holes, t)
             && match (covering(&central.lineage, t), covering(&agent.lineage, t)) {
                 (None, _) | (_, None) => false,
                 (Some(a), Some(b)) => a != b,
@@ -366,8 +368,9 @@ impl Step {
     }
 }
 
-/// `lineage` after `step`: the moved run relabelled as the step's segment from `base + 1`,
-/// the segments starting after `keep_through + 1` shifted with their events.
+/// `lineage` after `step`: the segments up to `keep_through` as they were, the moved run
+/// relabelled as the step's segment from `base + 1`, the segments starting after
+/// `keep_through + 1` shifted with their events.
 pub fn shift_lineage(lineage: &[Segment], step: &Step) -> Vec<Segment> {
     let k = step.keep_through;
     let head = Segment {
@@ -379,14 +382,14 @@ pub fn shift_lineage(lineage: &[Segment], step: &Step) -> Vec<Segment> {
             moved_head: step.moved_head,
         }),
     };
-    std::iter::once(head)
-        .chain(
-            lineage
-                .iter()
-                .filter(|s| s.first_seq > k + 1)
-                .map(|s| Segment { first_seq: s.first_seq + step.shift(), ..*s }),
-        )
-        .collect()
+    // The events at or below `keep_through` stay where they are, with their labels (they are
+    // sent again should the controller's database go back); the moved run becomes `head`.
+    let kept = lineage.iter().filter(|s| s.first_seq <= k).copied();
+    let later = lineage
+        .iter()
+        .filter(|s| s.first_seq > k + 1)
+        .map(|s| Segment { first_seq: s.first_seq + step.shift(), ..*s });
+    kept.chain(std::iter::once(head)).chain(later).collect()
 }
 
 impl AgentOutbox {
@@ -394,6 +397,7 @@ impl AgentOutbox {
     pub fn predates(&self, step: &Step) -> bool {
         step.moved_head != 0
             && self.high_water > step.keep_through
+            && !in_any(&self.holes, step.keep_through + 1)
             && covering(&self.lineage, step.keep_through + 1) == Some(step.moved_head)
     }
 

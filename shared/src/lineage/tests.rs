@@ -322,6 +322,11 @@ impl World {
         if let EventPlan::Resend { gaps } = &plan.events {
             c.gaps.extend(gaps.iter().copied());
             c.acked = skip_gaps(c.acked, &c.gaps);
+            if !gaps.is_empty() {
+                // Out of scope (docs/protocol.md, Limits): restoring the agent from a backup
+                // older than a gap the controller recorded for it.
+                self.agent_backup = None;
+            }
         }
         // The Welcome's acknowledgement is the agent's from now on.
         a.acked = c.acked;
