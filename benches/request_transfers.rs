@@ -1,4 +1,4 @@
-//! Distributed service request transfers benchmark (issue 6).
+//! Distributed service request transfers benchmark.
 //!
 //! Two parts, each with a controller in-process on its own fresh PostgreSQL database (dropped
 //! at the end; kept on failure):

@@ -111,21 +111,26 @@ async fn exactly_once_through_outage_agent_restart_lost_acks_and_offline_config_
     assert_eq!(view["config_current"], true, "{view}");
 
     // Lost acknowledgements: events reach the controller and commit, the acks never return.
-    proxy.set(Fault::DropDownstream);
-    issued.extend(agent.issue_tickets("GEN", 2_000).await);
-    wait_central(&controller, &agent_id, 10_000 + 1 + 2_000).await;
-    let s = agent.status().await;
-    assert!(
-        s["outbox_pending"].as_u64() > Some(0),
-        "acks were lost, so the agent still holds events: {s}"
-    );
-    proxy.set(Fault::Cut);
-    proxy.set(Fault::Pass);
-    let s = agent
-        .wait_status("agent resyncs its cursor", |s| {
-            s["connected"] == true && s["outbox_pending"] == 0
-        })
-        .await;
+    // In four rounds of 500: a session that hears no acknowledgement for ten heartbeats starts
+    // over, and its Welcome is lost too, so each burst must fit in that session's lifetime.
+    let mut s = Value::Null;
+    for round in 1..=4 {
+        proxy.set(Fault::DropDownstream);
+        issued.extend(agent.issue_tickets("GEN", 500).await);
+        wait_central(&controller, &agent_id, 10_000 + 1 + 500 * round).await;
+        let lost = agent.status().await;
+        assert!(
+            lost["outbox_pending"].as_u64() > Some(0),
+            "acks were lost, so the agent still holds events: {lost}"
+        );
+        proxy.set(Fault::Cut);
+        proxy.set(Fault::Pass);
+        s = agent
+            .wait_status("agent resyncs its cursor", |s| {
+                s["connected"] == true && s["outbox_pending"] == 0
+            })
+            .await;
+    }
     let high = s["outbox_high_water"].as_i64().expect("high water");
     let c = central_events(&controller.database_url, &agent_id).await;
     assert_gapless_exactly_once(c, 12_001, high);

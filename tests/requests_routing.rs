@@ -1,4 +1,4 @@
-//! End to end, distributed requests (issue 6) with a real controller on PostgreSQL, three real
+//! End to end, distributed requests with a real controller on PostgreSQL, three real
 //! agent processes (SFO, the Chicago workshop CHI and its upholstery specialist CHIUPH), each
 //! behind the fault proxy, and rules configured centrally:
 //! - routing by kind: a chair created in SFO moves with ownership to CHI, and one needing

@@ -1,4 +1,4 @@
-//! End to end, time-triggered distribution rules (issue 6) with an injected clock: a real
+//! End to end, time-triggered distribution rules with an injected clock: a real
 //! controller on PostgreSQL and real agents (their own SQLite stores, gRPC sessions over
 //! loopback) run in-process so the agents share one `ManualClock`.
 //! - Follow the sun: SFO, TYO and PAR in their real time zones with business hours; across two

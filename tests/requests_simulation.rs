@@ -1,4 +1,4 @@
-//! Deterministic simulation of the distributed-request protocol (issue 6): real agent stores
+//! Deterministic simulation of the distributed-request protocol: real agent stores
 //! (SQLite files, the agent's own functions) and the real controller store (SQLite, and
 //! PostgreSQL), with a seeded scheduler standing in for the network. Random sequences of
 //! creates, edits, ownership transfers, copies, returns, deletes and cancels run while sites

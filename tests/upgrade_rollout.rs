@@ -1,4 +1,4 @@
-//! Remote upgrade rollouts end to end (issue 7): a real controller on PostgreSQL, real
+//! Remote upgrade rollouts end to end: a real controller on PostgreSQL, real
 //! `meridian-agent` processes, a release signed with a key made here, uploaded through the
 //! admin API and rolled out in waves.
 //!

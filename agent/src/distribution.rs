@@ -1,4 +1,4 @@
-//! Cross-site operations on service requests at the branch (issue 6; the protocol is in
+//! Cross-site operations on service requests at the branch (the protocol is in
 //! `meridian_shared::transfers`). This site starts operations on its own requests (a person,
 //! an integration or a rule asked) and applies the controller's commands for operations other
 //! sites started. Every function here runs inside one store job, so each state change commits

@@ -1,4 +1,4 @@
-//! Distribution rules at the branch (issue 6): the rules of the applied configuration that are
+//! Distribution rules at the branch: the rules of the applied configuration that are
 //! evaluated at this site (`SiteConfig::request_rules`), compiled once per configuration
 //! revision. Event-triggered rules (create, modify, status change, arrival) run in the same
 //! store job as the change that triggers them, so a rule fires exactly when its change commits

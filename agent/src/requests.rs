@@ -1,4 +1,4 @@
-//! Distributed service requests at the branch (issue 6, first step): requests are created and
+//! Distributed service requests at the branch (first step): requests are created and
 //! edited here, checked against their type from the applied configuration
 //! (`meridian_shared::requests`), with a globally unique id (UUIDv7) and a human id of this
 //! site (`SFO-000123`, from a counter that is never reused). Each change is one store job with

@@ -1,4 +1,4 @@
-//! Distributed requests at the controller (issue 6): the ledger's background work. The
+//! Distributed requests at the controller: the ledger's background work. The
 //! decisions themselves are made in the store (`store::requests`), in the transactions that
 //! ingest the sites' events; this loop moves staged commands into the agents' logs (should a
 //! session not have done it right after its ingest), times out operations whose pool's time

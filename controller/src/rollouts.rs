@@ -1,4 +1,4 @@
-//! Remote upgrade rollouts at the controller (issue 7): what an admin asks for, how it is
+//! Remote upgrade rollouts at the controller: what an admin asks for, how it is
 //! planned over the fleet, and the driver that moves it forward.
 //!
 //! The decisions are pure functions over state, unit-tested without I/O:

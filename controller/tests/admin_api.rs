@@ -315,7 +315,7 @@ async fn bad_requests_are_refused_with_typed_errors_and_change_nothing() {
     assert_eq!(api.config().await, seeded);
 }
 
-/// Request types (issue 6): created, read, replaced and deleted at `/api/v1/request-types`,
+/// Request types: created, read, replaced and deleted at `/api/v1/request-types`,
 /// part of every site's configuration snapshot; a bad schema is a 422 naming each bad field,
 /// viewers read only, and nothing is written by a refused change.
 #[tokio::test]
@@ -426,7 +426,7 @@ async fn request_types_are_managed_centrally_and_bad_schemas_are_refused() {
         .await;
 }
 
-/// Distribution rules and pools (issue 6) at `/api/v1/request-rules` and
+/// Distribution rules and pools at `/api/v1/request-rules` and
 /// `/api/v1/request-pools`: a good pool and rule are saved; a rule whose condition does not
 /// parse or does not type-check against its request type, that names an unknown site, mapping
 /// or pool, whose mapping is for another type, or that would move requests in a loop with

@@ -1,4 +1,4 @@
-//! Signed agent releases at the controller (issue 7), on SQLite and PostgreSQL, against a
+//! Signed agent releases at the controller, on SQLite and PostgreSQL, against a
 //! served controller (`server::serve` on 127.0.0.1:0 with `release_keys` and a 3 MiB
 //! `max_release_bytes`; the global body limit stays at 1 MiB):
 //! - `POST /api/v1/releases` stores a release signed by a trusted key whose artifact matches,

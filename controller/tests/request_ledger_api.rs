@@ -1,4 +1,4 @@
-//! The distributed-request ledger as admins see and repair it (issue 6), on SQLite and
+//! The distributed-request ledger as admins see and repair it, on SQLite and
 //! PostgreSQL: the admin API (`/api/v1/request-ops…`, `/api/v1/requests/{id}/ownership`)
 //! through `Router::oneshot`, the ledger's metrics, the console page `/console/requests`, and
 //! the `meridianctl requests …` binary against a served controller. Ledger rows come from real

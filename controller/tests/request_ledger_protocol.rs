@@ -1,4 +1,4 @@
-//! The distributed-request ledger against forged, replayed and stray messages (issue 6, bad
+//! The distributed-request ledger against forged, replayed and stray messages (bad
 //! input), on SQLite and PostgreSQL: events are fed through `ingest_events` exactly as the
 //! gateway does. An operation from a site that is not the master is recorded as failed with
 //! the reason and moves nothing; a replayed operation, an outcome for an unknown operation or

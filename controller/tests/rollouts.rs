@@ -1,4 +1,4 @@
-//! Agent upgrade rollouts at the controller (issue 7), on SQLite and PostgreSQL.
+//! Agent upgrade rollouts at the controller, on SQLite and PostgreSQL.
 //!
 //! - The whole story over real gRPC sessions: simulated agents enroll, hold sessions, receive
 //!   `AGENT_UPGRADE` through their command logs and report `AGENT_UPGRADE_STATUS` events; the

@@ -507,13 +507,13 @@ pub enum Resource {
     StaffUser(StaffUser),
     ConnectorKey(ConnectorKey),
     Webhook(Webhook),
-    /// A request type (issue 6): global, part of every site's snapshot.
+    /// A request type: global, part of every site's snapshot.
     RequestType(crate::requests::RequestType),
-    /// A request mapping (issue 6): global, checked against both of its types.
+    /// A request mapping: global, checked against both of its types.
     RequestMapping(crate::mappings::RequestMapping),
-    /// A distribution rule (issue 6): global; its condition type-checks against its type.
+    /// A distribution rule: global; its condition type-checks against its type.
     RequestRule(crate::rules::RequestRule),
-    /// A request pool (issue 6): global.
+    /// A request pool: global.
     RequestPool(crate::rules::RequestPool),
 }
 

@@ -1,4 +1,4 @@
-//! Request mappings (issue 6): how a request of one type becomes a request of another when it
+//! Request mappings: how a request of one type becomes a request of another when it
 //! moves between sites — fields by name, explicit field maps, constants, exclusions, a separate
 //! return mapping and the duplicate-id policy. A mapping is checked against both request types
 //! whenever the configuration changes (`ConfigSet::validate`), so a mapping that a type change

@@ -1,4 +1,4 @@
-//! Signed agent releases (issue 7): the manifest that names an artifact, how it is signed and
+//! Signed agent releases: the manifest that names an artifact, how it is signed and
 //! verified, the key formats, version order and the platform names. Pure: no I/O beyond reading
 //! an artifact from a reader the caller supplies.
 //!

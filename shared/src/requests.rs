@@ -1,4 +1,4 @@
-//! Distributed service requests (issue 6): request types (≈ Remedy forms) with a typed field
+//! Distributed service requests: request types (≈ Remedy forms) with a typed field
 //! schema, defined centrally and part of every site's configuration, and the checking of a
 //! request's field values against its type. Pure: no I/O.
 //!

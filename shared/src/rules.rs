@@ -1,4 +1,4 @@
-//! Distribution rules and request pools (issue 6), like Remedy's DSO pools and distribution
+//! Distribution rules and request pools, like Remedy's DSO pools and distribution
 //! mappings: when a request of some type is created, changed, arrives or a time comes, a rule
 //! whose CEL condition holds transfers, updates, returns or deletes it across sites. Pure: no I/O.
 //!

@@ -1,4 +1,4 @@
-//! Cross-site operations on service requests (issue 6): the messages of the distribution
+//! Cross-site operations on service requests: the messages of the distribution
 //! protocol and its vocabulary. Sites never talk to each other; every operation goes through
 //! the controller's ledger as an event from the source's outbox and a command in the
 //! target's command log, so each hop is exactly once in effect.

@@ -1,4 +1,4 @@
-//! Service requests at the branch (issue 6), for staff behind the workstation login: a
+//! Service requests at the branch, for staff behind the workstation login: a
 //! searchable list of the site's requests (masters and read-only copies, the branch's knowledge
 //! base), a request's detail with its distribution state and mapping history, a form per
 //! request type to create one, and for the master an edit form, "Transfer", "Return" and

@@ -1,4 +1,4 @@
-//! Upgrades of the agent itself (issue 7): the controller orders one with an `AGENT_UPGRADE`
+//! Upgrades of the agent itself: the controller orders one with an `AGENT_UPGRADE`
 //! command; the agent answers with `AGENT_UPGRADE_STATUS` events through its outbox.
 //!
 //! - **In the command's transaction** (`apply_command`): the manifest is judged first — its

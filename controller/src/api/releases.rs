@@ -1,4 +1,4 @@
-//! `/api/v1/releases…`: signed agent releases (issue 7). Admin tokens upload and delete;
+//! `/api/v1/releases…`: signed agent releases. Admin tokens upload and delete;
 //! viewer tokens list (the router's authentication refuses a viewer's `POST`/`DELETE`).
 //!
 //! - `POST /releases` — `multipart/form-data` with the part `manifest` (the JSON

@@ -1,5 +1,5 @@
 //! `/api/v1/request-ops…` and `/api/v1/requests/{id}/ownership`: the distributed-request
-//! ledger (issue 6) as admins see and repair it. Viewer tokens read; admin tokens cancel and
+//! ledger as admins see and repair it. Viewer tokens read; admin tokens cancel and
 //! retry (the router's authentication refuses a viewer's `POST` with 403).
 //!
 //! - `GET /request-ops?status=&site=&pool=&request=&limit=` — operations, newest first

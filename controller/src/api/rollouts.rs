@@ -1,4 +1,4 @@
-//! `/api/v1/rollouts…`: agent upgrade rollouts (issue 7). Admin tokens create, pause, resume
+//! `/api/v1/rollouts…`: agent upgrade rollouts. Admin tokens create, pause, resume
 //! and abort; viewer tokens read (the router's authentication refuses their `POST` with 403).
 //!
 //! - `POST /rollouts` — `{"version", "platform", "targets", "waves"?, "wave_pause_s"?,

@@ -1,4 +1,4 @@
-//! `/console/requests`: the distributed-request ledger (issue 6) for operators — the backlog per
+//! `/console/requests`: the distributed-request ledger for operators — the backlog per
 //! lane (pool × target site) with its oldest operation's age, the open operations and the
 //! latest failed ones (status, result, reason, source → target, request, age). Admins cancel
 //! an open operation or retry one that can be retried with a form post; viewers see the same

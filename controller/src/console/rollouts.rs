@@ -1,4 +1,4 @@
-//! `/console/rollouts`: agent upgrade rollouts (issue 7) for operators — the list (state,
+//! `/console/rollouts`: agent upgrade rollouts for operators — the list (state,
 //! release, wave, sites per state) and one rollout's page (its settings, why it halted, every
 //! site with its state, reason, wave, versions, command and maintenance window). Admins pause,
 //! resume or abort with a form post; viewers see the same pages without the buttons (and a

@@ -1,4 +1,4 @@
-//! Signed agent releases as stored (issue 7; migration 0012): one `releases` row per
+//! Signed agent releases as stored (migration 0012): one `releases` row per
 //! (version, platform) with the manifest's signed facts, and its artifact in `release_chunks`
 //! of `RELEASE_CHUNK_BYTES`. Both backends implement `ReleaseStore` with the SQL of
 //! `impl_release_store!`, which `impl_store!` expands.

@@ -1,4 +1,4 @@
-//! The distributed-request ledger (issue 6): every cross-site operation with its state, who
+//! The distributed-request ledger: every cross-site operation with its state, who
 //! holds each request's master, which sites hold read-only copies. Written once for both
 //! backends (`impl_request_store!`), like the rest of the store.
 //!

@@ -1,4 +1,4 @@
-//! Remote upgrade rollouts (issue 7; migration 0013, both backends): each rollout and each of
+//! Remote upgrade rollouts (migration 0013, both backends): each rollout and each of
 //! its target sites with their state. Written once for both backends
 //! (`impl_rollout_store!`), like the rest of the store; the decisions are pure functions in
 //! `crate::rollouts`, applied here in one transaction each.
