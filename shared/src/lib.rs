@@ -1,6 +1,7 @@
 //! Domain types shared by the controller and the agent: ids, the configuration model and its
 //! validation, customer fields of a visit, appointments as synced to agents, agent events, controller commands, business-day arithmetic and the reconnect
-//! backoff policy. Nothing here does I/O.
+//! backoff policy. Nothing here does I/O, except loading settings, creating private files
+//! (`private_files`) and the HTTP edge both servers share (`http_guard`).
 #![forbid(unsafe_code)]
 
 pub mod appointments;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod customer;
 pub mod error;
 pub mod events;
+pub mod http_guard;
 pub mod ids;
 pub mod lineage;
 pub mod mappings;
