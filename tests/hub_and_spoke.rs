@@ -362,3 +362,71 @@ async fn refused_credentials_tokens_and_frames_change_nothing() {
     let view = admin.agent(id).await;
     assert_eq!(view["revoked"], true);
 }
+
+#[tokio::test]
+async fn counters_above_i64_max_are_refused_at_the_gateway_and_nothing_is_stored() {
+    let db = fresh_postgres_url().await;
+    let root = temp_dir("meridian-e2e");
+    let controller = ControllerProc::start(&root.join("controller"), &db).await;
+    let admin = controller.client();
+    admin.seed_site("SFO").await;
+    let enrolled = enroll(&controller, &admin.enrollment_token("SFO").await).await.expect("enroll");
+    let (cred, id) = (&enrolled.credential, &enrolled.agent_id);
+    let too_big = i64::MAX as u64 + 1;
+    let before = admin.agent(id).await;
+
+    // A Hello whose outbox high-water would wrap to a negative number in its column.
+    let mut wrapped = hello(id, "SFO");
+    if let Some(agent_frame::Body::Hello(h)) = &mut wrapped.body {
+        h.outbox_high_water = u64::MAX;
+        h.config_revision = 3;
+    }
+    let got = session(&controller, cred, vec![wrapped]).await.expect("session");
+    assert_eq!(protocol_error(&got).as_deref(), Some("counter_out_of_range"), "{got:?}");
+    assert!(
+        !got.iter().any(|f| matches!(f.body, Some(controller_frame::Body::Welcome(_)))),
+        "no Welcome: {got:?}"
+    );
+    let after = admin.agent(id).await;
+    for field in ["outbox_pending", "config_revision", "version", "clock_skew_ms"] {
+        assert_eq!(after[field], before[field], "{field} stored from a refused Hello");
+    }
+
+    // A Status after a good Hello.
+    let status = AgentFrame {
+        body: Some(agent_frame::Body::Status(meridian_proto::Status {
+            config_revision: too_big,
+            outbox_pending: 1,
+            ..Default::default()
+        })),
+    };
+    let got = session(&controller, cred, vec![hello(id, "SFO"), status]).await.expect("session");
+    assert_eq!(protocol_error(&got).as_deref(), Some("counter_out_of_range"), "{got:?}");
+    let after = admin.agent(id).await;
+    assert_eq!(
+        (after["config_revision"].as_u64(), after["outbox_pending"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    // An event batch whose second event's sequence does not fit.
+    let event = |seq| meridian_proto::Event {
+        seq,
+        kind: "FUTURE_KIND".into(),
+        occurred_at_ms: 1,
+        payload: b"{}".to_vec(),
+    };
+    let batch = AgentFrame {
+        body: Some(agent_frame::Body::Events(meridian_proto::EventBatch {
+            events: vec![event(1), event(too_big)],
+        })),
+    };
+    let got = session(&controller, cred, vec![hello(id, "SFO"), batch]).await.expect("session");
+    assert_eq!(protocol_error(&got).as_deref(), Some("counter_out_of_range"), "{got:?}");
+    assert!(
+        !got.iter().any(|f| matches!(f.body, Some(controller_frame::Body::EventAck(_)))),
+        "nothing acknowledged: {got:?}"
+    );
+    assert_eq!(central_events(&db, id).await.0, 0, "no event of the batch is stored");
+    let quarantined = admin.ok(Method::GET, "/api/v1/stats/quarantine", None).await;
+    assert_eq!(quarantined, json!([]), "nor quarantined");
+}

@@ -75,7 +75,7 @@ pub fn close(
     };
     let closure =
         Closure { id: uuid::Uuid::now_v7(), day, from, to, reason: input.reason.trim().to_owned() };
-    closure.validate(today).map_err(Error::InvalidFields)?;
+    closure.validate(today, now.with_timezone(&tz).naive_local()).map_err(Error::InvalidFields)?;
     conn.prepare_cached(
         "INSERT INTO branch_closures (id, day, from_time, to_time, reason, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -382,6 +382,9 @@ mod tests {
         assert_eq!(bad(Some("yesterday"), "9", "10:00", "x"), ["date", "from"]);
         assert_eq!(bad(None, "16:00", "14:00", ""), ["to", "reason"]);
         assert_eq!(bad(Some("2026-03-08"), "14:00", "16:00", "late"), ["date"]);
+        // At most 366 days ahead: 2027-03-10 is day 366, 2027-03-11 is beyond.
+        assert_eq!(bad(Some("2027-03-11"), "08:00", "09:00", "far"), ["date"]);
+        assert_eq!(bad(Some("+200000-01-01"), "08:00", "09:00", "far"), ["date"]);
         assert!(list(&conn, "2026-01-01".parse().unwrap()).unwrap().is_empty());
         let events: i64 = conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).unwrap();
         assert_eq!(events, 0);

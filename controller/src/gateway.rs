@@ -23,7 +23,6 @@ use meridian_proto::{
 };
 use meridian_shared::AgentId;
 use meridian_shared::clock::Clock;
-use meridian_shared::events::{MAX_EVENT_KIND, MAX_EVENT_PAYLOAD, validate_wire_event};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -36,14 +35,15 @@ use crate::clock_skew::SkewWatch;
 use crate::config_admin;
 use crate::error::{EnrollError, Error};
 use crate::metrics::Metrics;
-use crate::store::{AgentStatusUpdate, Enrollment, IncomingEvent, IngestError, Store};
+use crate::store::{AgentStatusUpdate, Enrollment, IngestError, Store};
 
 mod reconcile;
+pub mod wire;
+
+pub use wire::MAX_BATCH_EVENTS;
 
 /// Largest gRPC message either side accepts.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-/// Most events in one batch.
-pub const MAX_BATCH_EVENTS: usize = 5_000;
 /// Commands sent per wake-up.
 const COMMAND_PAGE: u32 = 100;
 /// Outbound frames buffered per session; when full the session task waits (backpressure from
@@ -462,6 +462,12 @@ enum End {
     Transport(Status),
 }
 
+impl From<wire::Refusal> for End {
+    fn from(r: wire::Refusal) -> Self {
+        End::Protocol(r.code, r.message)
+    }
+}
+
 impl Session {
     async fn run(mut self) {
         self.gw.metrics.sessions_opened.inc();
@@ -542,6 +548,7 @@ impl Session {
                 ));
             }
         };
+        wire::check_hello(&hello)?;
         if hello.agent_id != self.agent.to_string() || hello.site_code != self.site {
             return Err(End::Protocol(
                 "identity_mismatch",
@@ -685,6 +692,12 @@ impl Session {
     }
 
     async fn handle(&mut self, f: AgentFrame) -> Result<(), End> {
+        if let Err(refusal) = wire::check_frame(&f) {
+            if matches!(f.body, Some(agent_frame::Body::Events(_))) {
+                self.gw.metrics.event_batches_refused.inc();
+            }
+            return Err(refusal.into());
+        }
         match f.body {
             None => Err(End::Protocol("empty_frame", "frame without a body".into())),
             Some(agent_frame::Body::Hello(_)) => Err(End::Protocol(
@@ -735,51 +748,9 @@ impl Session {
     }
 
     async fn ingest(&mut self, batch: meridian_proto::EventBatch) -> Result<(), End> {
-        if batch.events.len() > MAX_BATCH_EVENTS {
+        let (events, quarantined) = wire::events(batch, Utc::now()).inspect_err(|_| {
             self.gw.metrics.event_batches_refused.inc();
-            return Err(End::Protocol(
-                "batch_too_large",
-                format!("at most {MAX_BATCH_EVENTS} events per batch"),
-            ));
-        }
-        let mut events = Vec::with_capacity(batch.events.len());
-        let mut quarantined = 0;
-        for e in batch.events {
-            // Malformed content never ends the session (the agent would resend it forever):
-            // the event is acknowledged and kept aside with the reason, for admins.
-            let mut problem = validate_wire_event(&e.kind, &e.payload).err().map(|e| e.to_string());
-            let occurred_at = DateTime::<Utc>::from_timestamp_millis(e.occurred_at_ms)
-                .unwrap_or_else(|| {
-                    problem.get_or_insert_with(|| "occurred_at out of range".into());
-                    Utc::now()
-                });
-            let payload = match String::from_utf8(e.payload) {
-                Ok(p) => p,
-                Err(err) => {
-                    problem.get_or_insert_with(|| "payload is not UTF-8".into());
-                    String::from_utf8_lossy(err.as_bytes()).into_owned()
-                }
-            };
-            if problem.is_none() && payload.contains("\\u0000") {
-                problem =
-                    Some("the payload holds a \\u0000 escape, which the store cannot keep".into());
-            }
-            let (kind, payload) = if problem.is_some() {
-                quarantined += 1;
-                // Text columns refuse NUL; keep everything else as it arrived.
-                let clean = |s: &str, max| truncate(&s.replace('\0', "\u{FFFD}"), max);
-                (clean(&e.kind, MAX_EVENT_KIND), clean(&payload, MAX_EVENT_PAYLOAD))
-            } else {
-                (e.kind, payload)
-            };
-            events.push(IncomingEvent {
-                seq: e.seq,
-                kind,
-                occurred_at,
-                payload,
-                quarantine: problem,
-            });
-        }
+        })?;
         let n = events.len() as u64;
         let requests = crate::store::requests::has_request_events(&events);
         let acked = match self

@@ -20,6 +20,7 @@ pub const APPOINTMENT_STATUS: &str = "APPOINTMENT_STATUS";
 pub const BRANCH_CLOSED: &str = "BRANCH_CLOSED";
 pub const BRANCH_REOPENED: &str = "BRANCH_REOPENED";
 pub const AGENT_UPGRADE_STATUS: &str = "AGENT_UPGRADE_STATUS";
+pub const STAFF_LOGIN_LOCKED: &str = "STAFF_LOGIN_LOCKED";
 /// Longest accepted `UpgradeStatus::reason`, in characters (the agent cuts longer ones).
 pub const MAX_UPGRADE_REASON: usize = 1000;
 /// Longest accepted version text in an `UpgradeStatus`.
@@ -52,7 +53,33 @@ pub enum AgentEvent {
     /// Where an `AGENT_UPGRADE` stands at the agent (downloading, staged, switching, healthy,
     /// rolled back, failed).
     UpgradeStatus(UpgradeStatus),
+    /// Repeated failed sign-ins locked a staff user or a source address at the branch.
+    LoginLocked(LoginLocked),
 }
+
+/// What a sign-in lockout at a branch locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockedSubject {
+    /// A user name (known at the branch or not).
+    User,
+    /// A source address on the branch LAN.
+    Address,
+}
+
+/// `STAFF_LOGIN_LOCKED`: after `failures` failed sign-ins in a row, `name` (a user name or an
+/// address) may not sign in before `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginLocked {
+    pub subject: LockedSubject,
+    pub name: String,
+    pub failures: u32,
+    pub until: DateTime<Utc>,
+    pub at: DateTime<Utc>,
+}
+
+/// Longest user name or address a `STAFF_LOGIN_LOCKED` carries.
+pub const MAX_LOCKED_NAME: usize = 64;
 
 /// The phases an agent reports for an upgrade (`AGENT_UPGRADE_STATUS`). `healthy`,
 /// `rolled_back` and `failed` end an upgrade; the others are progress.
@@ -347,6 +374,7 @@ impl AgentEvent {
             AgentEvent::RequestOperationOutcome(_) => crate::transfers::REQUEST_OP_OUTCOME,
             AgentEvent::RequestDeleted(_) => crate::transfers::REQUEST_DELETED,
             AgentEvent::UpgradeStatus(_) => AGENT_UPGRADE_STATUS,
+            AgentEvent::LoginLocked(_) => STAFF_LOGIN_LOCKED,
         }
     }
 
@@ -367,6 +395,7 @@ impl AgentEvent {
             AgentEvent::RequestOperationOutcome(e) => serde_json::to_vec(e),
             AgentEvent::RequestDeleted(e) => serde_json::to_vec(e),
             AgentEvent::UpgradeStatus(e) => serde_json::to_vec(e),
+            AgentEvent::LoginLocked(e) => serde_json::to_vec(e),
         };
         // Serializing plain structs of strings and numbers cannot fail.
         value.unwrap_or_default()
@@ -412,6 +441,12 @@ impl AgentEvent {
                 {
                     return Err(WireEventError::Payload("not a valid closure".into()));
                 }
+                if e.closure.beyond_horizon_of(e.at) {
+                    return Err(WireEventError::Payload(format!(
+                        "the closure starts or ends more than {} days after it was made",
+                        crate::closures::MAX_HORIZON_DAYS
+                    )));
+                }
                 AgentEvent::BranchClosed(e)
             }
             "REQUEST_CREATED" => AgentEvent::Request(
@@ -438,6 +473,13 @@ impl AgentEvent {
                 let e: UpgradeStatus = serde_json::from_slice(payload).map_err(bad)?;
                 e.check().map_err(WireEventError::Payload)?;
                 AgentEvent::UpgradeStatus(e)
+            }
+            STAFF_LOGIN_LOCKED => {
+                let e: LoginLocked = serde_json::from_slice(payload).map_err(bad)?;
+                if e.name.is_empty() || e.name.len() > MAX_LOCKED_NAME || e.until < e.at {
+                    return Err(WireEventError::Payload("not a valid sign-in lockout".into()));
+                }
+                AgentEvent::LoginLocked(e)
             }
             _ => return Ok(None),
         }))
@@ -504,6 +546,16 @@ mod tests {
             at: DateTime::from_timestamp(1_800_000_000, 0).expect("time"),
         });
         assert_eq!(AgentEvent::decode(synced.kind(), &synced.payload()).unwrap(), Some(synced));
+        // A closure more than 366 days after it was made never reaches central's closures.
+        let closed = |day: &str| {
+            format!(
+                r#"{{"id":"{}","day":"{day}","from":"08:00","to":"09:00","reason":"x","at":"2026-03-09T09:00:00Z"}}"#,
+                uuid::Uuid::now_v7()
+            )
+        };
+        assert!(validate_wire_event(BRANCH_CLOSED, closed("2027-03-09").as_bytes()).is_ok());
+        let far = validate_wire_event(BRANCH_CLOSED, closed("2027-03-12").as_bytes());
+        assert!(matches!(far, Err(WireEventError::Payload(m)) if m.contains("366 days")));
         let request = AgentEvent::Request(
             RequestEventKind::Updated,
             RequestChanged {
