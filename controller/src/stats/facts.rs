@@ -305,7 +305,8 @@ impl Projection {
             | AgentEvent::RequestOperation(_)
             | AgentEvent::RequestOperationOutcome(_)
             | AgentEvent::RequestDeleted(_)
-            | AgentEvent::UpgradeStatus(_) => {}
+            | AgentEvent::UpgradeStatus(_)
+            | AgentEvent::LoginLocked(_) => {}
         }
     }
 
