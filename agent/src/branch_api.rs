@@ -859,11 +859,17 @@ async fn event_feed(
             c
         }
     };
+    // Held by the feed's task: the slot frees when the subscriber goes.
+    let slot = match ctx.live_feeds.join() {
+        Ok(slot) => slot,
+        Err(refused) => return Ok(refused),
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<axum::response::sse::Event, std::convert::Infallible>,
     >(16);
     let mut activity = ctx.activity.subscribe();
     tokio::spawn(async move {
+        let _slot = slot;
         loop {
             let after = cursor;
             let page = match ctx

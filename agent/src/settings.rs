@@ -59,6 +59,23 @@ pub struct Settings {
     /// How often the end-of-day rule (ending visits left open when their day is over) is
     /// checked.
     pub end_of_day_sweep_ms: u64,
+    /// Slow clients on the branch server: the time a client has to send a request's head
+    /// (and the TLS handshake); a keep-alive connection idle as long is closed.
+    pub http_header_timeout_ms: u64,
+    /// The longest pause while a request body arrives (the request then fails).
+    pub http_body_timeout_ms: u64,
+    /// Connections the branch server serves at once; more wait to be accepted until one
+    /// closes. Every terminal page holds one for its live feed.
+    pub http_max_connections: usize,
+    /// Live feeds (`/display/events`, which every display, workstation and branch status page
+    /// holds open, and `/api/v1/events`) served at once; one more is answered `503` with
+    /// `Retry-After` (the pages retry on their own).
+    pub max_live_feeds: usize,
+    /// Origins that may frame the public display (`/display`), e.g.
+    /// `["https://signage.example.com"]` or `'self'`; empty (the default): no page may be framed.
+    /// In the environment: `MERIDIAN_AGENT_DISPLAY_FRAME_ANCESTORS=https://a.example,https://b.example`.
+    #[serde(default, deserialize_with = "meridian_shared::settings::list_or_comma_separated")]
+    pub display_frame_ancestors: Vec<String>,
     pub log: String,
 }
 
@@ -84,6 +101,11 @@ impl Default for Settings {
             local_retention_s: 86_400,
             clock_tolerance_ms: meridian_shared::clock::DEFAULT_SKEW_TOLERANCE_MS,
             end_of_day_sweep_ms: 30_000,
+            http_header_timeout_ms: 10_000,
+            http_body_timeout_ms: 30_000,
+            http_max_connections: 512,
+            max_live_feeds: 256,
+            display_frame_ancestors: Vec::new(),
             log: "info".into(),
         }
     }
@@ -92,6 +114,29 @@ impl Default for Settings {
 impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
         meridian_shared::settings::load("MERIDIAN_AGENT", file)
+    }
+
+    /// The branch server's limits on slow clients and connections.
+    pub fn http_limits(&self) -> meridian_shared::http_guard::Limits {
+        meridian_shared::http_guard::Limits {
+            header_read_timeout: std::time::Duration::from_millis(
+                self.http_header_timeout_ms.max(100),
+            ),
+            body_read_timeout: std::time::Duration::from_millis(self.http_body_timeout_ms.max(100)),
+            max_connections: self.http_max_connections.max(1),
+        }
+    }
+
+    /// `display_frame_ancestors`, checked: each an origin or `'self'`.
+    pub fn display_frame_ancestors(&self) -> Result<Vec<String>, String> {
+        self.display_frame_ancestors
+            .iter()
+            .map(|s| {
+                meridian_shared::http_guard::check_frame_ancestor(s.trim())
+                    .map(|()| s.trim().to_owned())
+                    .map_err(|e| format!("display_frame_ancestors: {e}"))
+            })
+            .collect()
     }
 
     /// `clock_tolerance_ms`, at least a second (less would raise alerts on ordinary jitter).
@@ -119,8 +164,14 @@ impl fmt::Debug for Settings {
             .field("release_keys", &self.release_keys)
             .field("upgrade_health_timeout_ms", &self.upgrade_health_timeout_ms)
             .field("upgrade_max_crashes", &self.upgrade_max_crashes)
+            .field("local_retention_s", &self.local_retention_s)
             .field("clock_tolerance_ms", &self.clock_tolerance_ms)
             .field("end_of_day_sweep_ms", &self.end_of_day_sweep_ms)
+            .field("http_header_timeout_ms", &self.http_header_timeout_ms)
+            .field("http_body_timeout_ms", &self.http_body_timeout_ms)
+            .field("http_max_connections", &self.http_max_connections)
+            .field("max_live_feeds", &self.max_live_feeds)
+            .field("display_frame_ancestors", &self.display_frame_ancestors)
             .field("log", &self.log)
             .finish()
     }

@@ -1,6 +1,7 @@
 //! The "now serving" display: the tickets at counters, newest call highlighted. The page
 //! subscribes to `/display/events` (server-sent events) and re-renders its board from
-//! `/display/board` on every branch change, so a call shows within milliseconds.
+//! `/display/board` on every branch change, so a call shows within milliseconds. It is the one
+//! page that may be framed (by the origins in `display_frame_ancestors`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{AppendHeaders, Html, IntoResponse, Response};
 use futures::Stream;
-use maud::{Markup, PreEscaped, html};
+use maud::{Markup, html};
+use meridian_shared::http_guard::page_policy;
 
 use super::{from_error, layout, offline_banner};
 use crate::Context;
@@ -18,22 +20,6 @@ use crate::visits;
 
 /// Calls shown on the board.
 const BOARD_SIZE: u32 = 8;
-
-const SCRIPT: &str = r#"
-const board = document.getElementById('board');
-let pending = false;
-async function refresh() {
-  if (pending) return;
-  pending = true;
-  try {
-    const r = await fetch('/display/board', { cache: 'no-store' });
-    if (r.ok) board.innerHTML = await r.text();
-  } finally { pending = false; }
-}
-const events = new EventSource('/display/events');
-events.onmessage = refresh;
-events.onopen = refresh;
-"#;
 
 pub async fn page(State(ctx): State<Arc<Context>>) -> Response {
     let board = match render_board(&ctx).await {
@@ -43,12 +29,15 @@ pub async fn page(State(ctx): State<Arc<Context>>) -> Response {
     let site = ctx.site_config().map(|c| c.site.name.clone()).unwrap_or_default();
     let body = html! {
         header { span { (site) } span { "Now serving" } }
-        main { div #board { (board) } }
-        script { (PreEscaped(SCRIPT)) }
+        // `terminals.js` re-renders the board on every branch change.
+        main { div #board data-live="board" { (board) } }
     };
     // The banner lives inside the board so it follows the link live.
     let online = crate::link::LinkStatus { connected: true, ..Default::default() };
-    Html(layout("Now serving", &online, None, body).into_string()).into_response()
+    // The one page digital signage may frame, from the origins the settings name.
+    let policy = page_policy(&ctx.display_frame_ancestors);
+    (AppendHeaders(policy), Html(layout("Now serving", &online, None, body).into_string()))
+        .into_response()
 }
 
 pub async fn board(State(ctx): State<Arc<Context>>) -> Response {
@@ -86,12 +75,17 @@ async fn render_board(ctx: &Arc<Context>) -> Result<Markup, Response> {
     })
 }
 
-/// One `refresh` event per branch change (and per link change), plus keep-alives.
-pub async fn events(
-    State(ctx): State<Arc<Context>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+/// One `refresh` event per branch change (and per link change), plus keep-alives; `503` with
+/// `Retry-After` when the branch holds `max_live_feeds` feeds already.
+pub async fn events(State(ctx): State<Arc<Context>>) -> Response {
+    let slot = match ctx.live_feeds.join() {
+        Ok(slot) => slot,
+        Err(refused) => return refused,
+    };
     let mut activity = ctx.activity.subscribe();
     let stream = async_stream(move |tx| async move {
+        // Held while the subscriber is there.
+        let _slot = slot;
         loop {
             tokio::select! {
                 _ = tx.closed() => return,
@@ -102,7 +96,7 @@ pub async fn events(
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
 /// A stream fed by a task through a small bounded channel (when a slow client lets it fill, the

@@ -110,7 +110,7 @@ pub async fn ticket(State(ctx): State<Arc<Context>>, Path(id): Path<String>) -> 
             p #people-ahead {
                 @match ahead { 0 => "You are next.", 1 => "1 person ahead of you.", n => (format!("{n} people ahead of you.")) }
             }
-            p .noprint { button type="button" onclick="window.print()" { "Print" } a href="/kiosk" { "Done" } }
+            p .noprint { button type="button" data-print { "Print" } a href="/kiosk" { "Done" } }
         }
     };
     Html(layout("Ticket", &link, Some(head), body).into_string()).into_response()

@@ -1,5 +1,7 @@
 //! The branch terminals: server-rendered HTML (maud) with a little project-written JavaScript,
 //! served by the agent from its local store, so they keep working with the controller down.
+//! Script and style are files the agent serves (`assets`): the pages' Content-Security-Policy
+//! allows nothing inline.
 //!
 //! - `/kiosk` — customers take a ticket or check in for an appointment (public on the branch
 //!   LAN);
@@ -19,12 +21,13 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use maud::{DOCTYPE, Markup, PreEscaped, html};
+use maud::{DOCTYPE, Markup, html};
 
 use crate::Context;
 use crate::error::Error;
 use crate::link::LinkStatus;
 
+mod assets;
 mod branch_page;
 mod display;
 mod kiosk;
@@ -34,6 +37,8 @@ mod workstation;
 pub fn router(ctx: Arc<Context>) -> Router {
     Router::new()
         .route("/", get(|| async { axum::response::Redirect::to("/kiosk") }))
+        .route(assets::SCRIPT_PATH, get(assets::script))
+        .route(assets::STYLE_PATH, get(assets::style))
         .route("/kiosk", get(kiosk::page))
         .route("/kiosk/tickets", post(kiosk::take_ticket))
         .route("/kiosk/tickets/{id}", get(kiosk::ticket))
@@ -56,25 +61,6 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .with_state(ctx)
 }
 
-const STYLE: &str = r#"
-body { font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2430; }
-header { background: #1d2430; color: #fff; padding: .8rem 1.2rem; display: flex; justify-content: space-between; }
-main { padding: 1.2rem; }
-#offline-banner { background: #b3261e; color: #fff; padding: .6rem 1.2rem; font-weight: 600; }
-button { font-size: 1.1rem; padding: .7rem 1.2rem; margin: .3rem; border-radius: .4rem; border: 1px solid #667; background: #fff; cursor: pointer; }
-button.primary, .service { background: #0b57d0; color: #fff; border: none; }
-.service { display: block; width: 100%; max-width: 28rem; font-size: 1.6rem; padding: 1.4rem; margin: .8rem 0; }
-table { border-collapse: collapse; background: #fff; }
-td, th { padding: .4rem .8rem; border-bottom: 1px solid #dde; text-align: left; }
-.ticket { font-size: 5rem; font-weight: 700; letter-spacing: .2rem; }
-#calls { list-style: none; padding: 0; font-size: 2.4rem; }
-#calls li { background: #fff; margin: .4rem 0; padding: .6rem 1rem; border-radius: .4rem; }
-#calls li.latest { background: #ffd54f; font-weight: 700; }
-.message { background: #fff3cd; padding: .6rem 1rem; border-radius: .4rem; }
-.muted { color: #667; }
-@media print { header, form, .noprint { display: none; } }
-"#;
-
 /// The page frame: title, the offline banner when the link is down, the body.
 fn layout(title: &str, link: &LinkStatus, head: Option<Markup>, body: Markup) -> Markup {
     html! {
@@ -84,7 +70,7 @@ fn layout(title: &str, link: &LinkStatus, head: Option<Markup>, body: Markup) ->
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Meridian" }
-                style { (PreEscaped(STYLE)) }
+                (assets::links())
                 @if let Some(h) = head { (h) }
             }
             body {
@@ -121,7 +107,7 @@ fn error_page(ctx: &Context, status: StatusCode, message: &str) -> Response {
     let link = ctx.link.borrow().clone();
     let body = html! {
         header { span { "Meridian" } }
-        main { p .message { (message) } p { a href="javascript:history.back()" { "Back" } } }
+        main { p .message { (message) } p { a href="/" data-back { "Back" } } }
     };
     (status, Html(layout("Error", &link, None, body).into_string())).into_response()
 }

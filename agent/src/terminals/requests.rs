@@ -113,9 +113,9 @@ fn header(config: &SiteConfig, username: &str) -> Markup {
         header {
             span { (config.site.name) " · " (me.map(|u| u.name.clone()).unwrap_or_else(|| username.to_owned())) }
             nav .noprint {
-                a style="color:#fff" href="/requests" { "Service requests" } " · "
-                a style="color:#fff" #new-request href="/requests/new" { "New request" } " · "
-                a style="color:#fff" href="/workstation" { "Workstation" }
+                a href="/requests" { "Service requests" } " · "
+                a #new-request href="/requests/new" { "New request" } " · "
+                a href="/workstation" { "Workstation" }
             }
         }
     }

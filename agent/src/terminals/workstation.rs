@@ -192,7 +192,8 @@ async fn render(
             }
             form method="post" action="/workstation/logout" { button #logout type="submit" { "Log out" } }
         }
-        script { (maud::PreEscaped("new EventSource('/display/events').onmessage = () => { if (!document.activeElement || document.activeElement.tagName !== 'SELECT') location.reload(); };")) }
+        // `terminals.js` reloads the page on every branch change (not while a drop-down is open).
+        div hidden data-live="reload-unless-select" {}
     };
     Ok(layout("Workstation", &link, None, body))
 }

@@ -172,3 +172,51 @@ fn is_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn read_head(stream: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => head.push(byte[0]),
+            }
+        }
+        Some(String::from_utf8_lossy(&head).into_owned())
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_wait_in_the_backlog() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let limits = Limits { max_connections: 2, ..Limits::default() };
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, app, limits, stop.clone().cancelled_owned()));
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            c.write_all(request).await.expect("write");
+            read_head(&mut c).await.expect("served");
+            let mut body = [0u8; 2];
+            c.read_exact(&mut body).await.expect("body");
+            held.push(c);
+        }
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        third.write_all(request).await.expect("write");
+        let waiting = tokio::time::timeout(Duration::from_millis(300), read_head(&mut third)).await;
+        assert!(waiting.is_err(), "served over the cap: {waiting:?}");
+        held.pop();
+        let head = read_head(&mut third).await.expect("served once a slot freed");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        stop.cancel();
+        drop((held, third));
+        server.await.expect("join").expect("served");
+    }
+}
