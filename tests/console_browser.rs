@@ -238,9 +238,20 @@ async fn browser_flow(browser: &Browser, api: &str, admin: &AdminClient) {
         .build()
         .expect("http client");
     let rebuild = format!("{api}/console/stats/rebuild");
+    // The viewer's own session and CSRF token: the role refuses it, not the form's checks.
+    let session = browser.get_named_cookie("meridian_console").await.expect("session cookie");
+    assert!(!session.value().contains(&viewer), "the cookie holds a session id, not the token");
+    let csrf = browser
+        .one(r#"header input[name="csrf"]"#)
+        .await
+        .attr("value")
+        .await
+        .expect("csrf field")
+        .unwrap_or_default();
     let refused = http
         .post(&rebuild)
-        .header(reqwest::header::COOKIE, format!("meridian_console={viewer}"))
+        .header(reqwest::header::COOKIE, format!("meridian_console={}", session.value()))
+        .form(&[("csrf", csrf.as_str())])
         .send()
         .await
         .expect("viewer's rebuild");

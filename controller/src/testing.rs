@@ -181,3 +181,93 @@ pub async fn call_router(
     });
     (status, v)
 }
+
+/// A console session opened through the sign-in form, as a browser opens one: the cookie to
+/// send and the CSRF token the session's forms carry.
+#[derive(Debug, Clone)]
+pub struct ConsoleSignIn {
+    /// `meridian_console=…`, for a `Cookie` header.
+    pub cookie: String,
+    pub csrf: String,
+}
+
+impl ConsoleSignIn {
+    /// A `GET` of `path` in this session.
+    pub fn get(&self, path: &str) -> axum::http::Request<axum::body::Body> {
+        axum::http::Request::get(path)
+            .header(axum::http::header::COOKIE, &self.cookie)
+            .body(axum::body::Body::empty())
+            .expect("request")
+    }
+
+    /// A form post of `fields` (URL-encoded, without the CSRF token, which is added) to
+    /// `path` in this session.
+    pub fn post(&self, path: &str, fields: &str) -> axum::http::Request<axum::body::Body> {
+        let body = if fields.is_empty() {
+            format!("csrf={}", self.csrf)
+        } else {
+            format!("{fields}&csrf={}", self.csrf)
+        };
+        axum::http::Request::post(path)
+            .header(axum::http::header::COOKIE, &self.cookie)
+            .header(axum::http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(axum::body::Body::from(body))
+            .expect("request")
+    }
+}
+
+/// The value of the first hidden field `name` in a page.
+pub fn hidden_field(html: &str, name: &str) -> Option<String> {
+    let start = html.find(&format!("name=\"{name}\" value=\""))? + name.len() + 15;
+    html[start..].split('"').next().map(str::to_owned)
+}
+
+/// `name=value` of the cookie `name` a response sets.
+pub fn set_cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(axum::http::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next())
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+/// Signs in to the console through an in-process `router` (one that includes
+/// `console::router`) with the API token `token`, the way a browser does: the sign-in page,
+/// its form posted back with the one-time value, the fleet page for the session's CSRF token.
+pub async fn console_sign_in(router: &axum::Router, token: &str) -> ConsoleSignIn {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode, header};
+    use tower::ServiceExt;
+    let body = |resp: axum::response::Response| async move {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22).await.expect("body");
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let page = router
+        .clone()
+        .oneshot(Request::get("/console/login").body(Body::empty()).expect("request"))
+        .await
+        .expect("sign-in page");
+    let login_cookie = set_cookie(page.headers(), "meridian_console_login").expect("login cookie");
+    let nonce = hidden_field(&body(page).await, "csrf").expect("the form's one-time value");
+    let req = Request::post("/console/login")
+        .header(header::COOKIE, login_cookie)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("token={token}&csrf={nonce}")))
+        .expect("request");
+    let resp = router.clone().oneshot(req).await.expect("sign in");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER, "signing in with {token:.12}…");
+    let cookie = set_cookie(resp.headers(), "meridian_console").expect("session cookie");
+    let fleet = router
+        .clone()
+        .oneshot(
+            Request::get("/console")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .expect("r"),
+        )
+        .await
+        .expect("fleet page");
+    let csrf = hidden_field(&body(fleet).await, "csrf").expect("the session's CSRF token");
+    ConsoleSignIn { cookie, csrf }
+}

@@ -12,6 +12,7 @@ use meridian_controller::api::ApiState;
 use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::metrics::Metrics;
 use meridian_controller::store::{self, AgentStatusUpdate, Enrollment, EnrollmentToken, Store};
+use meridian_controller::testing;
 use meridian_shared::{AgentId, SiteCode};
 use serde_json::json;
 use tower::ServiceExt;
@@ -56,10 +57,20 @@ async fn send(router: &Router, req: Request<Body>) -> (StatusCode, Option<String
     (status, set_cookie.or(location), String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Posts the sign-in form as a browser does (with the one-time value of the page it came from).
 async fn login(router: &Router, token: &str) -> (StatusCode, Option<String>, String) {
+    let page = router
+        .clone()
+        .oneshot(Request::get("/console/login").body(Body::empty()).expect("request"))
+        .await
+        .expect("sign-in page");
+    let cookie = testing::set_cookie(page.headers(), "meridian_console_login").expect("cookie");
+    let html = axum::body::to_bytes(page.into_body(), 1 << 20).await.expect("body");
+    let nonce = testing::hidden_field(&String::from_utf8_lossy(&html), "csrf").expect("nonce");
     let req = Request::post("/console/login")
+        .header(header::COOKIE, cookie)
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(Body::from(format!("token={token}")))
+        .body(Body::from(format!("token={token}&csrf={nonce}")))
         .expect("request");
     send(router, req).await
 }
@@ -139,6 +150,9 @@ async fn the_fleet_view_lists_every_site_with_its_agent_status_behind_sign_in() 
     let cookie = cookie.expect("cookie");
     let cookie = cookie.split(';').next().expect("pair");
     assert!(cookie.starts_with("meridian_console="));
+    // The cookie holds a session id, not the token (nor its hash).
+    assert!(!cookie.contains(&token), "{cookie}");
+    assert!(!cookie.contains(&meridian_controller::auth::hash_secret(&token)), "{cookie}");
     let (status, _, page) = get(&router, "/console", Some(cookie)).await;
     assert_eq!(status, StatusCode::OK);
     let row = |site: &str| {

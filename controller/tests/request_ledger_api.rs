@@ -17,7 +17,9 @@ use meridian_controller::config_admin::{self, ChangeMode, ResourceInput};
 use meridian_controller::metrics::Metrics;
 use meridian_controller::server::ensure_bootstrap_token;
 use meridian_controller::store::{AgentRecord, Role, Store};
-use meridian_controller::testing::{self, enroll_agent, fresh_postgres_url, fresh_sqlite_url};
+use meridian_controller::testing::{
+    self, ConsoleSignIn, enroll_agent, fresh_postgres_url, fresh_sqlite_url,
+};
 use meridian_shared::clock::{Clock, ManualClock};
 use meridian_shared::commands::ControllerCommand;
 use meridian_shared::events::{AgentEvent, RequestChanged, RequestEventKind};
@@ -512,15 +514,8 @@ async fn failures_are_counted_once_by_result_since_start_up() {
 }
 
 /// Signs in to the console with `token`; returns the cookie.
-async fn sign_in(router: &Router, token: &str) -> String {
-    let req = Request::post("/console/login")
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(Body::from(format!("token={token}")))
-        .expect("request");
-    let resp = router.clone().oneshot(req).await.expect("response");
-    let cookie =
-        resp.headers().get(header::SET_COOKIE).and_then(|v| v.to_str().ok()).expect("cookie");
-    cookie.split(';').next().unwrap_or_default().to_owned()
+async fn sign_in(router: &Router, token: &str) -> ConsoleSignIn {
+    meridian_controller::testing::console_sign_in(router, token).await
 }
 
 async fn console(router: &Router, req: Request<Body>) -> (StatusCode, Option<String>, String) {
@@ -535,12 +530,7 @@ async fn console(router: &Router, req: Request<Body>) -> (StatusCode, Option<Str
 #[tokio::test]
 async fn the_console_shows_the_ledger_and_lets_admins_cancel() {
     let l = Ledger::start(&fresh_sqlite_url()).await;
-    let page = |cookie: &str| {
-        Request::get("/console/requests")
-            .header(header::COOKIE, cookie)
-            .body(Body::empty())
-            .expect("request")
-    };
+    let page = |session: &ConsoleSignIn| session.get("/console/requests");
     let (status, location, _) =
         console(&l.router, Request::get("/console/requests").body(Body::empty()).expect("request"))
             .await;
@@ -553,12 +543,8 @@ async fn the_console_shows_the_ledger_and_lets_admins_cancel() {
     assert!(html.contains(r#"href="/console/requests""#), "nav link: {html}");
     assert!(html.contains(r#"id="backlog""#) && html.contains(r#"data-pool="parts""#), "{html}");
     assert!(!html.contains("/console/requests/cancel"), "no buttons for viewers: {html}");
-    let form = |cookie: &str, action: &str, op: Uuid, target: &str| {
-        Request::post(format!("/console/requests/{action}"))
-            .header(header::COOKIE, cookie)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Body::from(format!("op_id={op}&target={target}")))
-            .expect("request")
+    let form = |session: &ConsoleSignIn, action: &str, op: Uuid, target: &str| {
+        session.post(&format!("/console/requests/{action}"), &format!("op_id={op}&target={target}"))
     };
     let (status, _, _) = console(&l.router, form(&viewer, "cancel", l.transfer, "CHI")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);

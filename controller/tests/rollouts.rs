@@ -26,7 +26,9 @@ use meridian_controller::rollouts::{self, DriverSettings, TickReport};
 use meridian_controller::server::{Listeners, ensure_bootstrap_token, serve};
 use meridian_controller::settings::Settings;
 use meridian_controller::store::{AgentRecord, EnrollmentToken, Role, Store};
-use meridian_controller::testing::{self, enroll_agent, fresh_postgres_url, fresh_sqlite_url};
+use meridian_controller::testing::{
+    self, ConsoleSignIn, enroll_agent, fresh_postgres_url, fresh_sqlite_url,
+};
 use meridian_proto::agent_gateway_client::AgentGatewayClient;
 use meridian_proto::{
     AgentFrame, ControllerFrame, Event, EventBatch, agent_frame, controller_frame,
@@ -1137,15 +1139,8 @@ async fn bad_input_is_refused_and_changes_nothing_on_postgres() {
 
 // ---------- console and meridianctl ----------
 
-async fn sign_in(router: &Router, token: &str) -> String {
-    let req = Request::post("/console/login")
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(Body::from(format!("token={token}")))
-        .expect("request");
-    let resp = router.clone().oneshot(req).await.expect("response");
-    let cookie =
-        resp.headers().get(header::SET_COOKIE).and_then(|v| v.to_str().ok()).expect("cookie");
-    cookie.split(';').next().unwrap_or_default().to_owned()
+async fn sign_in(router: &Router, token: &str) -> ConsoleSignIn {
+    meridian_controller::testing::console_sign_in(router, token).await
 }
 
 async fn console(router: &Router, req: Request<Body>) -> (StatusCode, Option<String>, String) {
@@ -1165,15 +1160,9 @@ async fn the_console_shows_rollouts_and_lets_admins_pause_and_abort() {
     let v =
         f.create(json!({"version": "1.4.0", "platform": PLATFORM, "targets": {"tag": "us"}})).await;
     let id = v["id"].as_str().expect("id").to_owned();
-    let get = |cookie: &str, path: &str| {
-        Request::get(path).header(header::COOKIE, cookie).body(Body::empty()).expect("request")
-    };
-    let form = |cookie: &str, action: &str| {
-        Request::post(format!("/console/rollouts/{action}"))
-            .header(header::COOKIE, cookie)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Body::from(format!("id={id}")))
-            .expect("request")
+    let get = |session: &ConsoleSignIn, path: &str| session.get(path);
+    let form = |session: &ConsoleSignIn, action: &str| {
+        session.post(&format!("/console/rollouts/{action}"), &format!("id={id}"))
     };
     let viewer = sign_in(&f.router, &f.viewer).await;
     let (status, _, html) = console(&f.router, get(&viewer, "/console/rollouts")).await;
@@ -1200,6 +1189,29 @@ async fn the_console_shows_rollouts_and_lets_admins_pause_and_abort() {
         html.contains("/console/rollouts/pause") && html.contains("/console/rollouts/abort"),
         "{html}"
     );
+    // An admin's post without the session's CSRF token, with another, or from another site is
+    // refused and changes nothing.
+    for (csrf, origin) in [
+        (None, None),
+        (Some("forged"), None),
+        (Some(admin.csrf.as_str()), Some("https://evil.example")),
+    ] {
+        let mut req = Request::post("/console/rollouts/pause")
+            .header(header::COOKIE, &admin.cookie)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(origin) = origin {
+            req = req.header(header::ORIGIN, origin).header(header::HOST, "controller");
+        }
+        let body = match csrf {
+            Some(c) => format!("id={id}&csrf={c}"),
+            None => format!("id={id}"),
+        };
+        let (status, _, _) = console(&f.router, req.body(Body::from(body)).expect("request")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "csrf {csrf:?}, origin {origin:?}");
+        let (_, _, html) =
+            console(&f.router, get(&admin, &format!("/console/rollouts/{id}"))).await;
+        assert!(html.contains(r#"data-state="running""#), "still running: {html}");
+    }
     let (status, location, _) = console(&f.router, form(&admin, "pause")).await;
     assert_eq!(
         (status, location),

@@ -2,8 +2,9 @@
 //! quarantine list (`/console/quarantine`). Every chart has its numbers in a table below it and
 //! as CSV (`/console/stats.csv?chart=…`), answered by the same queries as the statistics API.
 
+use axum::Extension;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{NaiveDate, Utc};
 use maud::{Markup, PreEscaped, html};
@@ -11,11 +12,10 @@ use meridian_shared::config::ConfigSet;
 use serde::Deserialize;
 
 use super::charts::{bar_chart, value_label};
-use super::{page, shell, signed_in_token};
+use super::{SignedIn, page, shell};
 use crate::api::ApiState;
 use crate::stats::query::{self, StatsRequest};
 use crate::stats::report::{GroupBy, Interval, Row};
-use crate::store::Role;
 
 /// Dashboard filters; an empty field means "not set".
 #[derive(Debug, Default, Deserialize)]
@@ -220,10 +220,9 @@ fn error_page(status: StatusCode, message: &str) -> Response {
 
 pub async fn stats_page(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    Extension(me): Extension<SignedIn>,
     Query(f): Query<Filters>,
 ) -> Response {
-    let who = signed_in_token(&state, &headers).await;
     let d = match build(&state, &f).await {
         Ok(d) => d,
         Err((status, m)) => return error_page(status, &m),
@@ -241,9 +240,8 @@ pub async fn stats_page(
     }
     .await
     .ok();
-    let is_admin = who.as_ref().is_some_and(|t| t.role == Role::Admin);
     let body = html! {
-        (shell(who.as_ref(), "stats"))
+        (shell(&me, "stats"))
         main {
             form #filters method="get" action="/console/stats" {
                 label { "From " input #from name="from" type="date" value=(d.from); } " "
@@ -274,8 +272,9 @@ pub async fn stats_page(
                     p { a .csv href=(csv_link(c.id.trim_start_matches("chart-"))) { "Download CSV" } }
                 }
             }
-            @if is_admin {
+            @if me.is_admin() {
                 form #rebuild method="post" action="/console/stats/rebuild" {
+                    (me.csrf_field())
                     button #rebuild-submit type="submit" { "Rebuild statistics from raw events" }
                 }
             }
@@ -308,9 +307,11 @@ pub async fn stats_csv(State(state): State<ApiState>, Query(f): Query<Filters>) 
 }
 
 /// Admin only: drop facts and rollups so the projector rebuilds them from the raw events.
-pub async fn rebuild(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let who = signed_in_token(&state, &headers).await;
-    if who.as_ref().is_none_or(|t| t.role != Role::Admin) {
+pub async fn rebuild(
+    State(state): State<ApiState>,
+    Extension(me): Extension<SignedIn>,
+) -> Response {
+    if !me.is_admin() {
         return error_page(
             StatusCode::FORBIDDEN,
             "Your token is read-only (viewer): only admins can rebuild statistics.",
@@ -332,8 +333,10 @@ fn minutes(ms: i64) -> String {
     format!("{} min", ms / 60_000)
 }
 
-pub async fn live_page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let who = signed_in_token(&state, &headers).await;
+pub async fn live_page(
+    State(state): State<ApiState>,
+    Extension(me): Extension<SignedIn>,
+) -> Response {
     let sites = match crate::api::live(state.store.as_ref(), None).await {
         Ok(s) => s,
         Err(e) => {
@@ -345,7 +348,7 @@ pub async fn live_page(State(state): State<ApiState>, headers: HeaderMap) -> Res
         }
     };
     let body = html! {
-        (shell(who.as_ref(), "live"))
+        (shell(&me, "live"))
         main .live {
             @for s in &sites {
                 section .site-live data-site=(s.site) .stale[s.stale] {
@@ -377,14 +380,16 @@ pub async fn live_page(State(state): State<ApiState>, headers: HeaderMap) -> Res
     Html(page("Live", Some(head), body).into_string()).into_response()
 }
 
-pub async fn quarantine_page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let who = signed_in_token(&state, &headers).await;
+pub async fn quarantine_page(
+    State(state): State<ApiState>,
+    Extension(me): Extension<SignedIn>,
+) -> Response {
     let rows = match state.store.quarantined(200).await {
         Ok(r) => r,
         Err(_) => return error_page(StatusCode::SERVICE_UNAVAILABLE, "The store is unavailable."),
     };
     let body: Markup = html! {
-        (shell(who.as_ref(), "quarantine"))
+        (shell(&me, "quarantine"))
         main {
             p { "Events set aside by ingestion or statistics, newest first. They never block an agent's stream." }
             table #quarantine {

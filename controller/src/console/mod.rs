@@ -1,6 +1,8 @@
-//! The operations console: server-rendered pages for central admins (maud, no JavaScript build).
-//! Sign-in uses the same API tokens and roles as the admin API; the token lives in an HttpOnly,
-//! SameSite=Strict cookie scoped to `/console`.
+//! The operations console: server-rendered pages for central admins (maud, no JavaScript at
+//! all; the style sheet is served from `/console/assets/`, nothing inline). Sign-in uses the
+//! same API tokens and roles as the admin API and opens a server-side session (`session`):
+//! the cookie holds a session id, never the token, and every form post carries the session's
+//! CSRF token.
 //!
 //! - `/console` — the fleet view: every site with its agent's status (connected or offline
 //!   since when, version, configuration applied vs current, outbox backlog, clock skew with
@@ -22,23 +24,19 @@ mod charts;
 mod dashboard;
 mod requests;
 mod rollouts;
+pub mod session;
 
-use axum::Form;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Router, middleware};
+use axum::{Extension, Router, middleware};
 use chrono::Utc;
-use maud::{DOCTYPE, Markup, PreEscaped, html};
+use maud::{DOCTYPE, Markup, html};
 use meridian_shared::config::ConfigSet;
-use serde::Deserialize;
 
 use crate::api::{AgentView, ApiState};
-use crate::auth;
-use crate::store::ApiToken;
-
-const COOKIE: &str = "meridian_console";
+pub use session::SignedIn;
 
 pub fn router(state: ApiState) -> Router {
     let signed_in = Router::new()
@@ -56,30 +54,33 @@ pub fn router(state: ApiState) -> Router {
         .route("/console/rollouts/pause", post(rollouts::pause))
         .route("/console/rollouts/resume", post(rollouts::resume))
         .route("/console/rollouts/abort", post(rollouts::abort))
-        .route("/console/logout", post(logout))
-        .layer(middleware::from_fn_with_state(state.clone(), require_sign_in));
+        .route("/console/logout", post(session::logout))
+        .layer(middleware::from_fn_with_state(state.clone(), session::require_sign_in));
     Router::new()
         .merge(signed_in)
-        .route("/console/login", get(login_page).post(login))
+        .route("/console/login", get(session::login_page).post(session::login))
+        .route(STYLE_PATH, get(style_sheet))
         .with_state(state)
 }
 
-const STYLE: &str = r#"
-body { font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2430; }
-header { background: #1d2430; color: #fff; padding: .8rem 1.2rem; display: flex; justify-content: space-between; align-items: center; }
-main { padding: 1.2rem; }
-table { border-collapse: collapse; background: #fff; width: 100%; }
-td, th { padding: .45rem .7rem; border-bottom: 1px solid #dde; text-align: left; }
-.online { color: #137333; font-weight: 600; } .offline { color: #b3261e; font-weight: 600; }
-.stale { color: #b06000; } .message { background: #fff3cd; padding: .6rem 1rem; border-radius: .4rem; }
-button { padding: .5rem 1rem; }
-nav a { color: #cfd8ea; margin-right: 1rem; text-decoration: none; } nav a.active { color: #fff; font-weight: 600; }
-section.chart, section.site-live { background: #fff; margin: 1rem 0; padding: .8rem; border-radius: .4rem; }
-section.chart table { margin-top: .5rem; } #filters { margin-bottom: 1rem; }
-"#;
+/// The style sheet every page links (the pages' Content-Security-Policy allows no inline
+/// style); its URL carries the version, so browsers may keep it for a day.
+const STYLE_PATH: &str = "/console/assets/console.css";
+const STYLE: &str = include_str!("console.css");
+
+async fn style_sheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        STYLE,
+    )
+        .into_response()
+}
 
 /// The page header: where you are, the navigation, who is signed in.
-fn shell(who: Option<&ApiToken>, active: &str) -> Markup {
+fn shell(me: &SignedIn, active: &str) -> Markup {
     let links = [
         ("fleet", "/console", "Fleet"),
         ("live", "/console/live", "Live"),
@@ -92,8 +93,8 @@ fn shell(who: Option<&ApiToken>, active: &str) -> Markup {
         header {
             span { "Meridian console" }
             nav { @for (key, href, label) in links { a href=(href) .active[key == active] { (label) } } }
-            span { @if let Some(t) = who { span #who { (t.name) " (" (t.role.as_str()) ")" } } " "
-                form method="post" action="/console/logout" style="display:inline" { button #logout { "Sign out" } } }
+            span { span #who { (me.token.name) " (" (me.token.role.as_str()) ")" } " "
+                form .inline method="post" action="/console/logout" { (me.csrf_field()) button #logout { "Sign out" } } }
         }
     }
 }
@@ -105,7 +106,7 @@ fn page(title: &str, head: Option<Markup>, body: Markup) -> Markup {
             head {
                 meta charset="utf-8";
                 title { (title) " · Meridian console" }
-                style { (PreEscaped(STYLE)) }
+                link rel="stylesheet" href=(format!("{STYLE_PATH}?v={}", meridian_shared::VERSION));
                 @if let Some(h) = head { (h) }
             }
             body { (body) }
@@ -113,82 +114,7 @@ fn page(title: &str, head: Option<Markup>, body: Markup) -> Markup {
     }
 }
 
-fn cookie(headers: &HeaderMap) -> Option<String> {
-    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|h| {
-        h.split(';').find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == COOKIE && !v.is_empty()).then(|| v.to_owned())
-        })
-    })
-}
-
-async fn signed_in_token(state: &ApiState, headers: &HeaderMap) -> Option<ApiToken> {
-    let secret = cookie(headers)?;
-    state.store.api_token_by_hash(&auth::hash_secret(&secret)).await.ok().flatten()
-}
-
-async fn require_sign_in(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    req: axum::extract::Request,
-    next: middleware::Next,
-) -> Response {
-    match signed_in_token(&state, &headers).await {
-        Some(_) => next.run(req).await,
-        None => Redirect::to("/console/login").into_response(),
-    }
-}
-
-fn login_form(status: StatusCode, message: Option<&str>) -> Response {
-    let body = html! {
-        header { span { "Meridian console" } }
-        main {
-            @if let Some(m) = message { p .message #message { (m) } }
-            form #login method="post" action="/console/login" {
-                p { label for="token" { "API token " } input #token name="token" type="password" autocomplete="off" required; }
-                button #login-submit type="submit" { "Sign in" }
-            }
-            p { "Use an admin or viewer API token (created with " code { "meridianctl token create" } ")." }
-        }
-    };
-    (status, Html(page("Sign in", None, body).into_string())).into_response()
-}
-
-async fn login_page() -> Response {
-    login_form(StatusCode::OK, None)
-}
-
-#[derive(Deserialize)]
-struct LoginForm {
-    token: String,
-}
-
-async fn login(State(state): State<ApiState>, Form(form): Form<LoginForm>) -> Response {
-    let token = form.token.trim().to_owned();
-    let valid = token.len() <= 200
-        && matches!(state.store.api_token_by_hash(&auth::hash_secret(&token)).await, Ok(Some(_)));
-    if !valid {
-        return login_form(StatusCode::UNAUTHORIZED, Some("Unknown API token."));
-    }
-    let cookie =
-        format!("{COOKIE}={token}; Path=/console; HttpOnly; SameSite=Strict; Max-Age=43200");
-    match HeaderValue::from_str(&cookie) {
-        Ok(v) => {
-            (AppendHeaders([(header::SET_COOKIE, v)]), Redirect::to("/console")).into_response()
-        }
-        Err(_) => login_form(StatusCode::BAD_REQUEST, Some("That token cannot be used here.")),
-    }
-}
-
-async fn logout() -> Response {
-    let clear = HeaderValue::from_static(
-        "meridian_console=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0",
-    );
-    (AppendHeaders([(header::SET_COOKIE, clear)]), Redirect::to("/console/login")).into_response()
-}
-
-async fn fleet(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let who = signed_in_token(&state, &headers).await;
+async fn fleet(State(state): State<ApiState>, Extension(me): Extension<SignedIn>) -> Response {
     let loaded = async {
         let (_, resources) = state.store.load_config().await?;
         let agents = state.store.list_agents().await?;
@@ -210,7 +136,7 @@ async fn fleet(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     };
     let now = Utc::now();
     let body = html! {
-        (shell(who.as_ref(), "fleet"))
+        (shell(&me, "fleet"))
         main {
             table #fleet {
                 tr { th { "Site" } th { "Name" } th { "Agent" } th { "Link" } th { "Version" } th { "Configuration" }

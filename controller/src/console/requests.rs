@@ -4,17 +4,17 @@
 //! an open operation or retry one that can be retried with a form post; viewers see the same
 //! page without the buttons (and a post from them is refused).
 
+use axum::Extension;
 use axum::Form;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use super::{page, shell, signed_in_token};
+use super::{SignedIn, page, shell};
 use crate::api::ApiState;
-use crate::store::Role;
 use crate::store::requests::{LaneBacklog, LedgerOp, OpsFilter};
 
 /// Open operations shown (newest first).
@@ -30,10 +30,9 @@ pub struct Notice {
 
 pub async fn requests_page(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    Extension(me): Extension<SignedIn>,
     Query(notice): Query<Notice>,
 ) -> Response {
-    let who = signed_in_token(&state, &headers).await;
     let now = Utc::now();
     let loaded = async {
         let lanes = state.store.request_backlog(now).await?;
@@ -66,22 +65,22 @@ pub async fn requests_page(
             );
         }
     };
-    let is_admin = who.as_ref().is_some_and(|t| t.role == Role::Admin);
+    let admin = me.is_admin().then_some(&me);
     let notice = match notice.done.as_str() {
         "cancelled" => Some("Operation cancelled."),
         "retried" => Some("Operation sent again."),
         _ => None,
     };
     let body = html! {
-        (shell(who.as_ref(), "requests"))
+        (shell(&me, "requests"))
         main {
             @if let Some(n) = notice { p .message #notice { (n) } }
             h2 { "Backlog" }
             (backlog_table(&lanes))
             h2 { "Open operations" }
-            (ops_table("open-ops", &open, now, is_admin, OPEN_SHOWN))
+            (ops_table("open-ops", &open, now, admin, OPEN_SHOWN))
             h2 { "Failed operations" }
-            (ops_table("failed-ops", &failed, now, is_admin, FAILED_SHOWN))
+            (ops_table("failed-ops", &failed, now, admin, FAILED_SHOWN))
         }
     };
     Html(page("Requests", None, body).into_string()).into_response()
@@ -105,7 +104,13 @@ fn backlog_table(lanes: &[LaneBacklog]) -> Markup {
     }
 }
 
-fn ops_table(id: &str, ops: &[LedgerOp], now: DateTime<Utc>, is_admin: bool, cap: u32) -> Markup {
+fn ops_table(
+    id: &str,
+    ops: &[LedgerOp],
+    now: DateTime<Utc>,
+    admin: Option<&SignedIn>,
+    cap: u32,
+) -> Markup {
     html! {
         @if ops.is_empty() {
             p id=(format!("{id}-empty")) { "None." }
@@ -113,7 +118,7 @@ fn ops_table(id: &str, ops: &[LedgerOp], now: DateTime<Utc>, is_admin: bool, cap
             table id=(id) {
                 tr { th { "Request" } th { "Operation" } th { "Source → target" } th { "Pool" }
                      th { "Status" } th { "Result" } th { "Reason" } th { "Attempt" } th { "Age" }
-                     @if is_admin { th { "" } } }
+                     @if admin.is_some() { th { "" } } }
                 @for op in ops {
                     tr .op data-op=(op.op_id) data-target=(op.target_site) {
                         td .request { (op.human_id) }
@@ -125,12 +130,12 @@ fn ops_table(id: &str, ops: &[LedgerOp], now: DateTime<Utc>, is_admin: bool, cap
                         td .reason { (op.reason.as_deref().unwrap_or("")) }
                         td { (op.attempt) }
                         td { (age((now - op.created_at).num_milliseconds() as f64 / 1000.0)) }
-                        @if is_admin {
+                        @if let Some(admin) = admin {
                             td {
                                 @if crate::store::requests::OPEN.contains(&op.status.as_str()) {
-                                    (action_form("cancel", "Cancel", op))
+                                    (action_form(admin, "cancel", "Cancel", op))
                                 }
-                                @if retryable(op) { (action_form("retry", "Retry", op)) }
+                                @if retryable(op) { (action_form(admin, "retry", "Retry", op)) }
                             }
                         }
                     }
@@ -153,9 +158,10 @@ fn retryable(op: &LedgerOp) -> bool {
     }
 }
 
-fn action_form(action: &str, label: &str, op: &LedgerOp) -> Markup {
+fn action_form(me: &SignedIn, action: &str, label: &str, op: &LedgerOp) -> Markup {
     html! {
-        form method="post" action=(format!("/console/requests/{action}")) style="display:inline" {
+        form .inline method="post" action=(format!("/console/requests/{action}")) {
+            (me.csrf_field())
             input type="hidden" name="op_id" value=(op.op_id);
             input type="hidden" name="target" value=(op.target_site);
             button .(action) type="submit" { (label) }
@@ -189,19 +195,19 @@ pub struct OpForm {
 /// Admin only: cancels an open operation.
 pub async fn cancel(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    Extension(me): Extension<SignedIn>,
     Form(form): Form<OpForm>,
 ) -> Response {
-    act(&state, &headers, &form, Action::Cancel).await
+    act(&state, &me, &form, Action::Cancel).await
 }
 
 /// Admin only: sends an operation again now.
 pub async fn retry(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    Extension(me): Extension<SignedIn>,
     Form(form): Form<OpForm>,
 ) -> Response {
-    act(&state, &headers, &form, Action::Retry).await
+    act(&state, &me, &form, Action::Retry).await
 }
 
 #[derive(Clone, Copy)]
@@ -210,14 +216,14 @@ enum Action {
     Retry,
 }
 
-async fn act(state: &ApiState, headers: &HeaderMap, form: &OpForm, action: Action) -> Response {
-    let who = signed_in_token(state, headers).await;
-    let Some(who) = who.filter(|t| t.role == Role::Admin) else {
+async fn act(state: &ApiState, me: &SignedIn, form: &OpForm, action: Action) -> Response {
+    let who = &me.token;
+    if !me.is_admin() {
         return message_page(
             StatusCode::FORBIDDEN,
             "Your token is read-only (viewer): only admins can cancel or retry operations.",
         );
-    };
+    }
     let Ok(op_id) = form.op_id.trim().parse::<uuid::Uuid>() else {
         return message_page(StatusCode::NOT_FOUND, "No such operation.");
     };

@@ -4,20 +4,20 @@
 //! resume or abort with a form post; viewers see the same pages without the buttons (and a
 //! post from them is refused).
 
+use axum::Extension;
 use axum::Form;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 use meridian_shared::config::ConfigSet;
 use serde::Deserialize;
 
-use super::{page, shell, signed_in_token};
+use super::{SignedIn, page, shell};
 use crate::api::ApiState;
 use crate::api::rollouts::{RolloutView, SiteView};
 use crate::rollouts::{RolloutState, SiteState, WindowState};
-use crate::store::Role;
 use crate::store::rollouts::{Rollout, RolloutAction, RolloutFilter};
 
 /// Rollouts listed (newest first).
@@ -29,8 +29,10 @@ pub struct Notice {
     done: String,
 }
 
-pub async fn list_page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let who = signed_in_token(&state, &headers).await;
+pub async fn list_page(
+    State(state): State<ApiState>,
+    Extension(me): Extension<SignedIn>,
+) -> Response {
     let filter = RolloutFilter { state: None, limit: LISTED };
     let rollouts = match state.store.list_rollouts(&filter).await {
         Ok(r) => r,
@@ -43,7 +45,7 @@ pub async fn list_page(State(state): State<ApiState>, headers: HeaderMap) -> Res
         }
     };
     let body = html! {
-        (shell(who.as_ref(), "rollouts"))
+        (shell(&me, "rollouts"))
         main {
             @if rollouts.is_empty() {
                 p #rollouts-empty { "No rollouts yet. Create one with " code { "meridianctl rollouts create" } "." }
@@ -75,11 +77,10 @@ pub async fn list_page(State(state): State<ApiState>, headers: HeaderMap) -> Res
 
 pub async fn detail_page(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    Extension(me): Extension<SignedIn>,
     Path(id): Path<String>,
     Query(notice): Query<Notice>,
 ) -> Response {
-    let who = signed_in_token(&state, &headers).await;
     let Ok(key) = id.trim().parse::<uuid::Uuid>() else {
         return message_page(StatusCode::NOT_FOUND, "No such rollout.");
     };
@@ -100,7 +101,6 @@ pub async fn detail_page(
             );
         }
     };
-    let is_admin = who.as_ref().is_some_and(|t| t.role == Role::Admin);
     let notice = match notice.done.as_str() {
         "paused" => Some("Rollout paused: nothing more is sent until it is resumed."),
         "resumed" => Some("Rollout resumed."),
@@ -109,7 +109,7 @@ pub async fn detail_page(
     };
     let r = &view.rollout;
     let body = html! {
-        (shell(who.as_ref(), "rollouts"))
+        (shell(&me, "rollouts"))
         main {
             @if let Some(n) = notice { p .message #notice { (n) } }
             h2 { "Rollout " (r.id) }
@@ -127,11 +127,11 @@ pub async fn detail_page(
                 tr { th { "Health timeout" } td { (r.health_timeout_s.map(|t| format!("{t} s")).unwrap_or_else(|| "controller default".into())) } }
                 tr { th { "Created" } td { (r.created_at.format("%Y-%m-%d %H:%M:%S UTC")) " by " (r.created_by) } }
             }
-            @if is_admin && !r.state.is_finished() {
+            @if me.is_admin() && !r.state.is_finished() {
                 p #actions {
-                    @if r.state == RolloutState::Running { (action_form("pause", "Pause", r)) }
-                    @if r.state == RolloutState::Paused { (action_form("resume", "Resume", r)) }
-                    " " (action_form("abort", "Abort", r))
+                    @if r.state == RolloutState::Running { (action_form(&me, "pause", "Pause", r)) }
+                    @if r.state == RolloutState::Paused { (action_form(&me, "resume", "Resume", r)) }
+                    " " (action_form(&me, "abort", "Abort", r))
                 }
             }
             h2 { "Sites" }
@@ -221,9 +221,10 @@ fn counts(r: &Rollout) -> String {
     if parts.is_empty() { "none".into() } else { parts.join(" · ") }
 }
 
-fn action_form(action: &str, label: &str, r: &Rollout) -> Markup {
+fn action_form(me: &SignedIn, action: &str, label: &str, r: &Rollout) -> Markup {
     html! {
-        form method="post" action=(format!("/console/rollouts/{action}")) style="display:inline" {
+        form .inline method="post" action=(format!("/console/rollouts/{action}")) {
+            (me.csrf_field())
             input type="hidden" name="id" value=(r.id);
             button .(action) type="submit" { (label) }
         }
@@ -245,38 +246,38 @@ pub struct RolloutForm {
 /// Admin only: pauses a running rollout.
 pub async fn pause(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    Extension(me): Extension<SignedIn>,
     Form(form): Form<RolloutForm>,
 ) -> Response {
-    act(&state, &headers, &form, "pause").await
+    act(&state, &me, &form, "pause").await
 }
 
 /// Admin only: resumes a paused rollout.
 pub async fn resume(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    Extension(me): Extension<SignedIn>,
     Form(form): Form<RolloutForm>,
 ) -> Response {
-    act(&state, &headers, &form, "resume").await
+    act(&state, &me, &form, "resume").await
 }
 
 /// Admin only: aborts a rollout (cancels what has not switched).
 pub async fn abort(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    Extension(me): Extension<SignedIn>,
     Form(form): Form<RolloutForm>,
 ) -> Response {
-    act(&state, &headers, &form, "abort").await
+    act(&state, &me, &form, "abort").await
 }
 
-async fn act(state: &ApiState, headers: &HeaderMap, form: &RolloutForm, action: &str) -> Response {
-    let who = signed_in_token(state, headers).await;
-    let Some(who) = who.filter(|t| t.role == Role::Admin) else {
+async fn act(state: &ApiState, me: &SignedIn, form: &RolloutForm, action: &str) -> Response {
+    let who = &me.token;
+    if !me.is_admin() {
         return message_page(
             StatusCode::FORBIDDEN,
             "Your token is read-only (viewer): only admins can pause, resume or abort rollouts.",
         );
-    };
+    }
     let Ok(id) = form.id.trim().parse::<uuid::Uuid>() else {
         return message_page(StatusCode::NOT_FOUND, "No such rollout.");
     };

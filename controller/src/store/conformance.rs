@@ -1211,6 +1211,8 @@ pub async fn session_repairs_are_atomic_and_incidents_acknowledged_once(store: &
     assert_eq!(floors, [("accounts".into(), "A001".into()), ("general".into(), "A006".into())]);
 }
 
+pub use super::console_sessions::console_sessions_end_with_their_token_expiry_or_sign_out;
+
 /// Generates one `#[tokio::test]` per conformance case; `$make` is an async expression that
 /// yields a fresh, empty `Arc<dyn Store>`.
 #[macro_export]
@@ -1231,6 +1233,7 @@ macro_rules! store_conformance_suite {
             branch_closures_flag_earlier_bookings_and_refuse_new_ones,
             releases_are_stored_whole_and_read_by_chunk,
             session_repairs_are_atomic_and_incidents_acknowledged_once,
+            console_sessions_end_with_their_token_expiry_or_sign_out,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

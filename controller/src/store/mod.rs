@@ -25,6 +25,7 @@ use crate::error::{EnrollError, Error, Result};
 pub mod appointment_sync;
 pub mod appointments;
 pub mod conformance;
+pub mod console_sessions;
 pub mod maintenance;
 mod postgres;
 pub mod releases;
@@ -246,6 +247,7 @@ pub trait Store:
     + rollouts::RolloutStore
     + releases::ReleaseStore
     + sessions::SessionStore
+    + console_sessions::ConsoleSessionStore
     + Send
     + Sync
     + 'static

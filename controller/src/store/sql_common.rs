@@ -226,6 +226,7 @@ macro_rules! impl_store {
         $crate::store::rollouts::impl_rollout_store!($ty, lock = $lock);
         $crate::store::releases::impl_release_store!($ty, lock = $lock);
         $crate::store::sessions::impl_session_store!($ty);
+        $crate::store::console_sessions::impl_console_session_store!($ty);
 
         impl $ty {
             /// Appends a command to an agent's log inside `tx`; returns its sequence.
