@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Context;
 use crate::appointments::{self, BranchAppointment};
-use crate::auth::{self, Caller, Refusal};
+
 use crate::check_in::{self, CheckInRefusal, CheckedIn};
 use crate::error::Error;
 use crate::store::queries;
@@ -26,10 +26,22 @@ use meridian_shared::ValidationError;
 use meridian_shared::customer::{Customer, CustomerInput};
 use meridian_shared::visits::{Location, Op, Position, VisitStatus};
 
+mod sessions;
+
+pub use sessions::{Session, peer};
+
 /// Largest accepted request body.
 const MAX_BODY: usize = 64 * 1024;
 
 pub fn router(ctx: Arc<Context>) -> Router {
+    // What only supervisors (and local systems with a connector key) may do.
+    let supervising = Router::new()
+        .route("/api/v1/closures", post(close_branch))
+        .route("/api/v1/closures/{id}", axum::routing::delete(reopen_branch))
+        .route("/api/v1/appointments/sync", get(appointment_sync_status))
+        .route("/api/v1/login-locks", get(sessions::list_locks))
+        .route("/api/v1/login-locks/{subject}/{name}", axum::routing::delete(sessions::unlock))
+        .route_layer(axum::middleware::from_fn(sessions::require_supervisor));
     let protected = Router::new()
         .route("/api/v1/visits", get(list_visits).post(create_visit))
         .route("/api/v1/visits/{id}", get(get_visit))
@@ -42,31 +54,31 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/api/v1/service-points/{code}/call-next", post(call_next))
         .route("/api/v1/service-points/{code}/call", post(call_visit))
         .route("/api/v1/service-points/{code}/walk-direct", post(walk_direct))
-        .route("/api/v1/sessions/current", axum::routing::delete(logout))
+        .route("/api/v1/sessions/current", axum::routing::delete(sessions::logout))
         .route("/api/v1/events", get(event_feed))
         .route("/api/v1/appointments", get(list_appointments))
-        .route("/api/v1/appointments/sync", get(appointment_sync_status))
-        .route("/api/v1/closures", get(list_closures).post(close_branch))
+        .route("/api/v1/closures", get(list_closures))
         .route("/api/v1/requests", get(list_requests).post(create_request))
         .route(
             "/api/v1/requests/{id}",
             get(get_request).patch(update_request).delete(delete_request),
         )
         .route("/api/v1/requests/{id}/operations", post(start_operation))
-        .route("/api/v1/closures/{id}", axum::routing::delete(reopen_branch))
         .route("/api/v1/appointments/check-in", post(check_in_by_text))
         .route("/api/v1/appointments/{id}/check-in", post(check_in_by_id))
-        .layer(axum::middleware::from_fn_with_state(ctx.clone(), authenticate));
+        .merge(supervising)
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), sessions::authenticate));
     Router::new()
         .merge(protected)
         .route("/api/v1/status", get(status))
         .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
-        .route("/api/v1/sessions", post(login))
+        .route("/api/v1/sessions", post(sessions::login))
         .route("/healthz", get(healthz))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(crate::http_errors::typed_error_body))
         .with_state(ctx)
 }
 
@@ -82,17 +94,43 @@ pub struct ApiError {
     /// The existing ticket, for `already_checked_in`.
     #[serde(skip_serializing_if = "Option::is_none")]
     visit: Option<Box<Visit>>,
+    /// Seconds for a `Retry-After` header.
+    #[serde(skip)]
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), details: None, visit: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+            visit: None,
+            retry_after: None,
+        }
+    }
+
+    /// An error the caller may retry after `seconds` (`Retry-After`).
+    pub fn retry_after(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+        seconds: u64,
+    ) -> Self {
+        Self { retry_after: Some(seconds), ..Self::new(status, code, message) }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self)).into_response()
+        let retry_after = self.retry_after;
+        let mut resp = (self.status, Json(self)).into_response();
+        if let Some(seconds) = retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+        }
+        resp
     }
 }
 
@@ -701,111 +739,6 @@ async fn walk_direct(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(visit)))
-}
-
-fn bearer(req: &axum::extract::Request) -> Option<String> {
-    let header = req.headers().get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = header.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
-        .then(|| token.trim().to_owned())
-}
-
-fn refused(r: Refusal) -> ApiError {
-    match r {
-        Refusal::Missing => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "a connector API key or staff session is required",
-        ),
-        Refusal::Invalid => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_credentials",
-            "unknown API key or session",
-        ),
-        Refusal::Expired => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "session_expired",
-            "the staff session has expired; log in again",
-        ),
-    }
-}
-
-/// Admits connector keys of this site and live staff sessions; everything else is a 401.
-async fn authenticate(
-    State(ctx): State<Arc<Context>>,
-    mut req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let Some(token) = bearer(&req) else {
-        return refused(Refusal::Missing).into_response();
-    };
-    let hashed = auth::hash(&token);
-    let is_key = ctx.config.borrow().as_ref().and_then(|c| {
-        c.connector_keys.iter().find(|k| k.key_hash == hashed).map(|k| k.code.to_string())
-    });
-    let caller = match is_key {
-        Some(key) => Caller::Connector { key },
-        None => {
-            let now = ctx.clock.now().timestamp_millis();
-            match ctx.db.read(move |c| auth::session_user(c, &token, now)).await {
-                Ok(Ok(username)) => Caller::Staff { username },
-                Ok(Err(refusal)) => return refused(refusal).into_response(),
-                Err(e) => return ApiError::from(e).into_response(),
-            }
-        }
-    };
-    req.extensions_mut().insert(caller);
-    next.run(req).await
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginRequest {
-    username: String,
-    password: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Session {
-    pub token: String,
-    pub username: String,
-    pub name: String,
-    pub expires_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// Staff login, verified against the synced password hash (works offline).
-async fn login(
-    State(ctx): State<Arc<Context>>,
-    body: Result<Json<LoginRequest>, JsonRejection>,
-) -> Json201<Session> {
-    let Json(req) = body?;
-    let config = config(&ctx)?;
-    let Some(user) = auth::verify_staff(&config, &req.username, &req.password).await else {
-        return Err(refused(Refusal::Invalid));
-    };
-    let username = user.username.to_string();
-    let now = ctx.clock.now().timestamp_millis();
-    let (token, expires) = ctx.db.write(move |c| auth::create_session(c, &username, now)).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(Session {
-            token,
-            username: user.username.to_string(),
-            name: user.name.clone(),
-            expires_at: chrono::DateTime::from_timestamp_millis(expires).unwrap_or_default(),
-        }),
-    ))
-}
-
-async fn logout(
-    State(ctx): State<Arc<Context>>,
-    req: axum::extract::Request,
-) -> Result<StatusCode, ApiError> {
-    let Some(token) = bearer(&req) else {
-        return Err(refused(Refusal::Missing));
-    };
-    ctx.db.write(move |c| auth::end_session(c, &token)).await?;
-    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]

@@ -125,7 +125,7 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
     (
         "get",
         "/api/v1/appointments/sync",
-        "The nightly bulk appointment sync at this branch: the set in force (watermark: sync, days, appointments, applied_at) and the latest requests with their state (pending, fetching, applied, failed, superseded), staged chunks, resumes and error",
+        "Supervisors: the nightly bulk appointment sync at this branch: the set in force (watermark: sync, days, appointments, applied_at) and the latest requests with their state (pending, fetching, applied, failed, superseded), staged chunks, resumes and error",
         None,
         200,
     ),
@@ -139,16 +139,30 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
     (
         "post",
         "/api/v1/closures",
-        "Close part of a site-local day at the branch (works offline): 201 with the closure and `flagged`, the expected appointments it flags slot_closed_at_branch. Sent to central, which then refuses bookings into it (409 slot_closed) and flags bookings it made there before it knew. 422 with the offending fields",
+        "Supervisors: close part of a site-local day at the branch (works offline): 201 with the closure and `flagged`, the expected appointments it flags slot_closed_at_branch. Sent to central, which then refuses bookings into it (409 slot_closed) and flags bookings it made there before it knew. 422 with the offending fields",
         Some("NewClosure"),
         201,
     ),
     (
         "delete",
         "/api/v1/closures/{id}",
-        "Withdraw a closure (flags already set stay for admins); 404 unknown, 409 already withdrawn",
+        "Supervisors: withdraw a closure (flags already set stay for admins); 404 unknown, 409 already withdrawn",
         None,
         200,
+    ),
+    (
+        "get",
+        "/api/v1/login-locks",
+        "Supervisors: the sign-in locks in force (subject user|address, name, failures, until)",
+        None,
+        200,
+    ),
+    (
+        "delete",
+        "/api/v1/login-locks/{subject}/{name}",
+        "Supervisors: lift the sign-in lock of a user (`user/{name}`) or an address (`address/{ip}`); 404 when there is none",
+        None,
+        204,
     ),
     (
         "get",
@@ -199,7 +213,7 @@ pub fn document() -> Value {
         if let Some(schema) = body {
             op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
         }
-        let params: Vec<Value> = ["id", "code"]
+        let params: Vec<Value> = ["id", "code", "subject", "name"]
             .iter()
             .filter(|p| path.contains(&format!("{{{p}}}")))
             .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))

@@ -473,12 +473,14 @@ async fn only_this_sites_keys_and_live_staff_sessions_get_in() {
     );
     // An expired session is told so.
     let now = ctx.clock.now().timestamp_millis();
+    let alice = site_config().staff.into_iter().find(|u| u.username.as_str() == "alice");
     let (old, _) = ctx
         .db
         .write(move |c| {
             meridian_agent::auth::create_session(
                 c,
-                "alice",
+                &alice.expect("alice"),
+                None,
                 now - meridian_agent::auth::SESSION_TTL.num_milliseconds() - 1,
             )
         })

@@ -37,7 +37,8 @@ pub enum ResourceInput {
     RequestPool(meridian_shared::rules::RequestPool),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A staff user as an admin writes it; `Debug` hides the password.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaffUserInput {
     pub username: Code,
@@ -50,6 +51,18 @@ pub struct StaffUserInput {
     /// changes nothing. Omit it to keep the current password.
     #[serde(default)]
     pub password: Option<String>,
+}
+
+impl std::fmt::Debug for StaffUserInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaffUserInput")
+            .field("username", &self.username)
+            .field("name", &self.name)
+            .field("roles", &self.roles)
+            .field("sites", &self.sites)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl ResourceInput {
@@ -77,6 +90,8 @@ impl ResourceInput {
                 roles: u.roles,
                 sites: u.sites,
                 password_hash: String::new(),
+                sessions_epoch: 0,
+                unlock_epoch: 0,
             }),
         }
     }
@@ -91,9 +106,12 @@ impl ResourceInput {
             site: None,
             code: u.username.to_string(),
         };
-        let existing = match current.get(&key) {
-            Some(Resource::StaffUser(existing)) => Some(existing.password_hash.clone()),
-            _ => None,
+        let (existing, epochs) = match current.get(&key) {
+            Some(Resource::StaffUser(existing)) => (
+                Some(existing.password_hash.clone()),
+                (existing.sessions_epoch, existing.unlock_epoch),
+            ),
+            _ => (None, (0, 0)),
         };
         let password_hash = match (u.password.as_deref(), existing) {
             (Some(p), Some(h)) if auth::verify_password(p, &h) => h,
@@ -112,11 +130,15 @@ impl ResourceInput {
             roles: u.roles,
             sites: u.sites,
             password_hash,
+            // Raised only by the sign-out and unlock actions (`staff_access`); an edit of the
+            // user keeps them.
+            sessions_epoch: epochs.0,
+            unlock_epoch: epochs.1,
         }))
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Created,
@@ -125,14 +147,14 @@ pub enum Action {
     Deleted,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Change {
     pub resource: String,
     pub action: Action,
 }
 
 /// The outcome of a (possibly dry-run) change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangeReport {
     /// The revision after the change (unchanged for a dry run or a no-op).
     pub revision: u64,
@@ -226,12 +248,27 @@ pub async fn change(
     deletes: Vec<ResourceKey>,
     mode: ChangeMode,
 ) -> Result<ChangeReport> {
+    change_with(store, actor, mode, |current| {
+        let upserts =
+            inputs.iter().cloned().map(|i| i.resolve(current)).collect::<Result<Vec<_>>>()?;
+        Ok((upserts, deletes.clone()))
+    })
+    .await
+}
+
+/// Like `change`, with the resources to write and delete worked out by `decide` from the
+/// configuration as it is (again on every retry).
+pub async fn change_with(
+    store: &dyn Store,
+    actor: &str,
+    mode: ChangeMode,
+    decide: impl Fn(&ConfigSet) -> Result<(Vec<Resource>, Vec<ResourceKey>)>,
+) -> Result<ChangeReport> {
     let dry_run = mode == ChangeMode::DryRun;
     for _attempt in 0..5 {
         let (revision, resources) = store.load_config().await?;
         let current = ConfigSet::from_resources(resources);
-        let upserts =
-            inputs.iter().cloned().map(|i| i.resolve(&current)).collect::<Result<Vec<_>>>()?;
+        let (upserts, deletes) = decide(&current)?;
         if let Some(site) =
             deletes.iter().find(|k| k.kind == meridian_shared::config::ResourceKind::Site)
         {

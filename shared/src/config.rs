@@ -465,6 +465,17 @@ pub struct StaffUser {
     #[serde(default)]
     pub sites: Vec<SiteCode>,
     pub password_hash: String,
+    /// Raised by a central "sign out everywhere": every session the user holds at any branch
+    /// ends when the configuration reaches it (a password change does the same).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sessions_epoch: u32,
+    /// Raised by a central unlock: lifts the user's sign-in lockout at every branch.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unlock_epoch: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// An API key for local systems (kiosks, displays, CRM) at one site. Only the SHA-256 of the
@@ -481,8 +492,8 @@ pub struct ConnectorKey {
 
 /// An outbound webhook from one site's agent: every event (or those of `kinds`) is POSTed to
 /// `url` in order, signed with HMAC-SHA256 over `"<timestamp>.<body>"` using `secret`, and
-/// retried with backoff until the receiver answers 2xx.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// retried with backoff until the receiver answers 2xx. `Debug` hides the secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Webhook {
     pub site: SiteCode,
@@ -493,6 +504,18 @@ pub struct Webhook {
     /// Event kinds to deliver; empty means all.
     #[serde(default)]
     pub kinds: Vec<String>,
+}
+
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Webhook")
+            .field("site", &self.site)
+            .field("code", &self.code)
+            .field("url", &self.url)
+            .field("secret", &"***")
+            .field("kinds", &self.kinds)
+            .finish()
+    }
 }
 
 /// One configuration resource.

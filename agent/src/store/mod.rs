@@ -46,6 +46,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("../../../migrations/agent/0012_request_distribution.sql")),
     (13, include_str!("../../../migrations/agent/0013_upgrades.sql")),
     (14, include_str!("../../../migrations/agent/0014_store_lineage.sql")),
+    (15, include_str!("../../../migrations/agent/0015_staff_security.sql")),
 ];
 
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;

@@ -11,12 +11,22 @@ use crate::error::{Error, Result};
 
 // ---------- identity ----------
 
-/// Who this agent is, once enrolled.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who this agent is, once enrolled. `Debug` hides the credential.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Identity {
     pub agent_id: String,
     pub site: String,
     pub credential: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("agent_id", &self.agent_id)
+            .field("site", &self.site)
+            .field("credential", &"***")
+            .finish()
+    }
 }
 
 fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
@@ -92,6 +102,7 @@ pub fn apply_config(conn: &Connection, snapshot: &SiteConfig, now: DateTime<Utc>
     conn.prepare_cached("INSERT INTO site_config (id, revision, body, applied_at) VALUES (1, ?1, ?2, ?3) \
          ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, body = excluded.body, applied_at = excluded.applied_at")?.execute(params![snapshot.revision as i64, body, now.to_rfc3339()],
     )?;
+    crate::auth::end_sessions_ended_by(conn, snapshot)?;
     append_event(
         conn,
         &AgentEvent::ConfigApplied(meridian_shared::events::ConfigApplied {

@@ -1,22 +1,24 @@
 //! The branch supervisor's status page: queues and waiting times, counters and who is on them,
-//! and the link to central (online/offline since when, outbox backlog, configuration revision).
+//! the link to central (online/offline since when, outbox backlog, configuration revision), and
+//! the sign-in locks in force, which a supervisor can lift.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use maud::{PreEscaped, html};
-use meridian_shared::config::StaffRole;
+use maud::html;
 
-use super::workstation::staff;
+use super::workstation::session;
+use crate::auth;
+use meridian_shared::events::LockedSubject;
 use super::{error_page, from_error, layout};
 use crate::Context;
 use crate::store::queries;
 use crate::visits;
 
 pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
-    let Ok(username) = staff(&ctx, &headers).await else {
+    let Ok(signed_in) = session(&ctx, &headers).await else {
         return Redirect::to("/workstation?msg=Log+in+as+a+supervisor+to+see+the+branch+status")
             .into_response();
     };
@@ -24,10 +26,7 @@ pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Respon
         Ok(c) => c,
         Err(e) => return from_error(&ctx, e),
     };
-    let supervisor = config
-        .staff
-        .iter()
-        .any(|u| u.username.as_str() == username && u.roles.contains(&StaffRole::Supervisor));
+    let supervisor = signed_in.is_supervisor();
     if !supervisor {
         return error_page(
             &ctx,
@@ -36,6 +35,10 @@ pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Respon
         );
     }
     let now = ctx.clock.now();
+    let tz = match config.site.tz() {
+        Ok(tz) => tz,
+        Err(e) => return from_error(&ctx, crate::error::Error::Internal(e)),
+    };
     let cfg = config.clone();
     let data = ctx
         .db
@@ -45,10 +48,11 @@ pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Respon
                 visits::service_points(c, &cfg)?,
                 queries::outbox_state(c)?,
                 queries::config_revision(c)?,
+                auth::throttle::locks(c, &cfg, now.timestamp_millis())?,
             ))
         })
         .await;
-    let (queues, points, (high, acked), revision) = match data {
+    let (queues, points, (high, acked), revision, locks) = match data {
         Ok(d) => d,
         Err(e) => return from_error(&ctx, e),
     };
@@ -56,7 +60,7 @@ pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Respon
     let store_error = ctx.db.health();
     let clock = ctx.clock_health();
     let body = html! {
-        header { span { (config.site.name) " · branch status" } span { (username) } }
+        header { span { (config.site.name) " · branch status" } span { (signed_in.username) } }
         main {
             h2 { "Link to central" }
             table #link {
@@ -85,8 +89,67 @@ pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Respon
                     }
                 }
             }
+            h2 { "Locked sign-ins" }
+            @if locks.is_empty() { p .muted #no-locks { "No user or address is locked." } }
+            @else {
+                table #locks {
+                    tr { th { "Locked" } th { "Failed attempts" } th { "Until" } th {} }
+                    @for l in &locks {
+                        tr {
+                            td { (match l.subject { LockedSubject::User => "user ", LockedSubject::Address => "address " }) (l.name) }
+                            td { (l.failures) }
+                            td { (l.until.with_timezone(&tz).format("%H:%M:%S")) }
+                            td {
+                                form method="post" action="/branch/unlock" {
+                                    input type="hidden" name="subject" value=(match l.subject { LockedSubject::User => "user", LockedSubject::Address => "address" });
+                                    input type="hidden" name="name" value=(l.name);
+                                    button .unlock type="submit" aria-label=(format!("Unlock {}", l.name)) { "Unlock" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
-        script { (PreEscaped("new EventSource('/display/events').onmessage = () => location.reload();")) }
+        // `terminals.js` reloads the page on every branch change.
+        div hidden data-live="reload" {}
     };
     Html(layout("Branch status", &link, None, body).into_string()).into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct UnlockForm {
+    subject: String,
+    name: String,
+}
+
+/// A supervisor lifts a sign-in lock from the branch status page.
+pub async fn unlock(
+    State(ctx): State<Arc<Context>>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<UnlockForm>,
+) -> Response {
+    match session(&ctx, &headers).await {
+        Ok(s) if s.is_supervisor() => {}
+        Ok(_) => {
+            return error_page(&ctx, StatusCode::FORBIDDEN, "Only supervisors can unlock sign-ins.");
+        }
+        Err(_) => {
+            return Redirect::to("/workstation?msg=Log+in+as+a+supervisor+to+see+the+branch+status")
+                .into_response();
+        }
+    }
+    let subject = match form.subject.as_str() {
+        "user" => LockedSubject::User,
+        "address" => LockedSubject::Address,
+        _ => return error_page(&ctx, StatusCode::UNPROCESSABLE_ENTITY, "Unknown kind of lock."),
+    };
+    let name = form.name.clone();
+    match ctx.db.write(move |c| auth::throttle::unlock(c, subject, &name)).await {
+        Ok(_) => {
+            tracing::info!(subject = ?subject, name = %form.name, "sign-in lock lifted by a supervisor");
+            Redirect::to("/branch").into_response()
+        }
+        Err(e) => from_error(&ctx, e),
+    }
 }

@@ -52,6 +52,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/workstation/action", post(workstation::action))
         .route("/workstation/check-in", post(workstation::check_in))
         .route("/branch", get(branch_page::page))
+        .route("/branch/unlock", post(branch_page::unlock))
         .route("/requests", get(requests::list).post(requests::create))
         .route("/requests/new", get(requests::new_form))
         .route("/requests/{id}", get(requests::detail))

@@ -17,12 +17,11 @@ use serde::Deserialize;
 
 use super::{from_error, layout};
 use crate::Context;
-use crate::auth::{self, Refusal};
+use crate::auth::{self, Refusal, SignInRefusal, StaffSession};
 use crate::error::Error;
 use crate::{appointments, check_in, visits};
 
 pub const SESSION_COOKIE: &str = "meridian_session";
-const COUNTER_COOKIE: &str = "meridian_counter";
 
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|h| {
@@ -35,9 +34,16 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// The staff member behind the session cookie.
 pub async fn staff(ctx: &Context, headers: &HeaderMap) -> Result<String, Refusal> {
+    session(ctx, headers).await.map(|s| s.username)
+}
+
+/// The session behind the cookie, checked against the configuration in force (roles as of
+/// now, the counter it signed in at).
+pub async fn session(ctx: &Context, headers: &HeaderMap) -> Result<StaffSession, Refusal> {
     let token = cookie(headers, SESSION_COOKIE).ok_or(Refusal::Missing)?;
+    let config = ctx.site_config().map_err(|_| Refusal::Invalid)?;
     let now = ctx.clock.now().timestamp_millis();
-    match ctx.db.read(move |c| auth::session_user(c, &token, now)).await {
+    match ctx.db.read(move |c| auth::session(c, &config, &token, now)).await {
         Ok(r) => r,
         Err(_) => Err(Refusal::Invalid),
     }
@@ -53,8 +59,8 @@ pub async fn page(
     headers: HeaderMap,
     Query(m): Query<Message>,
 ) -> Response {
-    let username = match staff(&ctx, &headers).await {
-        Ok(u) => u,
+    let session = match session(&ctx, &headers).await {
+        Ok(s) => s,
         Err(Refusal::Expired) => {
             return login_page(
                 &ctx,
@@ -62,10 +68,16 @@ pub async fn page(
                 Some("Your session has expired; please log in again."),
             );
         }
+        Err(Refusal::Ended) => {
+            return login_page(
+                &ctx,
+                StatusCode::OK,
+                Some("Your session has ended (your account was changed); please log in again."),
+            );
+        }
         Err(_) => return login_page(&ctx, StatusCode::OK, m.msg.as_deref()),
     };
-    let counter = cookie(&headers, COUNTER_COOKIE);
-    match render(&ctx, &username, counter.as_deref(), m.msg.as_deref()).await {
+    match render(&ctx, &session.username, session.counter.as_deref(), m.msg.as_deref()).await {
         Ok(markup) => Html(markup.into_string()).into_response(),
         Err(e) => from_error(&ctx, e),
     }
@@ -206,46 +218,50 @@ pub struct LoginForm {
     counter: String,
 }
 
-fn session_cookies(
-    token: &str,
-    counter: &str,
-    max_age: i64,
-) -> [(header::HeaderName, HeaderValue); 2] {
-    let mk = |name: &str, value: &str| {
-        HeaderValue::from_str(&format!(
-            "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
-        ))
-        .unwrap_or_else(|_| HeaderValue::from_static(""))
-    };
-    [
-        (header::SET_COOKIE, mk(SESSION_COOKIE, token)),
-        (header::SET_COOKIE, mk(COUNTER_COOKIE, counter)),
-    ]
+fn session_cookie(ctx: &Context, token: &str, max_age: i64) -> (header::HeaderName, HeaderValue) {
+    // `Secure` under HTTPS: the browser never sends the session over plain HTTP.
+    let secure = if ctx.secure_cookies() { "; Secure" } else { "" };
+    let value = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+    (header::SET_COOKIE, HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("")))
 }
 
-pub async fn login(State(ctx): State<Arc<Context>>, Form(form): Form<LoginForm>) -> Response {
-    let config = match ctx.site_config() {
-        Ok(c) => c,
+pub async fn login(
+    State(ctx): State<Arc<Context>>,
+    extensions: axum::http::Extensions,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let from = crate::branch_api::peer(&extensions);
+    let user = match auth::sign_in(&ctx, &form.username, &form.password, from).await {
+        Ok(Ok(user)) => user,
+        Ok(Err(SignInRefusal::Invalid)) => {
+            return login_page(&ctx, StatusCode::UNAUTHORIZED, Some("Unknown user or wrong password."));
+        }
+        Ok(Err(SignInRefusal::Locked { retry_after_s })) => {
+            let minutes = retry_after_s.div_ceil(60);
+            let message = format!(
+                "Too many failed log-ins. Try again in {minutes} min, or ask a supervisor to unlock the account."
+            );
+            return login_page(&ctx, StatusCode::TOO_MANY_REQUESTS, Some(&message));
+        }
+        Ok(Err(SignInRefusal::Busy)) => {
+            return login_page(&ctx, StatusCode::TOO_MANY_REQUESTS, Some("The branch is busy; please try again."));
+        }
         Err(e) => return from_error(&ctx, e),
     };
-    let Some(user) = auth::verify_staff(&config, &form.username, &form.password).await else {
-        return login_page(&ctx, StatusCode::UNAUTHORIZED, Some("Unknown user or wrong password."));
-    };
-    let username = user.username.to_string();
-    let counter = form.counter.clone();
+    let counter = (!form.counter.is_empty()).then(|| form.counter.clone());
     let now_ms = ctx.clock.now().timestamp_millis();
     let result = ctx
         .change(move |c, config, now| {
-            if !counter.is_empty() {
-                visits::open_counter(c, config, &counter, Some(&username), now)?;
+            if let Some(counter) = &counter {
+                visits::open_counter(c, config, counter, Some(user.username.as_str()), now)?;
             }
-            auth::create_session(c, &username, now_ms)
+            auth::create_session(c, &user, counter.as_deref(), now_ms)
         })
         .await;
     match result {
         Ok((token, _)) => {
-            let cookies = session_cookies(&token, &form.counter, auth::SESSION_TTL.num_seconds());
-            (AppendHeaders(cookies), Redirect::to("/workstation")).into_response()
+            let cookie = session_cookie(&ctx, &token, auth::SESSION_TTL.num_seconds());
+            (AppendHeaders([cookie]), Redirect::to("/workstation")).into_response()
         }
         Err(e) => from_error(&ctx, e),
     }
@@ -253,16 +269,15 @@ pub async fn login(State(ctx): State<Arc<Context>>, Form(form): Form<LoginForm>)
 
 pub async fn logout(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
     if let Some(token) = cookie(&headers, SESSION_COOKIE) {
-        let username = staff(&ctx, &headers).await.ok();
-        let counter = cookie(&headers, COUNTER_COOKIE);
+        let signed_in = session(&ctx, &headers).await.ok();
         let _ = ctx
             .change(move |c, config, now| {
                 // Leave the counter open only if someone else took it over.
-                if let (Some(counter), Some(user)) = (counter, username) {
+                if let Some(StaffSession { username, counter: Some(counter), .. }) = signed_in {
                     let points = visits::service_points(c, config)?;
                     let mine = points
                         .iter()
-                        .any(|p| p.code == counter && p.staff.as_deref() == Some(user.as_str()));
+                        .any(|p| p.code == counter && p.staff.as_deref() == Some(username.as_str()));
                     if mine && points.iter().any(|p| p.code == counter && p.current.is_none()) {
                         visits::close_counter(c, config, &counter, now)?;
                     }
@@ -271,7 +286,7 @@ pub async fn logout(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Resp
             })
             .await;
     }
-    (AppendHeaders(session_cookies("", "", 0)), Redirect::to("/workstation")).into_response()
+    (AppendHeaders([session_cookie(&ctx, "", 0)]), Redirect::to("/workstation")).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,10 +301,10 @@ pub async fn action(
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if staff(&ctx, &headers).await.is_err() {
+    let Ok(signed_in) = session(&ctx, &headers).await else {
         return Redirect::to("/workstation?msg=Please+log+in").into_response();
-    }
-    let Some(counter) = cookie(&headers, COUNTER_COOKIE) else {
+    };
+    let Some(counter) = signed_in.counter else {
         return Redirect::to("/workstation?msg=Log+in+at+a+counter+to+call+customers")
             .into_response();
     };

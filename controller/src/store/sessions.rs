@@ -33,7 +33,7 @@ pub struct SessionState {
 }
 
 /// The kinds of incident.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IncidentKind {
     /// The agent's store came back from a backup; its unsent events were renumbered.
@@ -43,6 +43,9 @@ pub enum IncidentKind {
     ControllerRestored,
     /// Events the controller will never have (the agent had pruned them).
     EventGap,
+    /// Repeated failed staff sign-ins locked a user or an address at the branch
+    /// (`STAFF_LOGIN_LOCKED`): someone may be guessing passwords.
+    SignInLocked,
 }
 
 impl IncidentKind {
@@ -51,18 +54,24 @@ impl IncidentKind {
             IncidentKind::AgentRestored => "agent_restored",
             IncidentKind::ControllerRestored => "controller_restored",
             IncidentKind::EventGap => "event_gap",
+            IncidentKind::SignInLocked => "sign_in_locked",
         }
     }
 
     pub fn parse(s: &str) -> Option<IncidentKind> {
-        [IncidentKind::AgentRestored, IncidentKind::ControllerRestored, IncidentKind::EventGap]
-            .into_iter()
+        [
+            IncidentKind::AgentRestored,
+            IncidentKind::ControllerRestored,
+            IncidentKind::EventGap,
+            IncidentKind::SignInLocked,
+        ]
+        .into_iter()
             .find(|k| k.as_str() == s)
     }
 }
 
 /// Something the start of a session found and repaired, for admins.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Incident {
     pub id: String,
     pub agent_id: String,
@@ -70,7 +79,9 @@ pub struct Incident {
     pub kind: IncidentKind,
     /// One sentence, e.g. "restored from backup: resequenced 300 events".
     pub summary: String,
+    /// The written-off range of an `event_gap`: `{"first", "last"}`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub gap: Option<Gap>,
     pub occurred_at: DateTime<Utc>,
     pub acknowledged_at: Option<DateTime<Utc>>,
@@ -97,6 +108,44 @@ impl Incident {
             acknowledged_by: None,
         }
     }
+}
+
+/// The incidents a batch of events raises: one per `STAFF_LOGIN_LOCKED`.
+pub fn sign_in_lock_incidents(
+    agent_id: &str,
+    site: &str,
+    events: &[&crate::store::IncomingEvent],
+) -> Vec<Incident> {
+    use meridian_shared::events::{AgentEvent, LockedSubject, STAFF_LOGIN_LOCKED};
+    events
+        .iter()
+        .filter(|e| e.kind == STAFF_LOGIN_LOCKED && e.quarantine.is_none())
+        .filter_map(|e| match AgentEvent::decode(&e.kind, e.payload.as_bytes()) {
+            Ok(Some(AgentEvent::LoginLocked(l))) => Some(l),
+            _ => None,
+        })
+        .map(|l| {
+            let what = match l.subject {
+                LockedSubject::User => format!("user {:?}", l.name),
+                LockedSubject::Address => format!("address {}", l.name),
+            };
+            Incident {
+                id: uuid::Uuid::now_v7().to_string(),
+                agent_id: agent_id.to_owned(),
+                site: site.to_owned(),
+                kind: IncidentKind::SignInLocked,
+                summary: format!(
+                    "sign-in locked for {what} after {} failed attempts, until {}",
+                    l.failures,
+                    l.until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                gap: None,
+                occurred_at: l.at,
+                acknowledged_at: None,
+                acknowledged_by: None,
+            }
+        })
+        .collect()
 }
 
 /// The writes of a session's reconciliation.

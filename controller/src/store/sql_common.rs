@@ -775,6 +775,20 @@ macro_rules! impl_store {
                     Self::apply_sync_reports(&mut tx, &agent_id, &fresh).await?;
                     Self::apply_request_events(&mut tx, &agent_id, &site, &fresh, received_at).await?;
                     Self::apply_upgrade_reports(&mut tx, &agent_id, &site, &fresh, received_at).await?;
+                    for i in $crate::store::sessions::sign_in_lock_incidents(&agent_id, &site, &fresh) {
+                        sqlx::query(
+                            "INSERT INTO agent_incidents (id, agent_id, site, kind, summary, occurred_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6)",
+                        )
+                        .bind(&i.id)
+                        .bind(&i.agent_id)
+                        .bind(&i.site)
+                        .bind(i.kind.as_str())
+                        .bind(&i.summary)
+                        .bind(i.occurred_at)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                 }
                 let mut rows = $crate::store::stats_sql::Rows::new(&$crate::store::stats_sql::QUARANTINE);
                 for e in &refused {
