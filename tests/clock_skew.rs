@@ -113,7 +113,10 @@ async fn controller_sees(admin: &AdminClient, agent_id: &str, skew_ms: i64, aler
 }
 
 async fn skewed_gauge(controller: &ControllerProc) -> String {
-    let text = reqwest::get(format!("{}/metrics", controller.api))
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", controller.api))
+        .bearer_auth(&controller.token)
+        .send()
         .await
         .expect("metrics")
         .text()

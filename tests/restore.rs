@@ -378,7 +378,10 @@ async fn a_dump_older_than_the_branch_retention_records_a_gap_and_never_loops() 
     assert!(row["incident"].as_str().is_some_and(|i| i.starts_with("gap of")), "{row}");
 
     // No loop: the session that found the gap carries on (one session since the restart).
-    let metrics = reqwest::get(format!("{}/metrics", controller.api))
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", controller.api))
+        .bearer_auth(&controller.token)
+        .send()
         .await
         .expect("metrics")
         .text()

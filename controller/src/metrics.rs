@@ -1,4 +1,6 @@
-//! Prometheus metrics, each emitted from one place, rendered on `/metrics`.
+//! Prometheus metrics, each emitted from one place, rendered on `/metrics`: on the API
+//! listener with a bearer API token (`api::router`), without one on `metrics_listen`
+//! (`router`).
 
 use prometheus_client::encoding::text::encode;
 use std::collections::BTreeSet;
@@ -256,4 +258,17 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The scrape answer.
+pub fn scrape(metrics: &Metrics) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render())
+        .into_response()
+}
+
+/// `GET /metrics` without authentication, for the listener of its own (`metrics_listen`).
+pub fn router(metrics: std::sync::Arc<Metrics>) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(move || async move { scrape(&metrics) }))
 }

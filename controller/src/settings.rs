@@ -13,8 +13,19 @@ pub struct Settings {
     /// `postgres://…` or `sqlite://…`; empty = SQLite file `controller.db` in `data_dir`.
     pub database_url: String,
     pub data_dir: PathBuf,
-    /// Admin REST API, `/metrics` and `/healthz`.
+    /// Admin REST API, the console, `/healthz` and `/metrics` (there with a bearer API
+    /// token of any role).
     pub api_listen: String,
+    /// Prometheus `/metrics` without authentication, on a listener of its own; empty (the
+    /// default) = off. Bind it to loopback or a management network only.
+    pub metrics_listen: String,
+    /// Slow clients on the API listener: the time a client has to send a request's head; a
+    /// keep-alive connection idle as long is closed.
+    pub http_header_timeout_ms: u64,
+    /// The longest pause while a request body arrives (the request then fails).
+    pub http_body_timeout_ms: u64,
+    /// Connections the API listener serves at once; more wait to be accepted until one closes.
+    pub http_max_connections: usize,
     /// Agent gateway (gRPC).
     pub gateway_listen: String,
     /// PEM certificate chain and key for the gateway; without them the gateway speaks
@@ -76,6 +87,10 @@ impl Default for Settings {
             database_url: String::new(),
             data_dir: PathBuf::from("data"),
             api_listen: "127.0.0.1:8080".into(),
+            metrics_listen: String::new(),
+            http_header_timeout_ms: 10_000,
+            http_body_timeout_ms: 30_000,
+            http_max_connections: 1024,
             gateway_listen: "127.0.0.1:8081".into(),
             tls_cert: None,
             tls_key: None,
@@ -119,6 +134,15 @@ impl Settings {
         crate::api::releases::ReleasePolicy::new(&self.release_keys, self.max_release_bytes)
     }
 
+    /// The API listener's limits on slow clients and connections.
+    pub fn http_limits(&self) -> meridian_shared::http_guard::Limits {
+        meridian_shared::http_guard::Limits {
+            header_read_timeout: Duration::from_millis(self.http_header_timeout_ms.max(100)),
+            body_read_timeout: Duration::from_millis(self.http_body_timeout_ms.max(100)),
+            max_connections: self.http_max_connections.max(1),
+        }
+    }
+
     /// `clock_skew_tolerance_ms`.
     pub fn clock_skew_tolerance(&self) -> Duration {
         Duration::from_millis(self.clock_skew_tolerance_ms)
@@ -154,6 +178,10 @@ impl fmt::Debug for Settings {
             .field("database_url", &redact_url(&self.database_url))
             .field("data_dir", &self.data_dir)
             .field("api_listen", &self.api_listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("http_header_timeout_ms", &self.http_header_timeout_ms)
+            .field("http_body_timeout_ms", &self.http_body_timeout_ms)
+            .field("http_max_connections", &self.http_max_connections)
             .field("gateway_listen", &self.gateway_listen)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key.as_ref().map(|_| "***"))

@@ -158,6 +158,7 @@ impl Served {
     async fn metrics(&self) -> String {
         self.http
             .get(format!("{}/metrics", self.api))
+            .bearer_auth(&self.viewer)
             .send()
             .await
             .expect("metrics")
