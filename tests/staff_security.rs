@@ -67,11 +67,8 @@ impl Branch {
             .await
             .expect("login");
         let status = resp.status();
-        let retry = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let retry =
+            resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
         (status, resp.json().await.unwrap_or(Value::Null), retry)
     }
 
@@ -117,11 +114,16 @@ async fn sessions_end_when_central_deletes_the_user_changes_the_password_or_the_
     b.central(Method::DELETE, "/api/v1/staff/ana", None).await;
     b.wait_ended(&token, "ana's session ends after she is deleted centrally").await;
 
-    b.central(Method::POST, "/api/v1/apply", Some(json!({"resources": [staff("ana", &["staff"], &[SITE], PASSWORD)]})))
-        .await;
+    b.central(
+        Method::POST,
+        "/api/v1/apply",
+        Some(json!({"resources": [staff("ana", &["staff"], &[SITE], PASSWORD)]})),
+    )
+    .await;
     let token = wait_for("ana can sign in again", PROPAGATION, || async {
         let (status, body, _) = b.login("ana", PASSWORD).await;
-        (status == StatusCode::CREATED).then(|| body["token"].as_str().unwrap_or_default().to_owned())
+        (status == StatusCode::CREATED)
+            .then(|| body["token"].as_str().unwrap_or_default().to_owned())
     })
     .await;
     b.central(
@@ -136,7 +138,8 @@ async fn sessions_end_when_central_deletes_the_user_changes_the_password_or_the_
         .await;
     let token = wait_for("ana signs in with the old password again", PROPAGATION, || async {
         let (status, body, _) = b.login("ana", PASSWORD).await;
-        (status == StatusCode::CREATED).then(|| body["token"].as_str().unwrap_or_default().to_owned())
+        (status == StatusCode::CREATED)
+            .then(|| body["token"].as_str().unwrap_or_default().to_owned())
     })
     .await;
     // Re-applying the same user changes nothing: the session lives on.
@@ -148,15 +151,18 @@ async fn sessions_end_when_central_deletes_the_user_changes_the_password_or_the_
 
     let token = b.session("sam").await;
     let other = b.session("sam").await;
-    let changed =
-        b.central(Method::POST, "/api/v1/staff/sam/sign-out-everywhere", None).await;
+    let changed = b.central(Method::POST, "/api/v1/staff/sam/sign-out-everywhere", None).await;
     assert_eq!(changed["sessions_epoch"], 1, "{changed}");
     assert_eq!(changed["sites_published"], json!([SITE]), "{changed}");
     b.wait_ended(&token, "sam's first session ends when central signs him out everywhere").await;
     b.wait_ended(&other, "and so does his second").await;
     let fresh = b.session("sam").await;
     assert_eq!(b.get(&fresh, "/api/v1/queues").await.0, StatusCode::OK, "a new sign-in works");
-    let (status, body) = b.controller.client().call(Method::POST, "/api/v1/staff/nobody/sign-out-everywhere", None).await;
+    let (status, body) = b
+        .controller
+        .client()
+        .call(Method::POST, "/api/v1/staff/nobody/sign-out-everywhere", None)
+        .await;
     assert_eq!(status, 404, "{body}");
 }
 
@@ -183,8 +189,12 @@ async fn staff_roles_are_enforced_on_the_api_as_they_are_now() {
     assert_eq!(closures.as_array().map(Vec::len), Some(0), "nothing was closed: {closures}");
 
     // Promoted centrally: the same session gets the new role, without signing in again.
-    b.central(Method::PUT, "/api/v1/staff/ana", Some(staff("ana", &["supervisor"], &[SITE], PASSWORD)))
-        .await;
+    b.central(
+        Method::PUT,
+        "/api/v1/staff/ana",
+        Some(staff("ana", &["supervisor"], &[SITE], PASSWORD)),
+    )
+    .await;
     wait_for("ana's session carries the supervisor role", PROPAGATION, || async {
         (b.get(&token, "/api/v1/login-locks").await.0 == StatusCode::OK).then_some(())
     })
@@ -227,7 +237,10 @@ async fn failed_sign_ins_lock_are_reported_centrally_and_are_unlocked_at_the_bra
         (!found.is_empty()).then_some(found)
     })
     .await;
-    assert!(incidents[0]["summary"].as_str().unwrap_or_default().contains("\"ana\""), "{incidents:?}");
+    assert!(
+        incidents[0]["summary"].as_str().unwrap_or_default().contains("\"ana\""),
+        "{incidents:?}"
+    );
 
     // A supervisor sees and lifts the lock.
     let sam = b.session("sam").await;
@@ -261,8 +274,10 @@ async fn failed_sign_ins_lock_are_reported_centrally_and_are_unlocked_at_the_bra
 #[tokio::test]
 async fn the_workstation_counter_belongs_to_the_session_not_to_a_cookie() {
     let b = branch("meridian-staff-counter").await;
-    let no_redirects =
-        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
     let resp = no_redirects
         .post(format!("{}/workstation/login", b.agent.url))
         .form(&[("username", "ana"), ("password", PASSWORD), ("counter", "c1")])
@@ -322,9 +337,10 @@ async fn two_hundred_parallel_wrong_sign_ins_keep_the_agent_small_and_the_branch
     }
     // The branch keeps answering meanwhile.
     for _ in 0..10 {
-        let (status, _) = tokio::time::timeout(Duration::from_secs(30), b.get(CONNECTOR_KEY, "/api/v1/queues"))
-            .await
-            .expect("the branch API answers during the storm");
+        let (status, _) =
+            tokio::time::timeout(Duration::from_secs(30), b.get(CONNECTOR_KEY, "/api/v1/queues"))
+                .await
+                .expect("the branch API answers during the storm");
         assert_eq!(status, StatusCode::OK);
     }
     let mut statuses = std::collections::BTreeMap::new();

@@ -195,6 +195,16 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
 ];
 
+/// (method, path) of the operations only supervisors and connector keys may call; a plain
+/// staff session gets 403. Marked `x-meridian-role: supervisor` in the document.
+pub const SUPERVISOR_ONLY: &[(&str, &str)] = &[
+    ("get", "/api/v1/appointments/sync"),
+    ("post", "/api/v1/closures"),
+    ("delete", "/api/v1/closures/{id}"),
+    ("get", "/api/v1/login-locks"),
+    ("delete", "/api/v1/login-locks/{subject}/{name}"),
+];
+
 pub fn document() -> Value {
     let mut paths = serde_json::Map::new();
     for (method, path, summary, body, status) in OPERATIONS {
@@ -209,6 +219,9 @@ pub fn document() -> Value {
         let public = matches!(*path, "/api/v1/status" | "/api/v1/sessions");
         if public {
             op["security"] = json!([]);
+        }
+        if SUPERVISOR_ONLY.contains(&(*method, *path)) {
+            op["x-meridian-role"] = json!("supervisor");
         }
         if let Some(schema) = body {
             op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});

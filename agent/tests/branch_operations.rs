@@ -1173,3 +1173,72 @@ async fn the_branch_lists_a_days_synced_appointments_and_refuses_a_bad_date() {
     let (status, _) = call_as(&r, None, Method::GET, "/api/v1/appointments", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "the connector API needs a key");
 }
+
+/// Every documented operation × who calls it: no credential is refused (except the public
+/// ones), a plain staff session is refused exactly the supervisor operations, a supervisor and a
+/// connector key are refused none.
+#[tokio::test]
+async fn every_operation_admits_exactly_the_roles_the_document_gives_it() {
+    let (ctx, r) = branch().await;
+    let staff = log_in_alice(&r).await;
+    let supervisor = {
+        let mut config = site_config();
+        let mut sam = config.staff[0].clone();
+        sam.username = meridian_shared::Code::parse("sam").expect("code");
+        sam.roles = vec![meridian_shared::config::StaffRole::Supervisor];
+        config.staff.push(sam);
+        config.revision += 1;
+        let applied = config.clone();
+        let now = ctx.clock.now();
+        ctx.db.write(move |c| queries::apply_config(c, &applied, now)).await.expect("apply");
+        ctx.config.send_replace(Some(Arc::new(config)));
+        let (status, session) = call_as(
+            &r,
+            None,
+            Method::POST,
+            "/api/v1/sessions",
+            Some(json!({"username": "sam", "password": PASSWORD})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{session}");
+        session["token"].as_str().expect("token").to_owned()
+    };
+    let public = ["/api/v1/status", "/api/v1/sessions", "/api/v1/openapi.json"];
+    for (method, path, ..) in meridian_agent::openapi::OPERATIONS {
+        if *path == "/api/v1/events" || *path == "/api/v1/sessions/current" {
+            continue; // a live feed that never ends, and sign-out (both checked elsewhere)
+        }
+        let concrete = path
+            .replace("{id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{code}", "C1")
+            .replace("{subject}", "user")
+            .replace("{name}", "nobody");
+        let method: Method = method.to_uppercase().parse().expect("method");
+        let body = matches!(method, Method::POST | Method::PATCH).then(|| json!({}));
+        let supervising = meridian_agent::openapi::SUPERVISOR_ONLY
+            .contains(&(method.as_str().to_lowercase().as_str(), path));
+        let (status, v) = call_as(&r, None, method.clone(), &concrete, body.clone()).await;
+        if !public.contains(path) {
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} without credentials: {v}"
+            );
+        }
+        let (status, v) = call_as(&r, Some(&staff), method.clone(), &concrete, body.clone()).await;
+        if supervising {
+            assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path} as plain staff: {v}");
+            assert_eq!(v["code"], "forbidden");
+        } else {
+            assert_ne!(status, StatusCode::FORBIDDEN, "{method} {path} as plain staff: {v}");
+            assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path} as plain staff: {v}");
+        }
+        for who in [supervisor.as_str(), KEY] {
+            let (status, v) = call_as(&r, Some(who), method.clone(), &concrete, body.clone()).await;
+            assert!(
+                status != StatusCode::FORBIDDEN && status != StatusCode::UNAUTHORIZED,
+                "{method} {path} as a supervisor or connector: {status} {v}"
+            );
+        }
+    }
+}

@@ -131,7 +131,13 @@ pub fn lockout(conn: &Connection, attempt: &Attempt, now_ms: i64) -> Result<Opti
 pub fn record_failure(conn: &Connection, attempt: &Attempt, now: DateTime<Utc>) -> Result<()> {
     let now_ms = now.timestamp_millis();
     let subjects = [
-        (LockedSubject::User, attempt.user_key(), &attempt.username, &PER_USER, attempt.unlock_epoch),
+        (
+            LockedSubject::User,
+            attempt.user_key(),
+            &attempt.username,
+            &PER_USER,
+            attempt.unlock_epoch,
+        ),
         (LockedSubject::Address, attempt.address_key(), &attempt.address, &PER_ADDRESS, 0),
     ];
     for (kind, key, name, policy, epoch) in subjects {
@@ -142,12 +148,19 @@ pub fn record_failure(conn: &Connection, attempt: &Attempt, now: DateTime<Utc>) 
              failures = excluded.failures, last_failure_ms = excluded.last_failure_ms, \
              locked_until_ms = excluded.locked_until_ms, unlock_epoch = excluded.unlock_epoch",
         )?
-        .execute(params![key, next.failures, next.last_failure_ms, next.locked_until_ms, epoch])?;
+        .execute(params![
+            key,
+            next.failures,
+            next.last_failure_ms,
+            next.locked_until_ms,
+            epoch
+        ])?;
         if next.locked_until_ms > now_ms {
             let until = DateTime::from_timestamp_millis(next.locked_until_ms).unwrap_or(now);
             let name: String = name.chars().take(MAX_LOCKED_NAME).collect();
             tracing::warn!(subject = ?kind, name = %name, failures = next.failures, until = %until, "sign-in locked after repeated failures");
-            let event = LoginLocked { subject: kind, name, failures: next.failures, until, at: now };
+            let event =
+                LoginLocked { subject: kind, name, failures: next.failures, until, at: now };
             append_event(conn, &AgentEvent::LoginLocked(event), now)?;
         }
     }

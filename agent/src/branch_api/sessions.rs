@@ -64,7 +64,8 @@ pub(super) async fn authenticate(
         return ApiError::from(Error::NotConfigured).into_response();
     };
     let hashed = auth::hash(&token);
-    let key = config.connector_keys.iter().find(|k| k.key_hash == hashed).map(|k| k.code.to_string());
+    let key =
+        config.connector_keys.iter().find(|k| k.key_hash == hashed).map(|k| k.code.to_string());
     let caller = match key {
         Some(key) => Caller::Connector { key },
         None => {

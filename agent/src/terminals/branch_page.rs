@@ -10,12 +10,12 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use maud::html;
 
 use super::workstation::session;
-use crate::auth;
-use meridian_shared::events::LockedSubject;
 use super::{error_page, from_error, layout};
 use crate::Context;
+use crate::auth;
 use crate::store::queries;
 use crate::visits;
+use meridian_shared::events::LockedSubject;
 
 pub async fn page(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
     let Ok(signed_in) = session(&ctx, &headers).await else {
@@ -132,11 +132,17 @@ pub async fn unlock(
     match session(&ctx, &headers).await {
         Ok(s) if s.is_supervisor() => {}
         Ok(_) => {
-            return error_page(&ctx, StatusCode::FORBIDDEN, "Only supervisors can unlock sign-ins.");
+            return error_page(
+                &ctx,
+                StatusCode::FORBIDDEN,
+                "Only supervisors can unlock sign-ins.",
+            );
         }
         Err(_) => {
-            return Redirect::to("/workstation?msg=Log+in+as+a+supervisor+to+see+the+branch+status")
-                .into_response();
+            return Redirect::to(
+                "/workstation?msg=Log+in+as+a+supervisor+to+see+the+branch+status",
+            )
+            .into_response();
         }
     }
     let subject = match form.subject.as_str() {

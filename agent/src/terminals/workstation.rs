@@ -221,8 +221,13 @@ pub struct LoginForm {
 fn session_cookie(ctx: &Context, token: &str, max_age: i64) -> (header::HeaderName, HeaderValue) {
     // `Secure` under HTTPS: the browser never sends the session over plain HTTP.
     let secure = if ctx.secure_cookies() { "; Secure" } else { "" };
-    let value = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
-    (header::SET_COOKIE, HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("")))
+    let value = format!(
+        "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    );
+    (
+        header::SET_COOKIE,
+        HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("")),
+    )
 }
 
 pub async fn login(
@@ -234,7 +239,11 @@ pub async fn login(
     let user = match auth::sign_in(&ctx, &form.username, &form.password, from).await {
         Ok(Ok(user)) => user,
         Ok(Err(SignInRefusal::Invalid)) => {
-            return login_page(&ctx, StatusCode::UNAUTHORIZED, Some("Unknown user or wrong password."));
+            return login_page(
+                &ctx,
+                StatusCode::UNAUTHORIZED,
+                Some("Unknown user or wrong password."),
+            );
         }
         Ok(Err(SignInRefusal::Locked { retry_after_s })) => {
             let minutes = retry_after_s.div_ceil(60);
@@ -244,7 +253,11 @@ pub async fn login(
             return login_page(&ctx, StatusCode::TOO_MANY_REQUESTS, Some(&message));
         }
         Ok(Err(SignInRefusal::Busy)) => {
-            return login_page(&ctx, StatusCode::TOO_MANY_REQUESTS, Some("The branch is busy; please try again."));
+            return login_page(
+                &ctx,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some("The branch is busy; please try again."),
+            );
         }
         Err(e) => return from_error(&ctx, e),
     };
@@ -275,9 +288,9 @@ pub async fn logout(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Resp
                 // Leave the counter open only if someone else took it over.
                 if let Some(StaffSession { username, counter: Some(counter), .. }) = signed_in {
                     let points = visits::service_points(c, config)?;
-                    let mine = points
-                        .iter()
-                        .any(|p| p.code == counter && p.staff.as_deref() == Some(username.as_str()));
+                    let mine = points.iter().any(|p| {
+                        p.code == counter && p.staff.as_deref() == Some(username.as_str())
+                    });
                     if mine && points.iter().any(|p| p.code == counter && p.current.is_none()) {
                         visits::close_counter(c, config, &counter, now)?;
                     }
