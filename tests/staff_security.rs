@@ -263,8 +263,16 @@ async fn failed_sign_ins_lock_are_reported_centrally_and_are_unlocked_at_the_bra
         b.login("ana", "wrong password").await;
     }
     assert_eq!(b.login("ana", PASSWORD).await.0, StatusCode::TOO_MANY_REQUESTS);
-    let changed = b.central(Method::POST, "/api/v1/staff/ana/unlock", None).await;
+    // With meridianctl (`meridianctl staff unlock ana`).
+    let ctl =
+        meridian_controller::ctl::Client::new(&b.controller.api, Some(b.controller.token.clone()))
+            .expect("ctl client");
+    let changed =
+        meridian_controller::ctl::staff_access(&ctl, "ana", "unlock").await.expect("unlock");
     assert_eq!(changed["unlock_epoch"], 1, "{changed}");
+    let shown = meridian_controller::ctl::render_staff_access(&changed, Default::default())
+        .expect("render");
+    assert!(shown.contains("ana") && shown.contains(SITE), "{shown}");
     wait_for("the central unlock reaches the branch", PROPAGATION, || async {
         (b.login("ana", PASSWORD).await.0 == StatusCode::CREATED).then_some(())
     })

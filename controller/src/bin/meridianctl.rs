@@ -57,6 +57,9 @@ enum Command {
     /// Enrolled agents.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// A staff user's access at the branches: end every session, lift a sign-in lockout.
+    #[command(subcommand)]
+    Staff(StaffCommand),
     /// Admin API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -399,6 +402,14 @@ enum AgentsCommand {
 }
 
 #[derive(Subcommand)]
+enum StaffCommand {
+    /// End every session the user holds at any branch (when the configuration reaches it).
+    SignOutEverywhere { username: String },
+    /// Lift the user's sign-in lockout at every branch.
+    Unlock { username: String },
+}
+
+#[derive(Subcommand)]
 enum TokenCommand {
     /// Create an admin API token; its secret is printed once.
     Create {
@@ -656,6 +667,14 @@ async fn run(cli: Cli) -> ctl::Result<String> {
         Command::Agents(AgentsCommand::List { site }) => list(Listing::Agents, site).await,
         Command::Agents(AgentsCommand::Revoke { id }) => {
             ctl::render_agent(&ctl::revoke_agent(&client, &id).await?, out)
+        }
+        Command::Staff(command) => {
+            let (username, action) = match &command {
+                StaffCommand::SignOutEverywhere { username } => (username, "sign-out-everywhere"),
+                StaffCommand::Unlock { username } => (username, "unlock"),
+            };
+            let changed = ctl::staff_access(&client, username, action).await?;
+            ctl::render_staff_access(&changed, out)
         }
         Command::Token(TokenCommand::Create { name, role }) => {
             ctl::render_api_token(&ctl::create_api_token(&client, &name, &role).await?, out)

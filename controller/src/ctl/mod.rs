@@ -199,12 +199,21 @@ impl Listing {
 /// What a change did and the report of `POST /api/v1/apply` and `/delete` — the API's own types.
 pub use crate::config_admin::{Action, Change, ChangeReport};
 
-/// A connection to one controller's admin API.
-#[derive(Debug, Clone)]
+/// A connection to one controller's admin API. `Debug` hides the token.
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Url,
     token: Option<String>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -574,13 +583,24 @@ pub async fn create_connector_key(
 }
 
 /// A new enrollment token, as `POST /api/v1/enrollment-tokens` returns it (the token is shown
-/// only this once).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// only this once; `Debug` hides it).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreatedEnrollmentToken {
     pub id: String,
     pub site: String,
     pub token: String,
     pub expires_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for CreatedEnrollmentToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedEnrollmentToken")
+            .field("id", &self.id)
+            .field("site", &self.site)
+            .field("token", &"***")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 /// `ttl` as `meridianctl` takes it (`3600`, `30m`, `1h`, `7d`).
@@ -643,6 +663,32 @@ pub async fn revoke_agent(client: &Client, id: &str) -> Result<Value> {
         resolve_agent_id(id, &agents)?
     };
     client.call(Method::POST, &["agents", &id, "revoke"], None).await
+}
+
+/// `POST /staff/{username}/{action}` (`sign-out-everywhere` or `unlock`).
+pub async fn staff_access(client: &Client, username: &str, action: &str) -> Result<Value> {
+    client.call(Method::POST, &["staff", username, action], None).await
+}
+
+pub fn render_staff_access(changed: &Value, output: Output) -> Result<String> {
+    let shown = |field: &str| match changed.get(field) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(items)) => {
+            items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+        }
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    match output {
+        Output::Table => Ok(render::fields(&[
+            ("staff user", shown("username")),
+            ("sessions epoch", shown("sessions_epoch")),
+            ("unlock epoch", shown("unlock_epoch")),
+            ("revision", shown("revision")),
+            ("sites", shown("sites_published")),
+        ])),
+        _ => structured(changed, output),
+    }
 }
 
 pub fn render_agent(agent: &Value, output: Output) -> Result<String> {
