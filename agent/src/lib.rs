@@ -24,6 +24,7 @@ pub mod clock;
 pub mod closures;
 pub mod distribution;
 pub mod error;
+pub mod http_errors;
 pub mod link;
 pub mod metrics;
 pub mod openapi;
