@@ -6,8 +6,14 @@
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/meridian-target
 export MERIDIAN_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+# The pinned Schemathesis the API contract test (tests/api_contract.rs) runs, in its own venv.
+export MERIDIAN_TEST_SCHEMATHESIS_VENV ?= $(HOME)/.cache/meridian-schemathesis
+export MERIDIAN_TEST_SCHEMATHESIS ?= $(MERIDIAN_TEST_SCHEMATHESIS_VENV)/bin/schemathesis
+# cargo-fuzz for `make fuzz`; its nightly flags on the stable toolchain with RUSTC_BOOTSTRAP=1.
+CARGO_FUZZ_VERSION = 0.13.2
+FUZZ_SECONDS ?= 120
 
-.PHONY: test provision fmt-check clippy unit-and-e2e clean-test-databases run bench upgrade-fixture
+.PHONY: test provision fmt-check clippy unit-and-e2e clean-test-databases run bench upgrade-fixture fuzz
 
 test: provision fmt-check clippy clean-test-databases upgrade-fixture unit-and-e2e
 
@@ -15,6 +21,7 @@ provision:
 	bash tests/provision-postgres.sh
 	bash tests/provision-chromium.sh
 	bash tests/provision-faketime.sh
+	bash tests/provision-schemathesis.sh
 
 fmt-check:
 	cargo fmt --all -- --check
@@ -46,3 +53,11 @@ bench:
 	cargo bench --bench stats_query
 	cargo bench --bench appointment_sync
 	cargo bench --bench request_transfers
+
+# Fuzzes the gateway's decoding of agent frames (fuzz/, not a workspace member) for
+# FUZZ_SECONDS; not part of `make test`. Crashes land in fuzz/artifacts/gateway_frames/.
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 && cargo fuzz --version | grep -q " $(CARGO_FUZZ_VERSION)$$" \
+	  || cargo install --locked cargo-fuzz@$(CARGO_FUZZ_VERSION)
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run gateway_frames --sanitizer none --debug-assertions \
+	  --target-dir $(CARGO_TARGET_DIR)/fuzz -- -max_total_time=$(FUZZ_SECONDS)

@@ -242,7 +242,7 @@ impl Window {
 
 /// `POST /api/v1/rollouts`, as sent. Every field is checked by `validate`, which reports every
 /// problem with its field.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     /// The release's version (semver), e.g. `1.4.0`.
@@ -250,8 +250,10 @@ pub struct CreateRequest {
     /// The release's platform, e.g. `x86_64-linux`.
     pub platform: Option<String>,
     /// `{"sites": ["SFO", …]}`, `{"tag": "west"}` or `{"all": true}`.
+    #[schema(value_type = Option<Object>)]
     pub targets: Option<Value>,
     /// Default `[{"sites": 1}, {"rest": true}]`.
+    #[schema(value_type = Option<Vec<Object>>)]
     pub waves: Option<Value>,
     /// Seconds between the end of a wave and the start of the next; default 0.
     pub wave_pause_s: Option<u64>,
@@ -260,6 +262,7 @@ pub struct CreateRequest {
     /// `{"start": "HH:MM", "end": "HH:MM"}` in each site's time (crossing midnight when `end`
     /// is not after `start`; equal: all day); default (absent or null): outside the site's
     /// business hours.
+    #[schema(value_type = Option<Object>)]
     pub window: Option<Value>,
     /// Allow sites to go to a lower version than they run.
     pub allow_downgrade: Option<bool>,

@@ -18,6 +18,11 @@ use super::error::{ApiError, ApiResult};
 use super::{ApiJson, query_error};
 use crate::store::appointment_sync::SyncRecord;
 
+/// The operations of this part of the API, relative to `/api/v1`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(request, list, show, schedule, closures))]
+pub(super) struct Doc;
+
 pub fn routes<S: Clone + Send + Sync + 'static>(state: AppointmentsState) -> Router<S> {
     Router::new()
         .route("/appointments/sync", post(request))
@@ -28,14 +33,15 @@ pub fn routes<S: Clone + Send + Sync + 'static>(state: AppointmentsState) -> Rou
         .with_state(state)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SyncBody {
+    /// The site's code.
     site: String,
 }
 
 /// The syncs requested (one per active agent of the site).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Requested {
     syncs: Vec<SyncRecord>,
 }
@@ -47,6 +53,10 @@ fn unprocessable(field: &str, message: String) -> ApiError {
     crate::error::Error::Validation(errs).into()
 }
 
+#[utoipa::path(post, path = "/appointments/sync", tag = "appointments",
+    summary = "Sync a site's agents' appointments now (the nightly bulk sync, by hand)",
+    request_body = SyncBody,
+    responses((status = 202, description = "the syncs requested, one per agent", body = Requested)))]
 async fn request(
     State(s): State<AppointmentsState>,
     ApiJson(body): ApiJson<SyncBody>,
@@ -77,13 +87,17 @@ async fn request(
     Ok((StatusCode::ACCEPTED, Json(Requested { syncs })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     site: Option<String>,
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/appointments/syncs", tag = "appointments", summary = "Bulk syncs, newest first",
+    params(ListQuery),
+    responses((status = 200, description = "the syncs", body = Vec<SyncRecord>)))]
 async fn list(
     State(s): State<AppointmentsState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -101,6 +115,9 @@ async fn list(
     Ok(Json(s.store.list_appointment_syncs(site.as_ref(), limit).await?))
 }
 
+#[utoipa::path(get, path = "/appointments/syncs/{id}", tag = "appointments", summary = "One bulk sync",
+    params(("id" = String, Path, description = "the sync's id (a UUID)")),
+    responses((status = 200, description = "the sync", body = SyncRecord)))]
 async fn show(
     State(s): State<AppointmentsState>,
     Path(id): Path<String>,
@@ -111,12 +128,16 @@ async fn show(
     s.store.appointment_sync(parsed).await?.map(Json).ok_or_else(not_found)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ScheduleEntry {
+    #[schema(value_type = String)]
     site: SiteCode,
     next_due_at: DateTime<Utc>,
 }
 
+#[utoipa::path(get, path = "/appointments/sync-schedule", tag = "appointments",
+    summary = "Each site's next scheduled bulk sync",
+    responses((status = 200, description = "per site", body = Vec<ScheduleEntry>)))]
 async fn schedule(State(s): State<AppointmentsState>) -> ApiResult<Json<Vec<ScheduleEntry>>> {
     let rows = s.store.sync_schedule().await?;
     Ok(Json(
@@ -124,7 +145,8 @@ async fn schedule(State(s): State<AppointmentsState>) -> ApiResult<Json<Vec<Sche
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ClosuresQuery {
     site: Option<String>,
@@ -134,6 +156,9 @@ struct ClosuresQuery {
     to: Option<String>,
 }
 
+#[utoipa::path(get, path = "/appointments/closures", tag = "appointments",
+    summary = "Closures branches decided on their own", params(ClosuresQuery),
+    responses((status = 200, description = "the closures: site, id, day, from, to, reason, closed_at, reopened_at", body = Vec<Object>)))]
 async fn closures(
     State(s): State<AppointmentsState>,
     query: Result<Query<ClosuresQuery>, axum::extract::rejection::QueryRejection>,

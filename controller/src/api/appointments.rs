@@ -41,6 +41,11 @@ impl AppointmentsState {
     }
 }
 
+/// The operations of this part of the API, relative to `/api/v1`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(book, list, slots, show, reschedule, cancel))]
+pub(super) struct Doc;
+
 /// The routes, to be nested under `/api/v1` behind authentication.
 pub fn routes<S: Clone + Send + Sync + 'static>(state: AppointmentsState) -> Router<S> {
     Router::new()
@@ -54,6 +59,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(state: AppointmentsState) -> Rou
 
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
+#[utoipa::path(post, path = "/appointments", tag = "appointments", summary = "Book an appointment",
+    request_body = BookRequest,
+    responses((status = 201, description = "booked", body = Appointment)))]
 async fn book(
     State(s): State<AppointmentsState>,
     ApiJson(req): ApiJson<BookRequest>,
@@ -63,6 +71,9 @@ async fn book(
     Ok((StatusCode::CREATED, Json(booked)))
 }
 
+#[utoipa::path(get, path = "/appointments", tag = "appointments",
+    summary = "Appointments by site, days, status and conflict", params(appointments::ListQuery),
+    responses((status = 200, description = "the appointments", body = Vec<Appointment>)))]
 async fn list(
     State(s): State<AppointmentsState>,
     query: QueryResult<ListQuery>,
@@ -71,6 +82,9 @@ async fn list(
     Ok(Json(appointments::list(s.store.as_ref(), &q).await?))
 }
 
+#[utoipa::path(get, path = "/appointments/slots", tag = "appointments",
+    summary = "The slots of one service on one day", params(SlotsQuery),
+    responses((status = 200, description = "the slots", body = DaySlots)))]
 async fn slots(
     State(s): State<AppointmentsState>,
     query: QueryResult<SlotsQuery>,
@@ -79,6 +93,8 @@ async fn slots(
     Ok(Json(appointments::day_slots(s.store.as_ref(), s.clock.as_ref(), &q).await?))
 }
 
+#[utoipa::path(get, path = "/appointments/{id}", tag = "appointments", summary = "One appointment", params(("id" = String, Path, description = "the appointment's id")),
+    responses((status = 200, description = "the appointment", body = Appointment)))]
 async fn show(
     State(s): State<AppointmentsState>,
     Path(id): Path<String>,
@@ -86,6 +102,9 @@ async fn show(
     Ok(Json(appointments::get(s.store.as_ref(), &id).await?))
 }
 
+#[utoipa::path(post, path = "/appointments/{id}/reschedule", tag = "appointments",
+    summary = "Move an appointment to another start", params(("id" = String, Path, description = "the appointment's id")), request_body = RescheduleRequest,
+    responses((status = 200, description = "rescheduled", body = Appointment)))]
 async fn reschedule(
     State(s): State<AppointmentsState>,
     Path(id): Path<String>,
@@ -98,6 +117,9 @@ async fn reschedule(
 }
 
 /// The body is optional: no body cancels whatever the revision.
+#[utoipa::path(post, path = "/appointments/{id}/cancel", tag = "appointments",
+    summary = "Cancel an appointment (the body is optional)", params(("id" = String, Path, description = "the appointment's id")), request_body = Option<CancelRequest>,
+    responses((status = 200, description = "cancelled", body = Appointment)))]
 async fn cancel(
     State(s): State<AppointmentsState>,
     Path(id): Path<String>,

@@ -9,12 +9,28 @@ use serde::Serialize;
 
 use crate::error::Error;
 
-#[derive(Debug, Serialize)]
+/// Every error of the admin API.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody {
+    /// Stable, e.g. `not_found`, `validation_failed`, `slot_taken`.
+    #[schema(value_type = String)]
     pub code: &'static str,
+    /// For people; may change.
     pub message: String,
+    /// The invalid fields (`validation_failed`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<FieldError>)]
     pub details: Vec<meridian_shared::ValidationError>,
+}
+
+/// One invalid field of a request (the shape of `meridian_shared::ValidationError`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `business_hours.mon[1]`.
+    field: String,
+    message: String,
 }
 
 #[derive(Debug)]

@@ -25,6 +25,11 @@ pub struct IncidentsState {
     pub store: Arc<dyn Store>,
 }
 
+/// The operations of this part of the API, relative to `/api/v1`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, acknowledge))]
+pub(super) struct Doc;
+
 pub fn routes<S: Clone + Send + Sync + 'static>(state: IncidentsState) -> Router<S> {
     Router::new()
         .route("/incidents", get(list))
@@ -32,7 +37,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>(state: IncidentsState) -> Router
         .with_state(state)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     agent: Option<String>,
@@ -41,6 +47,9 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/incidents", tag = "agents",
+    summary = "What the start of agent sessions found and repaired, newest first", params(ListQuery),
+    responses((status = 200, description = "the incidents", body = Vec<Incident>)))]
 async fn list(
     State(s): State<IncidentsState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -67,6 +76,9 @@ async fn list(
     Ok(Json(s.store.incidents(&filter).await?))
 }
 
+#[utoipa::path(post, path = "/incidents/{id}/acknowledge", tag = "agents", summary = "Acknowledge an incident",
+    params(("id" = String, Path, description = "the incident's id (a UUID)")),
+    responses((status = 200, description = "the incident, acknowledged", body = Incident)))]
 async fn acknowledge(
     State(s): State<IncidentsState>,
     Extension(caller): Extension<Caller>,

@@ -100,6 +100,21 @@ impl ReleasePolicy {
     }
 }
 
+/// The form of `POST /releases`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct UploadForm {
+    /// `{"version", "platform", "sha256", "size", "key_id", "signature", "notes"?}`.
+    manifest: String,
+    #[schema(value_type = String, format = Binary)]
+    artifact: Vec<u8>,
+}
+
+/// The operations of this part of the API, relative to `/api/v1`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, upload, show, remove))]
+pub(super) struct Doc;
+
 /// What the release handlers need.
 #[derive(Clone)]
 pub struct ReleasesState {
@@ -120,10 +135,16 @@ pub fn routes<S: Clone + Send + Sync + 'static>(state: ReleasesState) -> Router<
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/releases", tag = "releases", summary = "Every uploaded agent release",
+    responses((status = 200, description = "the releases", body = Vec<ReleaseRecord>)))]
 async fn list(State(s): State<ReleasesState>) -> ApiResult<Json<Vec<ReleaseRecord>>> {
     Ok(Json(s.store.list_releases().await?))
 }
 
+#[utoipa::path(get, path = "/releases/{version}", tag = "releases",
+    summary = "The releases of one version (one per platform)",
+    params(("version" = String, Path, description = "semver, e.g. 1.4.0")),
+    responses((status = 200, description = "the releases", body = Vec<ReleaseRecord>)))]
 async fn show(
     State(s): State<ReleasesState>,
     Path(version): Path<String>,
@@ -135,6 +156,10 @@ async fn show(
     Ok(Json(releases))
 }
 
+#[utoipa::path(delete, path = "/releases/{version}/{platform}", tag = "releases",
+    summary = "Delete a release",
+    params(("version" = String, Path), ("platform" = String, Path, description = "e.g. x86_64-linux")),
+    responses((status = 204, description = "deleted")))]
 async fn remove(
     State(s): State<ReleasesState>,
     Extension(caller): Extension<Caller>,
@@ -150,6 +175,10 @@ async fn remove(
     }
 }
 
+#[utoipa::path(post, path = "/releases", tag = "releases",
+    summary = "Upload a signed agent release: a `manifest` part (JSON) and an `artifact` part",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 201, description = "the release", body = ReleaseRecord)))]
 async fn upload(
     State(s): State<ReleasesState>,
     Extension(caller): Extension<Caller>,

@@ -49,6 +49,11 @@ pub struct RequestOpsState {
 }
 
 /// The routes, to be nested under `/api/v1` behind authentication.
+/// The operations of this part of the API, relative to `/api/v1`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, backlog, show, cancel, retry, ownership))]
+pub(super) struct Doc;
+
 pub fn routes<S: Clone + Send + Sync + 'static>(state: RequestOpsState) -> Router<S> {
     Router::new()
         .route("/request-ops", get(list))
@@ -60,9 +65,11 @@ pub fn routes<S: Clone + Send + Sync + 'static>(state: RequestOpsState) -> Route
         .with_state(state)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OpsQuery {
+    /// open, queued, pending, retry, applied, failed or superseded.
     pub status: Option<String>,
     pub site: Option<String>,
     pub pool: Option<String>,
@@ -121,6 +128,9 @@ fn op_key(op_id: &str, target: &str) -> ApiResult<(String, String)> {
 
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
+#[utoipa::path(get, path = "/request-ops", tag = "requests",
+    summary = "Operations of the distributed-request ledger, newest first", params(OpsQuery),
+    responses((status = 200, description = "the operations", body = Vec<LedgerOp>)))]
 async fn list(
     State(s): State<RequestOpsState>,
     query: QueryResult<OpsQuery>,
@@ -129,6 +139,9 @@ async fn list(
     Ok(Json(s.store.list_request_ops(&ops_filter(&q)?).await?))
 }
 
+#[utoipa::path(get, path = "/request-ops/{op_id}/{target_site}", tag = "requests",
+    summary = "One operation towards one target site", params(("op_id" = String, Path, description = "the operation's id (a UUID)"), ("target_site" = String, Path, description = "the target site's code")),
+    responses((status = 200, description = "the operation", body = LedgerOp)))]
 async fn show(
     State(s): State<RequestOpsState>,
     Path((op_id, target)): Path<(String, String)>,
@@ -137,13 +150,18 @@ async fn show(
     s.store.request_op(&id, &site).await?.map(Json).ok_or_else(|| op_not_found(&op_id, &target))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CancelBody {
+    /// At most 500 characters; default "cancelled by <token name>".
     reason: Option<String>,
 }
 
 /// The body is optional; without a reason the ledger records who cancelled.
+#[utoipa::path(post, path = "/request-ops/{op_id}/{target_site}/cancel", tag = "requests",
+    summary = "Cancel an open operation (the body is optional)", params(("op_id" = String, Path, description = "the operation's id (a UUID)"), ("target_site" = String, Path, description = "the target site's code")),
+    request_body = Option<CancelBody>,
+    responses((status = 200, description = "the operation, cancelled", body = LedgerOp)))]
 async fn cancel(
     State(s): State<RequestOpsState>,
     Extension(caller): Extension<Caller>,
@@ -169,6 +187,9 @@ async fn cancel(
     Ok(Json(op))
 }
 
+#[utoipa::path(post, path = "/request-ops/{op_id}/{target_site}/retry", tag = "requests",
+    summary = "Retry a failed operation now", params(("op_id" = String, Path, description = "the operation's id (a UUID)"), ("target_site" = String, Path, description = "the target site's code")),
+    responses((status = 200, description = "the operation, queued again", body = LedgerOp)))]
 async fn retry(
     State(s): State<RequestOpsState>,
     Extension(caller): Extension<Caller>,
@@ -205,7 +226,7 @@ pub async fn flush_and_wake(s: &RequestOpsState) {
 }
 
 /// Totals over every lane.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BacklogTotals {
     pub open: u64,
     pub retrying: u64,
@@ -213,8 +234,10 @@ pub struct BacklogTotals {
     pub oldest_age_seconds: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Backlog {
+    /// Per pool and target site.
+    #[schema(value_type = Vec<Object>)]
     pub lanes: Vec<LaneBacklog>,
     pub totals: BacklogTotals,
 }
@@ -231,6 +254,9 @@ impl Backlog {
     }
 }
 
+#[utoipa::path(get, path = "/request-ops/backlog", tag = "requests",
+    summary = "Open operations per lane (pool and target site) and in total",
+    responses((status = 200, description = "the backlog", body = Backlog)))]
 async fn backlog(State(s): State<RequestOpsState>) -> ApiResult<Json<Backlog>> {
     Ok(Json(Backlog::of(s.store.request_backlog(s.clock.now()).await?)))
 }
@@ -244,6 +270,10 @@ pub struct OwnershipView {
     pub operations: Vec<LedgerOp>,
 }
 
+#[utoipa::path(get, path = "/requests/{id}/ownership", tag = "requests",
+    summary = "Where a request's master copy is, and its operations (the repair view)",
+    params(("id" = String, Path, description = "the request's id or human id")),
+    responses((status = 200, description = "ownership and operations", body = Object)))]
 async fn ownership(
     State(s): State<RequestOpsState>,
     Path(id): Path<String>,

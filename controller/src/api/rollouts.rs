@@ -45,6 +45,11 @@ pub struct RolloutsState {
     pub commands_changed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
+/// The operations of this part of the API, relative to `/api/v1`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(create, list, show, pause, resume, abort))]
+pub(super) struct Doc;
+
 /// The routes, to be nested under `/api/v1` behind authentication.
 pub fn routes<S: Clone + Send + Sync + 'static>(state: RolloutsState) -> Router<S> {
     Router::new()
@@ -95,6 +100,10 @@ async fn view(s: &RolloutsState, d: RolloutDetail) -> ApiResult<RolloutView> {
     Ok(RolloutView::of(d, &ConfigSet::from_resources(resources), s.clock.now()))
 }
 
+#[utoipa::path(post, path = "/rollouts", tag = "releases",
+    summary = "Roll a release out to sites in waves, within their windows",
+    request_body = CreateRequest,
+    responses((status = 201, description = "the rollout with its sites", body = Object)))]
 async fn create(
     State(s): State<RolloutsState>,
     Extension(caller): Extension<Caller>,
@@ -119,7 +128,8 @@ async fn create(
     Ok((StatusCode::CREATED, Json(RolloutView::of(detail, &config, s.clock.now()))))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     pub state: Option<String>,
@@ -149,6 +159,9 @@ pub fn list_filter(q: &ListQuery) -> ApiResult<RolloutFilter> {
 
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
+#[utoipa::path(get, path = "/rollouts", tag = "releases", summary = "Rollouts, newest first",
+    params(ListQuery),
+    responses((status = 200, description = "the rollouts", body = Vec<Object>)))]
 async fn list(
     State(s): State<RolloutsState>,
     query: QueryResult<ListQuery>,
@@ -166,6 +179,8 @@ fn rollout_id(id: &str) -> ApiResult<uuid::Uuid> {
     id.trim().parse().map_err(|_| not_found(id))
 }
 
+#[utoipa::path(get, path = "/rollouts/{id}", tag = "releases", summary = "One rollout with its sites", params(("id" = String, Path, description = "the rollout's id (a UUID)")),
+    responses((status = 200, description = "the rollout", body = Object)))]
 async fn show(
     State(s): State<RolloutsState>,
     Path(id): Path<String>,
@@ -194,6 +209,8 @@ async fn change(
     Ok(Json(view(s, detail).await?))
 }
 
+#[utoipa::path(post, path = "/rollouts/{id}/pause", tag = "releases", summary = "Pause a rollout", params(("id" = String, Path, description = "the rollout's id (a UUID)")),
+    responses((status = 200, description = "the rollout", body = Object)))]
 async fn pause(
     State(s): State<RolloutsState>,
     Extension(caller): Extension<Caller>,
@@ -202,6 +219,8 @@ async fn pause(
     change(&s, &caller, &id, RolloutAction::Pause).await
 }
 
+#[utoipa::path(post, path = "/rollouts/{id}/resume", tag = "releases", summary = "Resume a paused rollout", params(("id" = String, Path, description = "the rollout's id (a UUID)")),
+    responses((status = 200, description = "the rollout", body = Object)))]
 async fn resume(
     State(s): State<RolloutsState>,
     Extension(caller): Extension<Caller>,
@@ -210,13 +229,17 @@ async fn resume(
     change(&s, &caller, &id, RolloutAction::Resume).await
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AbortBody {
     reason: Option<String>,
 }
 
 /// The body is optional; the reason recorded names the token either way.
+#[utoipa::path(post, path = "/rollouts/{id}/abort", tag = "releases",
+    summary = "Abort a rollout (the body is optional)", params(("id" = String, Path, description = "the rollout's id (a UUID)")),
+    request_body = Option<AbortBody>,
+    responses((status = 200, description = "the rollout", body = Object)))]
 async fn abort(
     State(s): State<RolloutsState>,
     Extension(caller): Extension<Caller>,

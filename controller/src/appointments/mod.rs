@@ -50,7 +50,7 @@ pub const MAX_LIST: u32 = 5000;
 pub const DEFAULT_LIST: u32 = 1000;
 
 /// `POST /api/v1/appointments`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BookRequest {
     pub site: String,
@@ -68,7 +68,7 @@ pub struct BookRequest {
 }
 
 /// `POST /api/v1/appointments/{id}/reschedule`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RescheduleRequest {
     pub start: String,
@@ -76,7 +76,7 @@ pub struct RescheduleRequest {
 }
 
 /// `POST /api/v1/appointments/{id}/cancel`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,7 +86,8 @@ pub struct CancelRequest {
 }
 
 /// `GET /api/v1/appointments`: site-local days, inclusive.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     pub site: Option<String>,
@@ -100,7 +101,8 @@ pub struct ListQuery {
 }
 
 /// `GET /api/v1/appointments/slots`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SlotsQuery {
     pub site: String,
@@ -109,9 +111,11 @@ pub struct SlotsQuery {
 }
 
 /// The slots of one service on one day.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DaySlots {
+    #[schema(value_type = String)]
     pub site: SiteCode,
+    #[schema(value_type = String)]
     pub service: Code,
     pub date: NaiveDate,
     pub time_zone: String,
@@ -119,7 +123,7 @@ pub struct DaySlots {
     pub slots: Vec<SlotView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SlotView {
     /// `YYYY-MM-DDTHH:MM` in the site's time zone.
     pub start: String,

@@ -108,7 +108,7 @@ pub fn panel(
 }
 
 /// What to group session statistics by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionGroup {
     #[default]

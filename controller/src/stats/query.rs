@@ -22,11 +22,14 @@ pub const MAX_QUARTER_DAYS: i64 = 31;
 /// Longest range for hourly intervals.
 pub const MAX_HOUR_DAYS: i64 = 92;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StatsRequest {
     #[serde(default)]
+    #[param(inline)]
     pub group_by: GroupBy,
+    #[param(inline)]
     pub interval: Option<Interval>,
     pub site: Option<String>,
     pub service: Option<String>,
@@ -34,6 +37,7 @@ pub struct StatsRequest {
     pub from: Option<NaiveDate>,
     pub to: Option<NaiveDate>,
     /// `json` (default) or `csv`, where the answer is a document.
+    #[param(pattern = "^(json|csv)$")]
     pub format: Option<String>,
 }
 

@@ -12,7 +12,7 @@ use super::facts::VisitFact;
 use super::hist::Histogram;
 
 /// What rows are grouped by. `day` is kept as a shorthand for `all` with daily intervals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupBy {
     #[default]
@@ -26,7 +26,7 @@ pub enum GroupBy {
 }
 
 /// Time buckets within each group, in the site's local time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 pub enum Interval {
     #[serde(rename = "15m")]
     Quarter,

@@ -32,7 +32,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 
 /// Where a sync is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncState {
     /// The command is in the agent's log; nothing fetched yet.
@@ -76,10 +76,12 @@ impl SyncState {
 }
 
 /// One sync of one agent, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SyncRecord {
     pub id: Uuid,
+    #[schema(value_type = String)]
     pub site: SiteCode,
+    #[schema(value_type = String)]
     pub agent_id: AgentId,
     /// `scheduled` or `manual`.
     pub reason: String,

@@ -35,10 +35,13 @@ pub const LOCAL_START_FORMAT: &str = "%Y-%m-%dT%H:%M";
 pub use meridian_shared::appointments::AppointmentStatus;
 
 /// An appointment as stored and as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Appointment {
+    #[schema(value_type = String)]
     pub id: AppointmentId,
+    #[schema(value_type = String)]
     pub site: SiteCode,
+    #[schema(value_type = String)]
     pub service: Code,
     /// The start in the site's time zone, `YYYY-MM-DDTHH:MM` (what the customer was told).
     pub start: String,
@@ -51,6 +54,8 @@ pub struct Appointment {
     pub customer_contact: Option<String>,
     pub notes: Option<String>,
     pub external_ref: Option<String>,
+    /// booked or cancelled.
+    #[schema(value_type = String)]
     pub status: AppointmentStatus,
     pub cancel_reason: Option<String>,
     /// Bumped on every change; reschedule and cancel may name the revision they expect.
@@ -58,12 +63,14 @@ pub struct Appointment {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// The short booking reference (`XXXX-XXXX`, from the id) the customer shows at the branch.
+    #[schema(value_type = String)]
     pub reference: Reference,
     /// Whether it was ever rescheduled.
     #[serde(default)]
     pub rescheduled: bool,
     /// What the branch reported of the customer's attendance (`APPOINTMENT_STATUS` events).
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub attendance: Option<Attendance>,
     #[serde(default)]
     pub attendance_at: Option<DateTime<Utc>>,
@@ -75,11 +82,13 @@ pub struct Appointment {
     pub ticket: Option<String>,
     /// A central change that met an arrival at the (offline) branch; the arrival won.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub conflict: Option<Conflict>,
     #[serde(default)]
     pub conflict_at: Option<DateTime<Utc>>,
     /// created, rescheduled, cancelled, arrived, called, completed or no_show
     /// (`AppointmentState::of`).
+    #[schema(value_type = String)]
     pub state: AppointmentState,
 }
 

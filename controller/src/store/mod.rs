@@ -81,7 +81,7 @@ impl ConfigCommit {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct RevisionInfo {
     pub revision: u64,
     pub created_at: DateTime<Utc>,
@@ -89,7 +89,7 @@ pub struct RevisionInfo {
     pub summary: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
@@ -113,7 +113,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ApiToken {
     pub id: String,
     pub name: String,
@@ -123,9 +123,10 @@ pub struct ApiToken {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct EnrollmentToken {
     pub id: String,
+    #[schema(value_type = String)]
     pub site: SiteCode,
     #[serde(skip)]
     pub token_hash: String,

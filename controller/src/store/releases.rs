@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 pub const RELEASE_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// A stored release: its manifest, who uploaded it and when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReleaseRecord {
     pub id: Uuid,
     pub version: String,

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 pub const OPEN: [&str; 3] = ["queued", "pending", "retry"];
 
 /// One operation towards one target site, as the ledger holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct LedgerOp {
     pub op_id: uuid::Uuid,
     pub target_site: String,

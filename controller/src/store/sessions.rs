@@ -66,7 +66,7 @@ impl IncidentKind {
             IncidentKind::SignInLocked,
         ]
         .into_iter()
-            .find(|k| k.as_str() == s)
+        .find(|k| k.as_str() == s)
     }
 }
 

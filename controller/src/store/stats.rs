@@ -68,7 +68,7 @@ pub struct RollupRow {
     pub tally: Tally,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct QuarantinedEvent {
     pub agent_id: String,
     pub seq: u64,
