@@ -185,7 +185,7 @@ fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
 /// The headers every answer carries.
 fn check_common(what: &str, resp: &reqwest::Response) {
     assert_eq!(header(resp, "x-content-type-options"), "nosniff", "{what}");
-    assert_eq!(header(resp, "referrer-policy"), "no-referrer", "{what}");
+    assert_eq!(header(resp, "referrer-policy"), "same-origin", "{what}");
 }
 
 /// A page: headers, and nothing inline the policy would block.

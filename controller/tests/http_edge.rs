@@ -117,7 +117,7 @@ fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
 
 fn check_common(what: &str, resp: &reqwest::Response) {
     assert_eq!(header(resp, "x-content-type-options"), "nosniff", "{what}");
-    assert_eq!(header(resp, "referrer-policy"), "no-referrer", "{what}");
+    assert_eq!(header(resp, "referrer-policy"), "same-origin", "{what}");
 }
 
 fn check_page(what: &str, resp: &reqwest::Response) {

@@ -9,7 +9,8 @@
 //!   `Limits::max_connections` connections are served at once — further ones wait in the
 //!   listen backlog until one closes. `serve_with` takes a `Handshake` (TLS) that runs under
 //!   the header timeout too.
-//! - `security_headers` (applied by `serve` to every response): `nosniff`, no referrer,
+//! - `security_headers` (applied by `serve` to every response): `nosniff`, referrers to the same
+//!   origin only (`no-referrer` would make browsers send `Origin: null` on same-origin posts),
 //!   `Cache-Control: no-store` unless the handler chose a policy, and on HTML pages a
 //!   Content-Security-Policy that allows scripts and styles from the server itself only and no
 //!   framing (`X-Frame-Options: DENY`). A page that may be framed sets its own policy with
@@ -88,7 +89,7 @@ pub async fn security_headers(mut resp: Response) -> Response {
         resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
     let headers = resp.headers_mut();
     headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.entry(REFERRER_POLICY).or_insert(HeaderValue::from_static("no-referrer"));
+    headers.entry(REFERRER_POLICY).or_insert(HeaderValue::from_static("same-origin"));
     headers.entry(CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
     if !headers.contains_key(CONTENT_SECURITY_POLICY) {
         if is_page {
