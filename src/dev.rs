@@ -38,7 +38,8 @@ const SITES: [(&str, &str, &str); 3] = [
 pub const DEMO_PASSWORD: &str = "meridian-demo";
 
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir)
+    // Dev state holds the admin token and the demo keys: owner only, like production state.
+    meridian_shared::private_files::create_dir(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let settings = meridian_controller::Settings {
         data_dir: args.dir.join("controller"),
@@ -47,10 +48,10 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         dev_mode: true,
         ..Default::default()
     };
-    std::fs::create_dir_all(&settings.data_dir)?;
+    meridian_shared::private_files::create_dir(&settings.data_dir)?;
     let store = meridian_controller::store::open(&settings.database_url()).await?;
     let token_file = args.dir.join("admin-token");
-    let admin_token = admin_token(store.as_ref(), &token_file).await?;
+    admin_token(store.as_ref(), &token_file).await?;
     let key_file = args.dir.join("connector-key");
     let connector_key = connector_key(&key_file)?;
     seed(store.as_ref(), &auth::hash_secret(&connector_key)).await?;
@@ -69,6 +70,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
             data_dir: args.dir.join(format!("agent-{code}")),
             http_listen: format!("127.0.0.1:{port}"),
             heartbeat_ms: 3_000,
+            dev_mode: true,
             ..Default::default()
         };
         let ctx = meridian_agent::Context::open_on(
@@ -106,10 +108,9 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     for u in &urls {
         println!("{u}");
     }
-    println!("  admin token        {admin_token}");
-    println!("                     (also in {})", token_file.display());
-    println!("  connector API key  {connector_key}");
-    println!("                     (all three branches; also in {})", key_file.display());
+    // Secrets stay in their files (0600), out of terminals and captured output.
+    println!("  admin token        in {}", token_file.display());
+    println!("  connector API key  in {} (all three branches)", key_file.display());
     println!(
         "  demo staff         alice (SFO), bob (CHI), chiyo (supervisor, all) — password {DEMO_PASSWORD}\n"
     );

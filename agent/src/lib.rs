@@ -10,6 +10,7 @@ use std::time::Duration;
 use meridian_shared::backoff::BackoffPolicy;
 use meridian_shared::clock::Clock;
 use meridian_shared::config::SiteConfig;
+use meridian_shared::private_files;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,7 @@ pub mod requests;
 pub mod settings;
 pub mod store;
 pub mod terminals;
+pub mod tls;
 pub mod upgrade;
 pub mod visits;
 pub mod webhooks;
@@ -81,6 +83,14 @@ pub struct Context {
     pub local_retention: chrono::Duration,
     /// Prometheus metrics (`/metrics` on `metrics_listen`).
     pub metrics: metrics::Metrics,
+    /// The branch server speaks HTTPS (`tls_cert` and `tls_key`): cookies are `Secure`.
+    secure_cookies: bool,
+    /// Staff password checks: bounded, queued briefly, refused beyond (`auth::gate`).
+    pub logins: auth::PasswordGate,
+    /// The live feeds the branch server holds open (`max_live_feeds`).
+    pub live_feeds: meridian_shared::http_guard::LiveFeeds,
+    /// Origins that may frame `/display` (`display_frame_ancestors`, checked).
+    pub display_frame_ancestors: Vec<String>,
 }
 
 impl Context {
@@ -109,10 +119,16 @@ impl Context {
         upgrader: Option<upgrade::Upgrader>,
     ) -> Result<Arc<Context>> {
         let upgrades = upgrade::Upgrades::new(settings, upgrader)?;
-        std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
-            Error::Internal(format!("cannot create {}: {e}", settings.data_dir.display()))
-        })?;
-        let db = store::Db::open(&settings.data_dir.join(store::DB_FILE))?;
+        let display_frame_ancestors =
+            settings.display_frame_ancestors().map_err(Error::Internal)?;
+        // The store holds the agent's credential and customers' data: owner only (0700/0600).
+        let private = |path: &std::path::Path, r: std::io::Result<()>| {
+            r.map_err(|e| Error::Internal(format!("cannot create {}: {e}", path.display())))
+        };
+        private(&settings.data_dir, private_files::create_dir(&settings.data_dir))?;
+        let db_path = settings.data_dir.join(store::DB_FILE);
+        private(&db_path, private_files::sqlite_database(&db_path))?;
+        let db = store::Db::open(&db_path)?;
         let config = db.read(store::queries::site_config).await?;
         let metrics = metrics::Metrics::new(settings.data_dir.clone(), db.failures().clone());
         let (clock, clock_guard): (Arc<dyn Clock>, _) = match source {
@@ -145,6 +161,10 @@ impl Context {
                 i64::try_from(settings.local_retention_s).unwrap_or(i64::MAX / 1_000),
             ),
             metrics,
+            secure_cookies: settings.tls_cert.is_some() && settings.tls_key.is_some(),
+            logins: auth::PasswordGate::for_machine(),
+            live_feeds: meridian_shared::http_guard::LiveFeeds::new(settings.max_live_feeds),
+            display_frame_ancestors,
         }))
     }
 }
@@ -169,6 +189,11 @@ impl Context {
         let result = self.db.write(move |c| f(c, &config, now)).await?;
         self.changed();
         Ok(result)
+    }
+
+    /// Whether the cookies the terminals set carry `Secure` (the branch server speaks HTTPS).
+    pub fn secure_cookies(&self) -> bool {
+        self.secure_cookies
     }
 
     /// The clock's health (skew, trusted, alert) as of its last reading.
@@ -340,6 +365,10 @@ async fn serve(
     };
     // Before any task starts: a metrics address that cannot be bound stops the agent here.
     let metrics_listener = bind_metrics(&settings.metrics_listen).await?;
+    // So does a transport the settings do not allow (plaintext off loopback, a bad
+    // certificate) or a controller URL they do not allow.
+    let http_addr = http.local_addr().map_err(|e| Error::Internal(format!("http_listen: {e}")))?;
+    let (handshake, server_tls) = tls::prepare(&settings, http_addr)?;
     let link_settings = link::LinkSettings {
         controller_url: settings.controller_url.clone(),
         ca_cert,
@@ -383,11 +412,14 @@ async fn serve(
     };
     let webhook_task = tokio::spawn(webhooks::run(ctx.clone(), webhook_settings, services.clone()));
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(%addr, "branch server listening");
+    let addr = http_addr.to_string();
+    tracing::info!(%addr, tls = server_tls.is_some(), "branch server listening");
+    let reload_task = server_tls.map(|server_tls| {
+        tokio::spawn(tls::keep_reloaded(server_tls, tls::RELOAD_EVERY, services.clone()))
+    });
     if let Some(file) = &settings.ready_file {
         let ready = serde_json::json!({ "http": addr, "metrics": metrics_addr });
-        std::fs::write(file, ready.to_string())
+        private_files::write(file, ready.to_string().as_bytes())
             .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
     let metrics_task = metrics_listener.map(|listener| {
@@ -399,11 +431,13 @@ async fn serve(
         )
     });
     let server_shutdown = services.clone();
-    let mut server = Box::pin(
-        axum::serve(http, branch_api::router(ctx.clone()).merge(terminals::router(ctx)))
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .into_future(),
-    );
+    let mut server = Box::pin(meridian_shared::http_guard::serve_with(
+        http,
+        branch_api::router(ctx.clone()).merge(terminals::router(ctx)),
+        settings.http_limits(),
+        handshake,
+        async move { server_shutdown.cancelled().await },
+    ));
     let served = tokio::select! {
         served = &mut server => served,
         _ = async {
@@ -426,6 +460,9 @@ async fn serve(
         }
     }
     let _ = link_task.await;
+    if let Some(task) = reload_task {
+        let _ = task.await;
+    }
     let _ = sync_task.await;
     let _ = sweep_task.await;
     let _ = clock_task.await;

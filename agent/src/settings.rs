@@ -9,12 +9,28 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// The controller's agent gateway, `https://…` (or `http://…` on loopback / in dev).
+    /// The controller's agent gateway, `https://…`. `http://…` is refused unless the host is
+    /// loopback, `dev_mode` is set, or `allow_plaintext_controller` is.
     pub controller_url: String,
+    /// Allows a plaintext (`http://`) `controller_url` to a host other than loopback: the
+    /// agent's credential and the branch's data cross the network readable (a warning at
+    /// start-up).
+    pub allow_plaintext_controller: bool,
     /// Holds `agent.db` (configuration, runtime data, outbox, cursors).
     pub data_dir: PathBuf,
-    /// The branch LAN HTTP server (terminals and connector API).
+    /// The branch LAN server (terminals and connector API).
     pub http_listen: String,
+    /// PEM certificate chain and private key of the branch server: with both it serves HTTPS,
+    /// and the files are read again when they change (no restart). Without them it serves
+    /// plain HTTP, which is refused unless `http_listen` is loopback, `dev_mode` is set or
+    /// `allow_plaintext_lan` is.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Allows plain HTTP on a non-loopback `http_listen`: staff passwords and session cookies
+    /// cross the branch LAN readable (a warning at start-up).
+    pub allow_plaintext_lan: bool,
+    /// Development only (`meridian dev`): plaintext is allowed everywhere.
+    pub dev_mode: bool,
     /// Prometheus `/metrics`, on a listener of its own; empty (the default) = off. It has no
     /// authentication: bind it to loopback (`127.0.0.1:9464`) or a management network, never
     /// to the branch LAN.
@@ -83,8 +99,13 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             controller_url: "http://127.0.0.1:8081".into(),
+            allow_plaintext_controller: false,
             data_dir: PathBuf::from("agent-data"),
             http_listen: "127.0.0.1:8101".into(),
+            tls_cert: None,
+            tls_key: None,
+            allow_plaintext_lan: false,
+            dev_mode: false,
             metrics_listen: String::new(),
             ca_cert: None,
             enrollment_token: String::new(),
@@ -149,8 +170,13 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
             .field("controller_url", &self.controller_url)
+            .field("allow_plaintext_controller", &self.allow_plaintext_controller)
             .field("data_dir", &self.data_dir)
             .field("http_listen", &self.http_listen)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("allow_plaintext_lan", &self.allow_plaintext_lan)
+            .field("dev_mode", &self.dev_mode)
             .field("metrics_listen", &self.metrics_listen)
             .field("ca_cert", &self.ca_cert)
             .field("enrollment_token", &if self.enrollment_token.is_empty() { "" } else { "***" })
@@ -180,6 +206,26 @@ impl fmt::Debug for Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let settings =
+            Settings { enrollment_token: "mrd_enr_S3CR3T".into(), ..Settings::default() };
+        let identity = crate::store::queries::Identity {
+            agent_id: "a".into(),
+            site: "SFO".into(),
+            credential: "mrd_cred_S3CR3T".into(),
+        };
+        let hook: meridian_shared::config::Webhook = serde_json::from_value(serde_json::json!(
+            {"site": "SFO", "code": "crm", "url": "https://crm.example.com/hook",
+             "secret": "whsec-0123456789-S3CR3T"}
+        ))
+        .expect("webhook");
+        for shown in [format!("{settings:?}"), format!("{identity:?}"), format!("{hook:?}")] {
+            assert!(!shown.contains("S3CR3T"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+    }
 
     #[test]
     fn the_example_settings_file_is_valid_and_a_malformed_key_is_refused() {

@@ -60,7 +60,9 @@ async fn a_cut_download_resumes_from_the_partial_file() {
     assert!(!dir.partial().exists());
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir.staged()).expect("staged").permissions().mode();
-    assert_eq!(mode & 0o111, 0o111, "staged is executable");
+    assert_eq!(mode & 0o777, 0o700, "staged is executable, by the agent's user only");
+    let dir_mode = std::fs::metadata(dir.root()).expect("upgrade dir").permissions().mode();
+    assert_eq!(dir_mode & 0o777, 0o700, "the upgrade folder is the agent's user's only");
     assert!(download::staged_matches(&dir, &release).await.expect("check"));
 
     // Asked again (a later command of the same release): nothing is fetched.

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meridian_shared::private_files;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,8 +35,12 @@ impl Listeners {
     }
 }
 
-/// Creates the bootstrap admin token when no token exists yet. Returns its secret (shown once)
-/// and writes it to `file` when given.
+/// The bootstrap admin token's file in `data_dir` when `bootstrap_token_file` is not set.
+pub const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
+
+/// Creates the bootstrap admin token when no token exists yet. Returns its secret and writes it
+/// to `file` (0600) when given — before the token exists, so a token is never created that
+/// nobody can read.
 pub async fn ensure_bootstrap_token(
     store: &dyn Store,
     file: Option<&Path>,
@@ -44,28 +49,22 @@ pub async fn ensure_bootstrap_token(
         return Ok(None);
     }
     let (token, secret) = api::new_api_token("bootstrap", Role::Admin);
-    store.insert_api_token(&token).await?;
     if let Some(file) = file {
         write_secret_file(file, &secret)?;
     }
+    store.insert_api_token(&token).await?;
     Ok(Some(secret))
 }
 
-/// Writes a secret to `file`, readable by its owner only.
+/// Writes a secret to `file`, readable by its owner only (0600 from the moment it exists; a
+/// missing folder is created 0700).
 pub fn write_secret_file(file: &Path, secret: &str) -> Result<()> {
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir)
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        private_files::create_dir(dir)
             .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
     }
-    std::fs::write(file, format!("{secret}\n"))
-        .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
-    }
-    Ok(())
+    private_files::write(file, format!("{secret}\n").as_bytes())
+        .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))
 }
 
 /// Serves until `shutdown` is cancelled, then drains sessions for up to `SHUTDOWN_GRACE`.
@@ -75,16 +74,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     if settings.database_url.is_empty() {
-        std::fs::create_dir_all(&settings.data_dir)
+        private_files::create_dir(&settings.data_dir)
             .map_err(|e| Error::Internal(format!("{}: {e}", settings.data_dir.display())))?;
     }
     let url = settings.database_url();
     tracing::info!(database = %redact_url(&url), "opening store");
     let store = store::open(&url).await?;
-    if let Some(secret) =
-        ensure_bootstrap_token(store.as_ref(), settings.bootstrap_token_file.as_deref()).await?
-    {
-        tracing::warn!(token = %secret, "created the bootstrap admin API token; it is shown only once");
+    // The secret goes to a file only the controller's user can read, never to the log.
+    let token_file = settings
+        .bootstrap_token_file
+        .clone()
+        .unwrap_or_else(|| settings.data_dir.join(BOOTSTRAP_TOKEN_FILE));
+    if ensure_bootstrap_token(store.as_ref(), Some(&token_file)).await?.is_some() {
+        tracing::warn!(file = %token_file.display(), "created the bootstrap admin API token in this file (mode 0600); create your own admin token with it, then delete the file");
     }
     serve(settings, store, listeners, shutdown).await
 }
@@ -98,6 +100,8 @@ pub async fn serve(
 ) -> Result<()> {
     // A malformed release key is a configuration error: refuse to start.
     let release_policy = settings.release_policy()?;
+    // So does a metrics address that cannot be bound, before any task starts.
+    let metrics_listener = bind_metrics(&settings.metrics_listen).await?;
     let metrics = Arc::new(Metrics::default());
     let (commands_tx, commands_rx) = tokio::sync::watch::channel(0u64);
     let tasks = TaskTracker::new();
@@ -167,11 +171,21 @@ pub async fn serve(
     let router =
         api::router_with(api_state.clone(), settings.max_body_bytes, clock.clone(), release_policy)
             .merge(crate::console::router(api_state));
-    let api_shutdown = shutdown.clone();
-    let api_task = tokio::spawn(async move {
-        axum::serve(listeners.api, router)
-            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
-            .await
+    let limits = settings.http_limits();
+    let api_task = tokio::spawn(meridian_shared::http_guard::serve(
+        listeners.api,
+        router,
+        limits,
+        shutdown.clone().cancelled_owned(),
+    ));
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(meridian_shared::http_guard::serve(
+            listener,
+            crate::metrics::router(metrics.clone()),
+            limits,
+            shutdown.clone().cancelled_owned(),
+        ))
     });
 
     let heartbeat = Duration::from_millis(settings.heartbeat_ms.max(100));
@@ -214,9 +228,12 @@ pub async fn serve(
     }
     tracing::info!(%api_addr, "admin API listening");
     if let Some(file) = &settings.ready_file {
-        let ready =
-            serde_json::json!({"api": api_addr.to_string(), "gateway": gateway_addr.to_string()});
-        std::fs::write(file, ready.to_string())
+        let ready = serde_json::json!({
+            "api": api_addr.to_string(),
+            "gateway": gateway_addr.to_string(),
+            "metrics": metrics_addr.map(|a| a.to_string()),
+        });
+        private_files::write(file, ready.to_string().as_bytes())
             .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     }
     let gateway_shutdown = shutdown.clone();
@@ -235,12 +252,33 @@ pub async fn serve(
         tracing::warn!("sessions did not finish within the shutdown grace period");
     }
     let api_result = api_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     result.map_err(|e| Error::Internal(format!("gateway: {e}")))?;
     match api_result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::Internal(format!("admin API: {e}"))),
         Err(e) => Err(Error::Internal(format!("admin API task: {e}"))),
     }
+}
+
+/// Binds the metrics listener (`metrics_listen`; empty = none). It is unauthenticated: an
+/// address other than loopback is served, with a warning.
+async fn bind_metrics(addr: &str) -> Result<Option<TcpListener>> {
+    let addr = addr.trim();
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let bound = |e: std::io::Error| Error::Internal(format!("metrics_listen {addr}: {e}"));
+    let listener = TcpListener::bind(addr).await.map_err(bound)?;
+    let local = listener.local_addr().map_err(bound)?;
+    if local.ip().is_loopback() {
+        tracing::info!(addr = %local, "metrics listening");
+    } else {
+        tracing::warn!(addr = %local, "metrics listening on a non-loopback address without authentication");
+    }
+    Ok(Some(listener))
 }
 
 fn plaintext_allowed(addr: SocketAddr, dev_mode: bool) -> Result<()> {

@@ -65,7 +65,8 @@ pub struct Settings {
     /// Largest agent release artifact accepted by `POST /api/v1/releases` (bytes; the upload
     /// is refused while it streams once it goes beyond).
     pub max_release_bytes: u64,
-    /// Where the bootstrap admin token is written on first start (mode 0600).
+    /// Where the bootstrap admin token is written on first start (mode 0600; the log names
+    /// the file, never the token). Unset: `bootstrap-token` in `data_dir`.
     pub bootstrap_token_file: Option<PathBuf>,
     /// When set, the bound API and gateway addresses are written here as JSON once the
     /// controller listens (for supervisors and tests that bind port 0).
@@ -217,6 +218,26 @@ mod tests {
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
         let s = Settings { database_url: "postgres://u:pw@h/db".into(), ..Default::default() };
         assert!(!format!("{s:?}").contains("pw"));
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let staff: crate::config_admin::StaffUserInput = serde_json::from_value(serde_json::json!(
+            {"username": "ana", "name": "Ana", "password": "hunter2-S3CR3T"}
+        ))
+        .expect("staff");
+        let client = crate::ctl::Client::new("http://127.0.0.1:8080", Some("mrd_at_S3CR3T".into()))
+            .expect("client");
+        let created = crate::ctl::CreatedEnrollmentToken {
+            id: "1".into(),
+            site: "SFO".into(),
+            token: "mrd_enr_S3CR3T".into(),
+            expires_at: chrono::Utc::now(),
+        };
+        for shown in [format!("{staff:?}"), format!("{client:?}"), format!("{created:?}")] {
+            assert!(!shown.contains("S3CR3T"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
     }
 
     #[test]

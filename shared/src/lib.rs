@@ -19,6 +19,7 @@ pub mod http_guard;
 pub mod ids;
 pub mod lineage;
 pub mod mappings;
+pub mod private_files;
 pub mod releases;
 pub mod requests;
 pub mod rules;

@@ -4,11 +4,13 @@
 //! directory, so a crash leaves the old file or the new one, never half of one.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use meridian_shared::events::UpgradePhase;
+use meridian_shared::private_files;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -61,8 +63,9 @@ impl UpgradeDir {
         self.root.join("state.json")
     }
 
+    /// Creates the folder (0700, like the data dir).
     pub fn create(&self) -> io::Result<()> {
-        fs::create_dir_all(&self.root)
+        private_files::create_dir(&self.root)
     }
 
     /// The switch state, if a switch ever happened here. A file that does not parse is an
@@ -134,11 +137,7 @@ pub struct StagedRelease {
 /// Writes `path` as a whole: a temporary file beside it, fsync, rename, fsync the directory.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
+    private_files::write(&tmp, bytes)?;
     fs::rename(&tmp, path)?;
     sync_parent(path)
 }
@@ -152,21 +151,23 @@ pub fn rename_durably(from: &Path, to: &Path) -> io::Result<()> {
 /// Copies `from` to `to` as an executable file, synced to disk.
 pub fn copy_executable(from: &Path, to: &Path) -> io::Result<()> {
     let mut src = File::open(from)?;
-    let mut dst = File::create(to)?;
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(EXECUTABLE_MODE)
+        .open(to)?;
     io::copy(&mut src, &mut dst)?;
     make_executable(&dst)?;
     dst.sync_all()
 }
 
+/// Release binaries are the owner's only, like everything under the data dir: read, write and
+/// run by the agent's user (0700).
+pub const EXECUTABLE_MODE: u32 = 0o700;
+
 pub fn make_executable(f: &File) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o755))?;
-    }
-    #[cfg(not(unix))]
-    let _ = f;
-    Ok(())
+    f.set_permissions(fs::Permissions::from_mode(EXECUTABLE_MODE))
 }
 
 pub fn remove_if_present(path: &Path) -> io::Result<()> {
@@ -193,7 +194,8 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Opens `path` for appending (created if missing); returns it with its current length.
 pub fn open_append(path: &Path) -> io::Result<(File, u64)> {
-    let f = OpenOptions::new().create(true).append(true).open(path)?;
+    let f =
+        OpenOptions::new().create(true).append(true).mode(private_files::FILE_MODE).open(path)?;
     let len = f.metadata()?.len();
     Ok((f, len))
 }

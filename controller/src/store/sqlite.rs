@@ -6,6 +6,7 @@
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
+use meridian_shared::private_files;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -15,7 +16,7 @@ use super::IncomingEvent;
 use super::maintenance::{self, RetentionPolicy, RetentionReport};
 use super::sql_common::{Backend, Query, impl_store};
 use super::stats_sql::{Rows, Table, Write};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -60,7 +61,18 @@ impl Backend for SqliteStore {
 
 impl SqliteStore {
     pub async fn connect(url: &str) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)?
+        let options = SqliteConnectOptions::from_str(url)?;
+        // The database is the owner's only (SQLite would create it 0644, and its -wal and -shm
+        // files like it).
+        let file = options.get_filename();
+        let in_memory = url.contains(":memory:")
+            || url.contains("mode=memory")
+            || file.to_string_lossy().starts_with("file:");
+        if !in_memory {
+            private_files::sqlite_database(file)
+                .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+        }
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
