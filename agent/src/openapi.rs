@@ -180,6 +180,20 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     ("get", "/api/v1/requests/{id}", "One request by id or human id", None, 200),
     (
+        "delete",
+        "/api/v1/requests/{id}",
+        "Delete a request here: the master (its copies at other sites follow) or a read-only copy alone; 404 unknown, 409 while its ownership is being handed over",
+        None,
+        204,
+    ),
+    (
+        "post",
+        "/api/v1/requests/{id}/operations",
+        "Start a cross-site operation on a request of this site (transfer with a mode and a target, update, return): 202 with the operation id and the request as it is here now; works offline. 404 unknown, 409 not the master here, 422 bad spec",
+        Some("Operation"),
+        202,
+    ),
+    (
         "patch",
         "/api/v1/requests/{id}",
         "Change fields of the master copy (null clears an optional field): 404 unknown, 409 read-only copy or stale expected_revision, 422 field errors",
@@ -205,17 +219,54 @@ pub const SUPERVISOR_ONLY: &[(&str, &str)] = &[
     ("delete", "/api/v1/login-locks/{subject}/{name}"),
 ];
 
+/// What an operation answers: its success (JSON, a live feed or no content) and the errors
+/// every operation may give, each the typed `Error` body.
+fn responses(method: &str, path: &str, status: u16) -> Value {
+    let list = method == "get"
+        && matches!(
+            path,
+            "/api/v1/visits"
+                | "/api/v1/queues"
+                | "/api/v1/service-points"
+                | "/api/v1/appointments"
+                | "/api/v1/closures"
+                | "/api/v1/requests"
+                | "/api/v1/login-locks"
+        );
+    let success = match (status, path) {
+        (204, _) => json!({"description": "done"}),
+        (_, "/api/v1/events") => json!({"description": "server-sent events, one per outbox event",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}}}),
+        _ => json!({"description": "success", "content": {"application/json": {"schema":
+            if list { json!({"type": "array", "items": {"type": "object"}}) } else { json!({"type": "object"}) }}}}),
+    };
+    let error = |description: &str| {
+        json!({"description": description,
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+    };
+    let mut out = json!({ status.to_string(): success });
+    for (code, description) in [
+        ("400", "malformed request: path, query string or JSON (`bad_request`, `malformed_json`)"),
+        ("401", "no, unknown or expired key or session"),
+        ("403", "the caller may not do this (a staff session on a supervisor operation)"),
+        ("404", "no such object (`not_found`, `nobody_waiting`, `unknown_appointment`)"),
+        ("409", "conflicts with the current state (`conflict` or a specific code)"),
+        ("410", "the live feed's cursor is no longer retained (`cursor_expired`)"),
+        ("413", "body over 64 KiB (`payload_too_large`)"),
+        ("415", "body is not `application/json` (`unsupported_media_type`)"),
+        ("422", "invalid input, the fields in `details` (`validation_failed`, `invalid_body`)"),
+        ("429", "too many attempts or requests; retry after `Retry-After`"),
+        ("503", "branch store unavailable or not yet configured, or too many live feeds"),
+    ] {
+        out[code] = error(description);
+    }
+    out
+}
+
 pub fn document() -> Value {
     let mut paths = serde_json::Map::new();
     for (method, path, summary, body, status) in OPERATIONS {
-        let mut op = json!({
-            "summary": summary,
-            "responses": {
-                status.to_string(): {"description": "success"},
-                "4XX": {"description": "client error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-                "503": {"description": "branch store unavailable or not yet configured", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-            }
-        });
+        let mut op = json!({"summary": summary, "responses": responses(method, path, *status)});
         let public = matches!(*path, "/api/v1/status" | "/api/v1/sessions");
         if public {
             op["security"] = json!([]);
@@ -263,6 +314,12 @@ pub fn document() -> Value {
                 "NewRequest": {"type": "object", "required": ["type"], "additionalProperties": false,
                     "properties": {"type": {"type": "string", "description": "a configured request type's code"},
                                    "fields": {"type": "object", "description": "values by field name, checked against the type"}}},
+                "Operation": {"type": "object", "required": ["action"], "additionalProperties": false,
+                    "properties": {"action": {"enum": ["transfer", "update", "return"]},
+                                   "mode": {"enum": ["ownership", "data_only", "independent_copy"], "description": "transfer: what moves"},
+                                   "target": {"type": "object", "description": "transfer: the target site or pool"},
+                                   "mapping": {"type": "string"}, "pool": {"type": "string"},
+                                   "update": {"enum": ["immediately", "hourly", "daily", "on_return", "never"], "description": "when copies are updated"}}},
                 "RequestPatch": {"type": "object", "required": ["fields"], "additionalProperties": false,
                     "properties": {"fields": {"type": "object"}, "expected_revision": {"type": "integer"}}},
                 "Login": {"type": "object", "required": ["username", "password"],
