@@ -2,7 +2,8 @@
 //! run at debug level while every kind of secret is created and used — the bootstrap admin
 //! token, an API token, an enrollment token (used, then tried again), the agent's credential,
 //! a connector key, a staff password (right and wrong, through the API and the workstation)
-//! and the session tokens it yields, a webhook signing secret, a database password — and
+//! and the session tokens it yields, a webhook signing secret, a token in a webhook's URL, a
+//! database password — and
 //! neither process's stdout or stderr holds any of them.
 
 mod support;
@@ -139,6 +140,10 @@ async fn no_secret_reaches_the_logs_of_the_controller_or_the_agent() {
     secrets.push(("wrong staff password", wrong_password.clone()));
     let webhook_secret = unique("whsec-");
     secrets.push(("webhook secret", webhook_secret.clone()));
+    // A webhook URL can be a secret itself (a token in its path); this one never answers, so
+    // its failures are logged.
+    let url_token = unique("hooktoken-");
+    secrets.push(("token in a webhook URL", url_token.clone()));
     let (hook_url, accepted) = webhook_receiver().await;
     admin
         .ok(
@@ -149,6 +154,9 @@ async fn no_secret_reaches_the_logs_of_the_controller_or_the_agent() {
                  "sites": ["SFO"], "password": password},
                 {"kind": "webhook", "site": "SFO", "code": "crm", "url": hook_url,
                  "secret": webhook_secret},
+                {"kind": "webhook", "site": "SFO", "code": "gone",
+                 "url": format!("http://127.0.0.1:9/hooks/{url_token}"),
+                 "secret": unique("whsec-")},
             ]})),
         )
         .await;
@@ -265,6 +273,13 @@ async fn no_secret_reaches_the_logs_of_the_controller_or_the_agent() {
     assert_eq!(ticket.status(), 201);
     wait_for("the webhook delivered after a refusal", Duration::from_secs(60), || async {
         (accepted.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    wait_for("the unreachable webhook's failure logged", Duration::from_secs(60), || async {
+        let log = std::fs::read_to_string(&agent_log).ok()?;
+        log.lines()
+            .any(|l| l.contains("webhook delivery failed") && l.contains("gone"))
+            .then_some(())
     })
     .await;
 

@@ -198,7 +198,9 @@ async fn deliver_pending(
                     }
                     Err(err) => {
                         save_cursor(ctx, code, at).await?;
-                        return Err(DeliveryError::Transport(err.to_string()));
+                        // Without the URL: a webhook URL often carries a secret of its own
+                        // (a token in its path or query), and this error is logged.
+                        return Err(DeliveryError::Transport(err.without_url().to_string()));
                     }
                 }
             }
