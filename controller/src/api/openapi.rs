@@ -83,6 +83,7 @@ fn add_errors(method: &str, op: &mut Value) {
         ("401", "no or unknown API token (`unauthenticated`)"),
         ("403", "the token may not do this, e.g. a viewer token writing (`forbidden`)"),
         ("404", "no such object (`not_found`)"),
+        ("422", "invalid path, query or body fields, listed in `details` (`validation_failed`)"),
         ("429", "too many requests; retry later"),
         ("503", "the database is unavailable; retry later (`store_unavailable`)"),
     ];
@@ -90,12 +91,6 @@ fn add_errors(method: &str, op: &mut Value) {
         errors.push(("409", "conflicts with the current state (`conflict` or a specific code)"));
         errors.push(("413", "body over the size limit (`payload_too_large`)"));
         errors.push(("415", "body is not `application/json` (`unsupported_media_type`)"));
-        errors.push(("422", "invalid fields, listed in `details` (`validation_failed`)"));
-    }
-    if let Some(query) = op["parameters"].as_array()
-        && query.iter().any(|p| p["in"] == "query")
-    {
-        errors.push(("422", "invalid query parameters, listed in `details` (`validation_failed`)"));
     }
     let Some(responses) = op["responses"].as_object_mut() else { return };
     for (status, description) in errors {

@@ -126,11 +126,6 @@ pub(super) fn site_code(s: &str) -> ApiResult<SiteCode> {
     SiteCode::parse(s).map_err(|e| ApiError::from(Error::from(e)))
 }
 
-/// The site a read names in its path: one that cannot be a site code is not found.
-fn site_to_read(s: &str) -> ApiResult<SiteCode> {
-    SiteCode::parse(s).map_err(|_| ApiError::from(Error::NotFound(format!("site {s:?}"))))
-}
-
 /// The public view of a resource: staff password hashes are never returned.
 pub(super) fn view(res: &Resource) -> Value {
     let mut v = serde_json::to_value(res).unwrap_or(Value::Null);
@@ -312,7 +307,7 @@ async fn create_site(
     responses((status = 200, description = "the resource, secrets left out", body = Object))
 )]
 async fn get_site(State(s): State<ApiState>, Path(site): Path<String>) -> ApiResult<Json<Value>> {
-    get_one(&s, key(ResourceKind::Site, None, site_to_read(&site)?.as_str())).await
+    get_one(&s, key(ResourceKind::Site, None, site_code(&site)?.as_str())).await
 }
 #[utoipa::path(
     put,
@@ -359,7 +354,7 @@ async fn list_site_resources(
     State(s): State<ApiState>,
     Path((site, kind)): Path<(String, String)>,
 ) -> ApiResult<Json<Vec<Value>>> {
-    list_of(&s, kind_from_segment(&kind)?, Some(&site_to_read(&site)?)).await
+    list_of(&s, kind_from_segment(&kind)?, Some(&site_code(&site)?)).await
 }
 #[utoipa::path(
     post,
@@ -398,7 +393,7 @@ async fn get_site_resource(
     State(s): State<ApiState>,
     Path((site, kind, code)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    get_one(&s, key(kind_from_segment(&kind)?, Some(&site_to_read(&site)?), &code)).await
+    get_one(&s, key(kind_from_segment(&kind)?, Some(&site_code(&site)?), &code)).await
 }
 #[utoipa::path(
     put,
