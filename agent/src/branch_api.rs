@@ -795,7 +795,7 @@ async fn event_feed(
     // Held by the feed's task: the slot frees when the subscriber goes.
     let slot = match ctx.live_feeds.join() {
         Ok(slot) => slot,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(refused.into_response()),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<axum::response::sse::Event, std::convert::Infallible>,

@@ -80,7 +80,7 @@ async fn render_board(ctx: &Arc<Context>) -> Result<Markup, Response> {
 pub async fn events(State(ctx): State<Arc<Context>>) -> Response {
     let slot = match ctx.live_feeds.join() {
         Ok(slot) => slot,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let mut activity = ctx.activity.subscribe();
     let stream = async_stream(move |tx| async move {

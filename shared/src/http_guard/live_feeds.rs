@@ -41,25 +41,36 @@ impl LiveFeeds {
         self.max - self.slots.available_permits()
     }
 
-    /// A slot for a new feed, or the `503` (typed JSON, `Retry-After`) to answer instead.
-    pub fn join(&self) -> Result<LiveFeedSlot, Response> {
+    /// A slot for a new feed, or the refusal to answer instead (`LiveFeedsFull`).
+    pub fn join(&self) -> Result<LiveFeedSlot, LiveFeedsFull> {
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => Ok(LiveFeedSlot { _permit: permit }),
             Err(_) => {
                 tracing::warn!(max = self.max, "live feed refused: every slot is taken");
-                let body = serde_json::json!({
-                    "code": "too_many_live_feeds",
-                    "message": format!(
-                        "this server already holds {} live feeds; retry in {LIVE_FEED_RETRY_AFTER_S} s",
-                        self.max
-                    ),
-                });
-                let mut resp = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(LIVE_FEED_RETRY_AFTER_S));
-                Err(resp)
+                Err(LiveFeedsFull { max: self.max })
             }
         }
+    }
+}
+
+/// Every slot is taken: answered `503 too_many_live_feeds` (typed JSON) with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveFeedsFull {
+    max: usize,
+}
+
+impl IntoResponse for LiveFeedsFull {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "code": "too_many_live_feeds",
+            "message": format!(
+                "this server already holds {} live feeds; retry in {LIVE_FEED_RETRY_AFTER_S} s",
+                self.max
+            ),
+        });
+        let mut resp = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(LIVE_FEED_RETRY_AFTER_S));
+        resp
     }
 }
 
@@ -72,7 +83,7 @@ mod tests {
         let feeds = LiveFeeds::new(2);
         let a = feeds.join().expect("first");
         let _b = feeds.join().expect("second");
-        let refused = feeds.join().expect_err("third");
+        let refused = feeds.join().expect_err("third").into_response();
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(refused.headers()[header::RETRY_AFTER], "5");
         assert_eq!(feeds.open(), 2);

@@ -28,7 +28,7 @@ use axum::http::header::{
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::Response;
 
-pub use live_feeds::{LIVE_FEED_RETRY_AFTER_S, LiveFeedSlot, LiveFeeds};
+pub use live_feeds::{LIVE_FEED_RETRY_AFTER_S, LiveFeedSlot, LiveFeeds, LiveFeedsFull};
 pub use serve::{Handshake, Limits, Plaintext, serve, serve_with};
 
 /// The policy of every HTML page: scripts, styles and fetches from the server itself, forms
