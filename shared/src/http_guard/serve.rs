@@ -190,6 +190,52 @@ mod tests {
         Some(String::from_utf8_lossy(&head).into_owned())
     }
 
+    /// A live feed streams for longer than the header timeout: the timer runs only while a
+    /// request head is awaited.
+    #[tokio::test]
+    async fn a_streaming_answer_outlives_the_header_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let feed = || async {
+            let ticks = futures_ticks(6, Duration::from_millis(100));
+            axum::body::Body::from_stream(ticks)
+        };
+        let app = Router::new().route("/feed", axum::routing::get(feed));
+        let limits =
+            Limits { header_read_timeout: Duration::from_millis(150), ..Limits::default() };
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, app, limits, stop.clone().cancelled_owned()));
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"GET /feed HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&got).contains("tick 5") {
+            let n = c.read(&mut buf).await.expect("read");
+            assert!(n > 0, "cut off mid-stream: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        stop.cancel();
+        drop(c);
+        server.await.expect("join").expect("served");
+    }
+
+    /// `n` chunks `tick i`, `every` apart.
+    fn futures_ticks(
+        n: usize,
+        every: Duration,
+    ) -> impl tokio_stream::Stream<Item = Result<String, Infallible>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            for i in 0..n {
+                tokio::time::sleep(every).await;
+                if tx.send(Ok(format!("tick {i}\n"))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
     #[tokio::test]
     async fn connections_over_the_cap_wait_in_the_backlog() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
