@@ -98,19 +98,37 @@ pub(super) async fn require_supervisor(
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `Debug` hides the password.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct LoginRequest {
     username: String,
     password: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// A new staff session; `Debug` hides its token.
+#[derive(Serialize, Deserialize)]
 pub struct Session {
     pub token: String,
     pub username: String,
     pub name: String,
     pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("username", &self.username)
+            .field("name", &self.name)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The address a request came from (none when served without connection info, as in tests
@@ -209,4 +227,24 @@ pub(super) async fn unlock(
     }
     tracing::info!(subject = ?subject, name = %name, "sign-in lock lifted at the branch");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_password_and_the_session_token() {
+        let login: LoginRequest =
+            serde_json::from_str(r#"{"username": "ana", "password": "pw-S3CR3T"}"#).expect("login");
+        let session = Session {
+            token: "session-S3CR3T".into(),
+            username: "ana".into(),
+            name: "Ana".into(),
+            expires_at: chrono::Utc::now(),
+        };
+        for shown in [format!("{login:?}"), format!("{session:?}")] {
+            assert!(!shown.contains("S3CR3T") && shown.contains("ana"), "{shown}");
+        }
+    }
 }

@@ -210,12 +210,22 @@ async fn render(
     Ok(layout("Workstation", &link, None, body))
 }
 
-#[derive(Debug, Deserialize)]
+/// `Debug` hides the password.
+#[derive(Deserialize)]
 pub struct LoginForm {
     username: String,
     password: String,
     #[serde(default)]
     counter: String,
+}
+
+impl std::fmt::Debug for LoginForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginForm")
+            .field("username", &self.username)
+            .field("counter", &self.counter)
+            .finish_non_exhaustive()
+    }
 }
 
 fn session_cookie(ctx: &Context, token: &str, max_age: i64) -> (header::HeaderName, HeaderValue) {
@@ -399,4 +409,20 @@ fn url_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let form = LoginForm {
+            username: "ana".into(),
+            password: "pw-S3CR3T".into(),
+            counter: "c1".into(),
+        };
+        let shown = format!("{form:?}");
+        assert!(!shown.contains("S3CR3T") && shown.contains("ana"), "{shown}");
+    }
 }

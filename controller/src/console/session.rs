@@ -34,11 +34,18 @@ pub const SESSION_HOURS: i64 = 12;
 /// The largest form the console reads (its forms are a few fields).
 const MAX_FORM_BYTES: usize = 64 * 1024;
 
-/// Who is signed in, for the pages (an extension set by `require_sign_in`).
-#[derive(Debug, Clone)]
+/// Who is signed in, for the pages (an extension set by `require_sign_in`). `Debug` hides the
+/// CSRF token.
+#[derive(Clone)]
 pub struct SignedIn {
     pub token: ApiToken,
     csrf: String,
+}
+
+impl std::fmt::Debug for SignedIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedIn").field("token", &self.token).finish_non_exhaustive()
+    }
 }
 
 impl SignedIn {
@@ -299,6 +306,29 @@ pub async fn logout(State(state): State<ApiState>, headers: HeaderMap) -> Respon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_hides_the_csrf_token() {
+        let at = chrono::Utc::now();
+        let session = crate::store::console_sessions::ConsoleSession {
+            id_hash: "h".into(),
+            api_token_id: "t".into(),
+            csrf_token: "csrf-S3CR3T".into(),
+            created_at: at,
+            expires_at: at,
+        };
+        let token = ApiToken {
+            id: "t".into(),
+            name: "ana".into(),
+            role: Role::Admin,
+            token_hash: "h".into(),
+            created_at: at,
+        };
+        let signed_in = SignedIn { token, csrf: "csrf-S3CR3T".into() };
+        for shown in [format!("{session:?}"), format!("{signed_in:?}")] {
+            assert!(!shown.contains("S3CR3T"), "{shown}");
+        }
+    }
 
     #[test]
     fn same_origin_posts_only() {

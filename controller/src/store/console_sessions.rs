@@ -15,8 +15,8 @@ use chrono::{DateTime, Utc};
 use crate::error::Result;
 use crate::store::ApiToken;
 
-/// A console session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A console session. `Debug` hides the CSRF token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ConsoleSession {
     /// SHA-256 (hex) of the id the session cookie holds.
     pub id_hash: String,
@@ -25,6 +25,17 @@ pub struct ConsoleSession {
     pub csrf_token: String,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for ConsoleSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleSession")
+            .field("id_hash", &self.id_hash)
+            .field("api_token_id", &self.api_token_id)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 #[async_trait]
