@@ -302,6 +302,22 @@ async fn the_workstation_counter_belongs_to_the_session_not_to_a_cookie() {
         .collect();
     assert_eq!(cookies.len(), 1, "only the session cookie: {cookies:?}");
     b.agent.issue_tickets("GEN", 1).await;
+    // A page on another site cannot post the signed-in workstation's forms.
+    let forged = no_redirects
+        .post(format!("{}/workstation/action", b.agent.url))
+        .header("cookie", cookies[0].clone())
+        .header("origin", "https://evil.example")
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("action", "call-next")])
+        .send()
+        .await
+        .expect("cross-site post");
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    let (_, points) = b.get(CONNECTOR_KEY, "/api/v1/service-points").await;
+    assert!(
+        points.as_array().into_iter().flatten().all(|p| p["current"].is_null()),
+        "nobody was called: {points}"
+    );
     // A forged counter cookie changes nothing: the call happens at the session's counter.
     let resp = no_redirects
         .post(format!("{}/workstation/action", b.agent.url))

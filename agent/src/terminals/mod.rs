@@ -17,6 +17,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -59,7 +60,27 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/requests/{id}/edit", post(requests::edit))
         .route("/requests/{id}/operations", post(requests::operation))
         .route("/requests/{id}/delete", post(requests::delete))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), same_origin_forms))
         .with_state(ctx)
+}
+
+/// A form post must come from the agent's own pages (`Origin`, `Sec-Fetch-Site`): a page on
+/// another site cannot make a signed-in workstation call, end or transfer a visit.
+async fn same_origin_forms(
+    State(ctx): State<Arc<Context>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.method() == axum::http::Method::POST
+        && !meridian_shared::http_guard::same_origin(req.headers())
+    {
+        return error_page(
+            &ctx,
+            StatusCode::FORBIDDEN,
+            "This form must be sent from the branch's own pages.",
+        );
+    }
+    next.run(req).await
 }
 
 /// The page frame: title, the offline banner when the link is down, the body.

@@ -73,27 +73,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Whether a form post comes from the console's own pages: `Sec-Fetch-Site` (when the browser
-/// sends it) says same-origin, and `Origin` (when sent) names the host the request was made to
-/// (`Host`, or `X-Forwarded-Host` behind a proxy). A client that sends neither (not a browser)
-/// is left to the CSRF token.
-pub fn same_origin(headers: &HeaderMap) -> bool {
-    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site"))
-        && !matches!(site, "same-origin" | "none")
-    {
-        return false;
-    }
-    let Some(origin) = text(header::ORIGIN) else { return true };
-    let Some(host) = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"))
-    else {
-        return false;
-    };
-    [text(header::HOST), text(header::HeaderName::from_static("x-forwarded-host"))]
-        .into_iter()
-        .flatten()
-        .any(|h| h.eq_ignore_ascii_case(host))
-}
+pub use meridian_shared::http_guard::same_origin;
 
 /// `Secure` when the browser reached the console over HTTPS (a TLS proxy in front).
 fn secure(headers: &HeaderMap) -> &'static str {
@@ -328,39 +308,6 @@ mod tests {
         for shown in [format!("{session:?}"), format!("{signed_in:?}")] {
             assert!(!shown.contains("S3CR3T"), "{shown}");
         }
-    }
-
-    #[test]
-    fn same_origin_posts_only() {
-        let check = |pairs: &[(&'static str, &'static str)], ok: bool| {
-            let mut h = HeaderMap::new();
-            for (k, v) in pairs {
-                h.insert(*k, HeaderValue::from_static(v));
-            }
-            assert_eq!(same_origin(&h), ok, "{pairs:?}");
-        };
-        check(&[], true);
-        check(&[("host", "ctl:8080"), ("origin", "http://ctl:8080")], true);
-        check(
-            &[
-                ("host", "10.0.0.5:8080"),
-                ("x-forwarded-host", "ops.example.com"),
-                ("origin", "https://ops.example.com"),
-            ],
-            true,
-        );
-        check(&[("host", "ctl:8080"), ("origin", "https://evil.example")], false);
-        check(&[("host", "ctl:8080"), ("origin", "null")], false);
-        check(&[("host", "ctl:8080"), ("sec-fetch-site", "cross-site")], false);
-        check(&[("host", "ctl:8080"), ("sec-fetch-site", "same-site")], false);
-        check(
-            &[
-                ("host", "ctl:8080"),
-                ("sec-fetch-site", "same-origin"),
-                ("origin", "http://ctl:8080"),
-            ],
-            true,
-        );
     }
 
     #[test]

@@ -101,9 +101,65 @@ pub async fn security_headers(mut resp: Response) -> Response {
     resp
 }
 
+/// Whether a form post comes from the server's own pages: `Sec-Fetch-Site` (when the browser
+/// sends it) says same-origin, and `Origin` (when sent) names the host the request was made to
+/// (`Host`, or `X-Forwarded-Host` behind a proxy). A client that sends neither (not a browser)
+/// is left to the credential checks.
+pub fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    use axum::http::header;
+    let text = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text(HeaderName::from_static("sec-fetch-site"))
+        && !matches!(site, "same-origin" | "none")
+    {
+        return false;
+    }
+    let Some(origin) = text(header::ORIGIN) else { return true };
+    let Some(host) = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    [text(header::HOST), text(HeaderName::from_static("x-forwarded-host"))]
+        .into_iter()
+        .flatten()
+        .any(|h| h.eq_ignore_ascii_case(host))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_origin_posts_only() {
+        let check = |pairs: &[(&'static str, &'static str)], ok: bool| {
+            let mut h = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            assert_eq!(same_origin(&h), ok, "{pairs:?}");
+        };
+        check(&[], true);
+        check(&[("host", "ctl:8080"), ("origin", "http://ctl:8080")], true);
+        check(
+            &[
+                ("host", "10.0.0.5:8080"),
+                ("x-forwarded-host", "ops.example.com"),
+                ("origin", "https://ops.example.com"),
+            ],
+            true,
+        );
+        check(&[("host", "ctl:8080"), ("origin", "https://evil.example")], false);
+        check(&[("host", "ctl:8080"), ("origin", "null")], false);
+        check(&[("host", "ctl:8080"), ("sec-fetch-site", "cross-site")], false);
+        check(&[("host", "ctl:8080"), ("sec-fetch-site", "same-site")], false);
+        check(
+            &[
+                ("host", "ctl:8080"),
+                ("sec-fetch-site", "same-origin"),
+                ("origin", "http://ctl:8080"),
+            ],
+            true,
+        );
+    }
 
     #[test]
     fn frame_ancestors_are_origins_or_self() {
