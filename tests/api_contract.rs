@@ -117,6 +117,7 @@ async fn run_schemathesis(name: &str, base: &str, token: &str, exclude: &[&str])
 
 #[tokio::test]
 async fn schemathesis_finds_no_contract_mismatch_in_either_api() {
+    schemathesis();
     let (controller, agent) = fleet().await;
     // Deleting API tokens would delete the one the run authenticates with (Schemathesis takes
     // ids from earlier answers); `controller/tests/admin_api.rs` covers that operation.
