@@ -50,7 +50,7 @@ fn wants_csv(format: Option<&str>) -> ApiResult<bool> {
     summary = "Visit statistics by site, service, queue, counter, staff or day",
     params(crate::stats::query::StatsRequest),
     responses((status = 200, description = "one row per group and interval",
-        content((Vec<Object> = "application/json"), (String = "text/csv")))))]
+        content((Vec<crate::stats::report::Row> = "application/json"), (String = "text/csv")))))]
 async fn visit_stats(
     State(s): State<ApiState>,
     query: Result<
@@ -84,7 +84,7 @@ struct SessionQuery {
 /// Counter and staff sessions: open, serving and idle time, on the given site-local days.
 #[utoipa::path(get, path = "/stats/sessions", tag = "statistics",
     summary = "Counter and staff sessions: open, serving and idle time", params(SessionQuery),
-    responses((status = 200, description = "one row per group", body = Vec<Object>)))]
+    responses((status = 200, description = "one row per group", body = Vec<crate::stats::live::SessionRow>)))]
 async fn session_stats(
     State(s): State<ApiState>,
     query: Result<Query<SessionQuery>, axum::extract::rejection::QueryRejection>,
@@ -142,7 +142,7 @@ pub async fn live(
 #[utoipa::path(get, path = "/stats/live", tag = "statistics",
     summary = "The live panel of every site (or one): queues, longest waits, open counters",
     params(SiteQuery),
-    responses((status = 200, description = "one entry per site", body = Vec<Object>)))]
+    responses((status = 200, description = "one entry per site", body = Vec<crate::stats::live::SiteLive>)))]
 async fn live_panel(
     State(s): State<ApiState>,
     query: Result<Query<SiteQuery>, axum::extract::rejection::QueryRejection>,

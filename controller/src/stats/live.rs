@@ -11,7 +11,7 @@ use super::facts::{SessionFact, TransactionFact};
 use crate::store::AgentRecord;
 
 /// One waiting place at a site.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlaceLive {
     /// `queue:<code>`, `counter:<code>` (a counter's own pool) or `staff:<code>`.
     pub place: String,
@@ -20,7 +20,7 @@ pub struct PlaceLive {
     pub longest_wait_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CounterLive {
     pub counter: String,
     /// Who opened it.
@@ -29,7 +29,7 @@ pub struct CounterLive {
     pub ticket_visit: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SiteLive {
     pub site: String,
     /// The site's agent is connected now.
@@ -118,7 +118,7 @@ pub enum SessionGroup {
 }
 
 /// Open, serving and idle time of counters or staff.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionRow {
     pub group: String,
     pub sessions: u64,

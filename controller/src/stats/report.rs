@@ -127,7 +127,7 @@ pub fn rollup<'a>(facts: impl IntoIterator<Item = &'a VisitFact>) -> BTreeMap<Di
 }
 
 /// Waiting-time distribution, milliseconds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Distribution {
     pub mean: f64,
     pub p50: i64,
@@ -135,7 +135,7 @@ pub struct Distribution {
     pub max: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Row {
     /// The group's key: `SFO`, `SFO/GEN`, `all`, …
     pub group: String,
