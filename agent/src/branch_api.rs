@@ -78,7 +78,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::map_response(crate::http_errors::typed_error_body))
+        .layer(axum::middleware::map_response(meridian_shared::http_guard::typed_error_body))
         .with_state(ctx)
 }
 

@@ -25,7 +25,6 @@ pub mod clock;
 pub mod closures;
 pub mod distribution;
 pub mod error;
-pub mod http_errors;
 pub mod link;
 pub mod metrics;
 pub mod openapi;

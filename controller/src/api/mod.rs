@@ -119,51 +119,8 @@ pub fn router_with(
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::map_response(typed_error_body))
+        .layer(middleware::map_response(meridian_shared::http_guard::typed_error_body))
         .with_state(state)
-}
-
-/// axum answers some requests itself with a plain-text or empty body (405 for a method a route
-/// does not have, with its `Allow` header; 400 for an undecodable path segment or query string;
-/// 413 for a body over the limit; 415 for a body that is not JSON); this gives those the typed
-/// JSON error body too, keeping status and headers. Responses already JSON pass through.
-async fn typed_error_body(resp: Response) -> Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
-    let text = String::from_utf8_lossy(&text).trim().to_owned();
-    let message = match status {
-        StatusCode::METHOD_NOT_ALLOWED => "this endpoint does not support this method".to_owned(),
-        StatusCode::NOT_FOUND => "no such endpoint".to_owned(),
-        s if s.is_server_error() => "internal error".to_owned(),
-        _ if text.is_empty() => status.canonical_reason().unwrap_or("bad request").to_owned(),
-        _ => text,
-    };
-    let code = match status {
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::REQUEST_TIMEOUT => "request_timeout",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
-        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
-        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-        s if s.is_server_error() => "internal",
-        _ => "bad_request",
-    };
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.remove(header::CONTENT_TYPE);
-    let typed = ApiError::new(status, code, message).into_response();
-    let (typed_parts, typed_body) = typed.into_parts();
-    parts.headers.extend(typed_parts.headers);
-    Response::from_parts(parts, typed_body)
 }
 
 /// JSON body extractor whose rejections are typed `ApiError`s.

@@ -18,6 +18,7 @@
 //! - `LiveFeeds` caps the live feeds (server-sent events) one server holds open; over the cap
 //!   a subscriber gets `503` with `Retry-After`.
 
+mod errors;
 mod live_feeds;
 mod serve;
 
@@ -28,6 +29,7 @@ use axum::http::header::{
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::Response;
 
+pub use errors::{code_for, typed_error_body};
 pub use live_feeds::{LIVE_FEED_RETRY_AFTER_S, LiveFeedSlot, LiveFeeds, LiveFeedsFull};
 pub use serve::{Handshake, Limits, Plaintext, serve, serve_with};
 
