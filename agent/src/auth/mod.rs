@@ -138,7 +138,13 @@ pub async fn sign_in(
             Ok(Ok(user))
         }
         None => {
-            ctx.change(move |c, _, now| throttle::record_failure(c, &attempt, now)).await?;
+            let now = ctx.clock.now();
+            let queued = ctx.db.write(move |c| throttle::record_failure(c, &attempt, now)).await?;
+            if queued {
+                // Only a new lock has something to send; a plain failure wakes nobody (the
+                // terminals refresh on every change).
+                ctx.outbox_changed.notify_one();
+            }
             Ok(Err(SignInRefusal::Invalid))
         }
     }

@@ -127,8 +127,10 @@ pub fn lockout(conn: &Connection, attempt: &Attempt, now_ms: i64) -> Result<Opti
     Ok(user.max(address))
 }
 
-/// Records a failed sign-in; queues `STAFF_LOGIN_LOCKED` for each subject it locks.
-pub fn record_failure(conn: &Connection, attempt: &Attempt, now: DateTime<Utc>) -> Result<()> {
+/// Records a failed sign-in; queues `STAFF_LOGIN_LOCKED` for each subject it locks. Returns
+/// whether it queued one.
+pub fn record_failure(conn: &Connection, attempt: &Attempt, now: DateTime<Utc>) -> Result<bool> {
+    let mut queued = false;
     let now_ms = now.timestamp_millis();
     let subjects = [
         (
@@ -162,6 +164,7 @@ pub fn record_failure(conn: &Connection, attempt: &Attempt, now: DateTime<Utc>) 
             let event =
                 LoginLocked { subject: kind, name, failures: next.failures, until, at: now };
             append_event(conn, &AgentEvent::LoginLocked(event), now)?;
+            queued = true;
         }
     }
     // Forget what no longer counts, so sprayed user names do not pile up.
@@ -169,7 +172,7 @@ pub fn record_failure(conn: &Connection, attempt: &Attempt, now: DateTime<Utc>) 
         "DELETE FROM login_throttle WHERE last_failure_ms < ?1 AND locked_until_ms < ?2",
     )?
     .execute(params![now_ms - PER_USER.window_ms.max(PER_ADDRESS.window_ms), now_ms])?;
-    Ok(())
+    Ok(queued)
 }
 
 /// A successful sign-in: the user's count starts again.
@@ -288,10 +291,10 @@ mod tests {
         let attempt =
             Attempt { username: "ana".into(), address: "10.0.0.7".into(), unlock_epoch: 0 };
         for _ in 0..4 {
-            record_failure(&conn, &attempt, now).unwrap();
+            assert!(!record_failure(&conn, &attempt, now).unwrap(), "no lock yet, nothing queued");
         }
         assert_eq!(lockout(&conn, &attempt, now.timestamp_millis()).unwrap(), None);
-        record_failure(&conn, &attempt, now).unwrap();
+        assert!(record_failure(&conn, &attempt, now).unwrap(), "the lock is queued");
         let until = lockout(&conn, &attempt, now.timestamp_millis()).unwrap().unwrap();
         assert_eq!(until, now.timestamp_millis() + 30_000);
         let kinds: Vec<String> = conn
