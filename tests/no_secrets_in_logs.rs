@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,13 +20,6 @@ use serde_json::{Value, json};
 use support::*;
 use tokio::process::{Child, Command};
 
-/// A binary of this build next to `meridian` (`meridian-controller`, `meridian-agent`).
-fn binary(name: &str) -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_meridian")).with_file_name(name);
-    assert!(bin.exists(), "{} is missing: build the workspace's binaries first", bin.display());
-    bin
-}
-
 /// A process whose stdout and stderr both go to `log`.
 fn logged(program: &Path, log: &Path) -> Command {
     let file = std::fs::File::create(log).expect("log file");
@@ -34,20 +27,6 @@ fn logged(program: &Path, log: &Path) -> Command {
     cmd.stdout(Stdio::from(file.try_clone().expect("log file"))).stderr(Stdio::from(file));
     cmd.kill_on_drop(true);
     cmd
-}
-
-async fn ready(file: &Path, child: &mut Child) -> Value {
-    let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("process exited before it was ready: {status}");
-        }
-        if let Some(v) = std::fs::read(file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < until, "timed out waiting for {}", file.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// SIGTERM, so the shutdown path logs too; then waits for the exit.
@@ -99,7 +78,7 @@ async fn no_secret_reaches_the_logs_of_the_controller_or_the_agent() {
     let controller_log = root.join("controller.log");
     let controller_ready = root.join("controller-ready.json");
     let token_file = root.join("controller/bootstrap-token");
-    let mut controller = logged(&binary("meridian-controller"), &controller_log)
+    let mut controller = logged(&workspace_binary("meridian-controller"), &controller_log)
         .arg("run")
         .env("MERIDIAN_CONTROLLER_DATA_DIR", root.join("controller"))
         .env("MERIDIAN_CONTROLLER_API_LISTEN", "127.0.0.1:0")
@@ -110,7 +89,7 @@ async fn no_secret_reaches_the_logs_of_the_controller_or_the_agent() {
         .env("MERIDIAN_CONTROLLER_LOG", "debug")
         .spawn()
         .expect("spawn meridian-controller");
-    let r = ready(&controller_ready, &mut controller).await;
+    let r = read_ready(&controller_ready, &mut controller).await;
     let api = format!("http://{}", r["api"].as_str().expect("api"));
     let gateway = format!("http://{}", r["gateway"].as_str().expect("gateway"));
     let bootstrap =
@@ -178,7 +157,7 @@ async fn no_secret_reaches_the_logs_of_the_controller_or_the_agent() {
     let agent_dir = root.join("agent");
     let agent_log = root.join("agent.log");
     let agent_ready = root.join("agent-ready.json");
-    let mut agent = logged(&binary("meridian-agent"), &agent_log)
+    let mut agent = logged(&workspace_binary("meridian-agent"), &agent_log)
         .arg("run")
         .env("MERIDIAN_AGENT_CONTROLLER_URL", &gateway)
         .env("MERIDIAN_AGENT_DATA_DIR", &agent_dir)
@@ -193,7 +172,7 @@ async fn no_secret_reaches_the_logs_of_the_controller_or_the_agent() {
         .env("MERIDIAN_AGENT_LOG", "debug")
         .spawn()
         .expect("spawn meridian-agent");
-    let a = ready(&agent_ready, &mut agent).await;
+    let a = read_ready(&agent_ready, &mut agent).await;
     let branch = format!("http://{}", a["http"].as_str().expect("http"));
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -291,7 +270,7 @@ async fn no_secret_reaches_the_logs_of_the_controller_or_the_agent() {
     let db_password = unique("dbpw-");
     secrets.push(("database password", db_password.clone()));
     let db_log = root.join("controller-db.log");
-    let status = logged(&binary("meridian-controller"), &db_log)
+    let status = logged(&workspace_binary("meridian-controller"), &db_log)
         .arg("run")
         .env(
             "MERIDIAN_CONTROLLER_DATABASE_URL",

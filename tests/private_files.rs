@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// `program args…` started by a shell that first sets umask 000 (the test process's own umask
 /// is process-wide, so it is not touched).
@@ -24,28 +24,6 @@ fn with_umask_000(program: &Path) -> Command {
 
 fn meridian() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meridian"))
-}
-
-/// The `meridian-agent` binary of this build (its `backup` subcommand).
-fn agent_binary() -> PathBuf {
-    let bin = meridian().with_file_name("meridian-agent");
-    assert!(bin.exists(), "{} is missing: build the workspace's binaries first", bin.display());
-    bin
-}
-
-/// Waits for the JSON a process writes to `file` once it listens.
-async fn ready(file: &Path, child: &mut Child) -> Value {
-    let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("process exited before it was ready: {status}");
-        }
-        if let Some(v) = std::fs::read(file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < until, "timed out waiting for {}", file.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Every folder and file under `root` (itself included) with its permission bits.
@@ -99,7 +77,7 @@ async fn the_controller_the_agent_and_backups_create_private_files_whatever_the_
         .env("MERIDIAN_CONTROLLER_LOG", "warn")
         .spawn()
         .expect("spawn controller");
-    let r = ready(&controller_ready, &mut controller).await;
+    let r = read_ready(&controller_ready, &mut controller).await;
     // No bootstrap_token_file: the token goes to the data dir.
     let token = std::fs::read_to_string(controller_dir.join("bootstrap-token")).expect("token");
     let admin = AdminClient {
@@ -128,7 +106,7 @@ async fn the_controller_the_agent_and_backups_create_private_files_whatever_the_
         .env("MERIDIAN_AGENT_LOG", "warn")
         .spawn()
         .expect("spawn agent");
-    let a = ready(&agent_ready, &mut agent).await;
+    let a = read_ready(&agent_ready, &mut agent).await;
     let url = format!("http://{}", a["http"].as_str().expect("http"));
     wait_for(
         "the agent enrolled, configured and its events stored centrally",
@@ -156,7 +134,7 @@ async fn the_controller_the_agent_and_backups_create_private_files_whatever_the_
     let backups = root.join("backups");
     std::fs::create_dir_all(&backups).expect("backups");
     let backup = backups.join("agent-copy.db");
-    let out = with_umask_000(&agent_binary())
+    let out = with_umask_000(&workspace_binary("meridian-agent"))
         .arg("backup")
         .arg(&backup)
         .env("MERIDIAN_AGENT_DATA_DIR", &agent_dir)

@@ -258,7 +258,15 @@ fn meridian_bin() -> &'static str {
     env!("CARGO_BIN_EXE_meridian")
 }
 
-async fn read_ready(file: &Path, child: &mut Child) -> Value {
+/// A binary of this build next to `meridian` (`meridian-controller`, `meridian-agent`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let bin = Path::new(meridian_bin()).with_file_name(name);
+    assert!(bin.exists(), "{} is missing: build the workspace's binaries first", bin.display());
+    bin
+}
+
+/// Waits for the JSON a process writes to `file` once it listens.
+pub async fn read_ready(file: &Path, child: &mut Child) -> Value {
     let until = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
